@@ -37,8 +37,6 @@ class PrepareConfig:
         percentiles: intensity percentiles (inside the body) that MR and PET are clipped to.
         body_margin_mm: margin kept around the body bounding box.
         ct_body_hu: HU threshold separating body from air for the CT body mask.
-        anisotropy_threshold: ratio of largest to smallest spacing above which the
-            coarse axis is treated separately when resampling (no cross-slice smoothing).
         max_voxels: inputs declaring more voxels are refused before anything is read.
         image_dtype: dtype stored in the bank for the normalised image.
     """
@@ -49,7 +47,6 @@ class PrepareConfig:
     percentiles: tuple[float, float] = (2.0, 98.0)
     body_margin_mm: float = 10.0
     ct_body_hu: float = -500.0
-    anisotropy_threshold: float = 3.0
     max_voxels: int = 1_500_000_000
     image_dtype: str = "float16"
     version: str = field(default=PIPELINE_VERSION)

@@ -1,0 +1,63 @@
+"""Body mask and crop box without labels.
+
+CT: threshold above air (HU), keep the largest connected component, fill holes
+slice by slice (lungs and bowel gas are body, and the trachea would connect
+them to the outside air in a 3-D fill). MR/PET: Otsu threshold on a lightly
+smoothed volume, then the same clean-up. The crop box is the mask's bounding
+box plus a margin in mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _fill_slices(mask: np.ndarray) -> np.ndarray:
+    """Fill holes in every axial (z) slice."""
+    out = np.empty_like(mask)
+    for k in range(mask.shape[2]):
+        out[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return out
+
+
+def body_mask(image: np.ndarray, modality: str, ct_threshold: float = -500.0) -> np.ndarray:
+    """Boolean mask of the patient's body (empty if nothing stands out from the background)."""
+    if modality == "ct":
+        mask = image > ct_threshold
+    else:
+        step = max(1, int(round((image.size / 4_000_000) ** (1 / 3))))
+        smooth = ndimage.uniform_filter(image[::step, ::step, ::step], size=3)
+        if smooth.max() <= smooth.min():
+            return np.zeros(image.shape, dtype=bool)
+        mask = image > threshold_otsu(smooth)
+        # MR/PET backgrounds are noisy: drop specks before choosing the component.
+        mask = ndimage.binary_opening(mask, iterations=1) if min(image.shape) >= 3 else mask
+    if not mask.any():
+        return mask
+    return _fill_slices(_largest_component(mask))
+
+
+def crop_box(
+    mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float
+) -> tuple[slice, slice, slice]:
+    """Bounding box of ``mask`` grown by ``margin_mm`` on every side, clipped to the volume."""
+    if not mask.any():
+        raise ValueError("empty mask has no bounding box")
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        margin = int(np.ceil(margin_mm / spacing[axis]))
+        box.append(slice(max(0, nz[0] - margin), min(mask.shape[axis], nz[-1] + 1 + margin)))
+    return tuple(box)  # type: ignore[return-value]

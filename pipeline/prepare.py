@@ -1,0 +1,130 @@
+"""One scan from raw file to bank-ready arrays: read → RAS → resample → body crop → normalise.
+
+Pure function of (file contents, label contents, PrepareConfig): the flow hashes
+those to decide whether a scan must be redone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.body import body_mask, crop_box
+from pipeline.config import PrepareConfig
+from pipeline.errors import ScanError
+from pipeline.modality import detect_modality
+from pipeline.normalize import apply_normalization, normalization_params
+from pipeline.orient import to_ras
+from pipeline.reader import RawScan, read_scan, sha256_of
+from pipeline.resample import resample
+
+
+@dataclass
+class PreparedScan:
+    """Bank-ready arrays of one scan and the attributes that describe how they were made."""
+
+    image: np.ndarray  # config.image_dtype, normalised, [x, y, z] RAS
+    body: np.ndarray  # bool
+    label: np.ndarray | None  # uint16 or None
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    attrs: dict
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"image": self.image, "body": self.body}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
+
+
+def _read_label(path: str, image: RawScan, max_voxels: int) -> np.ndarray:
+    label = read_scan(path, max_voxels, check_values=False)  # labels may be all background
+    if label.data.shape != image.data.shape:
+        raise ScanError(
+            path, f"label shape {label.data.shape} differs from image shape {image.data.shape}"
+        )
+    if not np.allclose(label.affine, image.affine, atol=1e-3 * max(image.spacing)):
+        raise ScanError(path, "label affine differs from the image affine (not on the same grid)")
+    values = label.data
+    if values.min() < 0 or not np.array_equal(values, np.round(values)):
+        raise ScanError(path, "label map must hold non-negative integers")
+    if values.max() > np.iinfo(np.uint16).max:
+        raise ScanError(path, f"label value {values.max():g} does not fit uint16")
+    return values.astype(np.uint16)
+
+
+def prepare_scan(
+    image_path: str | Path,
+    label_path: str | Path | None = None,
+    *,
+    config: PrepareConfig | None = None,
+    dataset: str = "default",
+    source_sha256: str | None = None,
+) -> PreparedScan:
+    """Run the whole per-scan pipeline; raises `ScanError` for unusable input."""
+    config = config or PrepareConfig()
+    path = str(image_path)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = read_scan(path, config.max_voxels)
+    original = {
+        "shape": list(raw.data.shape),
+        "spacing": list(raw.spacing),
+        "affine": raw.affine.tolist(),
+    }
+    label_raw = _read_label(str(label_path), raw, config.max_voxels) if label_path else None
+    timings["read"] = time.perf_counter() - t0
+
+    data, ras_affine = to_ras(raw.data, raw.affine)
+    label = to_ras(label_raw, raw.affine)[0] if label_raw is not None else None
+    modality = config.modality if config.modality != "auto" else detect_modality(data)
+
+    t = time.perf_counter()
+    data, affine = resample(data, ras_affine, config.spacing)
+    if label is not None:
+        label = resample(label, ras_affine, config.spacing, is_label=True)[0]
+    timings["resample"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    body = body_mask(data, modality, config.ct_body_hu)
+    if not body.any():
+        raise ScanError(
+            path,
+            f"no body found (modality {modality}): the image has no foreground above the background",
+        )
+    box = crop_box(body, config.spacing, config.body_margin_mm)
+    data, body = data[box], body[box]
+    if label is not None:
+        label = label[box]
+    start = np.array([s.start for s in box], dtype=np.float64)
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ start
+    timings["body"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    norm = normalization_params(data, body, modality, config)
+    image = apply_normalization(data, norm).astype(config.image_dtype)
+    timings["normalise"] = time.perf_counter() - t
+
+    attrs = {
+        "source_path": str(Path(path).resolve()),
+        "source_sha256": source_sha256 or sha256_of(path),
+        "label_path": str(Path(label_path).resolve()) if label_path else None,
+        "label_sha256": sha256_of(label_path) if label_path else None,
+        "dataset": dataset,
+        "modality": modality,
+        "original": original,
+        "shape": list(image.shape),
+        "spacing": list(config.spacing),
+        "affine": affine.tolist(),
+        "crop_box": [[int(s.start), int(s.stop)] for s in box],
+        "normalization": norm,
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "pipeline_version": config.version,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+    return PreparedScan(image, body, label, tuple(config.spacing), affine, attrs)
