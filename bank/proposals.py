@@ -1,0 +1,210 @@
+"""Store a scan's mask proposals compactly and rebuild any K of them in a region.
+
+Layout under ``scans/<id>/proposals/`` (see docs/bank-format.md, "Proposals"):
+``layers/<name>`` label-map volumes (uint16/int32), ``members_indptr`` +
+``members_start`` + ``members_stop`` (CSR of label intervals per proposal) and
+``table/<column>`` per-proposal features.  Rebuilding K masks in a ROI reads
+each touched layer's ROI once and indexes a per-proposal label lookup table, so
+no other proposal is ever decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import BankError
+from .layout import PROPOSALS_PART
+
+PROPOSALS_FORMAT = "maskbank-proposals/1"
+_TABLE_DTYPES = {
+    "layer": np.int16,
+    "level": np.int16,
+    "voxels": np.int64,
+    "bbox": np.int32,
+    "centroid": np.float32,
+    "compactness": np.float32,
+    "contrast": np.float32,
+}
+
+
+class NoProposalsError(BankError, KeyError):
+    """The scan has no proposals part yet."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def write_proposals(bank: Any, scan_id: str, proposal_set: Any, attrs: dict | None = None) -> dict:
+    """Write ``proposal_set`` (a pipeline ProposalSet) as the scan's proposals part, atomically.
+
+    Layers are pruned to the labels some proposal uses and renumbered densely
+    (uint16 when possible) so they compress well; missing feature columns are
+    computed from the layers (without image-based contrast).  Returns the attrs.
+    """
+    from pipeline.proposals.features import compute_features
+
+    ps = proposal_set
+    if not ps.has_features:
+        compute_features(ps, None, None)
+    ps = ps.prune_layers()
+    sources = sorted(set(ps.table["source"].tolist()))
+    codes = {s: i for i, s in enumerate(sources)}
+    arrays: dict[str, np.ndarray] = {
+        "members_indptr": ps.indptr.astype(np.int64),
+        "members_start": ps.starts.astype(np.int32),
+        "members_stop": ps.stops.astype(np.int32),
+        "table/source": np.array([codes[s] for s in ps.table["source"]], np.uint8).reshape(-1),
+    }
+    for name, lay in ps.layers.items():
+        arrays[f"layers/{name}"] = lay
+    for col, values in ps.table.items():
+        if col == "source":
+            continue
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "biuf":
+            continue
+        arrays[f"table/{col}"] = arr.astype(_TABLE_DTYPES.get(col, arr.dtype))
+    meta = {
+        "format": PROPOSALS_FORMAT,
+        "count": ps.count,
+        "shape": list(ps.shape),
+        "layers": ps.layer_names,
+        "layer_sizes": [int(lay.max(initial=0)) + 1 for lay in ps.layers.values()],
+        "layer_info": {k: dict(v) for k, v in ps.layer_info.items()},
+        "sources": sources,
+        "columns": [c for c in ps.table if c == "source" or f"table/{c}" in arrays],
+    }
+    meta.update(attrs or {})
+    bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART)
+    return meta
+
+
+def _norm_roi(roi, shape) -> tuple[slice, slice, slice]:
+    if roi is None:
+        return tuple(slice(0, n) for n in shape)
+    if len(roi) != 3:
+        raise ValueError(f"roi must be 3 slices, got {roi!r}")
+    out = []
+    for s, n in zip(roi, shape, strict=True):
+        a, b, step = s.indices(n)
+        if step != 1:
+            raise ValueError("roi slices must have step 1")
+        out.append(slice(a, max(a, b)))
+    return tuple(out)
+
+
+class ProposalReader:
+    """Read side of a scan's proposals: table, per-ROI voxel counts and mask rebuilding."""
+
+    def __init__(self, scan: Any) -> None:
+        group = scan.group
+        try:
+            g = group[PROPOSALS_PART]
+        except KeyError:
+            g = None
+        scan_id = getattr(scan, "scan_id", None) or getattr(scan, "id", "?")
+        if g is None or "members_indptr" not in g:
+            raise NoProposalsError(
+                f"scan {scan_id!r} has no proposals; make them with `maskbank propose BANK` "
+                "or `maskbank prepare --proposals ...`"
+            )
+        self._group = g
+        self.attrs: dict = dict(g.attrs)
+        if self.attrs.get("format") != PROPOSALS_FORMAT:
+            raise BankError(
+                f"scan {scan_id!r}: unsupported proposals format {self.attrs.get('format')!r}"
+            )
+        self.shape = tuple(self.attrs["shape"])
+        self.layer_names: list[str] = list(self.attrs["layers"])
+        self._layers = [g[f"layers/{n}"] for n in self.layer_names]
+        self._sizes = [int(s) for s in self.attrs["layer_sizes"]]
+        self.indptr = np.asarray(g["members_indptr"][...], np.int64)
+        self.starts = np.asarray(g["members_start"][...], np.int64)
+        self.stops = np.asarray(g["members_stop"][...], np.int64)
+        table: dict[str, np.ndarray] = {}
+        sources = np.array(self.attrs["sources"] or [""], dtype=str)
+        for col in self.attrs["columns"]:
+            arr = np.asarray(g[f"table/{col}"][...])
+            table[col] = sources[arr.astype(np.intp)] if col == "source" else arr
+        self.table = table
+        self._row_layer = np.repeat(table["layer"], np.diff(self.indptr)).astype(np.intp)
+
+    @property
+    def count(self) -> int:
+        return len(self.indptr) - 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk of the whole proposals part (layers, members and table)."""
+        total = 0
+        stack = [self._group]
+        while stack:
+            grp = stack.pop()
+            for _, member in grp.members():
+                if hasattr(member, "nbytes_stored"):
+                    total += int(member.nbytes_stored())
+                else:
+                    stack.append(member)
+        return total
+
+    def bytes_per_proposal(self) -> float:
+        return self.nbytes_stored() / max(self.count, 1)
+
+    # --------------------------------------------------------------- queries
+    def _layer_roi(self, j: int, roi) -> np.ndarray:
+        return np.asarray(self._layers[j][roi]).astype(np.intp, copy=False)
+
+    def _touches(self, roi) -> np.ndarray:
+        """Which proposals' bounding boxes intersect roi."""
+        bb = self.table["bbox"]
+        lo = np.array([s.start for s in roi])
+        hi = np.array([s.stop for s in roi])
+        return np.all((bb[:, :3] < hi) & (bb[:, 3:] > lo), axis=1)
+
+    def voxels_in_box(self, roi) -> np.ndarray:
+        """Voxels of every proposal inside roi (tuple of 3 slices), int64 (N,)."""
+        roi = _norm_roi(roi, self.shape)
+        n = self.count
+        out = np.zeros(n, np.int64)
+        if n == 0 or any(s.stop <= s.start for s in roi):
+            return out
+        touch = self._touches(roi)
+        rows_val = np.zeros(len(self.starts), np.int64)
+        for j in np.unique(self.table["layer"][touch]):
+            counts = np.bincount(self._layer_roi(int(j), roi).ravel(), minlength=self._sizes[j])
+            prefix = np.concatenate([[0], np.cumsum(counts)])
+            rows = self._row_layer == j
+            stops = np.minimum(self.stops[rows], len(counts))
+            rows_val[rows] = prefix[stops] - prefix[np.minimum(self.starts[rows], stops)]
+        out = np.add.reduceat(rows_val, self.indptr[:-1]) if len(rows_val) else out
+        return np.where(touch, out, 0).astype(np.int64)
+
+    def masks(self, ids, roi=None) -> np.ndarray:
+        """Boolean masks of proposals ``ids`` inside roi, shape (K, *roi_shape)."""
+        roi = _norm_roi(roi, self.shape)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
+            raise IndexError(f"proposal ids must be in [0, {self.count}), got {ids.tolist()}")
+        roi_shape = tuple(s.stop - s.start for s in roi)
+        out = np.zeros((len(ids), *roi_shape), dtype=bool)
+        if not len(ids) or 0 in roi_shape:
+            return out
+        touch = self._touches(roi)[ids]
+        layer_of = self.table["layer"][ids]
+        for j in np.unique(layer_of[touch]):
+            lab = self._layer_roi(int(j), roi)
+            for k in np.flatnonzero(touch & (layer_of == j)):
+                i = ids[k]
+                lut = np.zeros(self._sizes[j] + 1, dtype=bool)
+                for r in range(self.indptr[i], self.indptr[i + 1]):
+                    lut[self.starts[r] : self.stops[r]] = True
+                np.take(lut, lab, out=out[k])
+        return out
+
+    def mask(self, i: int) -> np.ndarray:
+        """Full-volume boolean mask of proposal i."""
+        return self.masks([i], None)[0]
