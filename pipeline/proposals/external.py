@@ -84,13 +84,10 @@ def from_masks(masks: Sequence[np.ndarray] | np.ndarray, source: str = "external
             raise ValueError(f"mask shape {m.shape} differs from {shape}")
         if not m.any():
             raise ValueError("empty mask cannot be a proposal")
-        for j, lay in enumerate(layers):
-            if not np.any(lay[m]):
-                break
-        else:
+        j = next((k for k, lay in enumerate(layers) if not np.any(lay[m])), len(layers))
+        if j == len(layers):
             layers.append(np.zeros(shape, np.int32))
             counts.append(0)
-            j = len(layers) - 1
         counts[j] += 1
         layers[j][m] = counts[j]
         where.append((j, counts[j]))
