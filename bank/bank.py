@@ -1,0 +1,477 @@
+"""The mask bank: a Zarr v3 store of prepared scans, their masks and proposals.
+
+This module (with its siblings in `bank/`) is the only code that knows the
+on-disk layout; everything else goes through `Bank` and `ScanView`.
+Format: docs/bank-format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from . import publish as _publish
+from .encoding import Encoding, write_array
+from .errors import (
+    BankError,
+    NotABankError,
+    ReadOnlyBankError,
+    UnknownScanError,
+    UnsupportedFormatError,
+)
+from .index import (
+    atomic_write_text,
+    dir_nbytes,
+    index_document,
+    make_row,
+    parse_index,
+    utc_now,
+)
+from .jsonable import to_jsonable
+from .layout import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    LOCKS_DIR,
+    PROPOSALS_PART,
+    REPORTS_DIR,
+    SCANS_DIR,
+    STAGING_DIR,
+    TRASH_DIR,
+    check_array_name,
+    check_scan_id,
+    part_path,
+)
+from .locks import file_lock
+from .scan import ScanView
+
+_PARTS = (None, PROPOSALS_PART)
+
+
+def _local_path(location: str | os.PathLike) -> Path | None:
+    """Local filesystem path for plain paths and file:// URLs; None for other URLs."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :])
+    if "://" in text:
+        return None
+    return Path(text)
+
+
+class Bank:
+    """A bank of prepared scans. Use `Bank.create` to write, `Bank.open` to read."""
+
+    def __init__(
+        self,
+        location: str,
+        store: zarr.abc.store.Store,
+        fs: fsspec.AbstractFileSystem,
+        fs_root: str,
+        root_attrs: dict,
+        local_root: Path | None,
+        writable: bool,
+    ) -> None:
+        self.location = location
+        self._store = store
+        self._fs = fs
+        self._fs_root = fs_root.rstrip("/")
+        self._local = local_root
+        self.writable = writable
+        info = root_attrs[FORMAT_NAME]
+        self.format_version: int = int(info["format_version"])
+        self.encoding = Encoding.from_dict(info.get("encoding", {}))
+        self.created_at: str | None = info.get("created_at")
+        self._rows: dict[str, dict] = {}
+        self._index_missing = False
+        self.refresh()
+
+    # ------------------------------------------------------------------ open/create
+    @classmethod
+    def create(cls, path: str | os.PathLike, encoding: Encoding | None = None) -> Bank:
+        """Create a bank at a local path, or open an existing one for writing (and recover it)."""
+        root = _local_path(path)
+        if root is None:
+            raise BankError(
+                f"cannot write to {path}: writing needs a local (or mounted) path; "
+                "copy the bank to object storage afterwards"
+            )
+        if (root / "zarr.json").exists():
+            bank = cls.open(root, mode="a")
+            if encoding is not None and encoding != bank.encoding:
+                raise BankError(
+                    f"bank {root} already exists with encoding {bank.encoding}; "
+                    f"cannot reopen it with {encoding}"
+                )
+            bank.recover()
+            return bank
+        if root.exists() and any(root.iterdir()):
+            raise NotABankError(str(root), "folder exists, is not empty and has no zarr.json")
+        encoding = encoding or Encoding()
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in (SCANS_DIR, REPORTS_DIR, STAGING_DIR, TRASH_DIR, LOCKS_DIR):
+            (root / sub).mkdir(exist_ok=True)
+        store = LocalStore(root)
+        attrs = {
+            FORMAT_NAME: {
+                "format_version": FORMAT_VERSION,
+                "created_at": utc_now(),
+                "encoding": encoding.to_dict(),
+                "layout": "docs/bank-format.md",
+            }
+        }
+        group = zarr.open_group(store, mode="w-", zarr_format=3, attributes=attrs)
+        group.create_group(SCANS_DIR)
+        atomic_write_text(root / INDEX_FILE, json.dumps(index_document({}), indent=1))
+        return cls.open(root, mode="a")
+
+    @classmethod
+    def open(
+        cls,
+        path_or_url: str | os.PathLike,
+        mode: str = "r",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Bank:
+        """Open a bank: local path or any fsspec URL (s3://, gs://, file://, memory://) to read.
+
+        mode="a" opens a local bank for writing (prefer `Bank.create`, which also recovers).
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        location = os.fspath(path_or_url)
+        local = _local_path(location)
+        if mode == "a" and local is None:
+            raise BankError(f"cannot open {location} for writing: only local paths are writable")
+        options = dict(storage_options or {})
+        if local is not None:
+            if not local.exists():
+                raise NotABankError(location, "path does not exist")
+            store = LocalStore(local, read_only=True)
+            fs, fs_root = fsspec.filesystem("file"), str(local.resolve())
+        else:
+            store = FsspecStore.from_url(location, storage_options=options, read_only=True)
+            fs, fs_root = fsspec.core.url_to_fs(location, **options)
+        try:
+            root = zarr.open_group(store, mode="r", zarr_format=3)
+            attrs = dict(root.attrs)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise NotABankError(location, f"no Zarr v3 group at its root: {exc}") from None
+        info = attrs.get(FORMAT_NAME)
+        if not isinstance(info, dict) or "format_version" not in info:
+            raise NotABankError(location, f"root group has no '{FORMAT_NAME}' attributes")
+        if int(info["format_version"]) > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{location} has bank format {info['format_version']}, this maskbank reads up to "
+                f"{FORMAT_VERSION}; upgrade maskbank"
+            )
+        return cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
+
+    # ------------------------------------------------------------------ index
+    def refresh(self) -> None:
+        """Re-read the index (other processes may have written scans since)."""
+        text = self._read_text(INDEX_FILE)
+        if text is None:
+            self._index_missing = True
+            self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+        else:
+            self._index_missing = False
+            self._rows = parse_index(text)
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return sorted(self._rows)
+
+    @property
+    def index(self) -> list[dict]:
+        """One row per scan (see docs/bank-format.md for the columns)."""
+        return [dict(self._rows[k]) for k in sorted(self._rows)]
+
+    def row(self, scan_id: str) -> dict:
+        self._require(scan_id)
+        return dict(self._rows[scan_id])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, scan_id: object) -> bool:
+        return scan_id in self._rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scan_ids)
+
+    def __repr__(self) -> str:
+        return f"Bank({self.location!r}, scans={len(self)}, format_version={self.format_version})"
+
+    def _require(self, scan_id: str) -> None:
+        if scan_id not in self._rows:
+            raise UnknownScanError(scan_id, len(self._rows), self.location)
+
+    def rebuild_index(self) -> list[dict]:
+        """Rewrite index.json from the scan groups themselves (after crashes or manual edits)."""
+        self._require_writable()
+        with file_lock(_publish.index_lock_path(self._local)):  # type: ignore[arg-type]
+            rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+            atomic_write_text(self._local / INDEX_FILE, json.dumps(index_document(rows), indent=1))  # type: ignore[operator]
+        self._rows = rows
+        self._index_missing = False
+        return self.index
+
+    def _update_index(self, scan_id: str, remove: bool = False) -> None:
+        """Read-modify-write of one row under the index lock (safe with concurrent writers)."""
+        root = self._local
+        assert root is not None
+        with file_lock(_publish.index_lock_path(root)):
+            text = self._read_text(INDEX_FILE)
+            rows = (
+                parse_index(text)
+                if text is not None
+                else {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+            )
+            if remove:
+                rows.pop(scan_id, None)
+            else:
+                rows[scan_id] = self._row_for(scan_id)
+            atomic_write_text(root / INDEX_FILE, json.dumps(index_document(rows), indent=1))
+        self._rows = rows
+
+    def _row_for(self, scan_id: str) -> dict:
+        attrs = self._read_attrs(part_path(scan_id, None)) or {}
+        prop_attrs = self._read_attrs(part_path(scan_id, PROPOSALS_PART))
+        return make_row(
+            scan_id,
+            attrs,
+            prop_attrs,
+            self._nbytes(part_path(scan_id, None)),
+            self._nbytes(part_path(scan_id, PROPOSALS_PART)) if prop_attrs else 0,
+        )
+
+    # ------------------------------------------------------------------ reading
+    def scan(self, scan_id: str) -> ScanView:
+        """A read-only view of one scan (one zarr.json read)."""
+        self._require(scan_id)
+        try:
+            group = zarr.open_group(self._store, path=part_path(scan_id, None), mode="r")
+        except (FileNotFoundError, KeyError) as exc:
+            raise BankError(
+                f"scan {scan_id!r} is in the index of {self.location} but its group is missing "
+                f"({exc}); run `bank.recover()` / `bank.rebuild_index()` on the writer side"
+            ) from None
+        return ScanView(self, scan_id, group)
+
+    def __getitem__(self, scan_id: str) -> ScanView:
+        return self.scan(scan_id)
+
+    # ------------------------------------------------------------------ writing
+    def write_scan(
+        self,
+        scan_id: str,
+        arrays: Mapping[str, np.ndarray],
+        attrs: Mapping[str, Any],
+        part: str | None = None,
+    ) -> dict:
+        """Write one scan (or one part of it) and publish it atomically; return its index row.
+
+        part=None writes the scan group (needs 'image'; replaces the whole scan, proposals
+        included, since they derive from the image). part="proposals" writes/replaces only the
+        proposals subgroup of an existing scan. Array names may nest with '/'.
+        """
+        self._require_writable()
+        root = self._local
+        assert root is not None
+        check_scan_id(scan_id)
+        if part not in _PARTS:
+            raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
+        if FORMAT_NAME in attrs:
+            raise ValueError(f"attribute key {FORMAT_NAME!r} is reserved for the bank")
+        arrays = {check_array_name(k): np.asarray(v) for k, v in arrays.items()}
+        user_attrs = to_jsonable(dict(attrs))
+        grid = self._check_arrays(scan_id, arrays, part)
+        with file_lock(_publish.scan_lock_path(root, scan_id)):
+            if part is not None and not (root / part_path(scan_id, None)).is_dir():
+                raise UnknownScanError(scan_id, len(self._list_scan_dirs()), self.location)
+            with _publish.staging_folder(root, scan_id, part) as staged:
+                group = zarr.open_group(LocalStore(staged), mode="w-", zarr_format=3)
+                records = {
+                    name: write_array(group, name, data, self.encoding, grid)
+                    for name, data in sorted(arrays.items())
+                }
+                info: dict[str, Any] = {
+                    "format_version": FORMAT_VERSION,
+                    "written_at": utc_now(),
+                    "part": part or "scan",
+                    "arrays": records,
+                }
+                if part == PROPOSALS_PART:
+                    info["n_proposals"] = _count_proposals(arrays, user_attrs)
+                group.attrs.update({**user_attrs, FORMAT_NAME: info})
+                _publish.publish(root, staged, scan_id, part)
+            self._update_index(scan_id)
+        return self.row(scan_id)
+
+    def _check_arrays(
+        self, scan_id: str, arrays: dict[str, np.ndarray], part: str | None
+    ) -> tuple[int, ...]:
+        if part is None:
+            if "image" not in arrays:
+                raise ValueError(f"scan {scan_id!r}: arrays must include 'image'")
+            grid = tuple(arrays["image"].shape)
+            if len(grid) != 3:
+                raise ValueError(f"scan {scan_id!r}: image must be 3-D, got shape {grid}")
+            if arrays["image"].dtype.kind == "f" and not np.isfinite(arrays["image"]).all():
+                raise ValueError(f"scan {scan_id!r}: image contains NaN or inf")
+        else:
+            if scan_id not in self._rows:
+                self.refresh()
+            self._require(scan_id)
+            grid = tuple(self._rows[scan_id]["shape"])
+        for name, data in arrays.items():
+            if data.ndim == 3 and tuple(data.shape) != grid:
+                raise ValueError(
+                    f"scan {scan_id!r}: 3-D array {name!r} has shape {data.shape}, "
+                    f"scan grid is {grid}"
+                )
+        return grid
+
+    def delete_scan(self, scan_id: str) -> None:
+        """Remove a scan (renamed to .trash first so readers never see half of it)."""
+        self._require_writable()
+        root = self._local
+        assert root is not None
+        check_scan_id(scan_id)
+        with file_lock(_publish.scan_lock_path(root, scan_id)):
+            target = root / part_path(scan_id, None)
+            if target.exists():
+                trash = root / TRASH_DIR / f"{scan_id}@deleted@{os.urandom(8).hex()}"
+                trash.parent.mkdir(exist_ok=True)
+                os.rename(target, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            self._update_index(scan_id, remove=True)
+
+    def write_report(self, name: str, report: Mapping[str, Any]) -> str:
+        """Store a flow report as reports/<name>-<UTC timestamp>.json; return its path."""
+        self._require_writable()
+        root = self._local
+        assert root is not None
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid report name {name!r}")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        folder = root / REPORTS_DIR
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{name}-{stamp}.json"
+        n = 1
+        while path.exists():
+            path = folder / f"{name}-{stamp}-{n}.json"
+            n += 1
+        atomic_write_text(path, json.dumps(to_jsonable(dict(report)), indent=1))
+        return str(path)
+
+    def reports(self, name: str | None = None) -> list[str]:
+        """Report paths (oldest first), optionally only those of one flow name."""
+        prefix = f"{name}-" if name else ""
+        folder = f"{self._fs_root}/{REPORTS_DIR}"
+        try:
+            paths = [p for p in self._fs.ls(folder, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        return sorted(p for p in paths if Path(p).name.startswith(prefix))
+
+    def recover(self) -> list[str]:
+        """Finish or undo writes interrupted by a crash; fix the index; return actions taken."""
+        self._require_writable()
+        root = self._local
+        assert root is not None
+        actions = _publish.recover(root)
+        on_disk = set(self._list_scan_dirs())
+        self.refresh()
+        if actions or self._index_missing or on_disk != set(self._rows):
+            self.rebuild_index()
+            actions.append(f"rebuilt index ({len(self._rows)} scans)")
+        return actions
+
+    # ------------------------------------------------------------------ checks
+    def verify(self) -> list[str]:
+        """Full integrity check (decodes every chunk); returns problems, empty when healthy."""
+        from .verify import verify_bank
+
+        return verify_bank(self)
+
+    def summary(self) -> dict:
+        """Counts, voxels and bytes from the index (fast; no scan group is opened)."""
+        from .summary import summarise
+
+        return summarise(self)
+
+    def _repr_html_(self) -> str:
+        from .browse import bank_html
+
+        return bank_html(self)
+
+    # ------------------------------------------------------------------ storage helpers
+    def _require_writable(self) -> None:
+        if not self.writable or self._local is None:
+            raise ReadOnlyBankError(
+                f"bank {self.location} is open read-only; use Bank.create(path) to write"
+            )
+
+    def _url(self, rel: str) -> str:
+        return f"{self._fs_root}/{rel}"
+
+    def _read_text(self, rel: str) -> str | None:
+        try:
+            with self._fs.open(self._url(rel), "r") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def _read_attrs(self, rel: str) -> dict | None:
+        """Attributes of the group at rel (None if there is no group there)."""
+        text = self._read_text(f"{rel}/zarr.json")
+        if text is None:
+            return None
+        return json.loads(text).get("attributes", {})
+
+    def _list_scan_dirs(self) -> list[str]:
+        """Scan ids present on storage (a listing; used for rebuild/verify, not for reading)."""
+        try:
+            entries = self._fs.ls(self._url(SCANS_DIR), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(Path(e["name"]).name for e in entries if e.get("type") == "directory")
+
+    def _nbytes(self, rel: str) -> int:
+        if self._local is not None:
+            return dir_nbytes(self._local / rel)
+        try:
+            return int(self._fs.du(self._url(rel), total=True))
+        except FileNotFoundError:
+            return 0
+
+    def _leftovers(self) -> list[str]:
+        """Names under .staging/ and .trash/ (crashed or in-flight writes)."""
+        found = []
+        for sub in (STAGING_DIR, TRASH_DIR):
+            with contextlib.suppress(FileNotFoundError):
+                found += [
+                    f"{sub}/{Path(p).name}" for p in self._fs.ls(self._url(sub), detail=False)
+                ]
+        return sorted(found)
+
+
+def _count_proposals(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> int:
+    """n_proposals from the caller's attrs, else from a CSR indptr array, else 0."""
+    if "n_proposals" in attrs:
+        return int(attrs["n_proposals"])
+    for name, data in arrays.items():
+        if name.split("/")[-1] in ("members_indptr", "indptr") and data.ndim == 1:
+            return max(0, len(data) - 1)
+    return 0

@@ -1,0 +1,159 @@
+"""Jupyter browsing: HTML tables for banks and scans, orthogonal-slice figures with overlays."""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .bank import Bank
+    from .scan import ScanView
+
+MAX_ROWS = 50
+_COLUMNS = (
+    "scan_id",
+    "dataset",
+    "modality",
+    "shape",
+    "spacing",
+    "has_label",
+    "n_proposals",
+    "nbytes",
+)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def _cell(key: str, value: object) -> str:
+    if key == "nbytes" and isinstance(value, int):
+        return _human(value)
+    if key == "spacing" and isinstance(value, list):
+        return " × ".join(f"{v:g}" for v in value)
+    if key == "shape" and isinstance(value, list):
+        return " × ".join(str(v) for v in value)
+    return html.escape(str(value))
+
+
+def bank_html(bank: Bank, max_rows: int = MAX_ROWS) -> str:
+    """Summary line plus a table of the first `max_rows` scans."""
+    s = bank.summary()
+    head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
+    rows = bank.index[:max_rows]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(c, r.get(c))}</td>" for c in _COLUMNS) + "</tr>" for r in rows
+    )
+    more = f"<p>… and {len(bank) - max_rows} more</p>" if len(bank) > max_rows else ""
+    return (
+        f"<div><b>maskbank</b> <code>{html.escape(bank.location)}</code>: {s['scans']} scans, "
+        f"{s['voxels']:,} voxels, {_human(s['bytes'])} on disk, "
+        f"{s['proposals']['total']:,} proposals (format {bank.format_version})"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}</div>"
+    )
+
+
+def scan_html(scan: ScanView) -> str:
+    """Attributes and arrays of one scan."""
+    arrays = scan.info.get("arrays", {})
+    arr_rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{_cell('shape', r['shape'])}</td>"
+        f"<td>{html.escape(r['dtype'])}</td><td>{_cell('shape', r['chunks'])}</td></tr>"
+        for n, r in sorted(arrays.items())
+    )
+    props = scan.proposals_attrs
+    prop_line = (
+        f"<p>proposals: {props.get('maskbank', {}).get('n_proposals', 0)}</p>" if props else ""
+    )
+    attr_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))[:200]}</td></tr>"
+        for k, v in sorted(scan.attrs.items())
+        if k != "maskbank"
+    )
+    return (
+        f"<div><b>scan</b> <code>{html.escape(scan.scan_id)}</code> "
+        f"{_cell('shape', list(scan.shape))} @ {_cell('spacing', list(scan.spacing))} mm"
+        f"<table><tr><th>array</th><th>shape</th><th>dtype</th><th>chunks</th></tr>{arr_rows}"
+        f"</table>{prop_line}<table>{attr_rows}</table></div>"
+    )
+
+
+def _overlay_slice(
+    scan: ScanView, overlay: str | int | list | tuple | None, roi: tuple[slice, ...]
+) -> np.ndarray | None:
+    """Integer labels inside roi to draw on top: an array (body/label) or proposal ids (1..K)."""
+    if overlay is None:
+        return None
+    if isinstance(overlay, str):
+        return scan.read(overlay, roi).astype(np.int32)
+    ids = [overlay] if isinstance(overlay, (int, np.integer)) else list(overlay)
+    from .proposals import ProposalReader  # owned by the proposals code; imported lazily
+
+    masks = ProposalReader(scan).masks(ids, roi)  # (K, *roi_shape) bool
+    out = np.zeros(masks.shape[1:], dtype=np.int32)
+    for k, mask in enumerate(masks, start=1):
+        out[mask] = k
+    return out
+
+
+def show_scan(
+    bank: Bank,
+    scan_id: str,
+    overlay: str | int | list | tuple | None = "body",
+    ax=None,
+) -> Figure:
+    """Three orthogonal mid slices of the image, with an overlay drawn as coloured contours/fill.
+
+    overlay: an array name ("body", "label", ...), a proposal id or a list of them, or None.
+    ax: optional sequence of three matplotlib axes to draw into.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    scan = bank.scan(scan_id)
+    if ax is None:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    else:
+        axes = list(ax)
+        fig = axes[0].figure
+    mid = [n // 2 for n in scan.shape]
+    sx, sy, sz = scan.spacing
+    views = (  # (title, roi reading only that slice, in-plane spacing along plot x / y)
+        ("sagittal", (slice(mid[0], mid[0] + 1), slice(None), slice(None)), sy, sz),
+        ("coronal", (slice(None), slice(mid[1], mid[1] + 1), slice(None)), sx, sz),
+        ("axial", (slice(None), slice(None), slice(mid[2], mid[2] + 1)), sx, sy),
+    )
+    slices = [
+        np.squeeze(scan.read("image", roi), axis=i).astype(np.float32)
+        for i, (_, roi, _, _) in enumerate(views)
+    ]
+    values = np.concatenate([v.ravel() for v in slices])
+    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    cmap = ListedColormap(plt.get_cmap("tab20")(np.arange(20)))
+    for i, (axis, (title, roi, px, py)) in enumerate(zip(axes, views, strict=True)):
+        aspect = py / px
+        axis.imshow(slices[i].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        over = _overlay_slice(scan, overlay, roi)
+        if over is not None:
+            layer = np.ma.masked_equal(np.squeeze(over, axis=i).T, 0)
+            axis.imshow(
+                layer % 20,
+                cmap=cmap,
+                vmin=0,
+                vmax=19,
+                alpha=0.4,
+                origin="lower",
+                aspect=aspect,
+                interpolation="nearest",
+            )
+        axis.set_title(f"{scan_id} {title}")
+        axis.set_axis_off()
+    return fig

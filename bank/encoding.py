@@ -1,0 +1,135 @@
+"""How arrays are chunked, sharded and compressed on disk.
+
+Volumes (3-D arrays on the scan grid) are cut into cubic inner chunks sized for
+the trainer's random 128^3 crops and packed into shards so that a scan is a
+handful of files, not thousands. Tables (1-D/2-D, e.g. CSR proposal members)
+get plain chunking. The figures behind the defaults are in docs/bank-format.md.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+TABLE_CHUNK_BYTES = 4 << 20  # ~4 MiB of a 1-D/2-D table per chunk
+_CRC_SLAB_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Bank-wide array encoding, stored in the root attributes so every writer agrees."""
+
+    chunk: int = 64  # inner chunk edge (voxels) of volume arrays
+    max_shard: int = 512  # shard edge cap (voxels); shards cover the whole scan up to this
+    cname: str = "zstd"
+    clevel: int = 3
+    shuffle: str = "bitshuffle"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Encoding:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.max_shard < self.chunk or self.max_shard % self.chunk:
+            raise ValueError(
+                f"need 1 <= chunk <= max_shard and max_shard % chunk == 0, got {self.chunk}, "
+                f"{self.max_shard}"
+            )
+
+    def compressor(self, dtype: np.dtype) -> BloscCodec:
+        return BloscCodec(
+            cname=self.cname,
+            clevel=self.clevel,
+            shuffle=BloscShuffle(self.shuffle),
+            typesize=max(1, np.dtype(dtype).itemsize),
+        )
+
+    def volume_layout(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(inner chunk shape, shard shape) for a volume of this shape."""
+        chunks = tuple(max(1, min(self.chunk, n)) for n in shape)
+        shards = tuple(
+            min(self.max_shard, c * math.ceil(max(n, 1) / c))
+            for n, c in zip(shape, chunks, strict=True)
+        )
+        return chunks, shards
+
+    def table_chunks(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+        """Chunks of a table: whole rows, about TABLE_CHUNK_BYTES each."""
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+        rows = max(1, min(max(shape[0], 1), TABLE_CHUNK_BYTES // row_bytes))
+        return (rows, *(max(1, n) for n in shape[1:]))
+
+
+def is_volume(array: np.ndarray, grid: tuple[int, ...] | None) -> bool:
+    """Volumes are 3-D arrays on the scan grid (or any 3-D array when the grid is unknown)."""
+    return array.ndim == 3 and (grid is None or tuple(array.shape) == tuple(grid))
+
+
+def write_array(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray,
+    encoding: Encoding,
+    grid: tuple[int, ...] | None,
+) -> dict:
+    """Create and fill one array; return the per-array record kept in the scan attributes."""
+    data = np.ascontiguousarray(data)
+    if data.dtype.hasobject or data.dtype.kind not in "biuf":
+        raise TypeError(f"array {name!r}: dtype {data.dtype} is not storable (use bool/int/float)")
+    if is_volume(data, grid):
+        chunks, shards = encoding.volume_layout(data.shape)
+    else:
+        chunks, shards = encoding.table_chunks(data.shape, data.dtype), None
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=[encoding.compressor(data.dtype)],
+        fill_value=False if data.dtype == np.bool_ else 0,
+        overwrite=True,
+    )
+    if data.size:
+        arr[...] = data
+    return {
+        "shape": list(data.shape),
+        "dtype": data.dtype.str,
+        "chunks": list(chunks),
+        "shards": list(shards) if shards else None,
+        "crc32": crc32_of(data),
+    }
+
+
+def crc32_of(data: np.ndarray) -> int:
+    """CRC-32 of the C-order bytes; lets verify notice lost shards that decode as fill value."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def iter_slabs(arr: zarr.Array):
+    """Yield (start, C-order slab) along axis 0, shard-aligned, about 64 MiB each."""
+    if arr.size == 0:
+        return
+    row = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    step = max(1, _CRC_SLAB_BYTES // row)
+    if arr.shards is not None:
+        step = max(arr.shards[0], (step // arr.shards[0]) * arr.shards[0])
+    for start in range(0, arr.shape[0], step):
+        yield start, np.ascontiguousarray(arr[start : start + step])
+
+
+def crc32_of_array(arr: zarr.Array) -> int:
+    """CRC-32 of a stored array, decoded slab by slab to bound memory (equals crc32_of)."""
+    crc = zlib.crc32(b"")
+    for _, slab in iter_slabs(arr):
+        crc = zlib.crc32(memoryview(slab).cast("B"), crc)
+    return crc

@@ -1,0 +1,126 @@
+"""The bank index: one JSON file listing every scan, so listing never opens 10,000 groups.
+
+Rows are derived only from a scan's own attributes plus its size on disk, so the
+index can always be rebuilt from the scan groups (`Bank.rebuild_index`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .layout import FORMAT_VERSION
+
+# Caller attribute keys the index (and verify) relies on, with accepted aliases.
+ATTR_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": ("dataset",),
+    "modality": ("modality",),
+    "spacing": ("spacing",),
+    "source_path": ("source_path", "source.path"),
+    "source_sha256": ("source_sha256", "source.sha256", "sha256"),
+    "fingerprint": ("fingerprint", "config_fingerprint", "config.fingerprint"),
+}
+ROW_KEYS = (
+    "scan_id",
+    "dataset",
+    "modality",
+    "shape",
+    "spacing",
+    "source_path",
+    "source_sha256",
+    "fingerprint",
+    "has_label",
+    "n_proposals",
+    "nbytes",
+    "proposals_nbytes",
+    "written_at",
+)
+
+
+def lookup(attrs: dict, key: str) -> Any:
+    """Value of a required attribute, trying its aliases (dotted = nested); None if absent."""
+    for alias in ATTR_KEYS[key]:
+        node: Any = attrs
+        for bit in alias.split("."):
+            node = node.get(bit) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def missing_attrs(attrs: dict) -> list[str]:
+    """Required caller attributes that are absent."""
+    return [key for key in ATTR_KEYS if lookup(attrs, key) is None]
+
+
+def make_row(
+    scan_id: str,
+    attrs: dict,
+    proposals_attrs: dict | None,
+    nbytes: int,
+    proposals_nbytes: int,
+) -> dict:
+    """Index row for one scan from its group attributes (and its proposals group's, if any)."""
+    info = attrs.get("maskbank", {})
+    arrays = info.get("arrays", {})
+    row = {key: lookup(attrs, key) for key in ATTR_KEYS}
+    row.update(
+        scan_id=scan_id,
+        shape=arrays.get("image", {}).get("shape"),
+        has_label="label" in arrays,
+        n_proposals=int(proposals_attrs.get("maskbank", {}).get("n_proposals", 0))
+        if proposals_attrs
+        else 0,
+        nbytes=int(nbytes),
+        proposals_nbytes=int(proposals_nbytes),
+        written_at=info.get("written_at"),
+    )
+    return {key: row.get(key) for key in ROW_KEYS}
+
+
+def dir_nbytes(path: Path) -> int:
+    """Bytes on disk of every file under path (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # removed by a concurrent replace
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def index_document(rows: dict[str, dict]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "updated_at": utc_now(),
+        "scans": [rows[k] for k in sorted(rows)],
+    }
+
+
+def parse_index(text: str) -> dict[str, dict]:
+    doc = json.loads(text)
+    return {row["scan_id"]: row for row in doc.get("scans", [])}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + os.replace: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,123 @@
+"""Read-only view of one scan in a bank: attributes, lazy arrays, region-of-interest reads."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from .layout import PROPOSALS_PART, check_array_name
+
+if TYPE_CHECKING:
+    from .bank import Bank
+
+Roi = tuple[slice, ...] | None
+
+
+class ScanView:
+    """One scan. Opening it reads one small zarr.json; arrays are opened on first use."""
+
+    def __init__(self, bank: Bank, scan_id: str, group: zarr.Group) -> None:
+        self.bank = bank
+        self.scan_id = scan_id
+        self._group = group
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ScanView({self.scan_id!r}, shape={self.shape}, spacing={self.spacing}, "
+            f"modality={self.modality!r}, dataset={self.dataset!r})"
+        )
+
+    @property
+    def group(self) -> zarr.Group:
+        """The scan's zarr.Group (read-only); for bank-internal readers such as bank.proposals."""
+        return self._group
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """Caller attributes plus the bank's own under the 'maskbank' key."""
+        return dict(self._group.attrs)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The bank's attributes: format_version, written_at, arrays {name: shape/dtype/...}."""
+        return self.attrs.get("maskbank", {})
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.info["arrays"]["image"]["shape"])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self.attrs["spacing"])  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        value = self.attrs.get("affine")
+        return None if value is None else np.asarray(value, dtype=np.float64)
+
+    @property
+    def modality(self) -> str | None:
+        return self.attrs.get("modality")
+
+    @property
+    def dataset(self) -> str | None:
+        return self.attrs.get("dataset")
+
+    @property
+    def array_names(self) -> list[str]:
+        """Arrays of the scan itself (not of its parts)."""
+        return sorted(self.info.get("arrays", {}))
+
+    @cached_property
+    def proposals_attrs(self) -> dict[str, Any] | None:
+        """Attributes of the proposals part, or None when the scan has none."""
+        if not self.has(PROPOSALS_PART):
+            return None
+        return dict(self._group[PROPOSALS_PART].attrs)
+
+    def has(self, name: str) -> bool:
+        """True if an array or part (e.g. 'label', 'proposals', 'proposals/labels') exists."""
+        try:
+            check_array_name(name)
+        except ValueError:
+            return False
+        try:
+            self._group[name]
+        except KeyError:
+            return False
+        return True
+
+    def array(self, name: str) -> zarr.Array:
+        """The lazy zarr.Array; nothing is decoded until it is indexed."""
+        if name not in self._arrays:
+            check_array_name(name)
+            try:
+                node = self._group[name]
+            except KeyError:
+                raise KeyError(
+                    f"scan {self.scan_id!r} has no array {name!r} (it has {self.array_names}"
+                    + (f" and part {PROPOSALS_PART!r}" if self.has(PROPOSALS_PART) else "")
+                    + ")"
+                ) from None
+            if not isinstance(node, zarr.Array):
+                raise KeyError(f"{name!r} in scan {self.scan_id!r} is a group, not an array")
+            self._arrays[name] = node
+        return self._arrays[name]
+
+    def read(self, name: str, roi: Roi = None) -> np.ndarray:
+        """Decode `roi` (a tuple of slices, numpy semantics) of an array; only touched chunks."""
+        arr = self.array(name)
+        if roi is None:
+            return arr[...]
+        if not isinstance(roi, tuple):
+            roi = (roi,)
+        return arr[roi]
+
+    def _repr_html_(self) -> str:
+        from .browse import scan_html
+
+        return scan_html(self)

@@ -1,0 +1,153 @@
+"""`Bank.verify()`: the full integrity check. Decodes every chunk, so it is slow on purpose."""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from .encoding import iter_slabs
+from .index import ROW_KEYS, make_row, missing_attrs
+from .layout import FORMAT_NAME, FORMAT_VERSION, PROPOSALS_PART, part_path
+
+if TYPE_CHECKING:
+    from .bank import Bank
+
+_INFO_KEYS = ("format_version", "written_at", "arrays")
+
+
+def verify_bank(bank: Bank) -> list[str]:
+    """Every problem found, one line each, prefixed with the scan id where there is one."""
+    bank.refresh()
+    problems: list[str] = []
+    on_disk = set(bank._list_scan_dirs())
+    indexed = set(bank.scan_ids)
+    if bank._index_missing:
+        problems.append("index.json is missing (run bank.rebuild_index())")
+    for sid in sorted(indexed - on_disk):
+        problems.append(f"{sid}: listed in index.json but its group is missing")
+    for sid in sorted(on_disk - indexed):
+        problems.append(f"{sid}: group exists but index.json does not list it")
+    for name in bank._leftovers():
+        problems.append(
+            f"leftover {name} (an interrupted or still-running write; bank.recover() cleans it)"
+        )
+    for sid in sorted(on_disk):
+        problems.extend(f"{sid}: {p}" for p in verify_scan(bank, sid, sid in indexed))
+    return problems
+
+
+def verify_scan(bank: Bank, scan_id: str, indexed: bool) -> list[str]:
+    """Problems of one scan: attributes, arrays vs their records, decodability, index row."""
+    try:
+        group = zarr.open_group(bank._store, path=part_path(scan_id, None), mode="r")
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        return [f"cannot open group: {exc}"]
+    attrs = dict(group.attrs)
+    info = attrs.get(FORMAT_NAME)
+    if not isinstance(info, dict) or any(k not in info for k in _INFO_KEYS):
+        return [f"bank attributes ({FORMAT_NAME}: {_INFO_KEYS}) missing or incomplete"]
+    problems = [f"missing attribute {k!r}" for k in missing_attrs(attrs)]
+    if int(info["format_version"]) > FORMAT_VERSION:
+        problems.append(f"format_version {info['format_version']} is newer than {FORMAT_VERSION}")
+    records = info["arrays"]
+    if "image" not in records:
+        return [*problems, "no 'image' array recorded"]
+    grid = tuple(records["image"]["shape"])
+    children = {k for k, _ in group.members(max_depth=None)}
+    problems += _check_arrays(group, records, grid, skip=PROPOSALS_PART, children=children)
+    prop_attrs = None
+    if PROPOSALS_PART in children:
+        pgroup = group[PROPOSALS_PART]
+        prop_attrs = dict(pgroup.attrs)
+        pinfo = prop_attrs.get(FORMAT_NAME)
+        if not isinstance(pinfo, dict) or "arrays" not in pinfo:
+            problems.append("proposals: bank attributes missing")
+        else:
+            pchildren = {k for k, _ in pgroup.members(max_depth=None)}
+            problems += [
+                f"proposals/{p}"
+                for p in _check_arrays(pgroup, pinfo["arrays"], grid, None, pchildren)
+            ]
+            problems += _check_proposal_count(pgroup, pinfo)
+    if indexed:
+        problems += _check_row(bank, scan_id, attrs, prop_attrs)
+    return problems
+
+
+def _check_arrays(
+    group: zarr.Group, records: dict, grid: tuple, skip: str | None, children: set[str]
+) -> list[str]:
+    problems = []
+    arrays_on_disk = {
+        k
+        for k in children
+        if isinstance(_node(group, k), zarr.Array)
+        and not (skip and (k == skip or k.startswith(skip + "/")))
+    }
+    for name in sorted(arrays_on_disk - set(records)):
+        problems.append(f"array {name!r} is on disk but not recorded in attributes")
+    for name, rec in sorted(records.items()):
+        if name not in arrays_on_disk:
+            problems.append(f"array {name!r} is recorded but missing")
+            continue
+        problems += [f"{name}: {p}" for p in _check_array(group[name], rec, name, grid)]
+    return problems
+
+
+def _node(group: zarr.Group, key: str):
+    try:
+        return group[key]
+    except Exception:  # a broken zarr.json is reported by the array check
+        return None
+
+
+def _check_array(arr: zarr.Array, rec: dict, name: str, grid: tuple) -> list[str]:
+    problems = []
+    if list(arr.shape) != list(rec["shape"]) or np.dtype(arr.dtype).str != rec["dtype"]:
+        problems.append(
+            f"shape/dtype {arr.shape}/{np.dtype(arr.dtype).str} != recorded "
+            f"{tuple(rec['shape'])}/{rec['dtype']}"
+        )
+        return problems
+    if arr.ndim == 3 and tuple(arr.shape) != grid:
+        problems.append(f"shape {arr.shape} differs from the scan grid {grid}")
+    crc = zlib.crc32(b"")
+    try:
+        for start, slab in iter_slabs(arr):
+            crc = zlib.crc32(memoryview(slab).cast("B"), crc)
+            if name == "image" and slab.dtype.kind == "f" and not np.isfinite(slab).all():
+                problems.append(f"NaN/inf in slab starting at x={start}")
+    except Exception as exc:  # any codec/store failure means an undecodable chunk
+        problems.append(f"cannot decode: {type(exc).__name__}: {exc}")
+        return problems
+    if rec.get("crc32") is not None and crc != rec["crc32"]:
+        problems.append("checksum mismatch (data changed or a chunk/shard file is missing)")
+    return problems
+
+
+def _check_proposal_count(pgroup: zarr.Group, pinfo: dict) -> list[str]:
+    n = pinfo.get("n_proposals")
+    for name in ("members_indptr", "indptr"):
+        if name in pinfo["arrays"]:
+            length = pinfo["arrays"][name]["shape"][0]
+            if n is not None and length - 1 != n:
+                return [f"proposals: n_proposals={n} but {name} has {length} entries"]
+    return []
+
+
+def _check_row(bank: Bank, scan_id: str, attrs: dict, prop_attrs: dict | None) -> list[str]:
+    row = bank._rows[scan_id]
+    expected = make_row(
+        scan_id,
+        attrs,
+        prop_attrs,
+        bank._nbytes(part_path(scan_id, None)),
+        bank._nbytes(part_path(scan_id, PROPOSALS_PART)) if prop_attrs else 0,
+    )
+    stale = [k for k in ROW_KEYS if row.get(k) != expected[k]]
+    if stale:
+        return [f"index row differs from the scan in {stale} (run bank.rebuild_index())"]
+    return []
