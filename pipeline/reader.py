@@ -98,6 +98,16 @@ def _check_data(path: str, data: np.ndarray) -> np.ndarray:
     return data
 
 
+def _raw_nifti_zooms(path: str, img) -> tuple[float, ...]:
+    """Voxel sizes exactly as written: nibabel silently turns a 0 pixdim into 1 on load."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as fh:
+        raw = type(img.header).from_fileobj(fh, check=False)
+    ndim = max(1, min(3, int(raw["dim"][0])))
+    return tuple(float(z) for z in raw["pixdim"][1 : 1 + ndim])
+
+
 def _read_nifti(path: str, max_voxels: int, check_values: bool) -> RawScan:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
@@ -108,7 +118,7 @@ def _read_nifti(path: str, max_voxels: int, check_values: bool) -> RawScan:
         raise ScanError(path, f"not a readable NIfTI image ({exc})") from exc
     except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise ScanError(path, f"corrupt or truncated header ({type(exc).__name__}: {exc})") from exc
-    zooms = img.header.get_zooms()[:3]
+    zooms = _raw_nifti_zooms(path, img)
     if any(float(z) <= 0 or not np.isfinite(z) for z in zooms):
         raise ScanError(
             path, f"non-positive voxel spacing in header: {tuple(float(z) for z in zooms)}"

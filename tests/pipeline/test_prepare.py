@@ -1,0 +1,119 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.body import body_mask
+from pipeline.config import PrepareConfig
+from pipeline.errors import ScanError
+from pipeline.modality import detect_modality
+from pipeline.normalize import invert_normalization
+from pipeline.phantom import NAMES, make_phantom
+from pipeline.prepare import prepare_scan
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr", "pet"])
+def test_body_mask_recovers_phantom_body(modality):
+    ph = make_phantom(modality, (64, 64, 48), seed=3)
+    assert _dice(body_mask(ph.image, modality), ph.body) > 0.95
+
+
+def test_modality_detection():
+    assert detect_modality(make_phantom("ct", (48, 48, 32)).image) == "ct"
+    assert detect_modality(make_phantom("mr", (48, 48, 32)).image) == "mr"
+
+
+def test_config_round_trip_and_fingerprint():
+    cfg = PrepareConfig(spacing=2.0, modality="ct")
+    assert cfg.spacing == (2.0, 2.0, 2.0)
+    again = PrepareConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    assert cfg.replace(spacing=[1.0, 1.0, 3.0]).fingerprint() != cfg.fingerprint()
+    with pytest.raises(ValueError, match="positive"):
+        PrepareConfig(spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="modality"):
+        PrepareConfig(modality="xray")
+
+
+def test_prepare_phantom_ct_end_to_end(tmp_path):
+    ph = make_phantom("ct", (80, 80, 40), spacing=(1.0, 1.0, 3.0), seed=1)
+    img_path, lab_path = ph.save_nifti(tmp_path)
+    prep = prepare_scan(img_path, lab_path, config=PrepareConfig(spacing=1.5), dataset="phantoms")
+    assert prep.attrs["modality"] == "ct" and prep.attrs["dataset"] == "phantoms"
+    assert prep.image.dtype == np.float16 and prep.label.dtype == np.uint16
+    assert prep.image.shape == prep.body.shape == prep.label.shape
+    assert prep.attrs["original"]["shape"] == [80, 80, 40]
+    assert len(prep.attrs["source_sha256"]) == 64
+    # Labels travel with the image: each organ keeps its (normalised) HU.
+    raw = invert_normalization(prep.image, prep.attrs["normalization"])
+    liver = raw[prep.label == [k for k, v in NAMES.items() if v == "liver"][0]]
+    assert abs(np.median(liver) - 60.0) < 15.0
+    aorta = raw[prep.label == [k for k, v in NAMES.items() if v == "aorta"][0]]
+    assert np.median(aorta) > 150.0
+    # Body crop: every labelled structure is inside the crop and the body mask.
+    assert (prep.label > 0).sum() > 0.8 * (ph.labels > 0).sum() * (1.0 * 1.0 * 3.0) / 1.5**3
+    assert prep.body[prep.label > 0].mean() > 0.99
+    # z-score inside the body
+    norm = prep.image[prep.body].astype(np.float32)
+    assert abs(norm.mean()) < 0.05 and abs(norm.std() - 1.0) < 0.05
+    # The stored affine maps the cropped grid: voxel (0,0,0) sits at the crop start in world space.
+    start = np.array([b[0] for b in prep.attrs["crop_box"]], float)
+    expected = np.diag([1.5, 1.5, 1.5]) @ start + ph.affine[:3, 3]
+    np.testing.assert_allclose(prep.affine[:3, 3], expected, atol=1e-6)
+
+
+def test_pet_must_be_declared_and_uses_percentiles(tmp_path):
+    ph = make_phantom("pet", (64, 64, 40), seed=2)
+    img_path, _ = ph.save_nifti(tmp_path)
+    auto = prepare_scan(img_path)
+    assert auto.attrs["modality"] == "mr"
+    pet = prepare_scan(img_path, config=PrepareConfig(modality="pet"))
+    assert pet.attrs["modality"] == "pet"
+    lo, hi = pet.attrs["normalization"]["clip"]
+    assert 0.0 <= lo < hi < 9.0  # 98th percentile, below the hottest lesion
+
+
+def test_label_on_another_grid_is_refused(tmp_path):
+    ph = make_phantom("ct", (40, 40, 30))
+    img_path, _ = ph.save_nifti(tmp_path)
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 29), np.uint8), ph.affine), bad)
+    with pytest.raises(ScanError, match="label shape"):
+        prepare_scan(img_path, bad)
+
+
+def test_scan_without_body_is_refused(tmp_path):
+    data = np.full((30, 30, 30), -1000.0, np.float32)
+    data[0, 0, 0] = -999.0  # not constant, but no tissue
+    path = tmp_path / "air.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(ScanError, match="no body found"):
+        prepare_scan(path, config=PrepareConfig(modality="ct"))
+
+
+@pytest.mark.realdata
+def test_real_chest_ct_with_nodule(shared_data):
+    prep = prepare_scan(
+        shared_data / "ct_chest_lung1.nii.gz", shared_data / "ct_chest_lung1_nodule_label.nii.gz"
+    )
+    assert prep.attrs["modality"] == "ct"
+    assert prep.attrs["original"]["spacing"][2] == pytest.approx(5.0, abs=0.01)
+    nodule = prep.label > 0
+    # 837 voxels of 0.57*0.57*5 mm -> about 1360 mm^3 -> about 400 voxels at 1.5 mm
+    assert 250 < nodule.sum() < 600
+    assert prep.body[nodule].all()
+    raw = invert_normalization(prep.image, prep.attrs["normalization"])
+    assert np.median(raw[nodule]) > -300  # a solid nodule, not lung air
+
+
+@pytest.mark.realdata
+def test_real_anisotropic_mr(shared_data):
+    prep = prepare_scan(shared_data / "mr_brain_aniso_4x4x5mm.nii.gz")
+    assert prep.attrs["modality"] == "mr"
+    assert prep.image.shape[2] > 2 * 24 * 5.0 / 1.5 / 3  # upsampled along z
+    assert 0.2 < prep.body.mean() < 0.9
