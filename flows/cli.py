@@ -1,0 +1,58 @@
+"""`maskbank` command line: one module per subcommand under flows/commands/.
+
+Each command module defines `add_parser(subparsers)` and `run(args) -> int`, and
+imports heavy libraries (prefect, dask, torch) only inside `run`, so that
+`maskbank --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Order = order in `maskbank --help`. Modules owned by other parts of the project may
+# be absent in a given checkout; a missing one is skipped, not fatal.
+COMMANDS = ("prepare", "propose", "proposals_quality", "info", "verify", "demo")
+
+
+def _load_commands() -> list:
+    modules = []
+    for name in COMMANDS:
+        try:
+            modules.append(importlib.import_module(f"flows.commands.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name not in (f"flows.commands.{name}",):
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskbank",
+        description=(
+            "Build and inspect banks of prepared 3D scans (CT/MR/PET) and their mask "
+            "proposals for mask-guided self-supervised pretraining."
+        ),
+        epilog="Run `maskbank <command> --help` for the options of one command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for module in _load_commands():
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `maskbank`; see flows/cli.py for the contract each module follows."""

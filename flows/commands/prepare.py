@@ -1,0 +1,139 @@
+"""`maskbank prepare`: raw scans -> bank, through the `prepare_bank` Prefect flow on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import ExitStack
+
+from flows.commands._prefect_env import apply_cli_defaults
+
+DESCRIPTION = """\
+Prepare raw scans into a bank: read, reorient to RAS, resample to --spacing,
+crop to the body, normalise, and publish each scan atomically (one Dask task per scan).
+
+INPUT may be a scan file (.nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM series folder),
+a folder (searched recursively; files named like <scan>_label.nii.gz, _seg, _mask
+become that scan's label), or a manifest: .csv with a header or .jsonl, columns
+image (required), label, modality, dataset, scan_id; relative paths are resolved
+against the manifest's folder.
+
+Scans already in the bank with the same source SHA-256 and the same settings are
+skipped, so re-running after a crash or on a grown folder only does the new work;
+a changed setting (e.g. --spacing) redoes the scans it affects.
+"""
+
+EPILOG = """\
+exit status: 0 when every scan is ok or skipped; 1 when any scan failed (the good
+scans are in the bank anyway, and the failures are listed with their reasons in
+the table and in BANK/reports/prepare-<time>.json); 2 for unusable arguments.
+
+examples:
+  maskbank prepare scans/ --bank bank/ --spacing 1.5
+  maskbank prepare manifest.csv --bank bank/ --spacing 1,1,2.5 --workers 8
+  maskbank prepare scans/ --bank bank/ --dask-address tcp://scheduler:8786
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare",
+        help="prepare raw scans (files, folders, manifests) into a bank",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scan file, folder or manifest")
+    p.add_argument("--bank", required=True, help="bank folder (created when missing)")
+    p.add_argument(
+        "--spacing",
+        default="1.5",
+        metavar="MM",
+        help="target voxel spacing in mm: one number (isotropic) or three, e.g. 1.5,1.5,3 "
+        "(default: 1.5)",
+    )
+    p.add_argument(
+        "--modality",
+        default="auto",
+        choices=["auto", "ct", "mr", "pet"],
+        help="modality of every input (default auto: CT is detected from Hounsfield units, "
+        "else MR; PET must be declared). A manifest's modality column overrides it per scan.",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset name recorded with each scan (default: the input folder's or "
+        "manifest's name; a manifest's dataset column overrides it)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="scans prepared in parallel on a local Dask cluster (default: min(4, CPUs))",
+    )
+    p.add_argument(
+        "--dask-address",
+        default=None,
+        metavar="ADDR",
+        help="run the tasks on an existing Dask cluster (e.g. tcp://host:8786, started "
+        "by dask-jobqueue on SLURM; see docs/cluster.md) instead of a local one",
+    )
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="local cluster of worker processes instead of threads; starts one loopback "
+        "Prefect server for them when PREFECT_API_URL is unset",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON, not a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from flows.inputs import InputError, collect_inputs, parse_spacing
+
+    try:
+        spacing = parse_spacing(args.spacing)
+        scans = collect_inputs(args.inputs, args.dataset)  # fail fast, before Prefect starts
+    except (InputError, ValueError) as exc:
+        print(f"maskbank prepare: error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("maskbank prepare: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    apply_cli_defaults(args.verbose)
+
+    with ExitStack() as stack:
+        if args.processes and not args.dask_address and not os.environ.get("PREFECT_API_URL"):
+            from flows.server import loopback_server
+
+            home = stack.enter_context(tempfile.TemporaryDirectory(prefix="maskbank-prefect-"))
+            print("starting a loopback Prefect server for the worker processes...", file=sys.stderr)
+            os.environ["PREFECT_API_URL"] = stack.enter_context(loopback_server(home))
+
+        from flows.prepare import prepare_bank
+        from flows.report import format_prepare_report
+        from pipeline.config import PrepareConfig
+
+        config = PrepareConfig(spacing=spacing, modality=args.modality)
+        print(f"{len(scans)} scans -> {args.bank}", file=sys.stderr)
+        report = prepare_bank(
+            inputs=[os.path.abspath(i) for i in args.inputs],
+            bank=args.bank,
+            config=config.to_dict(),
+            workers=args.workers,
+            dask_address=args.dask_address,
+            dataset=args.dataset,
+            processes=args.processes,
+            progress=not args.no_progress,
+        )
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_prepare_report(report))
+    return 1 if report["counts"].get("failed") else 0

@@ -1,0 +1,252 @@
+"""Turn command-line inputs (files, folders, manifests) into a list of scans to prepare.
+
+Discovery happens once, in the flow's process, so every scan gets a stable,
+readable id before any work is distributed: the same inputs always map to the
+same bank entries, which is what makes re-runs skip finished work.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.reader import is_dicom_dir
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+# A file whose stem ends like this is a label map, not a scan (folder discovery only).
+LABEL_MARKERS = ("_label", "_labels", "_seg", "_segmentation", "_mask")
+MODALITIES = ("auto", "ct", "mr", "pet")
+
+
+class InputError(ValueError):
+    """The inputs themselves are unusable (bad manifest, nothing found): a usage error."""
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """One scan to prepare; JSON-able so it can travel to Dask workers and deployments."""
+
+    scan_id: str
+    image: str
+    label: str | None = None
+    modality: str | None = None  # None: use the run's configured modality
+    dataset: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScanInput:
+        return cls(**{k: d.get(k) for k in ("scan_id", "image", "label", "modality", "dataset")})
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its (possibly double) image suffix; folder name for a DICOM dir."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES + MANIFEST_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sanitise_id(text: str) -> str:
+    """Keep ids readable but safe as Zarr group names and file names."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    cleaned = re.sub(r"^[^A-Za-z0-9]+", "", cleaned)[:180].rstrip("-._")
+    return cleaned or "scan"
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_label_name(path: Path) -> bool:
+    stem = image_stem(path).lower()
+    return any(stem.endswith(m) or f"{m}_" in stem or f"{m}-" in stem for m in LABEL_MARKERS)
+
+
+def discover_folder(folder: Path, dataset: str | None) -> list[dict]:
+    """Image files and DICOM series below `folder`; label files are paired with their scan.
+
+    A file named like `<scan-stem>_label.nii.gz` (or `_seg`, `_mask`, ...) next to a
+    scan becomes that scan's label (the longest matching stem wins); an orphan label
+    file is ignored rather than prepared as if it were a scan.
+    """
+    images: list[Path] = []
+    labels: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        root_path = Path(root)
+        dirs.sort()
+        dicom_children = [d for d in dirs if is_dicom_dir(root_path / d)]
+        images.extend(root_path / d for d in dicom_children)
+        dirs[:] = [d for d in dirs if d not in dicom_children and not d.startswith(".")]
+        for name in sorted(files):
+            path = root_path / name
+            if not is_image_file(path):
+                continue
+            (labels if _is_label_name(path) else images).append(path)
+    rows = []
+    for img in images:
+        rows.append({"image": str(img), "label": None, "modality": None, "dataset": dataset})
+    for lab in labels:
+        lab_stem = image_stem(lab)
+        candidates = [
+            r
+            for r in rows
+            if Path(r["image"]).parent == lab.parent
+            and lab_stem.startswith(image_stem(r["image"]) + "_")
+        ]
+        if candidates:
+            best = max(candidates, key=lambda r: len(image_stem(r["image"])))
+            if best["label"] is None:
+                best["label"] = str(lab)
+    return rows
+
+
+def read_manifest(path: Path, dataset: str | None) -> list[dict]:
+    """Rows of a .csv (with header) or .jsonl manifest; relative paths are manifest-relative."""
+    base = path.parent
+    raw: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as fh:
+            raw = [dict(r) for r in csv.DictReader(fh)]
+    else:
+        with open(path) as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{n}: not a JSON object ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object per line")
+                raw.append(row)
+    rows = []
+    for n, row in enumerate(raw, start=1):
+        image = (row.get("image") or "").strip() if isinstance(row.get("image"), str) else ""
+        if not image:
+            raise InputError(f"{path}: row {n} has no 'image' column/value")
+
+        def resolve(p: str | None) -> str | None:
+            if p is None or not str(p).strip():
+                return None
+            q = Path(str(p).strip()).expanduser()
+            return str(q if q.is_absolute() else (base / q))
+
+        modality = (row.get("modality") or "").strip().lower() or None
+        if modality is not None and modality not in MODALITIES:
+            raise InputError(f"{path}: row {n}: modality {modality!r} not one of {MODALITIES}")
+        rows.append(
+            {
+                "image": resolve(image),
+                "label": resolve(row.get("label")),
+                "modality": None if modality == "auto" else modality,
+                "dataset": (row.get("dataset") or "").strip() or dataset,
+                "scan_id": (row.get("scan_id") or row.get("id") or "").strip() or None,
+            }
+        )
+    return rows
+
+
+def _default_dataset(path: Path) -> str:
+    return sanitise_id(path.name if path.is_dir() else path.parent.name or "default")
+
+
+def collect_inputs(inputs: list[str], dataset: str | None = None) -> list[ScanInput]:
+    """Expand files, folders and manifests into uniquely named scans, in a stable order.
+
+    Missing files named in a manifest are kept (they fail in the report, with their
+    row, instead of aborting the batch); a missing command-line path is a usage error.
+    """
+    rows: list[dict] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        lower = path.name.lower()
+        if lower.endswith(MANIFEST_SUFFIXES) and path.is_file():
+            rows.extend(read_manifest(path, dataset or sanitise_id(image_stem(path))))
+        elif path.is_dir() and not is_dicom_dir(path):
+            found = discover_folder(path, dataset or _default_dataset(path))
+            if not found:
+                raise InputError(f"{path}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            rows.extend(found)
+        elif path.exists():
+            rows.append(
+                {
+                    "image": str(path),
+                    "label": None,
+                    "modality": None,
+                    "dataset": dataset or _default_dataset(path),
+                }
+            )
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    for r in rows:
+        r["image"] = os.path.abspath(r["image"])
+        if r.get("label"):
+            r["label"] = os.path.abspath(r["label"])
+    # The same file named twice (e.g. a folder and a file inside it) is one scan.
+    unique: dict[str, dict] = {}
+    for r in rows:
+        unique.setdefault(r["image"], r)
+    rows = sorted(unique.values(), key=lambda r: r["image"])
+    return assign_ids(rows)
+
+
+def assign_ids(rows: list[dict]) -> list[ScanInput]:
+    """Readable ids from file stems; colliding stems get a suffix hashed from the path.
+
+    The suffix depends only on each file's path relative to the colliding group's
+    common folder, so ids do not change when unrelated inputs are added or removed.
+    """
+    wanted = [sanitise_id(r.get("scan_id") or image_stem(r["image"])) for r in rows]
+    groups: dict[str, list[int]] = {}
+    for i, sid in enumerate(wanted):
+        groups.setdefault(sid, []).append(i)
+    ids = list(wanted)
+    for sid, members in groups.items():
+        if len(members) < 2:
+            continue
+        common = os.path.commonpath([rows[i]["image"] for i in members])
+        for i in members:
+            rel = os.path.relpath(rows[i]["image"], common)
+            ids[i] = f"{sid}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+    taken = set()
+    out = []
+    for r, sid in zip(rows, ids, strict=True):
+        if sid in taken:  # identical relative paths (e.g. a manifest listing a file twice)
+            raise InputError(f"two inputs resolve to the same scan id {sid!r}: {r['image']}")
+        taken.add(sid)
+        out.append(
+            ScanInput(
+                scan_id=sid,
+                image=r["image"],
+                label=r.get("label"),
+                modality=r.get("modality"),
+                dataset=r.get("dataset"),
+            )
+        )
+    return out
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """`1.5` -> (1.5, 1.5, 1.5); `1.5,1.5,3` -> (1.5, 1.5, 3.0)."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip()) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError as exc:
+        raise ValueError(f"spacing {text!r}: expected numbers like 1.5 or 1.5,1.5,3") from exc
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"spacing {text!r}: give one number or three")
+    if not all(v > 0 and v < 100 for v in values):
+        raise ValueError(f"spacing {text!r}: each value must be in (0, 100) mm")
+    return (values[0], values[1], values[2])

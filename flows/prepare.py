@@ -1,0 +1,250 @@
+"""The `prepare_bank` Prefect flow: many raw scans -> one bank, one Dask task per scan.
+
+Failure policy: a `ScanError` (bad input) becomes a `failed` record and is never
+retried; an OSError (flaky network disk, NFS hiccup) is retried by Prefect; any
+other exception fails only its own scan. The flow itself fails only when the
+inputs cannot be listed or the bank cannot be opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from bank import Bank
+from flows.inputs import ScanInput, collect_inputs
+from pipeline.config import PrepareConfig
+from pipeline.errors import ScanError
+from pipeline.prepare import prepare_scan
+from pipeline.reader import sha256_of
+
+TASK_RETRIES = 2
+RETRY_DELAYS_S = [2, 10]
+
+
+def _exception_of(state: Any) -> BaseException | None:
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result itself could not be loaded
+        return exc
+    return result if isinstance(result, BaseException) else None
+
+
+def retry_transient_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: only OSErrors that are not a bad-input `ScanError`."""
+    exc = _exception_of(state)
+    return isinstance(exc, OSError) and not isinstance(exc, ScanError)
+
+
+def _record(item: ScanInput, status: str, t0: float, **extra: Any) -> dict:
+    return {
+        "scan_id": item.scan_id,
+        "image": item.image,
+        "label": item.label,
+        "status": status,
+        "reason": extra.pop("reason", None),
+        "seconds": round(time.perf_counter() - t0, 3),
+        **extra,
+    }
+
+
+def _existing_attrs(bank: Bank, scan_id: str) -> dict | None:
+    if scan_id not in bank:
+        return None
+    try:
+        return bank.scan(scan_id).attrs
+    except Exception:  # a half-broken scan is simply redone
+        return None
+
+
+def _why_redo(old: dict | None, new: dict) -> str | None:
+    """None when the stored scan already matches; else a short reason for the report."""
+    if old is None:
+        return "new"
+    for key, label in (
+        ("source_sha256", "source changed"),
+        ("label_sha256", "label changed"),
+        ("fingerprint", "config changed"),
+        ("dataset", "dataset changed"),
+    ):
+        if old.get(key) != new.get(key):
+            return label
+    return None
+
+
+@task(
+    name="prepare-scan",
+    task_run_name="prepare-{scan_id}",
+    retries=TASK_RETRIES,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_transient_io,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def prepare_one(scan_id: str, item: dict, bank: str, config: dict) -> dict:
+    """Prepare one scan and publish it; skip it when the bank already holds this exact result."""
+    t0 = time.perf_counter()
+    scan = ScanInput.from_dict(item)
+    cfg = PrepareConfig.from_dict(config)
+    if scan.modality:
+        cfg = cfg.replace(modality=scan.modality)
+    dataset = scan.dataset or "default"
+    try:
+        for path, what in ((scan.image, "image"), (scan.label, "label")):
+            if path and not os.path.exists(path):
+                raise ScanError(path, f"{what} file not found")
+        wanted = {
+            "source_sha256": sha256_of(scan.image),
+            "label_sha256": sha256_of(scan.label) if scan.label else None,
+            "fingerprint": cfg.fingerprint(),
+            "dataset": dataset,
+        }
+        store = Bank.open(bank, mode="a")
+        why = _why_redo(_existing_attrs(store, scan_id), wanted)
+        if why is None:
+            return _record(scan, "skipped", t0, reason="already in the bank (same source, config)")
+        prepared = prepare_scan(
+            scan.image,
+            scan.label,
+            config=cfg,
+            dataset=dataset,
+            source_sha256=wanted["source_sha256"],
+        )
+        store.write_scan(scan_id, prepared.arrays(), prepared.attrs)
+        return _record(
+            scan,
+            "ok",
+            t0,
+            note=why,
+            modality=prepared.attrs.get("modality"),
+            shape=list(prepared.image.shape),
+        )
+    except ScanError as exc:
+        return _record(scan, "failed", t0, reason=exc.reason, file=exc.path)
+
+
+def make_task_runner(workers: int, dask_address: str | None, processes: bool) -> DaskTaskRunner:
+    """Join an existing Dask cluster, or start a LocalCluster of `workers` threads/processes.
+
+    Threads are the default: numpy/scipy/zarr release the GIL in the heavy parts,
+    and every thread shares the flow's Prefect API connection. Process workers need
+    PREFECT_API_URL to point at a running server (see docs/cluster.md).
+    """
+    # The scheduler and workers of a local cluster log every connection at INFO.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    workers = max(1, int(workers))
+    if processes:
+        kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
+    else:
+        kwargs = {"n_workers": 1, "threads_per_worker": workers, "processes": False}
+    kwargs.update(dashboard_address=None, silence_logs=logging.WARNING)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def _failed_from_exception(item: ScanInput, exc: BaseException | None) -> dict:
+    reason = f"{type(exc).__name__}: {exc}" if exc is not None else "task failed"
+    if isinstance(exc, OSError) and not isinstance(exc, ScanError):
+        reason += f" (gave up after {TASK_RETRIES} retries)"
+    rec = _record(item, "failed", time.perf_counter(), reason=reason, file=item.image)
+    rec["seconds"] = None
+    return rec
+
+
+def summarise_records(records: list[dict]) -> dict[str, int]:
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+@flow(name="prepare-bank", validate_parameters=True)
+def prepare_bank(
+    inputs: list[str],
+    bank: str,
+    config: dict | None = None,
+    workers: int = 2,
+    dask_address: str | None = None,
+    dataset: str | None = None,
+    processes: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Prepare every scan found in `inputs` into the bank at `bank`; return the run report.
+
+    `config` is a `PrepareConfig.to_dict()` (defaults when None). The report is also
+    stored in the bank (reports/prepare-<time>.json); its path is `report["report_path"]`.
+    """
+    from tqdm import tqdm
+
+    logger = get_run_logger()
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    cfg = PrepareConfig.from_dict(config or {})
+    scans = collect_inputs(list(inputs), dataset)
+    store = Bank.create(bank)  # also finishes/undoes writes a killed run left behind
+    bank_path = str(Path(bank).expanduser().resolve())
+    logger.info("preparing %d scans into %s", len(scans), bank_path)
+
+    records: list[dict] = []
+    with make_task_runner(workers, dask_address, processes) as runner:
+        futures = {
+            runner.submit(
+                prepare_one,
+                {
+                    "scan_id": s.scan_id,
+                    "item": s.to_dict(),
+                    "bank": bank_path,
+                    "config": cfg.to_dict(),
+                },
+            ): s
+            for s in scans
+        }
+        bar = tqdm(total=len(scans), desc="prepare", unit="scan", disable=not progress)
+        with bar:
+            for fut in as_completed(list(futures)):
+                item = futures[fut]
+                fut.wait()
+                state = fut.state
+                if state.is_completed():
+                    rec = fut.result()
+                else:
+                    rec = _failed_from_exception(item, _exception_of(state))
+                records.append(rec)
+                bar.set_postfix(summarise_records(records), refresh=False)
+                bar.update(1)
+
+    store.rebuild_index()  # single writer, after every task has finished
+    order = {s.scan_id: i for i, s in enumerate(scans)}
+    records.sort(key=lambda r: order[r["scan_id"]])
+    counts = summarise_records(records)
+    report = {
+        "flow": "prepare",
+        "bank": bank_path,
+        "started_at": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.fingerprint(),
+        "workers": workers,
+        "dask_address": dask_address,
+        "counts": counts,
+        "scans": records,
+    }
+    report["report_path"] = store.write_report("prepare", report)
+    logger.info("prepare done: %s", counts)
+    for r in records:
+        if r["status"] == "failed":
+            logger.warning("failed %s: %s", r["scan_id"], r["reason"])
+    return report

@@ -1,0 +1,67 @@
+"""Plain-text tables for the terminal (prepare reports, bank summaries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int] = frozenset()
+) -> str:
+    """A fixed-width table; columns listed in `right` are right-aligned (numbers)."""
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def fmt(row: list[str]) -> str:
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_prepare_report(report: dict) -> str:
+    """Per-scan table (status, seconds, reason) followed by the totals line."""
+    rows = []
+    for r in report["scans"]:
+        detail = r.get("reason") or ""
+        if r["status"] == "ok" and r.get("note") and r["note"] != "new":
+            detail = f"redone: {r['note']}"
+        if r["status"] == "failed" and r.get("file"):
+            detail = f"{r['file']}: {detail}"
+        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        rows.append([r["scan_id"], r["status"], secs, detail])
+    c = report["counts"]
+    lines = [
+        table(["scan", "status", "s", "reason"], rows, right={2}),
+        "",
+        f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
+        f"in {report['seconds']:.1f} s -> {report['bank']}",
+    ]
+    if report.get("report_path"):
+        lines.append(f"report: {report['report_path']}")
+    return "\n".join(lines)
