@@ -358,20 +358,22 @@ class Bank:
             self._update_index(scan_id, remove=True)
 
     def write_report(self, name: str, report: Mapping[str, Any]) -> str:
-        """Store a flow report as reports/<name>-<UTC timestamp>.json; return its path."""
+        """Store a flow report as reports/<name>-<UTC timestamp>.json; return its path.
+
+        The timestamp looks like 20261128T043320.123456Z.
+        """
         self._require_writable()
         root = self._local
         assert root is not None
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"invalid report name {name!r}")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = root / REPORTS_DIR
         folder.mkdir(exist_ok=True)
-        path = folder / f"{name}-{stamp}.json"
-        n = 1
-        while path.exists():
-            path = folder / f"{name}-{stamp}-{n}.json"
-            n += 1
+        while True:  # microsecond stamps sort by time and make collisions practically impossible
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            path = folder / f"{name}-{stamp}.json"
+            if not path.exists():
+                break
         atomic_write_text(path, json.dumps(to_jsonable(dict(report)), indent=1))
         return str(path)
 

@@ -1,0 +1,168 @@
+"""Crash safety: real writer processes killed mid-write, then open / verify / recover.
+
+Each crash is a real `os._exit` inside a child process at a chosen step of
+`write_scan`, so no cleanup code runs, exactly as with a killed worker.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bank import Bank
+from bank.locks import file_lock
+from bank.publish import scan_lock_path
+from tests.bank.conftest import make_arrays
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHILD = """
+import os, sys
+import numpy as np
+import bank.bank as bb, bank.publish as bp
+from bank import Bank
+from tests.bank.conftest import make_arrays, make_attrs
+
+root, scan_id, seed, crash_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+calls = {"rename": 0, "array": 0}
+real_rename, real_write = os.rename, bb.write_array
+
+def rename(src, dst):
+    calls["rename"] += 1
+    if crash_at == f"rename{calls['rename']}":
+        os._exit(17)
+    real_rename(src, dst)
+
+def write_array(*args, **kwargs):
+    calls["array"] += 1
+    if crash_at == "array2" and calls["array"] == 2:
+        os._exit(17)
+    return real_write(*args, **kwargs)
+
+def update_index(self, *args, **kwargs):
+    os._exit(17)
+
+bp.os.rename = rename
+bb.write_array = write_array
+if crash_at == "index":
+    Bank._update_index = update_index
+Bank.create(root).write_scan(scan_id, make_arrays(seed), make_attrs(scan_id))
+"""
+
+
+def crash_writer(root: str, scan_id: str, seed: int, crash_at: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, root, scan_id, str(seed), crash_at],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 17, proc.stderr
+
+
+def test_crash_between_renames_keeps_old_scan_recoverable(filled: Bank) -> None:
+    root = Path(filled.location)
+    old = filled.scan("ct-001").read("image")
+    crash_writer(str(root), "ct-001", 99, "rename2")  # old moved to trash, new not yet in place
+    assert not (root / "scans" / "ct-001").exists()
+    assert len(list((root / ".trash").iterdir())) == 1
+    assert len(list((root / ".staging").iterdir())) == 1
+    reader = Bank.open(root)
+    assert "ct-001" in reader  # index still lists it ...
+    problems = reader.verify()  # ... and verify says what is wrong
+    assert any("ct-001: listed in index.json but its group is missing" in p for p in problems)
+    assert sum("leftover" in p for p in problems) == 2
+    actions = Bank.open(root, mode="a").recover()
+    assert any("restored scan" in a for a in actions), actions
+    healed = Bank.open(root)
+    np.testing.assert_array_equal(healed.scan("ct-001").read("image"), old)
+    assert healed.verify() == []
+
+
+def test_create_recovers_automatically(filled: Bank) -> None:
+    root = Path(filled.location)
+    old = filled.scan("ct-002").read("label")
+    crash_writer(str(root), "ct-002", 5, "rename2")
+    again = Bank.create(root)
+    np.testing.assert_array_equal(again.scan("ct-002").read("label"), old)
+    assert again.verify() == []
+
+
+def test_crash_while_writing_arrays_is_invisible(filled: Bank) -> None:
+    root = Path(filled.location)
+    crash_writer(str(root), "ct-new", 8, "array2")
+    reader = Bank.open(root)
+    assert "ct-new" not in reader and len(reader) == 3
+    assert not (root / "scans" / "ct-new").exists()
+    problems = reader.verify()
+    assert len(problems) == 1 and "leftover .staging/ct-new@scan@" in problems[0]
+    actions = Bank.open(root, mode="a").recover()
+    assert any("removed unfinished write" in a for a in actions)
+    assert Bank.open(root).verify() == []
+
+
+def test_crash_before_index_update_is_repaired(filled: Bank) -> None:
+    root = Path(filled.location)
+    crash_writer(str(root), "ct-late", 9, "index")
+    reader = Bank.open(root)
+    assert "ct-late" not in reader
+    assert any(
+        "ct-late: group exists but index.json does not list it" in p for p in reader.verify()
+    )
+    writer = Bank.open(root, mode="a")
+    assert "rebuilt index (4 scans)" in writer.recover()
+    np.testing.assert_array_equal(
+        Bank.open(root).scan("ct-late").read("image"), make_arrays(9)["image"]
+    )
+
+
+def test_recover_leaves_live_writers_alone(filled: Bank) -> None:
+    root = Path(filled.location)
+    live = root / ".staging" / "ct-001@scan@feedbeef"
+    live.mkdir()
+    with file_lock(scan_lock_path(root, "ct-001")):  # as a running writer holds it
+        assert filled.recover() == []
+        assert live.exists()
+    assert any("removed unfinished write" in a for a in filled.recover())
+    assert not live.exists()
+
+
+def test_index_rebuild_from_groups(filled: Bank) -> None:
+    root = Path(filled.location)
+    before = filled.index
+    (root / "index.json").unlink()
+    reader = Bank.open(root)
+    assert reader.scan_ids == filled.scan_ids  # falls back to listing, read-only
+    assert "index.json is missing (run bank.rebuild_index())" in reader.verify()
+    rows = Bank.open(root, mode="a").rebuild_index()
+    assert rows == before
+    assert Bank.open(root).verify() == []
+
+
+@pytest.mark.parametrize("n_writers", [2])
+def test_concurrent_writers_keep_every_index_row(bank: Bank, n_writers: int) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from bank import Bank
+        from tests.bank.conftest import make_arrays, make_attrs
+        b = Bank.create(sys.argv[1])
+        for i in range(4):
+            sid = f"w{sys.argv[2]}-{i}"
+            b.write_scan(sid, make_arrays(i, shape=(24, 24, 24)), make_attrs(sid))
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, bank.location, str(w)], cwd=REPO)
+        for w in range(n_writers)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * n_writers
+    reader = Bank.open(bank.location)
+    assert len(reader) == 4 * n_writers
+    assert reader.verify() == []
