@@ -16,7 +16,6 @@ spacing, so the new affine is exact.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 
@@ -38,18 +37,22 @@ def _nearest_axis(arr: np.ndarray, axis: int, n_out: int, step: float) -> np.nda
     return np.take(arr, idx, axis=axis)
 
 
-def _linear_axis(t: torch.Tensor, axis: int, n_out: int, step: float) -> torch.Tensor:
-    coords = torch.arange(n_out, dtype=torch.float64) * step
-    n_in = t.shape[axis]
-    lo = torch.clamp(torch.floor(coords).long(), 0, n_in - 1)
-    hi = torch.clamp(lo + 1, 0, n_in - 1)
-    w = (coords - lo.double()).to(t.dtype)
-    shape = [1, 1, 1]
-    shape[axis] = n_out
-    w = w.reshape(shape)
-    a = torch.index_select(t, axis, lo)
-    b = torch.index_select(t, axis, hi)
-    return torch.lerp(a, b, w)
+def _linear_axis(arr: np.ndarray, axis: int, n_out: int, step: float) -> np.ndarray:
+    """Linear interpolation along one axis at positions ``j * step``.
+
+    The axis is moved to the front and made contiguous so each gather is a
+    copy of whole slabs (memcpy speed), not a strided gather.
+    """
+    front = np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+    coords = np.arange(n_out, dtype=np.float64) * step
+    lo = np.clip(np.floor(coords).astype(np.int64), 0, front.shape[0] - 1)
+    hi = np.minimum(lo + 1, front.shape[0] - 1)
+    w = (coords - lo).astype(np.float32).reshape(-1, 1, 1)
+    out = front[hi]
+    out -= front[lo]
+    out *= w
+    out += front[lo]
+    return np.moveaxis(out, 0, axis)
 
 
 def resample(
@@ -82,6 +85,5 @@ def resample(
             arr = ndimage.gaussian_filter1d(
                 arr, sigma=(steps[axis] - 1.0) / 2.0, axis=axis, mode="nearest", truncate=3.0
             )
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        arr = _linear_axis(t, axis, shape_out[axis], steps[axis]).numpy()
+        arr = _linear_axis(arr, axis, shape_out[axis], steps[axis])
     return np.ascontiguousarray(arr), new_affine
