@@ -135,3 +135,32 @@ def test_gzip_stream_of_real_scan_matches_nibabel(shared_data, tmp_path):
     a, b = read_scan(src), read_scan(plain)
     np.testing.assert_array_equal(a.data, b.data)
     assert a.data.shape == (58, 58, 24)
+
+
+def test_dicom_series_folder(tmp_path):
+    """A DICOM series written slice by slice (as scanners export) reads back as one RAS volume."""
+    vol = (np.arange(6 * 7 * 5).reshape(5, 7, 6) * 3 - 500).astype(np.int16)  # [z, y, x]
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.1"
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.shape[0]):
+        img = sitk.GetImageFromArray(vol[k : k + 1])
+        img.SetSpacing((0.8, 0.9, 2.5))
+        img.SetOrigin((0.0, 0.0, 2.5 * k))
+        for tag, value in {
+            "0020|000e": series_uid,
+            "0020|0032": f"0\\0\\{2.5 * k}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(k + 1),
+            "0008|0060": "CT",
+            "0018|0050": "2.5",
+        }.items():
+            img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(img)
+    raw = read_scan(folder)
+    assert raw.data.shape == (6, 7, 5)
+    np.testing.assert_allclose(raw.spacing, (0.8, 0.9, 2.5), atol=1e-3)
+    np.testing.assert_array_equal(raw.data, vol.transpose(2, 1, 0).astype(np.float32))
