@@ -1,0 +1,77 @@
+"""verify() finds real damage: flipped bytes, lost shard files, missing arrays, stale index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from bank import Bank
+from tests.bank.conftest import make_arrays, make_attrs
+
+
+def scan_dir(bank: Bank, scan_id: str) -> Path:
+    return Path(bank.location) / "scans" / scan_id
+
+
+def test_healthy_bank_has_no_problems(filled: Bank) -> None:
+    filled.write_scan("ct-001", {"members_indptr": np.arange(6)}, {}, part="proposals")
+    assert filled.verify() == []
+
+
+def test_corrupted_shard_bytes_are_found(filled: Bank) -> None:
+    shard = scan_dir(filled, "ct-002") / "label" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = filled.verify()
+    assert problems and all(p.startswith("ct-002: label:") for p in problems), problems
+
+
+def test_deleted_shard_file_is_found_by_checksum(filled: Bank) -> None:
+    # A missing shard decodes as the fill value, so only the stored checksum can tell.
+    (scan_dir(filled, "ct-001") / "image" / "c" / "1" / "0" / "0").unlink()
+    problems = filled.verify()
+    assert any("ct-001: image: checksum mismatch" in p for p in problems), problems
+
+
+def test_missing_array_and_unrecorded_array(filled: Bank) -> None:
+    shutil.rmtree(scan_dir(filled, "ct-001") / "body")
+    shutil.copytree(scan_dir(filled, "ct-002") / "body", scan_dir(filled, "ct-002") / "extra")
+    problems = filled.verify()
+    assert "ct-001: array 'body' is recorded but missing" in problems
+    assert "ct-002: array 'extra' is on disk but not recorded in attributes" in problems
+
+
+def test_index_mismatches(filled: Bank) -> None:
+    index_path = Path(filled.location) / "index.json"
+    doc = json.loads(index_path.read_text())
+    doc["scans"][0]["fingerprint"] = "stale"
+    doc["scans"].append({**doc["scans"][1], "scan_id": "ghost"})
+    index_path.write_text(json.dumps(doc))
+    shutil.copytree(scan_dir(filled, "mr-001"), scan_dir(filled, "mr-002"))
+    problems = Bank.open(filled.location).verify()
+    assert any(p.startswith("ct-001: index row differs") and "fingerprint" in p for p in problems)
+    assert "ghost: listed in index.json but its group is missing" in problems
+    assert "mr-002: group exists but index.json does not list it" in problems
+    writer = Bank.open(filled.location, mode="a")
+    writer.rebuild_index()
+    assert writer.verify() == []
+
+
+def test_incomplete_attrs_and_bad_values(bank: Bank) -> None:
+    attrs = make_attrs("a")
+    del attrs["source_sha256"]
+    bank.write_scan("a", make_arrays(0), attrs)
+    bank.write_scan("b", make_arrays(1), make_attrs("b"))
+    # Sneak an inf into b's image behind the bank's back (writes refuse NaN/inf).
+    arr = Bank.open(bank.location).scan("b").array("image")
+    import zarr
+
+    writable = zarr.open_array(arr.store.with_read_only(False), path=arr.path, mode="r+")
+    writable[1, 2, 3] = np.inf
+    problems = bank.verify()
+    assert "a: missing attribute 'source_sha256'" in problems
+    assert any(p.startswith("b: image: NaN/inf") for p in problems), problems
