@@ -1,0 +1,291 @@
+"""Iris-style in-context segmentation network.
+
+Given a reference image with K binary masks and a query image, predict the same
+K structures in the query, all in one forward pass:
+
+* a shared 3D residual U-Net encoder (instance norm) runs on reference and query;
+* task encoding at the deeper scales: per task one foreground token (reference
+  features averaged under the mask, weighted by the mask's occupancy of each
+  feature voxel, so the full-resolution mask is used exactly and tiny structures
+  still count) plus ``n_query_tokens`` learnable tokens that attend over
+  mask-fused reference features, then self-attend within the task;
+* a decoder over the query features that cross-attends to all tasks' tokens at
+  those scales;
+* a dynamic head: per task a linear kernel generated from its tokens and a
+  full-resolution foreground token, applied to the final decoder features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Architecture hyper-parameters; one per preset in ``PRESETS``."""
+
+    channels: tuple[int, ...]  # encoder channels per level, level 0 = full resolution
+    enc_blocks: tuple[int, ...]  # residual blocks per encoder level
+    dec_blocks: int = 1  # residual blocks per decoder level
+    token_levels: tuple[int, ...] = (2, 3)  # levels with task tokens (deep = cheap)
+    n_query_tokens: int = 8
+    head_dim: int = 32  # attention head width
+    in_channels: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, NetSpec] = {
+    # CPU tests: a step on a 32^3 crop takes well under a second.
+    "tiny": NetSpec(
+        channels=(8, 16, 32, 32), enc_blocks=(1, 1, 1, 1), token_levels=(2, 3), n_query_tokens=4
+    ),
+    "small": NetSpec(
+        channels=(16, 32, 64, 128, 256), enc_blocks=(1, 1, 2, 2, 2), token_levels=(2, 3, 4)
+    ),
+    # The published size: channels 32-512, ~120 M parameters.
+    "base": NetSpec(
+        channels=(32, 64, 128, 256, 512),
+        enc_blocks=(1, 2, 2, 4, 6),
+        dec_blocks=1,
+        token_levels=(2, 3, 4),
+        n_query_tokens=10,
+    ),
+}
+
+
+def _norm(c: int) -> nn.Module:
+    return nn.InstanceNorm3d(c, affine=True)
+
+
+class ResBlock(nn.Module):
+    """conv-IN-act-conv-IN + identity: the standard residual U-Net block."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(c, c, 3, padding=1, bias=False)
+        self.norm1 = _norm(c)
+        self.conv2 = nn.Conv3d(c, c, 3, padding=1, bias=False)
+        self.norm2 = _norm(c)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        return self.act(self.norm2(self.conv2(y)) + x)
+
+
+def _conv_norm_act(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, k, stride=stride, padding=k // 2 if stride == 1 else 0, bias=False),
+        _norm(cout),
+        nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    """Residual encoder; level i runs at 1/2**i of the input resolution."""
+
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        cin = spec.in_channels
+        for i, (c, n) in enumerate(zip(spec.channels, spec.enc_blocks, strict=True)):
+            entry = _conv_norm_act(cin, c, 3) if i == 0 else _conv_norm_act(cin, c, 2, stride=2)
+            self.stages.append(nn.Sequential(entry, *[ResBlock(c) for _ in range(n)]))
+            cin = c
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head attention with residual, built on SDPA (torch >= 2.0)."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.heads = max(1, dim // head_dim)
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        q = self.q(self.norm_q(x)).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(context)).chunk(2, dim=-1)
+        k = k.reshape(b, -1, h, d // h).transpose(1, 2)
+        v = v.reshape(b, -1, h, d // h).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or 2 * dim
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+def mask_occupancy(masks: torch.Tensor, level: int) -> torch.Tensor:
+    """Fraction of each level-``level`` voxel covered by each mask: (N,K,D,H,W) -> (N,K,d,h,w)."""
+    if level == 0:
+        return masks
+    return F.avg_pool3d(masks, kernel_size=2**level, stride=2**level)
+
+
+def pooled_token(feat: torch.Tensor, occ: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean of features per task: (N,C,*S), (N,K,*S) -> (N,K,C)."""
+    num = torch.einsum("nc...,nk...->nkc", feat, occ)
+    den = occ.flatten(2).sum(-1).unsqueeze(-1)
+    return num / den.clamp_min(1e-6)
+
+
+class TaskEncoder(nn.Module):
+    """Task tokens at one scale: foreground token + learnable query tokens."""
+
+    def __init__(self, dim: int, n_query: int, head_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_query, dim) * 0.02)
+        self.fg_embed = nn.Parameter(torch.zeros(dim))
+        self.bg_embed = nn.Parameter(torch.zeros(dim))
+        self.cross = Attention(dim, head_dim)
+        self.self_attn = Attention(dim, head_dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, feat: torch.Tensor, occ: torch.Tensor) -> torch.Tensor:
+        """feat (N,C,*S), occ (N,K,*S) -> tokens (N,K,1+n_query,C)."""
+        n, c = feat.shape[:2]
+        k = occ.shape[1]
+        fg = pooled_token(feat, occ)  # (N,K,C)
+        flat = feat.flatten(2).transpose(1, 2)  # (N,L,C)
+        w = occ.flatten(2).unsqueeze(-1)  # (N,K,L,1)
+        # Mask-fused reference features, one copy per task.
+        fused = flat.unsqueeze(1) + w * self.fg_embed + (1 - w) * self.bg_embed  # (N,K,L,C)
+        fused = fused.reshape(n * k, -1, c)
+        q = self.query.to(feat.dtype).expand(n * k, -1, -1)
+        q = self.cross(q, fused)
+        tokens = torch.cat([fg.reshape(n * k, 1, c), q], dim=1)
+        tokens = self.mlp(self.self_attn(tokens, tokens))
+        return tokens.view(n, k, -1, c)
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, cin: int, cout: int, blocks: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(cin, cout, 2, stride=2, bias=False)
+        self.merge = _conv_norm_act(2 * cout, cout, 3)
+        self.blocks = nn.Sequential(*[ResBlock(cout) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.merge(torch.cat([self.up(x), skip], dim=1)))
+
+
+class InContextSegNet(nn.Module):
+    """forward(ref_image, ref_masks, query_image) -> logits (N, K, D, H, W)."""
+
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.spec = spec
+        ch = spec.channels
+        levels = len(ch)
+        if any(not 0 < lvl < levels for lvl in spec.token_levels):
+            raise ValueError(f"token_levels {spec.token_levels} must lie in 1..{levels - 1}")
+        self.encoder = Encoder(spec)
+        self.task_encoders = nn.ModuleDict(
+            {
+                str(lv): TaskEncoder(ch[lv], spec.n_query_tokens, spec.head_dim)
+                for lv in spec.token_levels
+            }
+        )
+        self.fuse = nn.ModuleDict(
+            {str(lv): Attention(ch[lv], spec.head_dim) for lv in spec.token_levels}
+        )
+        self.decoder = nn.ModuleList(
+            DecoderStage(ch[i + 1], ch[i], spec.dec_blocks) for i in range(levels - 1)
+        )
+        finest = min(spec.token_levels)
+        self.head = nn.Sequential(
+            nn.LayerNorm(ch[0] + ch[finest]),
+            nn.Linear(ch[0] + ch[finest], 2 * ch[0]),
+            nn.GELU(),
+            nn.Linear(2 * ch[0], ch[0] + 1),
+        )
+
+    @property
+    def min_size(self) -> int:
+        """Crop edges must be multiples of this."""
+        return 2 ** (len(self.spec.channels) - 1)
+
+    def _fuse(self, level: int, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        n, c = feat.shape[:2]
+        flat = feat.flatten(2).transpose(1, 2)
+        flat = self.fuse[str(level)](flat, tokens.reshape(n, -1, c))
+        return flat.transpose(1, 2).reshape(feat.shape)
+
+    def forward(
+        self, ref_image: torch.Tensor, ref_masks: torch.Tensor, query_image: torch.Tensor
+    ) -> torch.Tensor:
+        if ref_image.shape[-3:] != query_image.shape[-3:]:
+            raise ValueError("reference and query crops must have the same shape")
+        if any(s % self.min_size for s in ref_image.shape[-3:]):
+            raise ValueError(
+                f"crop {tuple(ref_image.shape[-3:])} not a multiple of {self.min_size}"
+            )
+        n = ref_image.shape[0]
+        # One encoder pass over reference and query together (shared weights).
+        feats = self.encoder(torch.cat([ref_image, query_image], dim=0))
+        ref_feats = [f[:n] for f in feats]
+        q_feats = [f[n:] for f in feats]
+        masks = ref_masks.to(ref_feats[0].dtype)
+        tokens = {
+            lv: self.task_encoders[str(lv)](ref_feats[lv], mask_occupancy(masks, lv))
+            for lv in self.spec.token_levels
+        }
+        x = q_feats[-1]
+        top = len(q_feats) - 1
+        if top in tokens:
+            x = self._fuse(top, x, tokens[top])
+        for lv in range(top - 1, -1, -1):
+            x = self.decoder[lv](x, q_feats[lv])
+            if lv in tokens:
+                x = self._fuse(lv, x, tokens[lv])
+        finest = min(self.spec.token_levels)
+        fg0 = pooled_token(ref_feats[0], masks)  # full-resolution foreground token
+        kernel = self.head(torch.cat([fg0, tokens[finest].mean(dim=2)], dim=-1))
+        weight, bias = kernel[..., :-1], kernel[..., -1]
+        logits = torch.einsum("nc...,nkc->nk...", x, weight.to(x.dtype))
+        return logits + bias.to(x.dtype)[..., None, None, None]
+
+
+def build_model(preset: str | NetSpec | dict) -> InContextSegNet:
+    """Registry entry point: a preset name, a NetSpec, or a dict of NetSpec fields."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise KeyError(f"unknown model preset '{preset}' (have {sorted(PRESETS)})")
+        spec = PRESETS[preset]
+    elif isinstance(preset, dict):
+        spec = NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
+    else:
+        spec = preset
+    return InContextSegNet(spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,341 @@
+"""Stream reference/query pairs with K proposal masks out of a bank.
+
+Design choices (why):
+
+* **Deterministic stream.** Sample ``i`` of a run is a pure function of
+  ``(seed, i)``; it does not depend on which process draws it. Rank ``r`` of
+  ``W`` takes global batch ``b * W + r`` as its ``b``-th batch, and DataLoader
+  worker ``w`` of ``n`` produces local batches ``b = start + w, start + w + n, ...``
+  (the DataLoader pulls from workers round-robin, so batches arrive in order).
+  Workers and ranks therefore cover the stream without duplicates, and a resumed
+  run only needs the number of batches already consumed (``start_batch``) to
+  continue exactly where it stopped, whatever its worker count.
+* **Batches are built in the workers** (the dataset yields whole batches) so
+  that the main process only pins and copies.
+* **Read only what a crop touches.** Image crops come from ``ScanView.read``
+  (only the touched chunks are decoded) and the K masks from
+  ``ProposalReader.masks`` in the same ROI; masks travel as one int32 bit field
+  per crop (bit k = task k), 1/K of the bytes of K boolean volumes.
+* **Lazy, per-process store handles.** The bank is opened on first use inside
+  each worker, never pickled across a fork.
+* This module imports numpy, torch and ``bank`` only: no Prefect, no Dask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
+
+
+class SamplerError(RuntimeError):
+    """The bank cannot provide what the sampler was asked for (clear, actionable message)."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    crop: int = 128
+    margin: int = 16
+    min_overlap: float = 2 / 3
+    k: int = 13
+    min_mask_voxels: int = 64
+    batch_size: int = 2
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+    modality_weights: dict[str, float] = field(default_factory=dict)
+    scans: tuple[str, ...] | None = None
+    max_anchor_tries: int = 20
+
+    @property
+    def read_size(self) -> int:
+        return self.crop + 2 * self.margin
+
+    @property
+    def n_tasks(self) -> int:
+        return self.k + 1
+
+    @classmethod
+    def from_config(cls, data: dict[str, Any]) -> SamplerConfig:
+        keys = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in data.items() if k in keys}
+        if kw.get("scans") is not None:
+            kw["scans"] = tuple(kw["scans"])
+        return cls(**kw)
+
+
+def bank_fingerprint(bank) -> str:
+    """Hash of the index rows that define the data (ids, sources, shapes, proposal counts)."""
+    rows = [
+        [r["scan_id"], r.get("source_sha256"), r.get("shape"), r.get("n_proposals")]
+        for r in bank.index
+    ]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_bank(location: str):
+    """Open a bank read-only with a clear error when it is missing or not a bank."""
+    from bank import Bank, BankError
+
+    try:
+        return Bank.open(location)
+    except BankError as exc:
+        raise SamplerError(f"cannot open bank {location!r}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise SamplerError(f"cannot open bank {location!r}: {exc}") from exc
+
+
+def scan_weights(rows: list[dict], cfg: SamplerConfig) -> np.ndarray:
+    """Per-scan draw probability: dataset weight x modality weight (default 1 each)."""
+    w = np.array(
+        [
+            float(cfg.dataset_weights.get(r.get("dataset"), 1.0))
+            * float(cfg.modality_weights.get(r.get("modality"), 1.0))
+            for r in rows
+        ]
+    )
+    if w.sum() <= 0:
+        raise SamplerError("all scans have sampling weight 0 (check dataset/modality weights)")
+    return w / w.sum()
+
+
+def eligible_rows(bank, cfg: SamplerConfig) -> list[dict]:
+    """Index rows the sampler may draw from; errors name the scans that cannot serve K."""
+    rows = bank.index
+    if cfg.scans is not None:
+        missing = sorted(set(cfg.scans) - {r["scan_id"] for r in rows})
+        if missing:
+            raise SamplerError(f"scans not in bank {bank.location!r}: {missing}")
+        rows = [r for r in rows if r["scan_id"] in set(cfg.scans)]
+    if not rows:
+        raise SamplerError(f"bank {bank.location!r} has no scans to sample from")
+    few = [(r["scan_id"], int(r.get("n_proposals") or 0)) for r in rows]
+    few = [(s, n) for s, n in few if n < cfg.k]
+    if few:
+        listed = ", ".join(f"{s} ({n})" for s, n in few[:10])
+        raise SamplerError(
+            f"{len(few)} scan(s) in {bank.location!r} have fewer than k={cfg.k} proposals: "
+            f"{listed}{' ...' if len(few) > 10 else ''}. Generate proposals "
+            "(`maskbank propose`), lower data.k, or exclude them with data.scans"
+        )
+    return rows
+
+
+def crop_starts(
+    rng: np.random.Generator, shape: tuple[int, ...], centre: np.ndarray, cfg: SamplerConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Starts of the reference and query ``crop``^3 boxes (may extend past small volumes).
+
+    The reference box is centred near ``centre`` and kept inside the volume where
+    the volume is large enough; the query box is shifted by at most
+    ``crop * (1 - min_overlap)`` per axis, so the two overlap >= min_overlap per axis.
+    """
+    c = cfg.crop
+    shape_a = np.asarray(shape)
+    max_shift = int(math.floor(c * (1 - cfg.min_overlap) + 1e-9))
+
+    def place(start: np.ndarray) -> np.ndarray:
+        # Inside the volume when it fits, centred on it when it does not.
+        return np.where(shape_a >= c, np.clip(start, 0, shape_a - c), (shape_a - c) // 2)
+
+    ref = place(np.round(centre - c / 2).astype(np.int64))
+    shift = rng.integers(-max_shift, max_shift + 1, size=3)
+    query = place(ref + shift)
+    return ref, query
+
+
+def padded_roi(start: np.ndarray, size: int, shape: tuple[int, ...]):
+    """ROI clipped to the volume plus where it lands in the padded ``size``^3 box."""
+    src, dst = [], []
+    for s, n in zip(start.tolist(), shape, strict=True):
+        lo, hi = max(s, 0), min(s + size, n)
+        hi = max(hi, lo)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    return tuple(src), tuple(dst)
+
+
+def bbox_overlap_count(bboxes: np.ndarray, roi, min_voxels: int) -> int:
+    """How many proposals' bounding boxes overlap ``roi`` by at least ``min_voxels``."""
+    lo = np.array([r.start for r in roi])
+    hi = np.array([r.stop for r in roi])
+    ext = np.clip(np.minimum(bboxes[:, 3:], hi) - np.maximum(bboxes[:, :3], lo), 0, None)
+    return int(np.count_nonzero(ext.prod(axis=1) >= min_voxels))
+
+
+def bits_from_masks(masks: np.ndarray) -> np.ndarray:
+    """(K,*S) bool -> (*S) int32, bit k set where mask k is."""
+    k = masks.shape[0]
+    packed = np.packbits(masks.reshape(k, -1), axis=0, bitorder="little")  # (ceil(K/8), N)
+    out = np.zeros(packed.shape[1], np.int32)
+    for j in range(packed.shape[0]):
+        out |= packed[j].astype(np.int32) << (8 * j)
+    return out.reshape(masks.shape[1:])
+
+
+class PairStream(IterableDataset):
+    """IterableDataset of ready batches (dicts of tensors) from a bank.
+
+    Each batch holds, for ``n = batch_size`` pairs and ``S = crop + 2 * margin``:
+    ``ref_image``/``query_image`` float32 (n,1,S,S,S); ``ref_bits``/``query_bits``
+    int32 (n,1,S,S,S) with bit k = proposal k (k < K) and bit K = the all-ones
+    global task; ``sample_id`` int64 (n,); ``scan_index`` int64 (n,) into
+    ``self.scan_ids``; ``ref_start``/``query_start`` int64 (n,3), the voxel
+    position of the padded box in the scan; ``proposal_ids`` int64 (n,K).
+    Regions outside the scan are padded with the crop's minimum (image) and 0 (masks).
+    """
+
+    def __init__(
+        self,
+        bank: str,
+        cfg: SamplerConfig,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        max_batches: int | None = None,
+        cache_scans: int = 64,
+    ):
+        super().__init__()
+        if cfg.n_tasks > 24:
+            raise SamplerError(f"k={cfg.k}: at most 23 proposals per pair are supported")
+        self.location = str(bank)
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.start_batch = int(start_batch)
+        self.max_batches = max_batches
+        self.cache_scans = cache_scans
+        # Validate eagerly in the parent (clear errors before workers fork), keep only
+        # plain data; the Bank object itself is re-opened lazily per process.
+        b = open_bank(self.location)
+        rows = eligible_rows(b, cfg)
+        self.scan_ids = [r["scan_id"] for r in rows]
+        self.probs = scan_weights(rows, cfg)
+        self.fingerprint = bank_fingerprint(b)
+        self._bank = None
+        self._scans: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, batches_consumed: int) -> dict:
+        return {
+            "seed": self.seed,
+            "next_batch": int(batches_consumed),
+            "world_size": self.world_size,
+            "fingerprint": self.fingerprint,
+            "config": asdict(self.cfg),
+        }
+
+    # ------------------------------------------------------------------ access
+    def _open(self, scan_id: str):
+        if self._bank is None:
+            self._bank = open_bank(self.location)
+        if scan_id in self._scans:
+            self._scans.move_to_end(scan_id)
+            return self._scans[scan_id]
+        from bank.proposals import ProposalReader
+
+        view = self._bank.scan(scan_id)
+        entry = (view, ProposalReader(view))
+        self._scans[scan_id] = entry
+        if len(self._scans) > self.cache_scans:
+            self._scans.popitem(last=False)
+        return entry
+
+    def sample_ids_of_batch(self, local_batch: int) -> range:
+        g = local_batch * self.world_size + self.rank
+        b = self.cfg.batch_size
+        return range(g * b, (g + 1) * b)
+
+    def _read_box(self, view, reader, start, ids) -> tuple[np.ndarray, np.ndarray]:
+        size = self.cfg.read_size
+        src, dst = padded_roi(start, size, view.shape)
+        block = np.asarray(view.read("image", src), dtype=np.float32)
+        pad = float(block.min()) if block.size else 0.0
+        image = np.full((size,) * 3, pad, np.float32)
+        image[dst] = block
+        bits = np.zeros((size,) * 3, np.int32)
+        if block.size:
+            bits[dst] = bits_from_masks(reader.masks(ids, src))
+        bits |= np.int32(1 << len(ids))  # global all-ones task
+        return image, bits
+
+    def sample(self, sample_id: int) -> dict[str, Any]:
+        """Draw pair ``sample_id`` (pure function of seed and id)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([self.seed, int(sample_id)])
+        for _ in range(8):  # scans
+            si = int(rng.choice(len(self.scan_ids), p=self.probs))
+            view, reader = self._open(self.scan_ids[si])
+            shape = tuple(view.shape)
+            centroids = np.asarray(reader.table["centroid"], np.float64)
+            bboxes = np.asarray(reader.table["bbox"], np.int64)
+            for _ in range(cfg.max_anchor_tries):
+                anchor = centroids[rng.integers(len(centroids))]
+                anchor = anchor + rng.uniform(-cfg.crop / 4, cfg.crop / 4, size=3)
+                ref0, q0 = crop_starts(rng, shape, anchor, cfg)
+                inner, _ = padded_roi(ref0, cfg.crop, shape)
+                # Cheap necessary condition from the bounding boxes before any read.
+                if bbox_overlap_count(bboxes, inner, cfg.min_mask_voxels) < cfg.k:
+                    continue
+                counts = reader.voxels_in_box(inner)
+                ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
+                if len(ok) >= cfg.k:
+                    ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
+                    ref_start = ref0 - cfg.margin
+                    q_start = q0 - cfg.margin
+                    ref_img, ref_bits = self._read_box(view, reader, ref_start, ids)
+                    q_img, q_bits = self._read_box(view, reader, q_start, ids)
+                    return {
+                        "ref_image": ref_img,
+                        "query_image": q_img,
+                        "ref_bits": ref_bits,
+                        "query_bits": q_bits,
+                        "sample_id": int(sample_id),
+                        "scan_index": si,
+                        "ref_start": ref_start,
+                        "query_start": q_start,
+                        "proposal_ids": ids.astype(np.int64),
+                    }
+        raise SamplerError(
+            f"sample {sample_id}: no crop of {cfg.crop}^3 with k={cfg.k} proposals of >= "
+            f"{cfg.min_mask_voxels} voxels found (last scan tried: {self.scan_ids[si]!r}, "
+            f"shape {shape}); lower data.k or data.min_mask_voxels, or add proposals"
+        )
+
+    def batch(self, local_batch: int) -> dict[str, torch.Tensor]:
+        samples = [self.sample(i) for i in self.sample_ids_of_batch(local_batch)]
+        out: dict[str, torch.Tensor] = {}
+        for key in ("ref_image", "query_image", "ref_bits", "query_bits"):
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples])[:, None])
+        for key in ("sample_id", "scan_index", "ref_start", "query_start", "proposal_ids"):
+            out[key] = torch.from_numpy(np.asarray([s[key] for s in samples], dtype=np.int64))
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.start_batch + wid
+        stop = None if self.max_batches is None else self.start_batch + self.max_batches
+        while stop is None or b < stop:
+            yield self.batch(b)
+            b += nw
+
+
+def make_loader(
+    stream: PairStream, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """DataLoader over ready batches: workers prefetch, the main process only pins."""
+    kw: dict[str, Any] = {}
+    if num_workers > 0:
+        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw
+    )

@@ -1,0 +1,368 @@
+"""Pretrain the in-context segmentation network on pairs streamed from a bank.
+
+    python train/run.py --config tiny --bank BANK --out DIR [key=value ...]
+    torchrun --nproc_per_node=N train/run.py --config base --bank BANK --out DIR
+    python train/run.py ... --resume            # continue DIR/checkpoints/last.pt exactly
+
+Writes DIR/config.yaml (resolved), DIR/metrics.jsonl (one JSON object per logged
+step), DIR/tb/ (TensorBoard) and DIR/checkpoints/. On SIGTERM (preemption) the
+current step finishes, a checkpoint is written and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python train/run.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from train.checkpointing import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from train.incontext_net import build_model, count_parameters
+from train.lamb_optim import Lamb
+from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
+from train.paired_augment import NONE, PairAugmenter
+from train.run_config import dump_config, load_config
+from train.seg_loss import segmentation_loss
+from train.weight_ema import WeightEMA
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train/run.py", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny/small/base)")
+    p.add_argument("--bank", required=True, help="bank path or fsspec URL")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from a checkpoint (default: OUT/checkpoints/last.pt)",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=20")
+    return p.parse_args(argv)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag checked between steps (all ranks stop at the same step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def install(self) -> None:
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank, world, local, device
+
+
+def build_optimizer(model: torch.nn.Module, opt: dict[str, Any]) -> torch.optim.Optimizer:
+    # No weight decay on norms, biases and tokens (1-D tensors).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": float(opt["weight_decay"])},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name = str(opt["name"]).lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=float(opt["lr"]), betas=tuple(opt["betas"]))
+    if name == "lamb":
+        return Lamb(groups, lr=float(opt["lr"]), betas=tuple(opt["betas"]))
+    raise ValueError(f"optim.name must be adamw or lamb, got {opt['name']!r}")
+
+
+def build_scheduler(optimizer, opt: dict[str, Any], max_steps: int):
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=float(opt["lr"]),
+        total_steps=max(int(max_steps), 2),
+        pct_start=float(opt["warmup_frac"]),
+        anneal_strategy="cos",
+        cycle_momentum=False,
+    )
+
+
+def augment_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Per-step generator: augmentations depend only on (seed, step, rank) -> exact resume."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1))
+    return gen
+
+
+def log_images(writer, step: int, aug: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
+    """Mid-slices of reference / query / target / prediction for the first pair and task."""
+    mid = aug["ref_image"].shape[-1] // 2
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x - x.min()) / (x.max() - x.min()).clamp_min(1e-6)
+
+    tiles = [
+        norm(aug["ref_image"][0, 0, :, :, mid]),
+        aug["ref_masks"][0, 0, :, :, mid].float(),
+        norm(aug["query_image"][0, 0, :, :, mid]),
+        aug["query_masks"][0, 0, :, :, mid].float(),
+        torch.sigmoid(logits[0, 0, :, :, mid].float()),
+    ]
+    grid = torch.cat([t.detach().cpu() for t in tiles], dim=1)
+    writer.add_image("pairs/ref_refmask_query_target_pred", grid[None], step)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    rank, world, _local, device = setup_distributed()
+    is_main = rank == 0
+    preempt = Preemption()
+    preempt.install()
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    max_steps = int(tcfg["max_steps"])
+
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(find_checkpoint(args.resume, out))
+        if ckpt["world_size"] != world:
+            raise SamplerError(
+                f"checkpoint was written by {ckpt['world_size']} ranks, this run has {world}; "
+                "the stream position is per rank, resume with the same world size"
+            )
+    start_step = int(ckpt["step"]) if ckpt else 0
+
+    torch.manual_seed(int(cfg["seed"]))  # identical initial weights on every rank
+    model = build_model(cfg["model"]["preset"]).to(device)
+    crop = int(dcfg["crop"])
+    if crop % model.min_size:
+        raise ValueError(f"data.crop={crop} must be a multiple of {model.min_size} for this model")
+    scfg = SamplerConfig.from_config(dcfg)
+    stream = PairStream(
+        args.bank, scfg, seed=int(cfg["seed"]), rank=rank, world_size=world, start_batch=start_step
+    )
+    if ckpt and ckpt.get("bank_fingerprint") != stream.fingerprint and is_main:
+        print(
+            f"warning: bank fingerprint {stream.fingerprint} differs from the checkpoint's "
+            f"{ckpt.get('bank_fingerprint')}: the data stream will not match the original run",
+            file=sys.stderr,
+        )
+    loader = make_loader(
+        stream,
+        int(dcfg["num_workers"]),
+        int(dcfg["prefetch_factor"]),
+        pin_memory=device.type == "cuda",
+    )
+    ema = WeightEMA(model, float(tcfg["ema_decay"]))
+    optimizer = build_optimizer(model, cfg["optim"])
+    scheduler = build_scheduler(optimizer, cfg["optim"], max_steps)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tcfg["compile"]:
+        net = torch.compile(net)
+    aug_on = str(cfg["augment"]["device"])
+    aug_device = device if aug_on == "auto" else torch.device(aug_on)
+    augmenter = (
+        PairAugmenter(crop) if cfg["augment"]["enabled"] else PairAugmenter(crop, NONE, NONE)
+    )
+    use_bf16 = bool(tcfg["bf16"]) and device.type == "cuda"
+
+    writer = None
+    metrics_fh = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        metrics_fh = open(out / "metrics.jsonl", "a" if ckpt else "w")  # noqa: SIM115 (closed in finally)
+        if tcfg["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"))
+        print(
+            f"model {cfg['model']['preset']}: {count_parameters(model) / 1e6:.2f} M params; "
+            f"{len(stream.scan_ids)} scans; world {world}; device {device}; "
+            f"steps {start_step}->{max_steps}",
+            file=sys.stderr,
+        )
+
+    def checkpoint(step: int) -> None:
+        rngs = [None] * world if world > 1 else None
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        if not is_main:
+            return
+        save_checkpoint(
+            out / "checkpoints",
+            step,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": stream.state_dict(step),
+                "rng": rngs if world > 1 else rng_state(),
+                "bank_fingerprint": stream.fingerprint,
+                "bank": args.bank,
+                "config": cfg,
+                "world_size": world,
+            },
+        )
+
+    bar = None
+    if is_main and tcfg["progress"] and start_step < max_steps:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
+    n_tasks = scfg.n_tasks
+    pairs_per_step = scfg.batch_size * world
+    step = start_step
+    preempted = False
+    batches = iter(loader)
+    model.train()
+    try:
+        while step < max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            batch = {k: v.to(aug_device, non_blocking=True) for k, v in batch.items()}
+            t_data = time.perf_counter() - t0
+            gen = augment_generator(int(cfg["seed"]), step, rank, aug_device)
+            aug = augmenter(batch, n_tasks, gen)
+            aug = {k: v.to(device, non_blocking=True) for k, v in aug.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = net(aug["ref_image"], aug["ref_masks"], aug["query_image"])
+            loss, parts = segmentation_loss(logits, aug["query_masks"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), float(cfg["optim"]["grad_clip"])
+            )
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if is_main and (step % int(tcfg["log_every"]) == 0 or step == max_steps):
+                rec = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    **parts,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "pairs_per_s": pairs_per_step / dt,
+                    "data_wait": t_data / dt,
+                    "step_s": dt,
+                }
+                if device.type == "cuda":
+                    rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                metrics_fh.write(json.dumps(rec) + "\n")
+                metrics_fh.flush()
+                if writer is not None:
+                    for key in (
+                        "loss",
+                        "tversky",
+                        "bce",
+                        "lr",
+                        "pairs_per_s",
+                        "data_wait",
+                        "grad_norm",
+                    ):
+                        writer.add_scalar(f"train/{key}", rec[key], step)
+                    if "gpu_mem_gb" in rec:
+                        writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
+                    if step % int(tcfg["image_every"]) == 0:
+                        log_images(writer, step, aug, logits)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", wait=f"{rec['data_wait']:.0%}")
+            if bar is not None:
+                bar.update(1)
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}")
+            if preempt.agreed(device):
+                preempted = True
+                checkpoint(step)
+                break
+            if step % int(tcfg["ckpt_every"]) == 0 or step == max_steps:
+                checkpoint(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_fh is not None:
+            metrics_fh.close()
+        if writer is not None:
+            writer.close()
+        preempt.restore()
+    if is_main:
+        msg = "preempted: checkpoint written" if preempted else "done"
+        print(f"{msg} at step {step}; resume with --resume" if preempted else msg, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python train/run.py`, torchrun and `maskbank pretrain`."""
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (SamplerError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
