@@ -1,0 +1,67 @@
+"""Small real input files for flow tests: phantom NIfTIs and deliberately broken scans."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.phantom import make_phantom
+
+SMALL = (48, 48, 40)
+SMALL_SPACING = (3.0, 3.0, 3.0)
+
+
+def write_phantom(
+    folder: Path, name: str, modality: str = "ct", seed: int = 0
+) -> tuple[Path, Path]:
+    """A ~48^3 torso phantom and its label, as `<name>.nii.gz` and `<name>_label.nii.gz`."""
+    ph = make_phantom(modality, shape=SMALL, spacing=SMALL_SPACING, seed=seed)
+    return ph.save_nifti(folder, name)
+
+
+def write_bad_inputs(folder: Path) -> dict[str, Path]:
+    """One file per way a scan can be unusable; keys name the defect."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good, _ = write_phantom(folder / "src", "src", seed=9)
+    bad: dict[str, Path] = {}
+
+    raw = good.read_bytes()
+    bad["truncated"] = folder / "truncated.nii.gz"
+    bad["truncated"].write_bytes(raw[: len(raw) // 2])
+
+    example4d = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    bad["4d"] = folder / "series4d.nii.gz"
+    shutil.copyfile(example4d, bad["4d"])
+
+    data = np.asarray(nib.load(good).dataobj, dtype=np.float32)
+    data[10:20, 10:20, 10:20] = np.nan
+    bad["nan"] = folder / "with_nans.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0])), bad["nan"])
+
+    noise = np.random.default_rng(0).normal(0, 100, (16, 16, 16)).astype(np.float32)
+    bad["zero_spacing"] = folder / "zero_spacing.nii"
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), bad["zero_spacing"])
+    with open(bad["zero_spacing"], "r+b") as fh:  # pixdim[2] = 0 (nibabel won't write it)
+        fh.seek(76 + 2 * 4)
+        fh.write(np.float32(0.0).tobytes())
+
+    bad["empty"] = folder / "empty.nii.gz"
+    bad["empty"].write_bytes(b"")
+
+    bad["not_an_image"] = folder / "notes.nii.gz"
+    with gzip.open(bad["not_an_image"], "wb") as fh:
+        fh.write(b"this is a text file, not a NIfTI image\n" * 20)
+
+    # A valid header declaring 30000^3 float32 voxels (108 TB) followed by a few bytes.
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    hdr.set_data_shape((30000, 30000, 30000))
+    hdr.set_zooms((1.0, 1.0, 1.0))
+    bad["absurd_size"] = folder / "absurd_size.nii"
+    bad["absurd_size"].write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 64)
+    shutil.rmtree(folder / "src")
+    return bad

@@ -1,0 +1,79 @@
+"""Input discovery: folders, manifests, ids. Pure file-system work, no Prefect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.inputs import InputError, collect_inputs, parse_spacing, sanitise_id
+from tests.flows.scans import write_phantom
+
+
+def test_folder_pairs_labels_and_recurses(tmp_path: Path) -> None:
+    write_phantom(tmp_path / "site-a", "patient 1", seed=1)
+    write_phantom(tmp_path / "site-a" / "deeper", "p2", seed=2)
+    (tmp_path / "site-a" / "readme.txt").write_text("not a scan")
+    scans = collect_inputs([str(tmp_path / "site-a")])
+    assert [s.scan_id for s in scans] == ["p2", "patient-1"]
+    by_id = {s.scan_id: s for s in scans}
+    assert by_id["patient-1"].label.endswith("patient 1_label.nii.gz")
+    assert by_id["p2"].label.endswith("p2_label.nii.gz")
+    assert {s.dataset for s in scans} == {"site-a"}
+
+
+def test_duplicate_stems_get_stable_distinct_ids(tmp_path: Path) -> None:
+    for site in ("a", "b"):
+        write_phantom(tmp_path / site, "ct", seed=0)
+    both = collect_inputs([str(tmp_path / "a"), str(tmp_path / "b")], dataset="x")
+    ids = [s.scan_id for s in both]
+    assert len(set(ids)) == 2 and all(i.startswith("ct-") for i in ids)
+    again = collect_inputs([str(tmp_path / "b"), str(tmp_path / "a")], dataset="x")
+    assert sorted(ids) == sorted(s.scan_id for s in again)  # order of inputs does not matter
+
+
+def test_manifests_resolve_relative_paths(tmp_path: Path) -> None:
+    img, lab = write_phantom(tmp_path / "data", "liver", seed=3)
+    (tmp_path / "m.csv").write_text(
+        "image,label,modality,dataset\n"
+        f"data/{img.name},data/{lab.name},CT,trial\n"
+        "data/missing.nii.gz,,,\n"
+    )
+    scans = collect_inputs([str(tmp_path / "m.csv")])
+    assert scans[0].scan_id == "liver" and scans[0].label == str(lab.resolve())
+    assert scans[0].modality == "ct" and scans[0].dataset == "trial"
+    # a missing file is kept so that the report can name it, with the manifest's name as dataset
+    assert scans[1].scan_id == "missing" and scans[1].dataset == "m"
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": f"data/{img.name}", "id": "A 1"}) + "\n")
+    (row,) = collect_inputs([str(tmp_path / "m.jsonl")])
+    assert row.scan_id == "A-1" and row.label is None
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("label\nx.nii\n", "no 'image'"), ("image,modality\nx.nii,xray\n", "modality")],
+)
+def test_bad_manifest_is_a_usage_error(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(InputError, match=message):
+        collect_inputs([str(tmp_path / "m.csv")])
+
+
+def test_missing_command_line_path_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        collect_inputs([str(tmp_path / "nope")])
+
+
+def test_parse_spacing() -> None:
+    assert parse_spacing("1.5") == (1.5, 1.5, 1.5)
+    assert parse_spacing("1.5,1.5,3") == (1.5, 1.5, 3.0)
+    for bad in ("0", "1,2", "a", "-1"):
+        with pytest.raises(ValueError):
+            parse_spacing(bad)
+
+
+def test_sanitise_id_is_bank_safe() -> None:
+    assert sanitise_id("__sub 01@ses/ct") == "sub-01-ses-ct"
+    assert sanitise_id("...") == "scan"

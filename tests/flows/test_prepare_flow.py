@@ -1,0 +1,99 @@
+"""The real `prepare_bank` flow (Prefect + Dask LocalCluster) on small phantoms and broken files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bank import Bank
+from pipeline.config import PrepareConfig
+from tests.flows.scans import write_bad_inputs, write_phantom
+
+CONFIG = PrepareConfig(spacing=(3.0, 3.0, 3.0)).to_dict()
+
+
+def _statuses(report: dict) -> dict[str, str]:
+    return {r["scan_id"]: r["status"] for r in report["scans"]}
+
+
+@pytest.fixture
+def three_scans(tmp_path: Path) -> Path:
+    for i, modality in enumerate(("ct", "mr", "ct")):
+        write_phantom(tmp_path / "in", f"case{i}", modality, seed=i)
+    return tmp_path / "in"
+
+
+def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Path) -> None:
+    from flows.prepare import prepare_bank
+
+    bank_dir = tmp_path / "bank"
+    first = prepare_bank([str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False)
+    assert _statuses(first) == {"case0": "ok", "case1": "ok", "case2": "ok"}
+    bank = Bank.open(bank_dir)
+    assert bank.scan_ids == ["case0", "case1", "case2"]
+    assert bank.scan("case0").has("label") and bank.scan("case1").modality == "mr"
+    assert bank.verify() == []
+    stored = json.loads(Path(first["report_path"]).read_text())
+    assert stored["counts"] == {"ok": 3, "skipped": 0, "failed": 0}
+
+    again = prepare_bank([str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False)
+    assert set(_statuses(again).values()) == {"skipped"}
+
+    # A changed source redoes only that scan.
+    write_phantom(three_scans, "case2", "ct", seed=42)
+    changed = prepare_bank([str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False)
+    assert _statuses(changed) == {"case0": "skipped", "case1": "skipped", "case2": "ok"}
+    assert [r.get("note") for r in changed["scans"] if r["status"] == "ok"] == ["source changed"]
+
+    # A changed setting redoes every scan it affects, and the new grid lands in the bank.
+    old_shape = Bank.open(bank_dir).scan("case0").shape
+    coarser = PrepareConfig(spacing=(4.0, 4.0, 6.0)).to_dict()
+    redo = prepare_bank([str(three_scans)], str(bank_dir), coarser, workers=2, progress=False)
+    assert set(_statuses(redo).values()) == {"ok"}
+    assert {r["note"] for r in redo["scans"]} == {"config changed"}
+    bank = Bank.open(bank_dir)
+    assert bank.scan("case0").spacing == (4.0, 4.0, 6.0)
+    assert bank.scan("case0").shape[2] < old_shape[2]
+    assert len(bank) == 3 and bank.verify() == []
+
+
+EXPECTED_REASONS = {
+    "truncated": "truncated",
+    "series4d": "4D",
+    "with_nans": "NaN",
+    "zero_spacing": "spacing",
+    "empty": "empty",
+    "notes": "not a readable",
+    "absurd_size": "refusing to allocate",
+    "missing": "not found",
+}
+
+
+def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
+    from flows.prepare import prepare_bank
+
+    bad = write_bad_inputs(tmp_path / "in")
+    write_phantom(tmp_path / "in", "good1", seed=1)
+    write_phantom(tmp_path / "in", "good2", "mr", seed=2)
+    lines = ["image,label"] + [p.name + "," for p in bad.values()]
+    lines += ["good1.nii.gz,good1_label.nii.gz", "good2.nii.gz,", "missing.nii.gz,"]
+    manifest = tmp_path / "in" / "batch.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+
+    report = prepare_bank([str(manifest)], str(tmp_path / "bank"), CONFIG, progress=False)
+    by_id = {r["scan_id"]: r for r in report["scans"]}
+    assert by_id["good1"]["status"] == "ok" and by_id["good2"]["status"] == "ok"
+    for scan_id, words in EXPECTED_REASONS.items():
+        rec = by_id[scan_id]
+        assert rec["status"] == "failed", rec
+        assert words.lower() in rec["reason"].lower(), rec
+        assert rec["file"].endswith(Path(rec["image"]).name)
+    assert report["counts"] == {"ok": 2, "skipped": 0, "failed": len(EXPECTED_REASONS)}
+    bank = Bank.open(tmp_path / "bank")
+    assert bank.scan_ids == ["good1", "good2"] and bank.verify() == []
+    stored = json.loads(Path(report["report_path"]).read_text())
+    assert {r["scan_id"] for r in stored["scans"] if r["status"] == "failed"} == set(
+        EXPECTED_REASONS
+    )
