@@ -28,6 +28,8 @@ _TABLE_DTYPES = {
     "contrast": np.float32,
 }
 
+_WIDTHS = {"bbox": 6, "centroid": 3}
+
 
 class NoProposalsError(BankError, KeyError):
     """The scan has no proposals part yet."""
@@ -65,10 +67,13 @@ def write_proposals(bank: Any, scan_id: str, proposal_set: Any, attrs: dict | No
         arr = np.asarray(values)
         if arr.dtype.kind not in "biuf":
             continue
-        arrays[f"table/{col}"] = arr.astype(_TABLE_DTYPES.get(col, arr.dtype))
+        arr = arr.astype(_TABLE_DTYPES.get(col, arr.dtype))
+        # zero-row 2-D arrays are stored flat (the reader restores the width)
+        arrays[f"table/{col}"] = arr.reshape(-1) if arr.size == 0 else arr
     meta = {
         "format": PROPOSALS_FORMAT,
         "count": ps.count,
+        "n_proposals": ps.count,
         "shape": list(ps.shape),
         "layers": ps.layer_names,
         "layer_sizes": [int(lay.max(initial=0)) + 1 for lay in ps.layers.values()],
@@ -127,7 +132,11 @@ class ProposalReader:
         sources = np.array(self.attrs["sources"] or [""], dtype=str)
         for col in self.attrs["columns"]:
             arr = np.asarray(g[f"table/{col}"][...])
-            table[col] = sources[arr.astype(np.intp)] if col == "source" else arr
+            if col == "source":
+                arr = sources[arr.astype(np.intp)]
+            elif col in _WIDTHS:
+                arr = arr.reshape(-1, _WIDTHS[col])
+            table[col] = arr
         self.table = table
         self._row_layer = np.repeat(table["layer"], np.diff(self.indptr)).astype(np.intp)
 

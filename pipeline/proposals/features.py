@@ -39,37 +39,69 @@ class LayerStats:
         np.add.at(area, self.edges[:, 1], self.edge_area)
         return area
 
+    def relabel(self, lut: np.ndarray) -> LayerStats:
+        """Stats of the layer ``lut[layer]`` for a one-to-one relabelling ``lut`` (lut[0] = 0)."""
+        n = int(lut.max(initial=0)) + 1
+        inv = np.zeros(n, np.int64)
+        inv[lut] = np.arange(len(lut))
+        e = lut[self.edges]
+        e.sort(axis=1)
+        return LayerStats(
+            self.counts[inv],
+            self.sums[inv],
+            self.coord_sums[inv],
+            self.body[inv],
+            self.bbox[inv],
+            self.border_area[inv],
+            e,
+            self.edge_area,
+        )
+
     def means(self) -> np.ndarray:
         return self.sums / np.maximum(self.counts, 1)
 
 
-def adjacency(layer: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Label pairs (a < b) sharing faces and their shared area in mm^2 (vectorised)."""
+def adjacency(
+    layer: np.ndarray, spacing=(1.0, 1.0, 1.0), weight: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Label pairs (a < b) sharing faces and their shared area in mm^2 (vectorised).
+
+    With ``weight`` (a volume, e.g. gradient magnitude) also returns, per pair,
+    the number of shared faces and the sum over those faces of the larger of
+    the two voxels' weights (the boundary strength used for merging).
+    """
     n = int(layer.max(initial=0)) + 1
-    keys, weights = [], []
+    keys, areas, wsums = [], [], []
     for axis in range(3):
         a = np.moveaxis(layer, axis, 0)
         lo, hi = a[:-1], a[1:]
         diff = lo != hi
         u, v = lo[diff].astype(np.int64), hi[diff].astype(np.int64)
-        k = np.minimum(u, v) * n + np.maximum(u, v)
-        uk, cnt = np.unique(k, return_counts=True)
+        keys.append(np.minimum(u, v) * n + np.maximum(u, v))
         face = float(np.prod([s for i, s in enumerate(spacing) if i != axis]))
-        keys.append(uk)
-        weights.append(cnt * face)
-    if not keys or sum(len(k) for k in keys) == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0)
+        areas.append(np.full(len(u), face))
+        if weight is not None:
+            w = np.moveaxis(weight, axis, 0)
+            wsums.append(np.maximum(w[:-1][diff], w[1:][diff]).astype(np.float64))
     allk = np.concatenate(keys)
-    allw = np.concatenate(weights)
     uk, inv = np.unique(allk, return_inverse=True)
-    area = np.bincount(inv, weights=allw)
-    return np.stack([uk // n, uk % n], axis=1), area
+    edges = np.stack([uk // n, uk % n], axis=1) if len(uk) else np.zeros((0, 2), np.int64)
+    area = np.bincount(inv, weights=np.concatenate(areas), minlength=len(uk))
+    if weight is None:
+        return edges, area
+    faces = np.bincount(inv, minlength=len(uk))
+    wsum = np.bincount(inv, weights=np.concatenate(wsums), minlength=len(uk))
+    return edges, area, faces, wsum
 
 
 def layer_stats(
-    layer: np.ndarray, image: np.ndarray | None, body: np.ndarray | None, spacing=(1.0, 1.0, 1.0)
+    layer: np.ndarray,
+    image: np.ndarray | None,
+    body: np.ndarray | None,
+    spacing=(1.0, 1.0, 1.0),
+    edges: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LayerStats:
-    """One pass of bincounts over a label layer."""
+    """One pass of bincounts over a label layer (``edges`` = precomputed adjacency)."""
     lab = np.ascontiguousarray(layer).reshape(-1).astype(np.intp, copy=False)
     n = int(lab.max(initial=0)) + 1
     counts = np.bincount(lab, minlength=n)
@@ -105,7 +137,7 @@ def layer_stats(
         border += face * (
             np.bincount(a[0].reshape(-1), minlength=n) + np.bincount(a[-1].reshape(-1), minlength=n)
         )
-    edges, area = adjacency(layer, spacing)
+    edges, area = adjacency(layer, spacing) if edges is None else edges
     return LayerStats(counts, sums, coord, bodyc, bbox, border, edges, area)
 
 

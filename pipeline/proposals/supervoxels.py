@@ -1,0 +1,100 @@
+"""Supervoxels: compact watershed on the gradient from a regular grid of seeds.
+
+skimage's SLIC on a 3D volume of ~12 M voxels takes more than a minute on one
+core; a compact watershed seeded on a grid spaced for the wanted number of
+segments gives SLIC-like, boundary-following supervoxels in a few seconds.
+Segments are restricted to the body mask (label 0 outside).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+
+def gradient_magnitude(image: np.ndarray, spacing, sigma_mm: float = 1.5) -> np.ndarray:
+    """Gaussian gradient magnitude in intensity units per mm (float32)."""
+    sigma = [sigma_mm / s for s in spacing]
+    img = image.astype(np.float32, copy=False)
+    out = np.zeros(img.shape, np.float32)
+    for ax in range(3):
+        order = [0, 0, 0]
+        order[ax] = 1
+        g = ndimage.gaussian_filter(img, sigma, order=order) / np.float32(spacing[ax])
+        out += g * g
+    return np.sqrt(out, out=out)
+
+
+def _steps(body: np.ndarray, spacing, n_segments: int) -> list[int]:
+    body_mm3 = float(body.sum()) * float(np.prod(spacing))
+    step_mm = (body_mm3 / max(n_segments, 1)) ** (1 / 3)
+    return [max(1, round(step_mm / s)) for s in spacing]
+
+
+def grid_seeds(body: np.ndarray, spacing, n_segments: int) -> np.ndarray:
+    """Int32 marker volume: one seed per cell of a grid sized for ~n_segments in the body."""
+    steps = _steps(body, spacing, n_segments)
+    markers = np.zeros(body.shape, np.int32)
+    sub = tuple(slice(st // 2, None, st) for st in steps)
+    seeds = body[sub]
+    markers[sub][seeds] = np.arange(1, int(seeds.sum()) + 1, dtype=np.int32)
+    return markers
+
+
+def relabel_raster(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber labels 1..n in order of first appearance in C order (0 stays 0)."""
+    flat = labels.reshape(-1)
+    values, first = np.unique(flat, return_index=True)
+    order = np.argsort(first)
+    lut = np.zeros(int(values.max(initial=0)) + 1, np.int32)
+    nz = values[order] != 0
+    lut[values[order][nz]] = np.arange(1, int(nz.sum()) + 1, dtype=np.int32)
+    return lut[labels], int(nz.sum())
+
+
+def seed_distance(shape, steps) -> np.ndarray:
+    """Normalised distance (0 at a seed, ~1 at a cell corner) to the nearest grid seed."""
+    d2 = np.zeros(shape, np.float32)
+    for ax, (n, st) in enumerate(zip(shape, steps, strict=True)):
+        i = np.arange(n, dtype=np.float32)
+        off = np.abs(((i - st // 2) % st) - st / 2)  # distance to nearest cell border
+        dist = (st / 2 - off) / max(st / 2, 1)  # 0 at seed, 1 at border
+        d2 += (dist**2).reshape([-1 if k == ax else 1 for k in range(3)])
+    return np.sqrt(d2 / 3)
+
+
+def supervoxels(
+    image: np.ndarray,
+    body: np.ndarray,
+    spacing,
+    n_segments: int,
+    compactness: float = 0.2,
+    gradient: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """(int32 label map, count): ~n_segments watershed regions inside the body.
+
+    The flooding priority is the gradient (quantised to uint8, which makes
+    skimage's watershed ~2x faster) plus ``compactness`` x the distance to the
+    nearest seed, a cheap stand-in for SLIC/compact watershed (5x slower).
+    Body voxels the flood cannot reach from any seed (tiny islands) get their
+    own connected-component labels so the map covers the whole body.
+    """
+    if not body.any():
+        return np.zeros(body.shape, np.int32), 0
+    if gradient is None:
+        gradient = gradient_magnitude(image, spacing)
+    markers = grid_seeds(body, spacing, n_segments)
+    if markers.max() == 0:
+        return np.zeros(body.shape, np.int32), 0
+    steps = _steps(body, spacing, n_segments)
+    ref = float(np.percentile(gradient[body], 99)) or 1.0
+    prio = np.clip(gradient / ref, 0, 1) * (1 - compactness)
+    prio += compactness * seed_distance(body.shape, steps)
+    prio = (prio * 255).astype(np.uint8)
+    labels = watershed(prio, markers, mask=body)
+    missing = body & (labels == 0)
+    if missing.any():
+        cc, k = ndimage.label(missing)
+        labels[missing] = cc[missing] + labels.max()
+    return relabel_raster(labels.astype(np.int32, copy=False))
