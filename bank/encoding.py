@@ -27,8 +27,8 @@ class Encoding:
     chunk: int = 64  # inner chunk edge (voxels) of volume arrays
     max_shard: int = 512  # shard edge cap (voxels); shards cover the whole scan up to this
     cname: str = "zstd"
-    clevel: int = 3
-    shuffle: str = "bitshuffle"
+    clevel: int = 5
+    shuffle: str = "shuffle"  # byte shuffle beat bitshuffle on float16 CT (docs/bank-format.md)
 
     def to_dict(self) -> dict:
         return asdict(self)
