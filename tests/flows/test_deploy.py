@@ -1,0 +1,83 @@
+"""The deployment recipe for real: serve `prepare_bank`, trigger a run through the Prefect API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bank import Bank
+from flows.server import stop_process_group
+from tests.flows.cli_run import REPO
+from tests.flows.scans import write_phantom
+
+
+def test_prefect_yaml_points_at_the_flow() -> None:
+    import importlib
+
+    recipe = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = recipe["deployments"]
+    path, _, name = dep["entrypoint"].partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    flow = getattr(module, name)
+    assert flow.name == "prepare-bank"
+    assert set(dep["parameters"]) <= set(flow.parameters.properties)
+
+
+def _wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited early:\n{proc.stdout.read()}")
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                time.sleep(0.5)
+    raise TimeoutError(f"deployment {name} not registered after {timeout} s")
+
+
+@pytest.mark.slow
+def test_served_deployment_builds_a_bank(prefect_api: str, tmp_path: Path) -> None:
+    from prefect.deployments import run_deployment
+
+    for i in range(2):
+        write_phantom(tmp_path / "in", f"d{i}", seed=i)
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--name", name, "--workers", "2"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_deployment(f"prepare-bank/{name}", serve, timeout=180)
+        flow_run = run_deployment(
+            f"prepare-bank/{name}",
+            parameters={
+                "inputs": [str(tmp_path / "in")],
+                "bank": str(tmp_path / "bank"),
+                "config": {"spacing": [3.0, 3.0, 3.0]},
+            },
+            timeout=300,
+        )
+        assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+    finally:
+        stop_process_group(serve)
+    bank = Bank.open(tmp_path / "bank")
+    assert bank.scan_ids == ["d0", "d1"]
+    assert bank.scan("d0").spacing == (3.0, 3.0, 3.0)
+    assert bank.verify() == [] and len(bank.reports("prepare")) == 1
