@@ -33,9 +33,10 @@ from .errors import (
 from .index import (
     atomic_write_text,
     dir_nbytes,
-    index_document,
     make_row,
     parse_index,
+    render_index,
+    update_index_text,
     utc_now,
 )
 from .jsonable import to_jsonable
@@ -132,7 +133,7 @@ class Bank:
         }
         group = zarr.open_group(store, mode="w-", zarr_format=3, attributes=attrs)
         group.create_group(SCANS_DIR)
-        atomic_write_text(root / INDEX_FILE, json.dumps(index_document({}), indent=1))
+        atomic_write_text(root / INDEX_FILE, render_index({}))
         return cls.open(root, mode="a")
 
     @classmethod
@@ -221,28 +222,34 @@ class Bank:
         self._require_writable()
         with file_lock(_publish.index_lock_path(self._local)):  # type: ignore[arg-type]
             rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
-            atomic_write_text(self._local / INDEX_FILE, json.dumps(index_document(rows), indent=1))  # type: ignore[operator]
+            atomic_write_text(self._local / INDEX_FILE, render_index(rows))  # type: ignore[operator]
         self._rows = rows
         self._index_missing = False
         return self.index
 
     def _update_index(self, scan_id: str, remove: bool = False) -> None:
-        """Read-modify-write of one row under the index lock (safe with concurrent writers)."""
+        """Replace one row under the index lock (safe with concurrent writers).
+
+        Only this row of the in-memory index is updated; `refresh()` picks up other writers'.
+        """
         root = self._local
         assert root is not None
+        row = None if remove else self._row_for(scan_id)
         with file_lock(_publish.index_lock_path(root)):
             text = self._read_text(INDEX_FILE)
-            rows = (
-                parse_index(text)
-                if text is not None
-                else {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
-            )
-            if remove:
-                rows.pop(scan_id, None)
+            if text is None:
+                rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+                new_text = render_index(rows)
             else:
-                rows[scan_id] = self._row_for(scan_id)
-            atomic_write_text(root / INDEX_FILE, json.dumps(index_document(rows), indent=1))
-        self._rows = rows
+                new_text = update_index_text(text, scan_id, row)
+            atomic_write_text(root / INDEX_FILE, new_text)
+        if text is None:
+            self._rows = rows
+            self._index_missing = False
+        elif row is None:
+            self._rows.pop(scan_id, None)
+        else:
+            self._rows[scan_id] = row
 
     def _row_for(self, scan_id: str) -> dict:
         attrs = self._read_attrs(part_path(scan_id, None)) or {}

@@ -190,6 +190,51 @@ def compare_chunks(image: np.ndarray, tmp: Path, crops_n: int) -> list[dict]:
     return rows
 
 
+def index_scale(n_rows: int, tmp: Path) -> dict:
+    """Cost of the bank-level index with n_rows scans: size, open, summary, one row update."""
+    from bank.index import atomic_write_text, render_index
+
+    root = tmp / "index-bank"
+    bank, _ = write_bank(root, np.zeros((32, 32, 32), np.float16), Encoding())
+    template = bank.row("vol")
+    rows = {f"scan-{i:06d}": {**template, "scan_id": f"scan-{i:06d}"} for i in range(n_rows)}
+    rows["vol"] = template
+    atomic_write_text(root / "index.json", render_index(rows))
+    t = time.perf_counter()
+    opened = Bank.open(root)
+    open_s = time.perf_counter() - t
+    t = time.perf_counter()
+    opened.summary()
+    summary_s = time.perf_counter() - t
+    writer = Bank.open(root, mode="a")
+    image = np.ones((32, 32, 32), np.float16)
+    t = time.perf_counter()
+    writer.write_scan(
+        "vol",
+        {"image": image},
+        {
+            k: template[k]
+            for k in (
+                "dataset",
+                "modality",
+                "spacing",
+                "source_path",
+                "source_sha256",
+                "fingerprint",
+            )
+        },
+    )
+    write_s = time.perf_counter() - t
+    assert len(writer) == n_rows + 1
+    return {
+        "rows": n_rows + 1,
+        "index_bytes": (root / "index.json").stat().st_size,
+        "open_s": open_s,
+        "summary_s": summary_s,
+        "write_small_scan_with_index_update_s": write_s,
+    }
+
+
 def load_real(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj, dtype=np.float32)
 
@@ -204,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nii-reps", type=int, default=3, help="full .nii.gz decodes timed")
     parser.add_argument("--codecs", action="store_true", help="also compare Blosc settings")
     parser.add_argument("--chunks", action="store_true", help="also compare chunk/shard sizes")
+    parser.add_argument("--index-rows", type=int, default=0, help="also time a big index")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -216,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             result["codecs"] = compare_codecs(image, Path(tmp), args.crops)
         if args.chunks:
             result["chunk_sizes"] = compare_chunks(image, Path(tmp), args.crops)
+        if args.index_rows:
+            result["index"] = index_scale(args.index_rows, Path(tmp))
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -243,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  chunk {row['chunk']:3d} shard<={row['max_shard']}: {row['files']} files, "
             f"{row['mean_chunks_touched']:.1f} chunks/crop, {row['bytes_per_voxel']:.3f} B/vox, "
             f"write {row['write_s']:.2f} s, crop {row['crop_ms']:.1f} ms"
+        )
+    if "index" in result:
+        ix = result["index"]
+        print(
+            f"  index of {ix['rows']} scans: {ix['index_bytes'] / 1e6:.1f} MB, open "
+            f"{ix['open_s'] * 1e3:.0f} ms, summary {ix['summary_s'] * 1e3:.0f} ms, writing a "
+            f"32^3 scan incl. index update {ix['write_small_scan_with_index_update_s'] * 1e3:.0f} ms"
         )
     return 0
 
