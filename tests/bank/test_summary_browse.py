@@ -41,3 +41,15 @@ def test_show_scan_draws_three_views_with_overlay(filled: Bank) -> None:
     assert axes[2].images[0].get_array().shape == (64, 72)  # axial: y rows, x columns
     fig2 = show_scan(filled, "mr-001", overlay=None)
     assert all(len(a.images) == 1 for a in fig2.axes)
+
+
+def test_show_scan_overlays_proposals(filled: Bank) -> None:
+    from bank.proposals import write_proposals
+    from pipeline.proposals.external import from_label_map
+
+    label = filled.scan("ct-001").read("label").astype(np.int32)
+    write_proposals(filled, "ct-001", from_label_map(label, "expert"))
+    fig = show_scan(filled, "ct-001", overlay=[0, 1])
+    axial = fig.axes[2].images[1].get_array()  # overlay of slice z = 24: label 3 in x 20..40
+    assert axial.count() > 0 and set(np.unique(axial.compressed())) <= {1, 2}
+    assert "proposals:" in filled.scan("ct-001")._repr_html_()
