@@ -44,7 +44,11 @@ class NetSpec:
 PRESETS: dict[str, NetSpec] = {
     # CPU tests: a step on a 32^3 crop takes well under a second.
     "tiny": NetSpec(
-        channels=(8, 16, 32, 32), enc_blocks=(1, 1, 1, 1), token_levels=(2, 3), n_query_tokens=4
+        channels=(8, 16, 32, 32),
+        enc_blocks=(0, 1, 1, 1),
+        dec_blocks=0,
+        token_levels=(2, 3),
+        n_query_tokens=4,
     ),
     "small": NetSpec(
         channels=(16, 32, 64, 128, 256), enc_blocks=(1, 1, 2, 2, 2), token_levels=(2, 3, 4)

@@ -12,6 +12,7 @@ current step finishes, a checkpoint is written and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -113,14 +114,22 @@ def build_optimizer(model: torch.nn.Module, opt: dict[str, Any]) -> torch.optim.
     raise ValueError(f"optim.name must be adamw or lamb, got {opt['name']!r}")
 
 
+def one_cycle(step: int, max_steps: int, warmup_frac: float, floor: float = 0.01) -> float:
+    """LR factor: linear warm-up to 1, then cosine down to ``floor`` (a one-cycle policy).
+
+    Written out instead of OneCycleLR, which divides by zero for very short runs.
+    """
+    warm = max(1, round(warmup_frac * max_steps))
+    if step < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, max_steps - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def build_scheduler(optimizer, opt: dict[str, Any], max_steps: int):
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=float(opt["lr"]),
-        total_steps=max(int(max_steps), 2),
-        pct_start=float(opt["warmup_frac"]),
-        anneal_strategy="cos",
-        cycle_momentum=False,
+    frac = float(opt["warmup_frac"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: one_cycle(step, int(max_steps), frac)
     )
 
 
@@ -150,9 +159,13 @@ def log_images(writer, step: int, aug: dict[str, torch.Tensor], logits: torch.Te
     writer.add_image("pairs/ref_refmask_query_target_pred", grid[None], step)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of all parameters' bytes: lets a checkpoint prove every rank held the same weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def train(args: argparse.Namespace) -> int:
@@ -238,8 +251,13 @@ def train(args: argparse.Namespace) -> int:
 
     def checkpoint(step: int) -> None:
         rngs = [None] * world if world > 1 else None
+        hashes = [weights_hash(model)]
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
+            hashes = [None] * world
+            dist.all_gather_object(hashes, weights_hash(model))
+            if is_main and len(set(hashes)) > 1:
+                print(f"warning: ranks' weights differ at step {step}: {hashes}", file=sys.stderr)
         if not is_main:
             return
         save_checkpoint(
@@ -257,6 +275,7 @@ def train(args: argparse.Namespace) -> int:
                 "bank": args.bank,
                 "config": cfg,
                 "world_size": world,
+                "rank_weight_hashes": hashes,  # one per rank; DDP keeps them identical
             },
         )
 

@@ -1,0 +1,42 @@
+import torch
+
+from train.incontext_net import PRESETS, build_model, count_parameters
+
+
+def _inputs(n=1, k=4, s=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, 1, s, s, s, generator=g)
+    masks = torch.rand(n, k, s, s, s, generator=g) > 0.7
+    return img, masks, torch.randn(n, 1, s, s, s, generator=g)
+
+
+def test_tiny_shapes_and_gradients():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    ref, masks, query = _inputs(n=2, k=5)
+    out = model(ref, masks, query)
+    assert out.shape == (2, 5, 32, 32, 32)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_tasks_are_permutation_equivariant():
+    """All K tasks run in one pass but independently: permuting masks permutes logits."""
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    ref, masks, query = _inputs(k=4)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a = model(ref, masks, query)
+        b = model(ref, masks[:, perm], query)
+    assert torch.allclose(a[:, perm], b, atol=1e-5)
+    assert not torch.allclose(a[:, 0], a[:, 1], atol=1e-3)  # masks matter
+
+
+def test_preset_sizes():
+    sizes = {name: count_parameters(build_model(name)) for name in ("tiny", "small")}
+    assert sizes["tiny"] < 1_000_000 < sizes["small"]
+    base = PRESETS["base"]
+    assert base.channels[0] == 32 and base.channels[-1] == 512
+    n_base = count_parameters(build_model("base"))
+    assert 100e6 < n_base < 140e6, n_base

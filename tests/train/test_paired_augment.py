@@ -1,0 +1,79 @@
+from dataclasses import replace
+
+import torch
+
+from train.paired_augment import (
+    NONE,
+    STRONG,
+    WEAK,
+    PairAugmenter,
+    center_crop,
+    pack_bits,
+    random_affine,
+    unpack_bits,
+    warp,
+)
+
+
+def _blob(s=48):
+    r = torch.arange(s, dtype=torch.float32) - s / 2
+    x, y, z = torch.meshgrid(r, r, r, indexing="ij")
+    m1 = ((x - 4) ** 2 / 100 + y**2 / 36 + (z + 3) ** 2 / 64) <= 1
+    m2 = (x.abs() < 12) & (y > 5) & (y < 14) & (z.abs() < 9)
+    return torch.stack([m1, m2])[None]
+
+
+def test_pack_unpack_roundtrip():
+    masks = torch.rand(2, 14, 6, 7, 8) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(masks), 14), masks)
+
+
+def test_identity_warp_is_a_centre_crop():
+    img = torch.randn(2, 1, 40, 44, 48)
+    masks = torch.rand(2, 3, 40, 44, 48) > 0.5
+    out_img, bits = warp(img, pack_bits(masks), torch.eye(3).expand(2, 3, 3), 32)
+    assert torch.allclose(out_img, center_crop(img, 32), atol=1e-4)
+    assert torch.equal(unpack_bits(bits, 3), center_crop(masks, 32))
+
+
+def test_image_and_masks_move_together():
+    """Image = mask 0 as intensities: after a strong affine, image > 0.5 matches warped mask 0."""
+    masks = _blob()
+    img = masks[:, :1].float()
+    spec = replace(
+        STRONG,
+        p_affine=1.0,
+        p_brightness=0,
+        p_shift=0,
+        p_gamma=0,
+        p_contrast=0,
+        p_blur=0,
+        p_noise=0,
+    )
+    aug = PairAugmenter(32, weak=NONE, strong=spec)
+    batch = {
+        "ref_image": img,
+        "ref_bits": pack_bits(masks),
+        "query_image": img,
+        "query_bits": pack_bits(masks),
+    }
+    out = aug(batch, 2, torch.Generator().manual_seed(3))
+    warped_img, warped_mask = out["query_image"][0, 0] > 0.5, out["query_masks"][0, 0]
+    assert not torch.equal(warped_mask, center_crop(masks, 32)[0, 0])  # it really moved
+    agree = (warped_img == warped_mask).float().mean()
+    assert agree > 0.97, agree
+    assert torch.equal(out["ref_masks"], center_crop(masks, 32))  # NONE = centre crop
+
+
+def test_affine_ranges_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    mats = random_affine(256, replace(STRONG, p_affine=1.0, shear=0.0), g, "cpu")
+    det = torch.linalg.det(mats)
+    assert det.min() > 0.7**3 - 1e-4 and det.max() < (1 / 0.7) ** 3 + 1e-4
+    assert WEAK.shear == 0 and STRONG.shear > 0
+    masks = _blob()
+    batch = {"ref_image": masks[:, :1].float(), "ref_bits": pack_bits(masks)}
+    batch.update(query_image=batch["ref_image"], query_bits=batch["ref_bits"])
+    a = PairAugmenter(32)(batch, 2, torch.Generator().manual_seed(5))
+    b = PairAugmenter(32)(batch, 2, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
