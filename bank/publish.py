@@ -55,6 +55,7 @@ def publish(root: Path, staged: Path, scan_id: str, part: str | None) -> None:
     """Move `staged` into place for (scan_id, part), replacing any previous version atomically."""
     target = root / part_path(scan_id, part)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_tree(staged)  # data must be durable before the rename makes it visible
     trash = None
     if target.exists():
         trash = root / TRASH_DIR / temp_name(scan_id, part, uuid.uuid4().hex)
@@ -64,6 +65,18 @@ def publish(root: Path, staged: Path, scan_id: str, part: str | None) -> None:
     _fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder under path, so a power cut cannot publish empty files."""
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,6 +112,15 @@ def find_leftovers(root: Path) -> Leftovers:
         if folder.is_dir():
             bucket.extend(sorted(p for p in folder.iterdir()))
     return found
+
+
+def writer_alive(root: Path, leftover_name: str) -> bool:
+    """True if the writer that owns a .staging/.trash folder still holds its scan lock."""
+    parsed = parse_temp_name(leftover_name)
+    if parsed is None:
+        return False
+    with file_lock(scan_lock_path(root, parsed[0]), blocking=False) as free:
+        return not free
 
 
 def recover(root: Path) -> list[str]:

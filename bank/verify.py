@@ -11,6 +11,7 @@ import zarr
 from .encoding import iter_slabs
 from .index import ROW_KEYS, make_row, missing_attrs
 from .layout import FORMAT_NAME, FORMAT_VERSION, PROPOSALS_PART, part_path
+from .publish import writer_alive
 
 if TYPE_CHECKING:
     from .bank import Bank
@@ -31,9 +32,10 @@ def verify_bank(bank: Bank) -> list[str]:
     for sid in sorted(on_disk - indexed):
         problems.append(f"{sid}: group exists but index.json does not list it")
     for name in bank._leftovers():
-        problems.append(
-            f"leftover {name} (an interrupted or still-running write; bank.recover() cleans it)"
-        )
+        if bank._local is not None and writer_alive(bank._local, name.split("/")[-1]):
+            problems.append(f"write in progress: {name} (its writer holds the scan lock)")
+        else:
+            problems.append(f"leftover {name} (an interrupted write; bank.recover() cleans it)")
     for sid in sorted(on_disk):
         problems.extend(f"{sid}: {p}" for p in verify_scan(bank, sid, sid in indexed))
     return problems

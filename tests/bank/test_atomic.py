@@ -166,3 +166,13 @@ def test_concurrent_writers_keep_every_index_row(bank: Bank, n_writers: int) -> 
     reader = Bank.open(bank.location)
     assert len(reader) == 4 * n_writers
     assert reader.verify() == []
+
+
+def test_verify_tells_live_writes_from_stale_ones(filled: Bank) -> None:
+    root = Path(filled.location)
+    (root / ".staging" / "ct-001@scan@aaaa").mkdir()
+    (root / ".staging" / "ct-002@scan@bbbb").mkdir()
+    with file_lock(scan_lock_path(root, "ct-001")):
+        problems = filled.verify()
+    assert "write in progress: .staging/ct-001@scan@aaaa (its writer holds the scan lock)" in problems
+    assert any(p.startswith("leftover .staging/ct-002@scan@bbbb") for p in problems)
