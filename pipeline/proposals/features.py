@@ -220,13 +220,17 @@ def _edge_features(
     step = max(1, chunk_elems // max(len(a), 1))
     for c0 in range(0, len(props), step):
         pc = props[c0 : c0 + step]
-        in_a = np.zeros((len(pc), len(a)), bool)
-        in_b = np.zeros((len(pc), len(a)), bool)
-        for k, p in enumerate(pc):
-            for r in range(ps.indptr[p], ps.indptr[p + 1]):
-                s, e = ps.starts[r], ps.stops[r]
-                in_a[k] |= (a >= s) & (a < e)
-                in_b[k] |= (b >= s) & (b < e)
+        single = np.diff(ps.indptr)[pc] == 1
+        r0 = ps.indptr[pc]
+        s, e = ps.starts[r0][:, None], ps.stops[r0][:, None]
+        in_a = (a[None] >= s) & (a[None] < e)
+        in_b = (b[None] >= s) & (b[None] < e)
+        for k in np.flatnonzero(~single):  # multi-interval proposals: OR the rest in
+            p = pc[k]
+            for r in range(ps.indptr[p] + 1, ps.indptr[p + 1]):
+                s1, e1 = ps.starts[r], ps.stops[r]
+                in_a[k] |= (a >= s1) & (a < e1)
+                in_b[k] |= (b >= s1) & (b < e1)
         both = in_a & in_b
         ca = in_a & ~in_b  # edge leaves through b
         cb = in_b & ~in_a

@@ -69,7 +69,7 @@ def supervoxels(
     body: np.ndarray,
     spacing,
     n_segments: int,
-    compactness: float = 0.2,
+    compactness: float = 0.0,
     gradient: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """(int32 label map, count): ~n_segments watershed regions inside the body.
