@@ -408,11 +408,16 @@ class Bank:
         return actions
 
     # ------------------------------------------------------------------ checks
-    def verify(self) -> list[str]:
-        """Full integrity check (decodes every chunk); returns problems, empty when healthy."""
+    def verify(self, scan_ids: list[str] | None = None, deep: bool = True) -> list[str]:
+        """Integrity check; returns problems, empty when healthy.
+
+        deep=True decodes every chunk and compares checksums (slow, reads everything);
+        deep=False checks index, attributes, array metadata and shapes only.
+        scan_ids limits the per-scan checks (the bank-level checks always run).
+        """
         from .verify import verify_bank
 
-        return verify_bank(self)
+        return verify_bank(self, scan_ids=scan_ids, deep=deep)
 
     def summary(self) -> dict:
         """Counts, voxels and bytes from the index (fast; no scan group is opened)."""

@@ -75,3 +75,22 @@ def test_incomplete_attrs_and_bad_values(bank: Bank) -> None:
     problems = bank.verify()
     assert "a: missing attribute 'source_sha256'" in problems
     assert any(p.startswith("b: image: NaN/inf") for p in problems), problems
+
+
+def test_shallow_and_selective_verify(filled: Bank) -> None:
+    (scan_dir(filled, "ct-001") / "image" / "c" / "1" / "0" / "0").unlink()
+    shutil.rmtree(scan_dir(filled, "ct-002") / "body")
+    shallow = filled.verify(deep=False)
+    assert "ct-002: array 'body' is recorded but missing" in shallow
+    assert not any("checksum" in p for p in shallow)  # only decoding can see a lost shard
+    assert filled.verify(scan_ids=["mr-001", "nope"]) == ["nope: no such scan"]
+    deep = filled.verify(scan_ids=["ct-001"])
+    assert any("ct-001: image: checksum mismatch" in p for p in deep)
+    assert not any(p.startswith("ct-002") for p in deep)
+
+
+def test_delete_scan(filled: Bank) -> None:
+    filled.delete_scan("ct-002")
+    assert "ct-002" not in filled and not scan_dir(filled, "ct-002").exists()
+    assert Bank.open(filled.location).scan_ids == ["ct-001", "mr-001"]
+    assert filled.verify() == []
