@@ -84,6 +84,7 @@ class Bank:
         writable: bool,
     ) -> None:
         self.location = location
+        self._storage_options: dict[str, Any] = {}
         self._store = store
         self._fs = fs
         self._fs_root = fs_root.rstrip("/")
@@ -175,7 +176,9 @@ class Bank:
                 f"{location} has bank format {info['format_version']}, this maskbank reads up to "
                 f"{FORMAT_VERSION}; upgrade maskbank"
             )
-        return cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
+        bank = cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
+        bank._storage_options = options
+        return bank
 
     # ------------------------------------------------------------------ index
     def refresh(self) -> None:
@@ -209,6 +212,10 @@ class Bank:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.scan_ids)
+
+    def __reduce__(self):
+        """Pickle as 'reopen at the same location' (Dask tasks, DataLoader workers)."""
+        return (Bank.open, (self.location, "a" if self.writable else "r", self._storage_options))
 
     def __repr__(self) -> str:
         return f"Bank({self.location!r}, scans={len(self)}, format_version={self.format_version})"

@@ -25,6 +25,10 @@ class ScanView:
         self._group = group
         self._arrays: dict[str, zarr.Array] = {}
 
+    def __reduce__(self):
+        """Pickle as 'open this scan of this bank again' (arrays reopen lazily)."""
+        return (_reopen_scan, (self.bank, self.scan_id))
+
     def __repr__(self) -> str:
         return (
             f"ScanView({self.scan_id!r}, shape={self.shape}, spacing={self.spacing}, "
@@ -121,3 +125,7 @@ class ScanView:
         from .browse import scan_html
 
         return scan_html(self)
+
+
+def _reopen_scan(bank: Bank, scan_id: str) -> ScanView:
+    return bank.scan(scan_id)

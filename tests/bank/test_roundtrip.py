@@ -130,3 +130,15 @@ def test_reports(bank: Bank) -> None:
     assert first != second and Path(first).name.startswith("prepare-")
     assert json.loads(Path(first).read_text()) == {"ok": 3, "failed": [], "t": 1.5}
     assert [Path(p).name for p in bank.reports("prepare")] == [Path(first).name, Path(second).name]
+
+
+def test_bank_and_scan_pickle_by_reopening(filled: Bank) -> None:
+    import pickle
+
+    scan = pickle.loads(pickle.dumps(filled.scan("ct-001")))
+    np.testing.assert_array_equal(
+        scan.read("label", (slice(20, 22),)), make_arrays(1)["label"][20:22]
+    )
+    reader = pickle.loads(pickle.dumps(Bank.open(filled.location)))
+    writer = pickle.loads(pickle.dumps(filled))
+    assert not reader.writable and writer.writable and reader.scan_ids == filled.scan_ids
