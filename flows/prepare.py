@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ def _record(item: ScanInput, status: str, t0: float, **extra: Any) -> dict:
         "status": status,
         "reason": extra.pop("reason", None),
         "seconds": round(time.perf_counter() - t0, 3),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",  # where it ran, for cluster debugging
         **extra,
     }
 
