@@ -120,22 +120,20 @@ class Bank:
         if root.exists() and any(root.iterdir()):
             raise NotABankError(str(root), "folder exists, is not empty and has no zarr.json")
         encoding = encoding or Encoding()
-        root.mkdir(parents=True, exist_ok=True)
-        for sub in (SCANS_DIR, REPORTS_DIR, STAGING_DIR, TRASH_DIR, LOCKS_DIR):
-            (root / sub).mkdir(exist_ok=True)
-        store = LocalStore(root)
-        attrs = {
-            FORMAT_NAME: {
-                "format_version": FORMAT_VERSION,
-                "created_at": utc_now(),
-                "encoding": encoding.to_dict(),
-                "layout": "docs/bank-format.md",
-            }
-        }
-        group = zarr.open_group(store, mode="w-", zarr_format=3, attributes=attrs)
-        group.create_group(SCANS_DIR)
-        atomic_write_text(root / INDEX_FILE, render_index({}))
-        return cls.open(root, mode="a")
+        # Build the empty bank next to its destination and rename it into place, so that
+        # concurrent creators cannot interleave: exactly one rename wins, the others open it.
+        root.parent.mkdir(parents=True, exist_ok=True)
+        building = root.parent / f".{root.name}.creating-{os.urandom(8).hex()}"
+        try:
+            _build_empty_bank(building, encoding)
+            try:
+                os.rename(building, root)  # replaces root only if it is an empty folder
+            except OSError:
+                if not (root / "zarr.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        return cls.create(root, encoding)
 
     @classmethod
     def open(
@@ -486,6 +484,24 @@ class Bank:
                     f"{sub}/{Path(p).name}" for p in self._fs.ls(self._url(sub), detail=False)
                 ]
         return sorted(found)
+
+
+def _build_empty_bank(root: Path, encoding: Encoding) -> None:
+    """Root group with the format attributes, scans group, empty index and service folders."""
+    root.mkdir()
+    for sub in (SCANS_DIR, REPORTS_DIR, STAGING_DIR, TRASH_DIR, LOCKS_DIR):
+        (root / sub).mkdir()
+    attrs = {
+        FORMAT_NAME: {
+            "format_version": FORMAT_VERSION,
+            "created_at": utc_now(),
+            "encoding": encoding.to_dict(),
+            "layout": "docs/bank-format.md",
+        }
+    }
+    group = zarr.open_group(LocalStore(root), mode="w-", zarr_format=3, attributes=attrs)
+    group.create_group(SCANS_DIR)
+    atomic_write_text(root / INDEX_FILE, render_index({}))
 
 
 def _count_proposals(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> int:

@@ -174,5 +174,22 @@ def test_verify_tells_live_writes_from_stale_ones(filled: Bank) -> None:
     (root / ".staging" / "ct-002@scan@bbbb").mkdir()
     with file_lock(scan_lock_path(root, "ct-001")):
         problems = filled.verify()
-    assert "write in progress: .staging/ct-001@scan@aaaa (its writer holds the scan lock)" in problems
+    assert (
+        "write in progress: .staging/ct-001@scan@aaaa (its writer holds the scan lock)" in problems
+    )
     assert any(p.startswith("leftover .staging/ct-002@scan@bbbb") for p in problems)
+
+
+def test_concurrent_create_yields_one_bank(tmp_path: Path) -> None:
+    script = "import sys; from bank import Bank; print(Bank.create(sys.argv[1]).created_at)"
+    target = tmp_path / "new-bank"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(target)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert len(set(outs)) == 1  # all three opened the same bank
+    assert [p.name for p in tmp_path.iterdir()] == ["new-bank"]  # no build folders left
