@@ -29,7 +29,7 @@ def percentile_bands(
 ) -> tuple[tuple[float, float], ...]:
     """Disjoint bands between the given percentiles of the intensities inside the body."""
     vals = np.percentile(image[body], edges) if body.any() else np.zeros(len(edges))
-    vals[0], vals[-1] = -np.inf, np.inf
+    vals[0], vals[-1] = float(image.min()) - 1.0, float(image.max()) + 1.0  # finite: stored as JSON
     return tuple((float(a), float(b)) for a, b in zip(vals[:-1], vals[1:], strict=True) if b > a)
 
 

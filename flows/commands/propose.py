@@ -1,0 +1,145 @@
+"""`maskbank propose`: mask proposals for the scans of an existing bank (Prefect flow on Dask)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flows.commands._prefect_env import apply_cli_defaults
+
+DESCRIPTION = """\
+Make class-agnostic 3D mask proposals for every scan of BANK (or --scans): supervoxels,
+their merge hierarchy over the region adjacency graph, and intensity-window connected
+components, filtered by size / inside-body / not-whole-body / near-duplicates, and
+stored compactly in each scan's proposals part (see docs/bank-format.md).
+
+Scans whose proposals were made with the same options from the same scan are skipped.
+"""
+
+EPILOG = """\
+examples:
+  maskbank propose bank/
+  maskbank propose bank/ --generators hierarchy --scales 2000,6000 --max-proposals 3000
+  maskbank propose bank/ --scans scan-a,scan-b --force --json
+"""
+
+
+def add_proposal_options(p: argparse.ArgumentParser) -> None:
+    """The proposal option set (shared with `maskbank prepare --proposals`)."""
+    g = p.add_argument_group("proposal options")
+    g.add_argument(
+        "--generators",
+        default="hierarchy,windows",
+        help="comma list of hierarchy, supervoxels, windows (default: hierarchy,windows)",
+    )
+    g.add_argument(
+        "--scales",
+        default="3000",
+        help="supervoxels per scan, one hierarchy per value, comma list (default: 3000)",
+    )
+    g.add_argument("--max-proposals", type=int, default=5000, help="cap per scan (default: 5000)")
+    g.add_argument(
+        "--min-volume",
+        type=float,
+        default=None,
+        metavar="MM3",
+        help="minimum proposal volume in mm^3 for every modality (default: 500 CT/MR, 800 PET)",
+    )
+    g.add_argument(
+        "--dedup-iou", type=float, default=0.95, help="near-duplicate IoU (default: 0.95)"
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipeline.proposals.engine import ProposalConfig
+
+    kw: dict = {
+        "generators": tuple(g.strip() for g in args.generators.split(",") if g.strip()),
+        "scales": tuple(int(s) for s in args.scales.split(",") if s.strip()),
+        "max_proposals": args.max_proposals,
+        "dedup_iou": args.dedup_iou,
+    }
+    if args.min_volume is not None:
+        kw["min_volume_mm3"] = {m: args.min_volume for m in ("ct", "mr", "pet")}
+    return ProposalConfig(**kw)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "propose",
+        help="make mask proposals for the scans of an existing bank",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bank", metavar="BANK", help="bank folder")
+    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    add_proposal_options(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="scans in parallel on a local Dask cluster (default: min(4, CPUs))",
+    )
+    p.add_argument("--dask-address", default=None, metavar="ADDR", help="existing Dask cluster")
+    p.add_argument("--force", action="store_true", help="redo scans that are up to date")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+    return p
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'scan':<32} {'status':<8} {'proposals':>9} {'B/prop':>8} {'s':>7}  note"]
+    for r in report["scans"]:
+        lines.append(
+            f"{r['scan_id']:<32} {r['status']:<8} {r.get('n_proposals', ''):>9} "
+            f"{r.get('bytes_per_proposal', ''):>8} {r.get('seconds', ''):>7}  {r.get('reason') or ''}"
+        )
+    c = report["counts"]
+    lines.append(
+        f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
+        f"in {report['seconds']:.1f} s; report: {report['report_path']}"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"maskbank propose: error: {exc}", file=sys.stderr)
+        return 2
+    from bank import Bank
+    from bank.errors import BankError
+
+    try:
+        store = Bank.open(args.bank)
+    except (BankError, FileNotFoundError) as exc:
+        print(f"maskbank propose: error: {exc}", file=sys.stderr)
+        return 2
+    ids = [s.strip() for s in args.scans.split(",")] if args.scans else None
+    unknown = [s for s in ids or [] if s not in store]
+    if unknown:
+        print(f"maskbank propose: error: scans not in the bank: {unknown}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("maskbank propose: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    apply_cli_defaults(args.verbose)
+    from flows.propose import propose_bank
+
+    report = propose_bank(
+        bank=os.path.abspath(args.bank),
+        config=cfg.to_dict(),
+        scan_ids=ids,
+        workers=args.workers,
+        dask_address=args.dask_address,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 1 if report["counts"].get("failed") else 0
