@@ -12,10 +12,11 @@ Design choices (why):
   continue exactly where it stopped, whatever its worker count.
 * **Batches are built in the workers** (the dataset yields whole batches) so
   that the main process only pins and copies.
-* **Read only what a crop touches.** Image crops come from ``ScanView.read``
-  (only the touched chunks are decoded) and the K masks from
-  ``ProposalReader.masks`` in the same ROI; masks travel as one int32 bit field
-  per crop (bit k = task k), 1/K of the bytes of K boolean volumes.
+* **Read only what a crop touches.** Image crops and the proposal layers come
+  from ``ScanView.read`` (only the touched chunks are decoded); the K masks are
+  rebuilt from each layer's block by one table lookup (``train.crop_masks``) and
+  travel as one int32 bit field per crop (bit k = task k), 1/K of the bytes of
+  K boolean volumes.
 * **Lazy, per-process store handles.** The bank is opened on first use inside
   each worker, never pickled across a fork.
 * This module imports numpy, torch and ``bank`` only: no Prefect, no Dask.
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from train.crop_masks import ProposalIndex
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
 
@@ -162,24 +165,6 @@ def padded_roi(start: np.ndarray, size: int, shape: tuple[int, ...]):
     return tuple(src), tuple(dst)
 
 
-def bbox_overlap_count(bboxes: np.ndarray, roi, min_voxels: int) -> int:
-    """How many proposals' bounding boxes overlap ``roi`` by at least ``min_voxels``."""
-    lo = np.array([r.start for r in roi])
-    hi = np.array([r.stop for r in roi])
-    ext = np.clip(np.minimum(bboxes[:, 3:], hi) - np.maximum(bboxes[:, :3], lo), 0, None)
-    return int(np.count_nonzero(ext.prod(axis=1) >= min_voxels))
-
-
-def bits_from_masks(masks: np.ndarray) -> np.ndarray:
-    """(K,*S) bool -> (*S) int32, bit k set where mask k is."""
-    k = masks.shape[0]
-    packed = np.packbits(masks.reshape(k, -1), axis=0, bitorder="little")  # (ceil(K/8), N)
-    out = np.zeros(packed.shape[1], np.int32)
-    for j in range(packed.shape[0]):
-        out |= packed[j].astype(np.int32) << (8 * j)
-    return out.reshape(masks.shape[1:])
-
-
 class PairStream(IterableDataset):
     """IterableDataset of ready batches (dicts of tensors) from a bank.
 
@@ -243,7 +228,7 @@ class PairStream(IterableDataset):
         from bank.proposals import ProposalReader
 
         view = self._bank.scan(scan_id)
-        entry = (view, ProposalReader(view))
+        entry = (view, ProposalIndex(ProposalReader(view)))
         self._scans[scan_id] = entry
         if len(self._scans) > self.cache_scans:
             self._scans.popitem(last=False)
@@ -254,18 +239,23 @@ class PairStream(IterableDataset):
         b = self.cfg.batch_size
         return range(g * b, (g + 1) * b)
 
-    def _read_box(self, view, reader, start, ids) -> tuple[np.ndarray, np.ndarray]:
+    def _image_box(self, view, start) -> tuple[np.ndarray, tuple, tuple]:
         size = self.cfg.read_size
         src, dst = padded_roi(start, size, view.shape)
         block = np.asarray(view.read("image", src), dtype=np.float32)
         pad = float(block.min()) if block.size else 0.0
         image = np.full((size,) * 3, pad, np.float32)
         image[dst] = block
+        return image, src, dst
+
+    def _bits_box(self, index: ProposalIndex, blocks, ids, src, dst) -> np.ndarray:
+        size = self.cfg.read_size
         bits = np.zeros((size,) * 3, np.int32)
-        if block.size:
-            bits[dst] = bits_from_masks(reader.masks(ids, src))
+        shape = tuple(s.stop - s.start for s in src)
+        if all(shape):
+            bits[dst] = index.bits(blocks, ids, shape)
         bits |= np.int32(1 << len(ids))  # global all-ones task
-        return image, bits
+        return bits
 
     def sample(self, sample_id: int) -> dict[str, Any]:
         """Draw pair ``sample_id`` (pure function of seed and id)."""
@@ -273,37 +263,45 @@ class PairStream(IterableDataset):
         rng = np.random.default_rng([self.seed, int(sample_id)])
         for _ in range(8):  # scans
             si = int(rng.choice(len(self.scan_ids), p=self.probs))
-            view, reader = self._open(self.scan_ids[si])
+            view, index = self._open(self.scan_ids[si])
             shape = tuple(view.shape)
-            centroids = np.asarray(reader.table["centroid"], np.float64)
-            bboxes = np.asarray(reader.table["bbox"], np.int64)
             for _ in range(cfg.max_anchor_tries):
-                anchor = centroids[rng.integers(len(centroids))]
+                anchor = index.centroid[rng.integers(index.count)]
                 anchor = anchor + rng.uniform(-cfg.crop / 4, cfg.crop / 4, size=3)
                 ref0, q0 = crop_starts(rng, shape, anchor, cfg)
                 inner, _ = padded_roi(ref0, cfg.crop, shape)
                 # Cheap necessary condition from the bounding boxes before any read.
-                if bbox_overlap_count(bboxes, inner, cfg.min_mask_voxels) < cfg.k:
+                cand = index.bbox_overlap(inner) >= cfg.min_mask_voxels
+                if np.count_nonzero(cand) < cfg.k:
                     continue
-                counts = reader.voxels_in_box(inner)
+                ref_start, q_start = ref0 - cfg.margin, q0 - cfg.margin
+                ref_src, ref_dst = padded_roi(ref_start, cfg.read_size, shape)
+                blocks = index.read_layers(view, ref_src, np.unique(index.layer[cand]))
+                window = tuple(
+                    slice(i.start - r.start, i.stop - r.start)
+                    for i, r in zip(inner, ref_src, strict=True)
+                )
+                counts = index.counts(blocks, window)
                 ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
-                if len(ok) >= cfg.k:
-                    ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
-                    ref_start = ref0 - cfg.margin
-                    q_start = q0 - cfg.margin
-                    ref_img, ref_bits = self._read_box(view, reader, ref_start, ids)
-                    q_img, q_bits = self._read_box(view, reader, q_start, ids)
-                    return {
-                        "ref_image": ref_img,
-                        "query_image": q_img,
-                        "ref_bits": ref_bits,
-                        "query_bits": q_bits,
-                        "sample_id": int(sample_id),
-                        "scan_index": si,
-                        "ref_start": ref_start,
-                        "query_start": q_start,
-                        "proposal_ids": ids.astype(np.int64),
-                    }
+                if len(ok) < cfg.k:
+                    continue
+                ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
+                ref_img, _, _ = self._image_box(view, ref_start)
+                ref_bits = self._bits_box(index, blocks, ids, ref_src, ref_dst)
+                q_img, q_src, q_dst = self._image_box(view, q_start)
+                q_blocks = index.read_layers(view, q_src, np.unique(index.layer[ids]))
+                q_bits = self._bits_box(index, q_blocks, ids, q_src, q_dst)
+                return {
+                    "ref_image": ref_img,
+                    "query_image": q_img,
+                    "ref_bits": ref_bits,
+                    "query_bits": q_bits,
+                    "sample_id": int(sample_id),
+                    "scan_index": si,
+                    "ref_start": ref_start,
+                    "query_start": q_start,
+                    "proposal_ids": ids.astype(np.int64),
+                }
         raise SamplerError(
             f"sample {sample_id}: no crop of {cfg.crop}^3 with k={cfg.k} proposals of >= "
             f"{cfg.min_mask_voxels} voxels found (last scan tried: {self.scan_ids[si]!r}, "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,12 +118,17 @@ def sampling_grid(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) ->
     (x, y, z order). It is rescaled into ``affine_grid``'s normalised
     coordinates, which are in (W, H, D) = (z, y, x) order for an [x, y, z] volume.
     """
-    n, device = mat.shape[0], mat.device
+    device = mat.device
     size = torch.tensor(in_size, device=device, dtype=torch.float32)
     theta = (2 / (size - 1))[:, None] * mat.float() * ((out - 1) / 2)
     theta = theta.flip(-1).flip(-2)  # xyz -> zyx on both sides
-    theta = torch.cat([theta, torch.zeros(n, 3, 1, device=device)], dim=2)
-    return F.affine_grid(theta, [n, 1, out, out, out], align_corners=True)
+    # Same as F.affine_grid(theta, align_corners=True) (no translation), but built from
+    # three broadcast outer products: several times cheaper on the CPU.
+    r = torch.linspace(-1, 1, out, device=device)
+    gw = theta[:, None, None, None, :, 0] * r[None, None, None, :, None]
+    gh = theta[:, None, None, None, :, 1] * r[None, None, :, None, None]
+    gd = theta[:, None, None, None, :, 2] * r[None, :, None, None, None]
+    return (gw + gh) + gd
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -196,6 +202,14 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """(n,1,*S) integer bit fields -> (n,K,*S) bool."""
+    if bits.device.type == "cpu":
+        # A numpy loop of narrow ANDs is ~20x faster than broadcasting int32 shifts on the CPU.
+        dtype = np.uint16 if k <= 16 else np.uint32
+        flat = bits.reshape(bits.shape[0], -1).numpy().astype(dtype)
+        out = np.empty((bits.shape[0], k, flat.shape[1]), dtype=bool)
+        for j in range(k):
+            np.not_equal(flat & dtype(1 << j), 0, out=out[:, j])
+        return torch.from_numpy(out).view(bits.shape[0], k, *bits.shape[2:])
     shifts = torch.arange(k, device=bits.device, dtype=torch.int32).view(1, -1, 1, 1, 1)
     return ((bits.to(torch.int32) >> shifts) & 1).bool()
 

@@ -1,0 +1,198 @@
+"""Pairs per second per worker of the bank sampler vs the published data path.
+
+    python bench/sampler.py [--bank BANK] [--pairs 8] [--json]
+
+Ours: ``train.pair_sampler.PairStream`` (reads only the chunks a crop touches,
+rebuilds only the K masks, bit-packed), then ``PairAugmenter`` on the CPU.
+
+Baseline, rebuilt here on the same scans, crops and masks: the published
+implementation's data path -- each scan's image a whole-volume ``.npy``
+memory-mapped, each mask a whole uint8 volume in HDF5 with LZF, the K masks of a
+pair decoded whole and cropped, then CPU augmentation that warps the image and
+every mask channel separately (trilinear + threshold).
+
+Both run in this one process with one intra-op thread, so the figures are per
+worker / per core. Without --bank a phantom bank of realistic size is built in a
+temporary directory (takes a minute or two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.pair_sampler import PairStream, SamplerConfig, padded_roi  # noqa: E402
+from train.paired_augment import (
+    STRONG,
+    WEAK,
+    PairAugmenter,
+    random_affine,
+    sampling_grid,
+)  # noqa: E402
+
+
+def build_baseline_files(
+    bank_path: str, stream: PairStream, samples: list[dict], root: Path
+) -> float:
+    """Whole-volume .npy images + one HDF5 (LZF) of whole uint8 masks per scan; returns seconds."""
+    import h5py
+
+    from bank import Bank
+    from bank.proposals import ProposalReader
+
+    t0 = time.perf_counter()
+    bank = Bank.open(bank_path)
+    needed: dict[str, set[int]] = {}
+    for s in samples:
+        sid = stream.scan_ids[s["scan_index"]]
+        needed.setdefault(sid, set()).update(int(i) for i in s["proposal_ids"])
+    for sid, ids in needed.items():
+        scan = bank.scan(sid)
+        np.save(root / f"{sid}.npy", scan.read("image").astype(np.float32))
+        reader = ProposalReader(scan)
+        with h5py.File(root / f"{sid}.h5", "w") as fh:
+            for i in sorted(ids):
+                fh.create_dataset(
+                    f"mask_{i}", data=reader.mask(i).astype(np.uint8), compression="lzf"
+                )
+    return time.perf_counter() - t0
+
+
+def _crop(vol: np.ndarray, start: np.ndarray, size: int, fill: float) -> np.ndarray:
+    src, dst = padded_roi(start, size, vol.shape)
+    out = np.full((size,) * 3, fill, dtype=vol.dtype)
+    out[dst] = vol[src]
+    return out
+
+
+def baseline_pair(root: Path, sid: str, sample: dict, size: int) -> dict[str, np.ndarray]:
+    import h5py
+
+    image = np.load(root / f"{sid}.npy", mmap_mode="r")
+    out = {}
+    with h5py.File(root / f"{sid}.h5", "r") as fh:
+        masks = [fh[f"mask_{int(i)}"][...] for i in sample["proposal_ids"]]  # whole volumes
+    for side in ("ref", "query"):
+        start = sample[f"{side}_start"]
+        img = _crop(image, start, size, 0.0)
+        out[f"{side}_image"] = img.astype(np.float32)
+        m = np.stack([_crop(mk, start, size, 0) for mk in masks] + [np.ones((size,) * 3, np.uint8)])
+        out[f"{side}_masks"] = m
+    return out
+
+
+def baseline_augment(pair: dict[str, np.ndarray], crop: int, gen: torch.Generator) -> None:
+    """Per-channel spatial transform of image and every mask (the published CPU path)."""
+    for side, spec in (("ref", WEAK), ("query", STRONG)):
+        img = torch.from_numpy(pair[f"{side}_image"])[None, None]
+        masks = torch.from_numpy(pair[f"{side}_masks"])[None].float()
+        mat = random_affine(1, spec, gen, "cpu")
+        grid = sampling_grid(mat, tuple(img.shape[-3:]), crop)
+        vol = torch.cat([img, masks], dim=1)
+        warped = torch.nn.functional.grid_sample(vol, grid, mode="bilinear", align_corners=True)
+        _ = warped[:, 1:] > 0.5
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bank", help="bank path/URL (default: build a phantom bank in a temp dir)")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--baseline-pairs", type=int, default=3)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--margin", type=int, default=16)
+    p.add_argument("--k", type=int, default=13)
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 192])
+    p.add_argument("--scans", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="maskbank-bench-") as tmp:
+        tmp_path = Path(tmp)
+        bank = args.bank
+        if bank is None:
+            from train.demo_bank import build_phantom_bank
+
+            bank = str(tmp_path / "bank")
+            t = time.perf_counter()
+            build_phantom_bank(bank, n_scans=args.scans, shape=tuple(args.shape))
+            print(
+                f"built phantom bank {args.shape} x{args.scans} in {time.perf_counter() - t:.0f} s",
+                file=sys.stderr,
+            )
+        cfg = SamplerConfig(crop=args.crop, margin=args.margin, k=args.k, batch_size=1)
+        stream = PairStream(bank, cfg, seed=0)
+        stream.sample(10_000)  # open stores, warm caches (as a long-running worker would be)
+        size = cfg.read_size
+        gen = torch.Generator().manual_seed(0)
+        aug = PairAugmenter(cfg.crop)
+
+        samples, t_read, t_aug = [], 0.0, 0.0
+        for i in range(args.pairs):
+            t = time.perf_counter()
+            s = stream.sample(i)
+            t_read += time.perf_counter() - t
+            samples.append(s)
+            batch = {
+                k: torch.from_numpy(s[k])[None, None]
+                for k in ("ref_image", "query_image", "ref_bits", "query_bits")
+            }
+            t = time.perf_counter()
+            aug(batch, cfg.n_tasks, gen)
+            t_aug += time.perf_counter() - t
+        ours_read = args.pairs / t_read
+        ours_cpu = args.pairs / (t_read + t_aug)
+
+        base_root = tmp_path / "baseline"
+        base_root.mkdir()
+        nb = min(args.baseline_pairs, len(samples))
+        build_s = build_baseline_files(bank, stream, samples[:nb], base_root)
+        t_base_read = t_base_aug = 0.0
+        for s in samples[:nb]:
+            sid = stream.scan_ids[s["scan_index"]]
+            t = time.perf_counter()
+            pair = baseline_pair(base_root, sid, s, size)
+            t_base_read += time.perf_counter() - t
+            t = time.perf_counter()
+            baseline_augment(pair, cfg.crop, gen)
+            t_base_aug += time.perf_counter() - t
+        base = nb / (t_base_read + t_base_aug)
+        shapes = sorted({tuple(stream._open(sid)[0].shape) for sid in stream.scan_ids})
+        result = {
+            "pairs_per_s": ours_cpu,
+            "baseline_pairs_per_s": base,
+            "ratio": ours_cpu / base,
+            "read_only_pairs_per_s": ours_read,
+            "read_only_ratio_vs_baseline_read": (nb / t_base_read)
+            and ours_read / (nb / t_base_read),
+            "ours_s_per_pair": {"read": t_read / args.pairs, "augment_cpu": t_aug / args.pairs},
+            "baseline_s_per_pair": {"read": t_base_read / nb, "augment_cpu": t_base_aug / nb},
+            "baseline_build_s": build_s,
+            "crop": cfg.crop,
+            "margin": cfg.margin,
+            "k": cfg.k,
+            "pairs": args.pairs,
+            "baseline_pairs": nb,
+            "scan_shapes": shapes,
+            "threads": torch.get_num_threads(),
+            "note": "pairs_per_s includes CPU augmentation; with GPU augmentation the worker only reads",
+        }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:36s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
