@@ -37,7 +37,9 @@ def test_memory_url_reads_index_attrs_and_crops(memory_url: str, filled: Bank) -
 
 def test_file_url(filled: Bank) -> None:
     remote = Bank.open("file://" + str(Path(filled.location).resolve()))
-    np.testing.assert_array_equal(remote.scan("mr-001").read("body"), make_arrays(3, (40, 36, 30))["body"])
+    np.testing.assert_array_equal(
+        remote.scan("mr-001").read("body"), make_arrays(3, (40, 36, 30))["body"]
+    )
 
 
 def test_memory_url_that_is_not_a_bank() -> None:
