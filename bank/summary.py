@@ -39,6 +39,8 @@ def summarise(bank: Bank) -> dict:
     return {
         "location": bank.location,
         "format_version": bank.format_version,
+        "created_at": bank.created_at,
+        "encoding": bank.encoding.to_dict(),
         "scans": total["scans"],
         "voxels": total["voxels"],
         "bytes": total["bytes"],

@@ -16,6 +16,7 @@ def test_summary_numbers(filled: Bank) -> None:
     filled.write_scan("ct-002", {"members_indptr": np.arange(11)}, {}, part="proposals")
     s = filled.summary()
     assert s["scans"] == 3 and s["labelled_scans"] == 2
+    assert s["encoding"]["chunk"] == 16 and s["created_at"].endswith("Z")
     assert s["voxels"] == 2 * 72 * 64 * 48 + 40 * 36 * 30
     assert s["bytes"] == sum(r["nbytes"] for r in filled.index) > 0
     assert s["by_modality"]["ct"]["scans"] == 2 and s["by_modality"]["mr"]["voxels"] == 40 * 36 * 30
