@@ -51,13 +51,18 @@ bp.os.rename = rename
 bb.write_array = write_array
 if crash_at == "index":
     Bank._update_index = update_index
-Bank.create(root).write_scan(scan_id, make_arrays(seed), make_attrs(scan_id))
+if len(sys.argv) > 5:  # a proposals part: CSR of `seed` proposals
+    Bank.create(root).write_scan(
+        scan_id, {"members_indptr": np.arange(seed + 1)}, {}, part=sys.argv[5]
+    )
+else:
+    Bank.create(root).write_scan(scan_id, make_arrays(seed), make_attrs(scan_id))
 """
 
 
-def crash_writer(root: str, scan_id: str, seed: int, crash_at: str) -> None:
+def crash_writer(root: str, scan_id: str, seed: int, crash_at: str, *part: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, root, scan_id, str(seed), crash_at],
+        [sys.executable, "-c", CHILD, root, scan_id, str(seed), crash_at, *part],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -193,3 +198,17 @@ def test_concurrent_create_yields_one_bank(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert len(set(outs)) == 1  # all three opened the same bank
     assert [p.name for p in tmp_path.iterdir()] == ["new-bank"]  # no build folders left
+
+
+def test_crash_while_replacing_proposals_restores_the_old_ones(filled: Bank) -> None:
+    root = Path(filled.location)
+    filled.write_scan("ct-001", {"members_indptr": np.arange(6)}, {}, part="proposals")
+    crash_writer(str(root), "ct-001", 9, "rename2", "proposals")
+    assert (root / "scans" / "ct-001").is_dir()
+    assert not (root / "scans" / "ct-001" / "proposals").exists()
+    assert not Bank.open(root).scan("ct-001").has("proposals")  # readers: image still fine
+    actions = Bank.open(root, mode="a").recover()
+    assert any("restored proposals" in a for a in actions), actions
+    healed = Bank.open(root)
+    assert healed.row("ct-001")["n_proposals"] == 5
+    assert healed.verify() == []
