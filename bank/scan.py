@@ -117,7 +117,9 @@ class ScanView:
         arr = self.array(name)
         if roi is None:
             return arr[...]
-        if not isinstance(roi, tuple):
+        if isinstance(roi, list):
+            roi = tuple(roi)
+        elif not isinstance(roi, tuple):
             roi = (roi,)
         return arr[roi]
 
