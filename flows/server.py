@@ -55,11 +55,17 @@ def wait_healthy(api_url: str, timeout: float, proc: subprocess.Popen | None = N
 
 @contextmanager
 def loopback_server(
-    home: str | os.PathLike, port: int | None = None, timeout: float = 180
+    home: str | os.PathLike,
+    port: int | None = None,
+    timeout: float = 180,
+    ui: bool = False,
+    services: bool = True,
 ) -> Iterator[str]:
     """Run `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yield the API URL.
 
-    The server's output goes to `<home>/server.log` (read it when startup fails).
+    `services=False` runs only the API (no scheduler, late-run marking, event
+    persistence): enough for flows, tasks and served deployments, and lighter on a
+    small machine. The server's output goes to `<home>/server.log`.
     """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -67,9 +73,12 @@ def loopback_server(
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     log_path = home / "server.log"
+    cmd = [*prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += [] if ui else ["--no-ui"]
+    cmd += [] if services else ["--no-services"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [*prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cmd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -38,7 +38,7 @@ def prefect_api() -> Iterator[str]:
 
     from flows.server import loopback_server
 
-    with loopback_server(Path(_PREFECT_HOME) / "server") as url:
+    with loopback_server(Path(_PREFECT_HOME) / "server", services=False) as url:
         os.environ["PREFECT_API_URL"] = url
         try:
             with temporary_settings(updates={PREFECT_API_URL: url}):
