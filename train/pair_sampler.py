@@ -165,6 +165,13 @@ def padded_roi(start: np.ndarray, size: int, shape: tuple[int, ...]):
     return tuple(src), tuple(dst)
 
 
+def _within(inner, outer) -> tuple[slice, ...]:
+    """``inner`` (absolute slices) relative to the block read for ``outer``."""
+    return tuple(
+        slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer, strict=True)
+    )
+
+
 class PairStream(IterableDataset):
     """IterableDataset of ready batches (dicts of tensors) from a bank.
 
@@ -239,23 +246,10 @@ class PairStream(IterableDataset):
         b = self.cfg.batch_size
         return range(g * b, (g + 1) * b)
 
-    def _image_box(self, view, start) -> tuple[np.ndarray, tuple, tuple]:
-        size = self.cfg.read_size
-        src, dst = padded_roi(start, size, view.shape)
-        block = np.asarray(view.read("image", src), dtype=np.float32)
-        pad = float(block.min()) if block.size else 0.0
-        image = np.full((size,) * 3, pad, np.float32)
-        image[dst] = block
-        return image, src, dst
-
-    def _bits_box(self, index: ProposalIndex, blocks, ids, src, dst) -> np.ndarray:
-        size = self.cfg.read_size
-        bits = np.zeros((size,) * 3, np.int32)
-        shape = tuple(s.stop - s.start for s in src)
-        if all(shape):
-            bits[dst] = index.bits(blocks, ids, shape)
-        bits |= np.int32(1 << len(ids))  # global all-ones task
-        return bits
+    def _place(self, block: np.ndarray, dst, fill) -> np.ndarray:
+        out = np.full((self.cfg.read_size,) * 3, fill, block.dtype)
+        out[dst] = block
+        return out
 
     def sample(self, sample_id: int) -> dict[str, Any]:
         """Draw pair ``sample_id`` (pure function of seed and id)."""
@@ -276,21 +270,26 @@ class PairStream(IterableDataset):
                     continue
                 ref_start, q_start = ref0 - cfg.margin, q0 - cfg.margin
                 ref_src, ref_dst = padded_roi(ref_start, cfg.read_size, shape)
-                blocks = index.read_layers(view, ref_src, np.unique(index.layer[cand]))
-                window = tuple(
-                    slice(i.start - r.start, i.stop - r.start)
-                    for i, r in zip(inner, ref_src, strict=True)
+                q_src, q_dst = padded_roi(q_start, cfg.read_size, shape)
+                # One read of the union box serves both crops (they overlap >= 2/3 per axis).
+                union = tuple(
+                    slice(min(r.start, q.start), max(r.stop, q.stop))
+                    for r, q in zip(ref_src, q_src, strict=True)
                 )
-                counts = index.counts(blocks, window)
+                blocks = index.read_layers(view, union, np.unique(index.layer[cand]))
+                counts = index.counts(blocks, _within(inner, union))
                 ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
                 if len(ok) < cfg.k:
                     continue
                 ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
-                ref_img, _, _ = self._image_box(view, ref_start)
-                ref_bits = self._bits_box(index, blocks, ids, ref_src, ref_dst)
-                q_img, q_src, q_dst = self._image_box(view, q_start)
-                q_blocks = index.read_layers(view, q_src, np.unique(index.layer[ids]))
-                q_bits = self._bits_box(index, q_blocks, ids, q_src, q_dst)
+                image = np.asarray(view.read("image", union), dtype=np.float32)
+                pad = float(image.min())
+                bits = index.bits(blocks, ids, image.shape)
+                bits |= np.int32(1 << cfg.k)  # the global all-ones task
+                ref_img = self._place(image[_within(ref_src, union)], ref_dst, pad)
+                q_img = self._place(image[_within(q_src, union)], q_dst, pad)
+                ref_bits = self._place(bits[_within(ref_src, union)], ref_dst, 1 << cfg.k)
+                q_bits = self._place(bits[_within(q_src, union)], q_dst, 1 << cfg.k)
                 return {
                     "ref_image": ref_img,
                     "query_image": q_img,
