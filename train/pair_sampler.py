@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -214,6 +215,7 @@ class PairStream(IterableDataset):
         self.fingerprint = bank_fingerprint(b)
         self._bank = None
         self._scans: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._pid = os.getpid()
 
     # ------------------------------------------------------------------ state
     def state_dict(self, batches_consumed: int) -> dict:
@@ -227,6 +229,8 @@ class PairStream(IterableDataset):
 
     # ------------------------------------------------------------------ access
     def _open(self, scan_id: str):
+        if self._pid != os.getpid():  # forked after use: never share zarr/fsspec handles
+            self._bank, self._scans, self._pid = None, OrderedDict(), os.getpid()
         if self._bank is None:
             self._bank = open_bank(self.location)
         if scan_id in self._scans:

@@ -92,3 +92,10 @@ def test_clear_errors(tmp_path, sparse_bank):
         PairStream(str(tmp_path / "missing"), CFG)
     with pytest.raises(SamplerError, match=r"fewer than k=13 proposals: phantom-ct-000 \(9\)"):
         PairStream(sparse_bank, CFG)
+
+
+def test_fsspec_url_gives_the_same_stream(phantom_bank):
+    local = PairStream(phantom_bank, CFG, seed=2).batch(0)
+    remote = PairStream(f"file://{phantom_bank}", CFG, seed=2).batch(0)
+    for key in ("ref_image", "query_bits", "proposal_ids"):
+        assert torch.equal(local[key], remote[key])
