@@ -65,3 +65,35 @@ def write_bad_inputs(folder: Path) -> dict[str, Path]:
     bad["absurd_size"].write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 64)
     shutil.rmtree(folder / "src")
     return bad
+
+
+def write_dicom_series(folder: Path, modality: str = "ct", seed: int = 5) -> Path:
+    """A phantom as a real DICOM series (one .dcm per axial slice, positions set per slice)."""
+    import SimpleITK as sitk
+
+    ph = make_phantom(modality, shape=SMALL, spacing=SMALL_SPACING, seed=seed)
+    # [x, y, z] RAS -> ITK: numpy [z, y, x] in LPS with direction diag(-1, -1, 1)
+    image = sitk.GetImageFromArray(np.round(ph.image).astype(np.int16).transpose(2, 1, 0))
+    image.SetSpacing(SMALL_SPACING)
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1." + str(seed)
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in (
+            ("0008|0060", modality.upper() if modality != "mr" else "MR"),
+            ("0020|000e", series_uid),
+            ("0020|0013", str(k + 1)),
+            (
+                "0020|0032",
+                "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            ),
+            ("0020|0037", "-1\\0\\0\\0\\-1\\0"),
+            ("0018|0050", str(SMALL_SPACING[2])),
+        ):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+    return folder

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.inputs import InputError, collect_inputs, parse_spacing, sanitise_id
-from tests.flows.scans import write_phantom
+from tests.flows.scans import write_dicom_series, write_phantom
 
 
 def test_folder_pairs_labels_and_recurses(tmp_path: Path) -> None:
@@ -77,3 +77,14 @@ def test_parse_spacing() -> None:
 def test_sanitise_id_is_bank_safe() -> None:
     assert sanitise_id("__sub 01@ses/ct") == "sub-01-ses-ct"
     assert sanitise_id("...") == "scan"
+
+
+def test_dicom_series_folder_is_one_scan(tmp_path: Path) -> None:
+    write_dicom_series(tmp_path / "study" / "CT 1.2.3")
+    write_phantom(tmp_path / "study", "other")
+    scans = collect_inputs([str(tmp_path / "study")])
+    assert [s.scan_id for s in scans] == ["CT-1.2.3", "other"]
+    assert Path(scans[0].image).is_dir()
+    # a series folder given directly is a scan, not a folder to search
+    (direct,) = collect_inputs([str(tmp_path / "study" / "CT 1.2.3")])
+    assert direct.scan_id == "CT-1.2.3"

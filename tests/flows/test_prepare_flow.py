@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bank import Bank
 from pipeline.config import PrepareConfig
-from tests.flows.scans import write_bad_inputs, write_phantom
+from tests.flows.scans import write_bad_inputs, write_dicom_series, write_phantom
 
 CONFIG = PrepareConfig(spacing=(3.0, 3.0, 3.0)).to_dict()
 
@@ -57,6 +58,19 @@ def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Pa
     assert bank.scan("case0").spacing == (4.0, 4.0, 6.0)
     assert bank.scan("case0").shape[2] < old_shape[2]
     assert len(bank) == 3 and bank.verify() == []
+
+
+def test_dicom_and_nifti_of_one_phantom_agree(prefect_api: str, tmp_path: Path) -> None:
+    from flows.prepare import prepare_bank
+
+    write_dicom_series(tmp_path / "in" / "dicom", seed=5)
+    write_phantom(tmp_path / "in", "nifti", seed=5)
+    report = prepare_bank([str(tmp_path / "in")], str(tmp_path / "bank"), CONFIG, progress=False)
+    assert report["counts"]["ok"] == 2, report["scans"]
+    bank = Bank.open(tmp_path / "bank")
+    a, b = bank.scan("dicom"), bank.scan("nifti")
+    assert a.shape == b.shape and a.modality == b.modality == "ct"
+    assert np.abs(a.read("image").astype(np.float32) - b.read("image")).max() < 0.05
 
 
 EXPECTED_REASONS = {
