@@ -251,7 +251,10 @@ class PairStream(IterableDataset):
         return range(g * b, (g + 1) * b)
 
     def _place(self, block: np.ndarray, dst, fill) -> np.ndarray:
-        out = np.full((self.cfg.read_size,) * 3, fill, block.dtype)
+        size = self.cfg.read_size
+        if block.shape == (size,) * 3:  # the usual case: box inside the scan, no padding
+            return np.ascontiguousarray(block)
+        out = np.full((size,) * 3, fill, block.dtype)
         out[dst] = block
         return out
 
