@@ -29,7 +29,7 @@ from pipeline.prepare import prepare_scan
 from pipeline.reader import sha256_of
 
 TASK_RETRIES = 2
-RETRY_DELAYS_S = [2, 10]
+RETRY_DELAYS_S = [1, 4]
 
 
 def _exception_of(state: Any) -> BaseException | None:
@@ -71,10 +71,26 @@ def _existing_attrs(bank: Bank, scan_id: str) -> dict | None:
         return None
 
 
-def _why_redo(old: dict | None, new: dict) -> str | None:
-    """None when the stored scan already matches; else a short reason for the report."""
+def _why_redo(old: dict | None, new: dict, image: str, scan_id: str) -> str | None:
+    """None when the stored scan already matches; else a short reason for the report.
+
+    Raises ScanError when the id already holds a *different* file with different
+    content: ids come from file stems, so a later run on another folder must not
+    silently replace an earlier run's scan.
+    """
     if old is None:
         return "new"
+    old_path = old.get("source_path")
+    if (
+        old_path
+        and old_path != str(Path(image).resolve())
+        and old.get("source_sha256") != new["source_sha256"]
+    ):
+        raise ScanError(
+            image,
+            f"scan id {scan_id!r} already holds a different scan ({old_path}); give this one "
+            "another id (manifest column scan_id) or delete the old one first",
+        )
     for key, label in (
         ("source_sha256", "source changed"),
         ("label_sha256", "label changed"),
@@ -114,7 +130,7 @@ def prepare_one(scan_id: str, item: dict, bank: str, config: dict) -> dict:
             "dataset": dataset,
         }
         store = Bank.open(bank, mode="a")
-        why = _why_redo(_existing_attrs(store, scan_id), wanted)
+        why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
         if why is None:
             return _record(scan, "skipped", t0, reason="already in the bank (same source, config)")
         prepared = prepare_scan(

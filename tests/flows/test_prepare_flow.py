@@ -59,6 +59,15 @@ def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Pa
     assert bank.scan("case0").shape[2] < old_shape[2]
     assert len(bank) == 3 and bank.verify() == []
 
+    # Another folder whose file has the same stem must not replace case1 silently.
+    write_phantom(tmp_path / "elsewhere", "case1", "ct", seed=7)
+    clash = prepare_bank(
+        [str(tmp_path / "elsewhere")], str(bank_dir), coarser, workers=2, progress=False
+    )
+    (rec,) = clash["scans"]
+    assert rec["status"] == "failed" and "already holds a different scan" in rec["reason"]
+    assert Bank.open(bank_dir).scan("case1").modality == "mr"
+
 
 def test_dicom_and_nifti_of_one_phantom_agree(prefect_api: str, tmp_path: Path) -> None:
     from flows.prepare import prepare_bank
@@ -111,3 +120,23 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
     assert {r["scan_id"] for r in stored["scans"] if r["status"] == "failed"} == set(
         EXPECTED_REASONS
     )
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_io_errors_are_retried_then_reported(prefect_api: str, tmp_path: Path) -> None:
+    """Reading /proc/self/mem raises a real EIO: retried by Prefect, then one failed record."""
+    from flows.prepare import RETRY_DELAYS_S, TASK_RETRIES, prepare_bank
+
+    write_phantom(tmp_path / "in", "fine", seed=1)
+    (tmp_path / "in" / "flaky.nii.gz").symlink_to("/proc/self/mem")
+    (tmp_path / "in" / "m.csv").write_text("image\nflaky.nii.gz\nfine.nii.gz\n")
+    report = prepare_bank(
+        [str(tmp_path / "in" / "m.csv")], str(tmp_path / "bank"), CONFIG, progress=False
+    )
+    by_id = {r["scan_id"]: r for r in report["scans"]}
+    assert by_id["fine"]["status"] == "ok"
+    flaky = by_id["flaky"]
+    assert flaky["status"] == "failed"
+    assert "Input/output error" in flaky["reason"]
+    assert f"after {TASK_RETRIES} retries" in flaky["reason"]
+    assert report["seconds"] >= sum(RETRY_DELAYS_S[:TASK_RETRIES])  # the retries really waited
