@@ -195,7 +195,14 @@ def collect_inputs(inputs: list[str], dataset: str | None = None) -> list[ScanIn
     # The same file named twice (e.g. a folder and a file inside it) is one scan.
     unique: dict[str, dict] = {}
     for r in rows:
-        unique.setdefault(r["image"], r)
+        first = unique.setdefault(r["image"], r)
+        if first is not r and any(
+            r.get(k) and r.get(k) != first.get(k) for k in ("label", "modality", "scan_id")
+        ):
+            raise InputError(
+                f"{r['image']} is listed twice with different label/modality/scan_id; "
+                "list each scan once"
+            )
     rows = sorted(unique.values(), key=lambda r: r["image"])
     return assign_ids(rows)
 

@@ -261,8 +261,8 @@ def prepare_bank(
         "scans": records,
     }
     report["report_path"] = store.write_report("prepare", report)
-    logger.info("prepare done: %s", counts)
-    for r in records:
+    logger.info("prepare done: %s; report %s", counts, report["report_path"])
+    for r in records:  # INFO: the CLI prints its own table; served runs log at INFO
         if r["status"] == "failed":
-            logger.warning("failed %s: %s", r["scan_id"], r["reason"])
+            logger.info("failed %s (%s): %s", r["scan_id"], r.get("file"), r["reason"])
     return report

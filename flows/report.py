@@ -51,8 +51,8 @@ def format_prepare_report(report: dict) -> str:
         detail = r.get("reason") or ""
         if r["status"] == "ok" and r.get("note") and r["note"] != "new":
             detail = f"redone: {r['note']}"
-        if r["status"] == "failed" and r.get("file"):
-            detail = f"{r['file']}: {detail}"
+        if r["status"] == "failed" and r.get("file") and r["file"] != r.get("image"):
+            detail = f"{r['file']}: {detail}"  # e.g. the label file, not the image, is bad
         secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
         rows.append([r["scan_id"], r["status"], secs, detail])
     c = report["counts"]

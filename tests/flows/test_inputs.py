@@ -88,3 +88,14 @@ def test_dicom_series_folder_is_one_scan(tmp_path: Path) -> None:
     # a series folder given directly is a scan, not a folder to search
     (direct,) = collect_inputs([str(tmp_path / "study" / "CT 1.2.3")])
     assert direct.scan_id == "CT-1.2.3"
+
+
+def test_same_image_twice(tmp_path: Path) -> None:
+    img, lab = write_phantom(tmp_path, "ct")
+    # named by a folder and by its own path: one scan
+    assert len(collect_inputs([str(tmp_path), str(img)])) == 1
+    (tmp_path / "m.csv").write_text(f"image,label\n{img.name},{lab.name}\n{img.name},\n")
+    assert len(collect_inputs([str(tmp_path / "m.csv")])) == 1
+    (tmp_path / "m.csv").write_text(f"image,label\n{img.name},{lab.name}\n{img.name},{img.name}\n")
+    with pytest.raises(InputError, match="listed twice"):
+        collect_inputs([str(tmp_path / "m.csv")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -102,6 +103,11 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
     write_phantom(tmp_path / "in", "good2", "mr", seed=2)
     lines = ["image,label"] + [p.name + "," for p in bad.values()]
     lines += ["good1.nii.gz,good1_label.nii.gz", "good2.nii.gz,", "missing.nii.gz,"]
+    # a good image whose label lies on another grid: the label file is named as the culprit
+    write_phantom(tmp_path / "in", "good3", seed=3)
+    lines += ["good3.nii.gz,bad_grid_label.nii.gz"]
+    bad_label = tmp_path / "in" / "bad_grid_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint16), np.eye(4)), bad_label)
     manifest = tmp_path / "in" / "batch.csv"
     manifest.write_text("\n".join(lines) + "\n")
 
@@ -113,13 +119,16 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
         assert rec["status"] == "failed", rec
         assert words.lower() in rec["reason"].lower(), rec
         assert rec["file"].endswith(Path(rec["image"]).name)
-    assert report["counts"] == {"ok": 2, "skipped": 0, "failed": len(EXPECTED_REASONS)}
+    assert by_id["good3"]["status"] == "failed" and by_id["good3"]["file"] == str(bad_label)
+    assert "label shape" in by_id["good3"]["reason"]
+    assert report["counts"] == {"ok": 2, "skipped": 0, "failed": len(EXPECTED_REASONS) + 1}
     bank = Bank.open(tmp_path / "bank")
     assert bank.scan_ids == ["good1", "good2"] and bank.verify() == []
     stored = json.loads(Path(report["report_path"]).read_text())
-    assert {r["scan_id"] for r in stored["scans"] if r["status"] == "failed"} == set(
-        EXPECTED_REASONS
-    )
+    assert {r["scan_id"] for r in stored["scans"] if r["status"] == "failed"} == {
+        *EXPECTED_REASONS,
+        "good3",
+    }
 
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
