@@ -106,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("maskbank prepare: error: --workers must be >= 1", file=sys.stderr)
         return 2
+    from bank import Bank, BankError
+
+    try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
+        Bank.create(args.bank)
+    except (BankError, OSError) as exc:
+        print(f"maskbank prepare: error: --bank {args.bank}: {exc}", file=sys.stderr)
+        return 2
     apply_cli_defaults(args.verbose)
 
     with ExitStack() as stack:

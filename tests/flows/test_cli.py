@@ -100,6 +100,11 @@ def test_prepare_usage_errors_exit_2(tmp_path: Path) -> None:
     spacing = maskbank("prepare", str(tmp_path), "--bank", str(tmp_path / "b"), "--spacing", "1,2")
     assert spacing.returncode == 2 and "spacing" in spacing.stderr
     assert not (tmp_path / "b").exists()  # nothing was started
+    (tmp_path / "notabank").mkdir()
+    (tmp_path / "notabank" / "precious.txt").write_text("keep me")
+    clash = maskbank("prepare", str(tmp_path), "--bank", str(tmp_path / "notabank"))
+    assert clash.returncode == 2 and "not empty" in clash.stderr
+    assert (tmp_path / "notabank" / "precious.txt").read_text() == "keep me"
 
 
 def test_prepare_exit_1_when_a_scan_fails(prefect_api: str, tmp_path: Path) -> None:
