@@ -125,3 +125,24 @@ def test_prepare_exit_1_when_a_scan_fails(prefect_api: str, tmp_path: Path) -> N
     assert "1 ok, 0 skipped, 1 failed" in out.stdout
     assert "broken" in out.stdout and "empty" in out.stdout
     assert Bank.open(tmp_path / "bank").scan_ids == ["fine"]
+
+
+@pytest.mark.slow
+def test_prepare_without_a_server(tmp_path: Path) -> None:
+    """The first-time user's path: no PREFECT_API_URL, Prefect starts a temporary server."""
+    import os
+    import subprocess
+
+    from tests.flows.cli_run import MASKBANK, REPO
+
+    write_phantom(tmp_path / "in", "solo")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    out = subprocess.run(
+        [*MASKBANK, "prepare", str(tmp_path / "in"), "--bank", str(tmp_path / "bank"),
+         "--spacing", "3", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 ok, 0 skipped, 0 failed" in out.stdout
+    assert Bank.open(tmp_path / "bank").scan_ids == ["solo"]
