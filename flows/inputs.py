@@ -204,6 +204,8 @@ def collect_inputs(inputs: list[str], dataset: str | None = None) -> list[ScanIn
                 "list each scan once"
             )
     rows = sorted(unique.values(), key=lambda r: r["image"])
+    if not rows:
+        raise InputError(f"nothing to prepare in {', '.join(inputs) or 'no inputs'}")
     return assign_ids(rows)
 
 

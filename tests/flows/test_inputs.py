@@ -64,6 +64,9 @@ def test_bad_manifest_is_a_usage_error(tmp_path: Path, content: str, message: st
 def test_missing_command_line_path_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file"):
         collect_inputs([str(tmp_path / "nope")])
+    (tmp_path / "empty.csv").write_text("image,label\n")
+    with pytest.raises(InputError, match="nothing to prepare"):
+        collect_inputs([str(tmp_path / "empty.csv")])
 
 
 def test_parse_spacing() -> None:
