@@ -31,8 +31,8 @@ def add_proposal_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("proposal options")
     g.add_argument(
         "--generators",
-        default="hierarchy,windows",
-        help="comma list of hierarchy, supervoxels, windows (default: hierarchy,windows)",
+        default="hierarchy,supervoxels,windows",
+        help="comma list of hierarchy, supervoxels, windows (default: hierarchy,supervoxels,windows)",
     )
     g.add_argument(
         "--scales",

@@ -21,7 +21,7 @@ from pipeline.proposals.filters import basic_keep, cap_count, suppress_duplicate
 from pipeline.proposals.hierarchy import hierarchy_layer
 from pipeline.proposals.proposal_set import ProposalSet, merge_sets
 from pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
-from pipeline.proposals.windows import CT_BANDS, percentile_bands, window_layer
+from pipeline.proposals.windows import CT_BANDS, CT_COARSE_BANDS, percentile_bands, window_layer
 
 PROPOSALS_VERSION = "1"
 GENERATORS = ("hierarchy", "supervoxels", "windows")
@@ -39,8 +39,14 @@ class ProposalConfig:
         gradient_sigma_mm: Gaussian scale of the gradient that supervoxels follow.
         compactness: 0..1 weight of the distance-to-seed term in supervoxel flooding.
         boundary_weight: weight of the boundary-gradient term in the merge cost.
-        percentiles: band edges (percentiles inside the body) for MR/PET windows;
-            CT uses fixed HU bands (air/lung, fat, water, soft tissue, contrast, bone).
+        size_exponent: merge cost x (harmonic size of the pair)^size_exponent; larger
+            values merge small regions first (balanced trees, more distinct nodes).
+        percentiles, coarse_percentiles: two band sets (percentiles inside the
+            body) for MR/PET windows, one layer each; CT uses two fixed HU band sets
+            (fine: air/lung, fat, water, soft tissue, contrast, bone; coarse:
+            air/lung, denser than lung, dense).
+        window_smooth_mm: Gaussian smoothing before thresholding (fewer, smoother
+            components that also compress better).
         split_min_mm3: window components larger than this are also split by a
             distance-transform watershed (0 disables).
         min_volume_mm3: minimum proposal volume per modality.  The published
@@ -52,12 +58,15 @@ class ProposalConfig:
         max_proposals: cap per scan after filtering (quota per source, spread over sizes).
     """
 
-    generators: tuple[str, ...] = ("hierarchy", "windows")
+    generators: tuple[str, ...] = ("hierarchy", "supervoxels", "windows")
     scales: tuple[int, ...] = (3000,)
-    compactness: float = 0.0
+    compactness: float = 0.3
     gradient_sigma_mm: float = 1.5
     boundary_weight: float = 1.0
+    size_exponent: float = 1.0
     percentiles: tuple[float, ...] = (0, 10, 25, 40, 55, 70, 85, 95, 100)
+    coarse_percentiles: tuple[float, ...] = (0, 35, 65, 100)
+    window_smooth_mm: float = 1.0
     split_min_mm3: float = 50_000.0
     split_distance_mm: float = 15.0
     min_volume_mm3: tuple[tuple[str, float], ...] = (("ct", 500.0), ("mr", 500.0), ("pet", 800.0))
@@ -71,6 +80,9 @@ class ProposalConfig:
         object.__setattr__(self, "generators", tuple(self.generators))
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+        object.__setattr__(
+            self, "coarse_percentiles", tuple(float(p) for p in self.coarse_percentiles)
+        )
         mv = self.min_volume_mm3
         mv = mv.items() if isinstance(mv, dict) else mv
         object.__setattr__(self, "min_volume_mm3", tuple((str(k), float(v)) for k, v in mv))
@@ -125,16 +137,17 @@ def _candidates(
         info = {"kind": "supervoxels", "n_segments": n, "count": k}
         if "hierarchy" in config.generators and k > 1:
             lay, lo, hi, height, st = hierarchy_layer(
-                sv, k, image, grad, spacing, config.boundary_weight
+                sv, k, image, grad, spacing, config.boundary_weight, config.size_exponent
             )
             with_leaves = "supervoxels" in config.generators
             starts = np.concatenate([np.arange(1, k + 1), lo]) if with_leaves else lo
             stops = np.concatenate([np.arange(2, k + 2), hi]) if with_leaves else hi
             level = np.concatenate([np.zeros(k), height]) if with_leaves else height
-            src = "hierarchy"
             ps = ProposalSet.from_intervals(
-                body.shape, name, lay, starts, stops, src, np.minimum(level, 32000), info
+                body.shape, name, lay, starts, stops, "hierarchy", np.minimum(level, 32000), info
             )
+            if with_leaves:  # the supervoxels themselves: same layer, zero extra storage
+                ps.table["source"] = np.where(np.arange(ps.count) < k, "supervoxels", "hierarchy")
             st.body = np.bincount(lay.reshape(-1), weights=body.reshape(-1), minlength=k + 1)
         else:
             lab = np.arange(1, k + 1)
@@ -145,26 +158,36 @@ def _candidates(
         sets.append(ps)
         stats[name] = st
     if "windows" in config.generators:
-        bands = CT_BANDS if modality == "ct" else percentile_bands(image, body, config.percentiles)
+        if modality == "ct":
+            band_sets = [CT_BANDS, CT_COARSE_BANDS]
+        else:
+            band_sets = [
+                percentile_bands(image, body, config.percentiles),
+                percentile_bands(image, body, config.coarse_percentiles),
+            ]
         vox_mm3 = float(np.prod(spacing))
         split = int(config.split_min_mm3 / vox_mm3) if config.split_min_mm3 > 0 else None
-        lay, iv = window_layer(
-            image,
-            body,
-            spacing,
-            bands,
-            min_vox,
-            split_min_voxels=split,
-            split_distance_mm=config.split_distance_mm,
-        )
-        if iv:
+        for b, bands in enumerate(band_sets):
+            lay, iv = window_layer(
+                image,
+                body,
+                spacing,
+                bands,
+                min_vox,
+                smooth_mm=config.window_smooth_mm,
+                split_min_voxels=split,
+                split_distance_mm=config.split_distance_mm,
+            )
+            if not iv:
+                continue
             arr = np.asarray(iv)
-            info = {"kind": "windows", "bands": [list(b) for b in bands]}
+            name = "windows" if b == 0 else f"windows{b + 1}"
+            info = {"kind": "windows", "bands": [list(x) for x in bands]}
             ps = ProposalSet.from_intervals(
-                body.shape, "windows", lay, arr[:, 0], arr[:, 1], "windows", arr[:, 2], info
+                body.shape, name, lay, arr[:, 0], arr[:, 1], "windows", arr[:, 2], info
             )
             sets.append(ps)
-            stats["windows"] = layer_stats(lay, image, body, spacing)
+            stats[name] = layer_stats(lay, image, body, spacing)
     return sets, stats
 
 

@@ -89,7 +89,11 @@ def build_rag(
 
 
 def agglomerate(
-    data: Data, intensity_scale: float, gradient_scale: float, boundary_weight: float = 1.0
+    data: Data,
+    intensity_scale: float,
+    gradient_scale: float,
+    boundary_weight: float = 1.0,
+    size_exponent: float = 0.5,
 ) -> MergeTree:
     """Greedy agglomeration: cost = (|mean_a - mean_b|/s_i + w * boundary/s_g) * sqrt(harmonic size).
 
@@ -115,7 +119,7 @@ def agglomerate(
     def cost(a: int, b: int, fg: list[float]) -> float:
         na, nb = counts[a], counts[b]
         d = abs(sums[a] / na - sums[b] / nb) / si + boundary_weight * (fg[1] / fg[0]) / sg
-        return d * ((na * nb / (na + nb)) / ref) ** 0.5
+        return d * ((na * nb / (na + nb)) / ref) ** size_exponent
 
     heap = [(cost(a, b, fg), a, b) for a in range(n) for b, fg in nbrs[a].items() if a < b]
     heapq.heapify(heap)
@@ -160,6 +164,7 @@ def hierarchy_layer(
     gradient: np.ndarray,
     spacing,
     boundary_weight: float = 1.0,
+    size_exponent: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LayerStats]:
     """(relabelled layer, starts, stops, heights, its stats): one interval per merge node."""
     data, st = build_rag(labels, image, gradient, spacing)
@@ -169,7 +174,7 @@ def hierarchy_layer(
     # robust scales: a typical edge scores ~1 on each term, whatever the modality
     si = float(np.median(np.abs(x[ei[0], 0] - x[ei[1], 0]))) if ei.size else 1.0
     sg = float(np.median(gb[:, 2] / np.maximum(gb[:, 1], 1))) if len(gb) else 1.0
-    tree = agglomerate(data, si, sg, boundary_weight)
+    tree = agglomerate(data, si, sg, boundary_weight, size_exponent)
     rank, lo, hi, height = tree.leaf_order_and_intervals()
     lut = np.zeros(n_labels + 1, np.int64)
     lut[1:] = rank + 1

@@ -23,6 +23,14 @@ CT_BANDS: tuple[tuple[float, float], ...] = (
     (300.0, 4000.0),
 )
 
+#: Coarse CT bands: air/lung, everything denser than lung (isolates nodules and
+#: ground-glass findings inside the lungs), and dense (contrast, bone).
+CT_COARSE_BANDS: tuple[tuple[float, float], ...] = (
+    (-1100.0, -500.0),
+    (-500.0, 200.0),
+    (200.0, 4000.0),
+)
+
 
 def percentile_bands(
     image: np.ndarray, body: np.ndarray, edges: tuple[float, ...]

@@ -57,7 +57,7 @@ def test_filters_hold(ct_phantom, ct_proposals):
     iou = inter / union
     np.fill_diagonal(iou, 0)
     assert iou.max() <= 0.95
-    assert set(ps.table["source"]) == {"hierarchy", "windows"}
+    assert set(ps.table["source"]) == {"hierarchy", "supervoxels", "windows"}
     assert np.isfinite(ps.table["compactness"]).all() and (ps.table["compactness"] <= 1).all()
 
 
