@@ -119,10 +119,10 @@ def test_prepare_exit_1_when_a_scan_fails(prefect_api: str, tmp_path: Path) -> N
         "3",
         "--workers",
         "2",
-        "--no-progress",
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 ok, 0 skipped, 1 failed" in out.stdout
+    assert "prepare: 100%" in out.stderr and "2/2" in out.stderr  # the tqdm bar
     assert "broken" in out.stdout and "empty" in out.stdout
     assert Bank.open(tmp_path / "bank").scan_ids == ["fine"]
 
