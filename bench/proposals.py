@@ -7,8 +7,9 @@ Run:  .venv/bin/python bench/proposals.py [--out bench-proposals.json] [--skip-s
 2. Quality/storage on the labelled real scans in ../shared/data, prepared at
    1.5 mm: the MNI152 T1 (grey/white matter = probability maps >= 50 %) and the
    chest CT (expert nodule).  Ours vs every segment of one skimage SLIC run with
-   as many segments as we keep proposals (so both store about the same count);
-   ABO, recall and bytes per proposal measured in a real bank on disk.
+   as many segments as we keep proposals (compactness 0.05 or 0.5, the better),
+   re-run with more segments if it would otherwise store fewer bytes than ours
+   ("at no more storage"); ABO, recall and bytes measured in a real bank on disk.
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def real_scans(spacing: float = 1.5) -> list[dict]:
                     best = (base, q_base, t_base, comp)
             base, q_base, t_base, comp = best
             b_base = stored_bytes(base, p.image, p.body, p.spacing)
+            if b_base < b_ours:  # give the baseline at least our storage: more segments
+                n = int(base.count * 1.3 * b_ours / max(b_base, 1))
+                t0 = time.perf_counter()
+                base = slic_baseline(p.image, p.body, p.spacing, n, comp)
+                t_base = time.perf_counter() - t0
+                q_base = score(base, p.label, names)
+                b_base = stored_bytes(base, p.image, p.body, p.spacing)
             rows.append(
                 {
                     "scan": name,

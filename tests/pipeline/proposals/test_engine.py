@@ -113,3 +113,16 @@ def test_bad_inputs_raise_clear_errors():
     img[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         generate_proposals(img, np.ones(img.shape, bool), (1, 1, 1), "ct")
+
+
+def test_external_masks_mix_in_and_win_duplicates(ct_phantom):
+    from pipeline.proposals.external import from_label_map
+
+    ph = ct_phantom
+    expert = from_label_map(ph.labels, source="expert")
+    ps = generate_proposals(ph.image, ph.body, ph.spacing, "ct", extra=[expert])
+    assert "expert" in set(ps.table["source"])
+    by_name = {v: k for k, v in ph.names.items()}
+    for organ in ORGANS:
+        d, i = best_dice(ps, ph.labels == by_name[organ])
+        assert d == 1.0 and ps.table["source"][i] == "expert", organ
