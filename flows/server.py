@@ -53,6 +53,63 @@ def wait_healthy(api_url: str, timeout: float, proc: subprocess.Popen | None = N
     raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout:.0f} s ({last})")
 
 
+class LoopbackServer:
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME.
+
+    `start()` returns at once (so start-up can overlap other work), `wait()` blocks
+    until the API answers, `stop()` ends the server's whole process group.
+    `services=False` runs only the API (no scheduler, late-run marking, event
+    persistence): enough for flows, tasks and served deployments, and lighter on a
+    small machine. The server's output goes to `<home>/server.log`.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike,
+        port: int | None = None,
+        ui: bool = False,
+        services: bool = True,
+    ) -> None:
+        self.home = Path(home)
+        self.port = port or free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.log_path = self.home / "server.log"
+        self.ui, self.services = ui, services
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LoopbackServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(self.home)}
+        env.pop("PREFECT_API_URL", None)
+        cmd = [*prefect_executable(), "server", "start", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port)]
+        cmd += [] if self.ui else ["--no-ui"]
+        cmd += [] if self.services else ["--no-services"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, so we can stop its children
+            )
+        return self
+
+    def wait(self, timeout: float = 180) -> str:
+        """Block until healthy; return the API URL (raise with the log's tail otherwise)."""
+        try:
+            wait_healthy(self.api_url, timeout, self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{exc}\n--- {self.log_path} ---\n{tail}") from exc
+        return self.api_url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+
+
 @contextmanager
 def loopback_server(
     home: str | os.PathLike,
@@ -61,40 +118,12 @@ def loopback_server(
     ui: bool = False,
     services: bool = True,
 ) -> Iterator[str]:
-    """Run `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yield the API URL.
-
-    `services=False` runs only the API (no scheduler, late-run marking, event
-    persistence): enough for flows, tasks and served deployments, and lighter on a
-    small machine. The server's output goes to `<home>/server.log`.
-    """
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
-    log_path = home / "server.log"
-    cmd = [*prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += [] if ui else ["--no-ui"]
-    cmd += [] if services else ["--no-services"]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, so we can stop its children too
-        )
-    api_url = f"http://127.0.0.1:{port}/api"
+    """Run a `LoopbackServer` for the duration of the block; yield its API URL."""
+    server = LoopbackServer(home, port, ui=ui, services=services).start()
     try:
-        try:
-            wait_healthy(api_url, timeout, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{tail}") from exc
-        yield api_url
+        yield server.wait(timeout)
     finally:
-        stop_process_group(proc)
+        server.stop()
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10) -> None:

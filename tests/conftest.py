@@ -31,21 +31,44 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+_SERVER: dict[str, object] = {}
+
+
+def _server():
+    """The suite's loopback server, started on first call (non-blocking)."""
+    from flows.server import LoopbackServer
+
+    if "server" not in _SERVER:
+        home = Path(_PREFECT_HOME) / "server"
+        _SERVER["server"] = LoopbackServer(home, services=False).start()
+    return _SERVER["server"]
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Boot the server while earlier (non-flow) tests run, if any test will need it."""
+    if any("prefect_api" in getattr(item, "fixturenames", ()) for item in items):
+        _server()
+
+
+def pytest_unconfigure(config) -> None:
+    if "server" in _SERVER:
+        _SERVER.pop("server").stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """URL of a Prefect server on loopback, exported to this process and its children."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import loopback_server
-
-    with loopback_server(Path(_PREFECT_HOME) / "server", services=False) as url:
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
-                _drain_prefect_workers()  # send buffered logs/events while the server is up
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+    url = _server().wait(timeout=240)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+            _drain_prefect_workers()  # send buffered logs/events while the server is up
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def _drain_prefect_workers() -> None:
