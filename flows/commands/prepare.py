@@ -88,6 +88,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="local cluster of worker processes instead of threads; starts one loopback "
         "Prefect server for them when PREFECT_API_URL is unset",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the scans found (id, image, label, dataset) and stop; nothing is written",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON, not a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
@@ -103,6 +108,16 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError) as exc:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from flows.report import table
+
+        rows = [
+            [s.scan_id, s.image, s.label or "", s.dataset, s.modality or args.modality]
+            for s in scans
+        ]
+        print(table(["scan", "image", "label", "dataset", "modality"], rows))
+        print(f"\n{len(scans)} scans would be prepared into {args.bank} (dry run)")
+        return 0
     if args.workers < 1:
         print("maskbank prepare: error: --workers must be >= 1", file=sys.stderr)
         return 2

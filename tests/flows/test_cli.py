@@ -93,6 +93,14 @@ def test_verify_exit_codes(small_bank: Path, tmp_path: Path) -> None:
     assert not_bank.returncode == 2 and "error" in not_bank.stderr
 
 
+def test_prepare_dry_run_lists_scans_and_writes_nothing(tmp_path: Path) -> None:
+    write_phantom(tmp_path / "in", "alpha")
+    out = maskbank("prepare", str(tmp_path / "in"), "--bank", str(tmp_path / "b"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "alpha_label.nii.gz" in out.stdout and "1 scans would be prepared" in out.stdout
+    assert not (tmp_path / "b").exists()
+
+
 def test_prepare_usage_errors_exit_2(tmp_path: Path) -> None:
     missing = maskbank("prepare", str(tmp_path / "nope"), "--bank", str(tmp_path / "b"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
