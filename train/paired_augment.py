@@ -149,41 +149,57 @@ def _gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def intensity_augment(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample brightness, shift, gamma, contrast, blur, noise; img (n,1,X,Y,Z)."""
+    """Per-sample brightness, shift, gamma, contrast, blur, noise; img (n,1,X,Y,Z).
+
+    On the CPU an operation no sample drew is skipped (saves whole-volume passes);
+    on the GPU it is computed and masked out, which avoids a host sync per operation.
+    """
     n, device = img.shape[0], img.device
     view = (n, 1, 1, 1, 1)
     dims = (1, 2, 3, 4)
+    cpu = device.type == "cpu"
+
+    def draw(p: float) -> torch.Tensor | None:
+        m = _bernoulli(n, p, gen, device)
+        return None if cpu and not bool(m.any()) else m
+
     if spec.p_brightness > 0:
-        m = _bernoulli(n, spec.p_brightness, gen, device)
+        m = draw(spec.p_brightness)
         f = _uniform(n, *spec.brightness, gen, device)
-        img = img * torch.where(m, f, torch.ones_like(f)).view(view)
+        if m is not None:
+            img = img * torch.where(m, f, torch.ones_like(f)).view(view)
     if spec.p_shift > 0:
-        m = _bernoulli(n, spec.p_shift, gen, device)
-        sh = _uniform(n, -spec.shift, spec.shift, gen, device) * img.std(dim=dims)
-        img = img + torch.where(m, sh, torch.zeros_like(sh)).view(view)
+        m = draw(spec.p_shift)
+        u = _uniform(n, -spec.shift, spec.shift, gen, device)
+        if m is not None:
+            sh = u * img.std(dim=dims)
+            img = img + torch.where(m, sh, torch.zeros_like(sh)).view(view)
     if spec.p_gamma > 0:
-        m = _bernoulli(n, spec.p_gamma, gen, device)
+        m = draw(spec.p_gamma)
         g = _uniform(n, *spec.gamma, gen, device)
-        lo = img.amin(dim=dims, keepdim=True)
-        hi = img.amax(dim=dims, keepdim=True)
-        rng = (hi - lo).clamp_min(1e-6)
-        gam = ((img - lo) / rng).clamp_min(0) ** g.view(view) * rng + lo
-        img = torch.where(m.view(view), gam, img)
+        if m is not None:
+            lo = img.amin(dim=dims, keepdim=True)
+            hi = img.amax(dim=dims, keepdim=True)
+            rng = (hi - lo).clamp_min(1e-6)
+            gam = ((img - lo) / rng).clamp_min(0) ** g.view(view) * rng + lo
+            img = torch.where(m.view(view), gam, img)
     if spec.p_contrast > 0:
-        m = _bernoulli(n, spec.p_contrast, gen, device)
+        m = draw(spec.p_contrast)
         f = _uniform(n, *spec.contrast, gen, device)
-        mean = img.mean(dim=dims, keepdim=True)
-        img = torch.where(m.view(view), (img - mean) * f.view(view) + mean, img)
+        if m is not None:
+            mean = img.mean(dim=dims, keepdim=True)
+            img = torch.where(m.view(view), (img - mean) * f.view(view) + mean, img)
     if spec.p_blur > 0:
-        m = _bernoulli(n, spec.p_blur, gen, device)
+        m = draw(spec.p_blur)
         sig = _uniform(n, *spec.blur_sigma, gen, device)
-        if bool(m.any()):
+        if m is not None:
             img = torch.where(m.view(view), _gaussian_blur(img, sig), img)
     if spec.p_noise > 0:
-        m = _bernoulli(n, spec.p_noise, gen, device)
-        std = _uniform(n, *spec.noise_std, gen, device) * m
-        noise = torch.randn(img.shape, generator=gen, device=device, dtype=img.dtype)
-        img = img + noise * std.view(view)
+        m = draw(spec.p_noise)
+        std = _uniform(n, *spec.noise_std, gen, device)
+        if m is not None:
+            noise = torch.randn(img.shape, generator=gen, device=device, dtype=img.dtype)
+            img = img + noise * (std * m).view(view)
     return img
 
 

@@ -77,3 +77,17 @@ def test_affine_ranges_and_determinism():
     a = PairAugmenter(32)(batch, 2, torch.Generator().manual_seed(5))
     b = PairAugmenter(32)(batch, 2, torch.Generator().manual_seed(5))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_intensity_ops_apply_only_when_drawn():
+    from train.paired_augment import intensity_augment
+
+    img = torch.randn(3, 1, 24, 24, 24)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(intensity_augment(img, NONE, g), img)
+    for op in ("brightness", "shift", "gamma", "contrast", "blur", "noise"):
+        off = {f"p_{o}": 0.0 for o in ("brightness", "shift", "gamma", "contrast", "blur", "noise")}
+        spec = replace(STRONG, **{**off, f"p_{op}": 1.0})
+        out = intensity_augment(img, spec, torch.Generator().manual_seed(1))
+        assert out.shape == img.shape and torch.isfinite(out).all()
+        assert (out - img).abs().mean() > 1e-3, op
