@@ -154,3 +154,11 @@ def test_prepare_without_a_server(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 ok, 0 skipped, 0 failed" in out.stdout
     assert Bank.open(tmp_path / "bank").scan_ids == ["solo"]
+
+
+def test_a_missing_command_module_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "not_written_yet"))
+    parser = cli.build_parser()
+    assert "prepare" in parser.format_help() and "not_written_yet" not in parser.format_help()
