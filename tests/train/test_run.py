@@ -69,30 +69,56 @@ def test_missing_bank_and_sparse_bank_give_clear_errors(tmp_path, sparse_bank, c
     assert "fewer than k=13 proposals" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_sigterm_and_resume_match_uninterrupted_run(phantom_bank, tmp_path):
-    steps = ["max_steps=10", "train.ckpt_every=100"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(_cmd(phantom_bank, full, *steps), env=_env(), check=True, timeout=300)
+STEPS = ["max_steps=10", "train.ckpt_every=3"]
 
-    proc = subprocess.Popen(_cmd(phantom_bank, cut, *steps), env=_env())
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom_bank, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    subprocess.run(_cmd(phantom_bank, out, *STEPS), env=_env(), check=True, timeout=300)
+    return out / "checkpoints" / "last.pt"
+
+
+def _interrupt(bank: str, out: Path, sig: int, after_steps: int) -> int:
+    """Start a run, send ``sig`` once ``after_steps`` steps are logged; return the saved step."""
+    proc = subprocess.Popen(_cmd(bank, out, *STEPS), env=_env())
     deadline = time.time() + 240
-    while len(_metrics(cut)) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
-    killed_at = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)["step"]
-    assert 3 <= killed_at < 10, killed_at  # really interrupted mid-run
+    while len(_metrics(out)) < after_steps and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=120)
+    assert rc == (0 if sig == signal.SIGTERM else -sig), rc
+    return torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
 
-    subprocess.run(_cmd(phantom_bank, cut, *steps, "--resume"), env=_env(), check=True, timeout=300)
-    a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
+
+def _assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a = torch.load(path_a, weights_only=False)
+    b = torch.load(path_b, weights_only=False)
     assert a["step"] == b["step"] == 10
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]["shadow"]:
         assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_and_resume_match_uninterrupted_run(phantom_bank, tmp_path, uninterrupted):
+    cut = tmp_path / "cut"
+    saved = _interrupt(phantom_bank, cut, signal.SIGTERM, after_steps=2)
+    assert 2 <= saved < 10, saved  # checkpointed mid-run, at the step it stopped
+    subprocess.run(_cmd(phantom_bank, cut, *STEPS, "--resume"), env=_env(), check=True, timeout=300)
+    _assert_same_weights(uninterrupted, cut / "checkpoints" / "last.pt")
     assert [r["step"] for r in _metrics(cut)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_from_periodic_checkpoint(phantom_bank, tmp_path, uninterrupted):
+    cut = tmp_path / "killed"
+    saved = _interrupt(phantom_bank, cut, signal.SIGKILL, after_steps=4)
+    assert saved in (3, 6, 9), saved  # only the periodic checkpoints survive a hard kill
+    subprocess.run(_cmd(phantom_bank, cut, *STEPS, "--resume"), env=_env(), check=True, timeout=300)
+    _assert_same_weights(uninterrupted, cut / "checkpoints" / "last.pt")
+    assert _metrics(cut)[-1]["step"] == 10
 
 
 @pytest.mark.slow
