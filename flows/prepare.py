@@ -111,8 +111,38 @@ def _why_redo(old: dict | None, new: dict, image: str, scan_id: str) -> str | No
     cache_policy=NO_CACHE,
     persist_result=False,
 )
-def prepare_one(scan_id: str, item: dict, bank: str, config: dict) -> dict:
-    """Prepare one scan and publish it; skip it when the bank already holds this exact result."""
+def prepare_one(
+    scan_id: str, item: dict, bank: str, config: dict, proposals: dict | None = None
+) -> dict:
+    """Prepare one scan and publish it; skip it when the bank already holds this exact result.
+
+    With ``proposals`` (a ``ProposalConfig.to_dict()``) the same task then makes the
+    scan's mask proposals, which are skipped in turn when already up to date.
+    """
+    t0 = time.perf_counter()
+    record = _prepare_record(scan_id, item, bank, config)
+    if proposals is not None and record["status"] != "failed":
+        record.update(_propose_record(bank, scan_id, proposals))
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def _propose_record(bank: str, scan_id: str, proposals: dict) -> dict:
+    from flows.propose import propose_scan
+    from pipeline.proposals.engine import ProposalConfig
+
+    try:
+        rec = propose_scan(Bank.open(bank, mode="a"), scan_id, ProposalConfig.from_dict(proposals))
+    except ValueError as exc:  # an unusable scan for proposals (e.g. no structure at all)
+        return {"status": "failed", "reason": f"proposals: {exc}"}
+    return {
+        "proposals": rec["status"],
+        "n_proposals": rec.get("n_proposals"),
+        "bytes_per_proposal": rec.get("bytes_per_proposal"),
+    }
+
+
+def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
     t0 = time.perf_counter()
     scan = ScanInput.from_dict(item)
     cfg = PrepareConfig.from_dict(config)
@@ -199,10 +229,12 @@ def prepare_bank(
     dataset: str | None = None,
     processes: bool = False,
     progress: bool = True,
+    proposals: dict | None = None,
 ) -> dict:
     """Prepare every scan found in `inputs` into the bank at `bank`; return the run report.
 
-    `config` is a `PrepareConfig.to_dict()` (defaults when None). The report is also
+    `config` is a `PrepareConfig.to_dict()` (defaults when None); `proposals` a
+    `ProposalConfig.to_dict()` to make proposals in the same tasks. The report is also
     stored in the bank (reports/prepare-<time>.json); its path is `report["report_path"]`.
     """
     from tqdm import tqdm
@@ -226,6 +258,7 @@ def prepare_bank(
                     "item": s.to_dict(),
                     "bank": bank_path,
                     "config": cfg.to_dict(),
+                    "proposals": proposals,
                 },
             ): s
             for s in scans
@@ -255,6 +288,7 @@ def prepare_bank(
         "seconds": round(time.perf_counter() - t0, 3),
         "config": cfg.to_dict(),
         "fingerprint": cfg.fingerprint(),
+        "proposals_config": proposals,
         "workers": workers,
         "dask_address": dask_address,
         "counts": counts,

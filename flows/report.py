@@ -54,10 +54,18 @@ def format_prepare_report(report: dict) -> str:
         if r["status"] == "failed" and r.get("file") and r["file"] != r.get("image"):
             detail = f"{r['file']}: {detail}"  # e.g. the label file, not the image, is bad
         secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
-        rows.append([r["scan_id"], r["status"], secs, detail])
+        row = [r["scan_id"], r["status"], secs, detail]
+        if report.get("proposals_config"):
+            row.insert(3, "" if r.get("n_proposals") is None else str(r["n_proposals"]))
+        rows.append(row)
     c = report["counts"]
+    header = ["scan", "status", "s", "reason"]
+    right = {2}
+    if report.get("proposals_config"):
+        header.insert(3, "proposals")
+        right.add(3)
     lines = [
-        table(["scan", "status", "s", "reason"], rows, right={2}),
+        table(header, rows, right=right),
         "",
         f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
         f"in {report['seconds']:.1f} s -> {report['bank']}",

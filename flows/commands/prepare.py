@@ -10,6 +10,7 @@ import tempfile
 from contextlib import ExitStack
 
 from flows.commands._prefect_env import apply_cli_defaults
+from flows.commands.propose import add_proposal_options, config_from_args
 
 DESCRIPTION = """\
 Prepare raw scans into a bank: read, reorient to RAS, resample to --spacing,
@@ -35,6 +36,7 @@ examples:
   maskbank prepare scans/ --bank bank/ --spacing 1.5
   maskbank prepare manifest.csv --bank bank/ --spacing 1,1,2.5 --workers 8
   maskbank prepare scans/ --bank bank/ --dask-address tcp://scheduler:8786
+  maskbank prepare scans/ --bank bank/ --proposals --scales 2000,6000
 """
 
 
@@ -96,6 +98,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--json", action="store_true", help="print the report as JSON, not a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+    p.add_argument(
+        "--proposals",
+        action="store_true",
+        help="also make each scan's mask proposals in the same task (options below; "
+        "the same as `maskbank propose`)",
+    )
+    add_proposal_options(p)
     return p
 
 
@@ -104,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         spacing = parse_spacing(args.spacing)
+        proposals = config_from_args(args).to_dict() if args.proposals else None
         scans = collect_inputs(args.inputs, args.dataset)  # fail fast, before Prefect starts
     except (InputError, ValueError) as exc:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
@@ -153,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             processes=args.processes,
             progress=not args.no_progress,
+            proposals=proposals,
         )
     if args.json:
         print(json.dumps(report, indent=1))

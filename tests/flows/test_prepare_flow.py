@@ -149,3 +149,30 @@ def test_io_errors_are_retried_then_reported(prefect_api: str, tmp_path: Path) -
     assert "Input/output error" in flaky["reason"]
     assert f"after {TASK_RETRIES} retries" in flaky["reason"]
     assert report["seconds"] >= sum(RETRY_DELAYS_S[:TASK_RETRIES])  # the retries really waited
+
+
+def test_prepare_with_proposals_in_the_same_tasks(
+    prefect_api: str, three_scans: Path, tmp_path: Path
+) -> None:
+    """`--proposals`: each task also makes the scan's proposals; a re-run skips both."""
+    from bank.proposals import ProposalReader
+    from flows.prepare import prepare_bank
+    from pipeline.proposals.engine import ProposalConfig
+
+    proposals = ProposalConfig(scales=(300,), max_proposals=400).to_dict()
+    bank_dir = tmp_path / "bank"
+    first = prepare_bank(
+        [str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False, proposals=proposals
+    )
+    assert _statuses(first) == {"case0": "ok", "case1": "ok", "case2": "ok"}
+    assert {r["proposals"] for r in first["scans"]} == {"ok"}
+    bank = Bank.open(bank_dir)
+    for scan_id in bank.scan_ids:
+        reader = ProposalReader(bank.scan(scan_id))
+        assert 20 <= reader.count <= 400
+        assert bank.row(scan_id)["n_proposals"] == reader.count
+    assert bank.verify() == []
+    again = prepare_bank(
+        [str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False, proposals=proposals
+    )
+    assert {(r["status"], r["proposals"]) for r in again["scans"]} == {("skipped", "skipped")}
