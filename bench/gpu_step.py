@@ -87,7 +87,7 @@ def trainer_run(
     """Run train/run.py's main() and summarise its metrics after warm-up."""
     argv = ["--config", preset, "--bank", bank, "--out", str(out), f"max_steps={steps}",
             f"data.num_workers={workers}", f"train.ckpt_every={10**9}", "train.tensorboard=false",
-            "train.progress=false", *extra]  # fmt: skip
+            "train.progress=false", "train.log_every=1", *extra]  # fmt: skip
     t = time.perf_counter()
     rc = run_main(argv)
     wall = time.perf_counter() - t

@@ -290,6 +290,8 @@ def train(args: argparse.Namespace) -> int:
     preempted = False
     batches = iter(loader)
     model.train()
+    acc_data = acc_dt = 0.0  # accumulated since the last logged step
+    acc_steps = 0
     try:
         while step < max_steps:
             t0 = time.perf_counter()
@@ -313,7 +315,9 @@ def train(args: argparse.Namespace) -> int:
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            acc_data += t_data
+            acc_dt += time.perf_counter() - t0
+            acc_steps += 1
             if is_main and (step % int(tcfg["log_every"]) == 0 or step == max_steps):
                 rec = {
                     "step": step,
@@ -321,10 +325,13 @@ def train(args: argparse.Namespace) -> int:
                     **parts,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
-                    "pairs_per_s": pairs_per_step / dt,
-                    "data_wait": t_data / dt,
-                    "step_s": dt,
+                    # throughput and data wait averaged over the steps since the last log
+                    "pairs_per_s": pairs_per_step * acc_steps / acc_dt,
+                    "data_wait": acc_data / acc_dt,
+                    "step_s": acc_dt / acc_steps,
                 }
+                acc_data = acc_dt = 0.0
+                acc_steps = 0
                 if device.type == "cuda":
                     rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 metrics_fh.write(json.dumps(rec) + "\n")
