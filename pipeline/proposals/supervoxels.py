@@ -71,8 +71,13 @@ def supervoxels(
     n_segments: int,
     compactness: float = 0.0,
     gradient: np.ndarray | None = None,
+    factor: int = 1,
 ) -> tuple[np.ndarray, int]:
     """(int32 label map, count): ~n_segments watershed regions inside the body.
+
+    ``factor`` > 1 floods a grid subsampled by that factor and upsamples the
+    labels (nearest): factor^3 less work and blockier boundaries, which
+    compress several times better on disk.
 
     The flooding priority is the histogram-equalised gradient (quantised to
     uint8, which makes skimage's watershed ~2x faster) plus ``compactness`` x
@@ -85,6 +90,25 @@ def supervoxels(
         return np.zeros(body.shape, np.int32), 0
     if gradient is None:
         gradient = gradient_magnitude(image, spacing)
+    if factor > 1 and min(body.shape) >= 2 * factor:
+        f = int(factor)
+        sub = (slice(f // 2, None, f),) * 3
+        coarse, k = supervoxels(
+            image[sub],
+            body[sub],
+            [s * f for s in spacing],
+            n_segments,
+            compactness,
+            gradient[sub],
+            1,
+        )
+        up = coarse
+        for ax in range(3):
+            up = np.repeat(up, f, axis=ax)
+        pad = [(f // 2, max(0, n - u - f // 2)) for n, u in zip(body.shape, up.shape, strict=True)]
+        up = np.pad(up, pad, mode="edge")[: body.shape[0], : body.shape[1], : body.shape[2]]
+        labels = np.where(body, up, 0).astype(np.int32)
+        return _cover_body(labels, body)
     markers = grid_seeds(body, spacing, n_segments)
     if markers.max() == 0:
         return np.zeros(body.shape, np.int32), 0
@@ -96,8 +120,22 @@ def supervoxels(
     prio += compactness * seed_distance(body.shape, steps)
     prio = (prio * 255).astype(np.uint8)
     labels = watershed(prio, markers, mask=body)
+    return _cover_body(labels.astype(np.int32, copy=False), body)
+
+
+def _cover_body(labels: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, int]:
+    """Give unlabelled body voxels a neighbour's label (or their own component's); relabel."""
+    before = -1
+    for _ in range(16):  # grow labels into reachable gaps (a few voxels wide at most)
+        missing = body & (labels == 0)
+        n_missing = int(missing.sum())
+        if n_missing == 0 or n_missing == before:
+            break
+        before = n_missing
+        grown = ndimage.maximum_filter(labels, size=3)
+        labels[missing] = grown[missing]
     missing = body & (labels == 0)
     if missing.any():
-        cc, k = ndimage.label(missing)
+        cc, _ = ndimage.label(missing)
         labels[missing] = cc[missing] + labels.max()
-    return relabel_raster(labels.astype(np.int32, copy=False))
+    return relabel_raster(labels)
