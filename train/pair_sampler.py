@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -333,13 +334,23 @@ class PairStream(IterableDataset):
             b += nw
 
 
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """Preemption sends SIGTERM to every process; the main process checkpoints, workers must
+    keep serving until it shuts them down (torch's default handler would kill them first)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     stream: PairStream, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
     """DataLoader over ready batches: workers prefetch, the main process only pins."""
     kw: dict[str, Any] = {}
     if num_workers > 0:
-        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+        kw = {
+            "prefetch_factor": prefetch_factor,
+            "persistent_workers": False,
+            "worker_init_fn": _worker_ignores_sigterm,
+        }
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw
     )
