@@ -3,6 +3,7 @@
     python train/run.py --config tiny --bank BANK --out DIR [key=value ...]
     torchrun --nproc_per_node=N train/run.py --config base --bank BANK --out DIR
     python train/run.py ... --resume            # continue DIR/checkpoints/last.pt exactly
+    python train/run.py ... --resume-from CKPT  # or from a given checkpoint file
 
 Writes DIR/config.yaml (resolved), DIR/metrics.jsonl (one JSON object per logged
 step), DIR/tb/ (TensorBoard) and DIR/checkpoints/. On SIGTERM (preemption) the
@@ -50,12 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bank", required=True, help="bank path or fsspec URL")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="continue from a checkpoint (default: OUT/checkpoints/last.pt)",
+        "--resume", action="store_true", help="continue exactly from OUT/checkpoints/last.pt"
     )
+    p.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=20")
     return p.parse_args(argv)
 
@@ -179,8 +177,8 @@ def train(args: argparse.Namespace) -> int:
     max_steps = int(tcfg["max_steps"])
 
     ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(find_checkpoint(args.resume, out))
+    if args.resume or args.resume_from:
+        ckpt = load_checkpoint(find_checkpoint(args.resume_from or "auto", out))
         if ckpt["world_size"] != world:
             raise SamplerError(
                 f"checkpoint was written by {ckpt['world_size']} ranks, this run has {world}; "

@@ -67,6 +67,10 @@ def test_missing_bank_and_sparse_bank_give_clear_errors(tmp_path, sparse_bank, c
     assert "cannot open bank" in capsys.readouterr().err
     assert main(["--bank", sparse_bank, "--out", str(tmp_path / "r2")]) == 2
     assert "fewer than k=13 proposals" in capsys.readouterr().err
+    assert main(["--bank", sparse_bank, "--out", str(tmp_path / "r3"), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main(["--bank", sparse_bank, "--out", str(tmp_path / "r4"), "train.max_stepz=3"]) == 2
+    assert "unknown config key 'train.max_stepz'" in capsys.readouterr().err
 
 
 STEPS = ["max_steps=10", "train.ckpt_every=3"]
