@@ -40,3 +40,14 @@ def test_preset_sizes():
     assert base.channels[0] == 32 and base.channels[-1] == 512
     n_base = count_parameters(build_model("base"))
     assert 100e6 < n_base < 140e6, n_base
+
+
+def test_bf16_autocast_forward():
+    """The GPU path runs under bf16 autocast; mixed dtypes must not break any block."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    ref, masks, query = _inputs(k=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ref, masks, query)
+    assert out.shape == (1, 3, 32, 32, 32)
+    assert torch.isfinite(out.float()).all()
