@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # Build a bank from the sample scans (real ones in ../shared/data when present,
 # synthetic phantoms otherwise) and print its summary.
 demo: $(STAMP)
-	$(BIN)/maskbank demo --out demo-bank
+	$(BIN)/maskbank demo --out demo-run
 
 # The whole test suite (what CI runs).
 test: $(STAMP)
@@ -31,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/prepare.py
 
 clean-demo:
-	rm -rf demo-bank demo-run
+	rm -rf demo-run

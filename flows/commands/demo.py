@@ -15,6 +15,8 @@ from pathlib import Path
 
 from flows.commands._prefect_env import apply_cli_defaults
 
+STAGE_ORDER = ("prepare", "propose", "pretrain")  # the functions are in STAGES below
+
 # (file, label file or None, modality, dataset) of the real sample scans we use.
 REAL_SAMPLES = (
     ("ct_chest_lung1.nii.gz", "ct_chest_lung1_nodule_label.nii.gz", "ct", "sample-real"),
@@ -38,8 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Build a bank from sample scans: the real ones in ../shared/data when "
         "present (plus a synthetic PET phantom, since no real PET is public), otherwise "
         "synthetic CT/MR/PET phantoms written as NIfTI into OUT/inputs. Runs `prepare` "
-        "into OUT/bank and prints the bank summary. Re-running skips finished work. "
-        "Exit status as for `maskbank prepare`.",
+        "into OUT/bank and prints the bank summary, makes the mask proposals and prints "
+        "their quality against the scans' labels, then pretrains the `tiny` in-context "
+        "network on the CPU for --steps steps (OUT/pretrain) and prints its loss curve. "
+        "Re-running skips finished prepare/propose work. Exit status as for `maskbank prepare`.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for inputs and bank")
     p.add_argument("--spacing", default="1.5", metavar="MM", help="target spacing (default 1.5)")
@@ -48,6 +52,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--synthetic", action="store_true", help="use phantoms even when real scans exist"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--steps", type=int, default=80, metavar="N", help="tiny pretraining steps (default 80)"
+    )
+    p.add_argument(
+        "--until",
+        choices=STAGE_ORDER,
+        default="pretrain",
+        help="stop after this stage (default: pretrain, i.e. run everything)",
+    )
     return p
 
 
@@ -114,11 +127,76 @@ def stage_prepare(args: argparse.Namespace, ctx: dict) -> int:
     return 1 if report["counts"].get("failed") else 0
 
 
-# Hook for later stages: append ("propose", stage_propose), ("pretrain", stage_pretrain)
-# with the same signature; each sees ctx["out"], ctx["bank"] and what earlier stages stored.
+def stage_propose(args: argparse.Namespace, ctx: dict) -> int:
+    """Mask proposals for every scan, then their quality against the labelled scans."""
+    from bank import Bank
+    from flows.commands.proposals_quality import bank_quality, format_table
+    from flows.commands.propose import format_report
+    from flows.propose import propose_bank
+    from pipeline.proposals.engine import ProposalConfig
+
+    report = propose_bank(
+        bank=str(ctx["bank"]),
+        config=ProposalConfig().to_dict(),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(format_report(report))
+    print()
+    print(format_table(bank_quality(Bank.open(ctx["bank"]))))
+    return 1 if report["counts"].get("failed") else 0
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One-line picture of a curve (the loss), resampled to ``width`` characters."""
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    idx = [round(i * (len(values) - 1) / max(width - 1, 1)) for i in range(min(width, len(values)))]
+    pts = [values[i] for i in idx]
+    lo, hi = min(pts), max(pts)
+    span = (hi - lo) or 1.0
+    return "".join(bars[min(7, int((v - lo) / span * 7.999))] for v in pts)
+
+
+def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
+    """A short CPU pretraining of the `tiny` preset; prints the loss curve."""
+    import json
+
+    from train.run import main as train_main
+
+    run_dir = ctx["out"] / "pretrain"
+    code = train_main(
+        [
+            "--config",
+            "tiny",
+            "--bank",
+            str(ctx["bank"]),
+            "--out",
+            str(run_dir),
+            f"train.max_steps={args.steps}",
+        ]
+    )
+    if code:
+        return code
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [float(r["loss"]) for r in rows if "loss" in r]
+    if losses:
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"\npretraining loss over {len(losses)} steps: {sparkline(losses)}")
+        print(f"mean loss of the first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+        print(f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tb'})")
+    return 0
+
+
+# Stages share ctx["out"], ctx["bank"] and what earlier stages stored.
 STAGES: list[tuple[str, Callable[[argparse.Namespace, dict], int]]] = [
     ("prepare", stage_prepare),
+    ("propose", stage_propose),
+    ("pretrain", stage_pretrain),
 ]
+assert tuple(name for name, _ in STAGES) == STAGE_ORDER
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,5 +209,7 @@ def run(args: argparse.Namespace) -> int:
         if code:
             print(f"demo stopped after stage {name!r} (exit {code})", file=sys.stderr)
             return code
+        if name == args.until:
+            break
     print(f"\ndemo done: bank at {ctx['bank']}")
     return 0

@@ -13,16 +13,25 @@ from tests.flows.cli_run import maskbank
 
 @pytest.mark.slow
 def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> None:
-    out = maskbank("demo", "--out", str(tmp_path), "--synthetic", "--no-progress", timeout=600)
+    """All stages: prepare, proposals (+ quality table), a few tiny pretraining steps."""
+    args = ("demo", "--out", str(tmp_path), "--synthetic", "--no-progress", "--spacing", "3")
+    out = maskbank(*args, "--steps", "4", timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "3 ok, 0 skipped, 0 failed" in out.stdout and "demo done" in out.stdout
+    assert "ABO" in out.stdout and "overall" in out.stdout
+    assert "pretraining loss over 4 steps" in out.stdout
+    metrics = (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4
+    assert (tmp_path / "pretrain" / "checkpoints").is_dir()
     bank = Bank.open(tmp_path / "bank")
     assert sorted(bank.summary()["by_modality"]) == ["ct", "mr", "pet"]
     assert all(bank.scan(s).has("label") for s in bank.scan_ids)
+    assert all(bank.row(s)["n_proposals"] > 50 for s in bank.scan_ids)
     assert bank.verify() == []
 
-    again = maskbank("demo", "--out", str(tmp_path), "--synthetic", "--no-progress", timeout=600)
+    again = maskbank(*args, "--until", "propose", timeout=600)
     assert again.returncode == 0 and "0 ok, 3 skipped, 0 failed" in again.stdout
+    assert "pretraining" not in again.stdout
 
 
 @pytest.mark.slow
@@ -30,7 +39,9 @@ def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> N
 def test_demo_uses_the_real_sample_scans(
     prefect_api: str, shared_data: Path, tmp_path: Path
 ) -> None:
-    out = maskbank("demo", "--out", str(tmp_path), "--no-progress", timeout=600)
+    out = maskbank(
+        "demo", "--out", str(tmp_path), "--no-progress", "--until", "prepare", timeout=600
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "inputs" / "manifest.csv") as fh:
         images = [Path(r["image"]) for r in csv.DictReader(fh)]

@@ -1,0 +1,52 @@
+"""`maskbank pretrain`: in-context segmentation pretraining on a bank (wraps `train/run.py`)."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Pretrain the in-context segmentation network on reference/query pairs streamed from
+BANK (scans with mask proposals). Same as `python train/run.py --config CONFIG --bank
+BANK --out OUT [key=value ...]`; for several GPUs use torchrun on train/run.py:
+
+  torchrun --nproc_per_node=8 train/run.py --config base --bank BANK --out OUT
+
+Writes OUT/config.yaml, OUT/metrics.jsonl (step, loss, pairs_per_s, data_wait),
+OUT/tb/ (TensorBoard) and OUT/checkpoints/ (every N steps and on SIGTERM).
+"""
+
+EPILOG = """\
+examples:
+  maskbank pretrain bank/ --out runs/tiny                          # CPU, tiny preset
+  maskbank pretrain bank/ --out runs/base --config base max_steps=100000 data.batch_size=4
+  maskbank pretrain bank/ --out runs/base --config base --resume  # continue after preemption
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain the in-context segmentation network on a bank",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bank", metavar="BANK", help="bank path or fsspec URL (needs proposals)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument(
+        "--config", default="tiny", help="preset (tiny, small, base) or YAML file (default: tiny)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue exactly from OUT/checkpoints/last.pt"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.run import main
+
+    argv = ["--config", args.config, "--bank", args.bank, "--out", args.out, *args.overrides]
+    if args.resume:
+        argv.insert(0, "--resume")
+    return main(argv)
