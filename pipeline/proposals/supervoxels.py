@@ -26,20 +26,38 @@ def gradient_magnitude(image: np.ndarray, spacing, sigma_mm: float = 1.5) -> np.
     return np.sqrt(out, out=out)
 
 
-def _steps(body: np.ndarray, spacing, n_segments: int) -> list[int]:
+def _steps(body: np.ndarray, spacing, n_segments: int) -> list[float]:
+    """Seed spacing in voxels per axis (fractional, so the count tracks n_segments)."""
     body_mm3 = float(body.sum()) * float(np.prod(spacing))
     step_mm = (body_mm3 / max(n_segments, 1)) ** (1 / 3)
-    return [max(1, round(step_mm / s)) for s in spacing]
+    return [max(1.0, step_mm / s) for s in spacing]
+
+
+def _seed_coords(n: int, step: float) -> np.ndarray:
+    return np.unique(np.minimum(np.arange(step / 2, n, step).astype(np.int64), n - 1))
 
 
 def grid_seeds(body: np.ndarray, spacing, n_segments: int) -> np.ndarray:
     """Int32 marker volume: one seed per cell of a grid sized for ~n_segments in the body."""
     steps = _steps(body, spacing, n_segments)
     markers = np.zeros(body.shape, np.int32)
-    sub = tuple(slice(st // 2, None, st) for st in steps)
-    seeds = body[sub]
-    markers[sub][seeds] = np.arange(1, int(seeds.sum()) + 1, dtype=np.int32)
+    ix = np.ix_(*[_seed_coords(n, st) for n, st in zip(body.shape, steps, strict=True)])
+    seeds = body[ix]
+    sub = markers[ix]
+    sub[seeds] = np.arange(1, int(seeds.sum()) + 1, dtype=np.int32)
+    markers[ix] = sub
     return markers
+
+
+def seed_distance(shape, steps) -> np.ndarray:
+    """Normalised distance (0 at a seed, ~1 at a cell corner) to the nearest grid seed."""
+    d2 = np.zeros(shape, np.float32)
+    for ax, (n, st) in enumerate(zip(shape, steps, strict=True)):
+        i = np.arange(n, dtype=np.float32)
+        half = st / 2
+        dist = np.minimum(np.abs((i - half) - np.round((i - half) / st) * st), half) / max(half, 1)
+        d2 += (dist**2).reshape([-1 if k == ax else 1 for k in range(3)])
+    return np.sqrt(d2 / 3)
 
 
 def relabel_raster(labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -51,17 +69,6 @@ def relabel_raster(labels: np.ndarray) -> tuple[np.ndarray, int]:
     nz = values[order] != 0
     lut[values[order][nz]] = np.arange(1, int(nz.sum()) + 1, dtype=np.int32)
     return lut[labels], int(nz.sum())
-
-
-def seed_distance(shape, steps) -> np.ndarray:
-    """Normalised distance (0 at a seed, ~1 at a cell corner) to the nearest grid seed."""
-    d2 = np.zeros(shape, np.float32)
-    for ax, (n, st) in enumerate(zip(shape, steps, strict=True)):
-        i = np.arange(n, dtype=np.float32)
-        off = np.abs(((i - st // 2) % st) - st / 2)  # distance to nearest cell border
-        dist = (st / 2 - off) / max(st / 2, 1)  # 0 at seed, 1 at border
-        d2 += (dist**2).reshape([-1 if k == ax else 1 for k in range(3)])
-    return np.sqrt(d2 / 3)
 
 
 def supervoxels(
@@ -119,8 +126,33 @@ def supervoxels(
     prio = np.searchsorted(qs, gradient).astype(np.float32) / 255.0 * (1 - compactness)
     prio += compactness * seed_distance(body.shape, steps)
     prio = (prio * 255).astype(np.uint8)
+    markers = _seeds_to_minima(markers, prio, body, radius=max(1, int(min(steps) // 4)))
     labels = watershed(prio, markers, mask=body)
     return _cover_body(labels.astype(np.int32, copy=False), body)
+
+
+def _seeds_to_minima(
+    markers: np.ndarray, prio: np.ndarray, body: np.ndarray, radius: int
+) -> np.ndarray:
+    """Move each seed to the lowest-priority body voxel within ``radius`` (as SLIC does).
+
+    A seed left on a noisy high-gradient voxel is engulfed by its neighbours'
+    floods and ends up a few voxels big; at a local minimum it grows normally.
+    """
+    pos = np.argwhere(markers > 0)
+    if len(pos) == 0:
+        return markers
+    ids = markers[tuple(pos.T)]
+    r = np.arange(-radius, radius + 1)
+    offs = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    cand = pos[:, None, :] + offs[None]
+    cand = np.clip(cand, 0, np.array(markers.shape) - 1)
+    idx = tuple(cand.transpose(2, 0, 1))
+    cost = prio[idx].astype(np.int32) + np.where(body[idx], 0, 1 << 20)
+    best = cand[np.arange(len(pos)), np.argmin(cost, axis=1)]
+    out = np.zeros_like(markers)
+    out[tuple(best.T)] = ids  # two seeds landing on one voxel: one survives (harmless)
+    return out
 
 
 def _cover_body(labels: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, int]:
