@@ -181,7 +181,8 @@ class TaskEncoder(nn.Module):
         flat = feat.flatten(2).transpose(1, 2)  # (N,L,C)
         w = occ.flatten(2).unsqueeze(-1)  # (N,K,L,1)
         # Mask-fused reference features, one copy per task.
-        fused = flat.unsqueeze(1) + w * self.fg_embed + (1 - w) * self.bg_embed  # (N,K,L,C)
+        fg_e, bg_e = self.fg_embed.to(feat.dtype), self.bg_embed.to(feat.dtype)  # stay bf16
+        fused = flat.unsqueeze(1) + w * fg_e + (1 - w) * bg_e  # (N,K,L,C)
         fused = fused.reshape(n * k, -1, c)
         q = self.query.to(feat.dtype).expand(n * k, -1, -1)
         q = self.cross(q, fused)
