@@ -3,8 +3,8 @@
 The sampler hands over crops of ``crop + 2 * margin`` voxels; augmentation warps
 them with one random affine per sample and cuts the central ``crop``^3, so the
 warp pulls real context from the margin instead of zero padding. Image and masks
-go through the same sampling grid (trilinear for the image, trilinear + 0.5
-threshold for masks) so they stay aligned voxel for voxel.
+go through the same voxel coordinates (trilinear for the image, nearest neighbour
+for the bit-packed masks) so they stay aligned voxel for voxel.
 
 Defaults (the published MASS/Iris recipe):
 
@@ -132,20 +132,27 @@ def sampling_grid(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) ->
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable blur with a per-sample sigma; img (n,1,X,Y,Z)."""
+    """Separable blur with a per-sample sigma (replicate borders); img (n,1,X,Y,Z).
+
+    Each axis is a symmetric 7-tap sum of shifted views (4 products, 6 adds per
+    voxel): ~3x cheaper on the CPU than the equivalent grouped ``conv3d``.
+    """
     radius = 3
     t = torch.arange(-radius, radius + 1, device=img.device, dtype=img.dtype)
     kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].to(img.dtype) ** 2))
     kern = kern / kern.sum(1, keepdim=True)  # (n, 2r+1)
-    n = img.shape[0]
-    x = img.transpose(0, 1)  # (1, n, X, Y, Z): grouped conv, one group per sample
-    for dim in range(3):
-        shape = [n, 1, 1, 1, 1]
-        shape[2 + dim] = 2 * radius + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), kern.view(shape), groups=n)
-    return x.transpose(0, 1)
+    w = kern.view(img.shape[0], 1, 1, 1, 1, -1)
+    x = img
+    for dim in (2, 3, 4):
+        size = x.shape[dim]
+        idx = torch.arange(-radius, size + radius, device=img.device).clamp(0, size - 1)
+        xp = x.index_select(dim, idx)  # replicate padding along dim
+        acc = xp.narrow(dim, radius, size) * w[..., radius]
+        for r in range(1, radius + 1):
+            pair = xp.narrow(dim, radius - r, size) + xp.narrow(dim, radius + r, size)
+            acc.add_(pair.mul_(w[..., radius + r]))
+        x = acc
+    return x
 
 
 def intensity_augment(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
@@ -192,7 +199,11 @@ def intensity_augment(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator
     if spec.p_blur > 0:
         m = draw(spec.p_blur)
         sig = _uniform(n, *spec.blur_sigma, gen, device)
-        if m is not None:
+        if m is not None and cpu:  # blur only the samples that drew it
+            idx = m.nonzero().flatten()
+            img = img.clone()
+            img[idx] = _gaussian_blur(img[idx], sig[idx])
+        elif m is not None:
             img = torch.where(m.view(view), _gaussian_blur(img, sig), img)
     if spec.p_noise > 0:
         m = draw(spec.p_noise)
@@ -218,16 +229,70 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """(n,1,*S) integer bit fields -> (n,K,*S) bool."""
-    if bits.device.type == "cpu":
-        # A numpy loop of narrow ANDs is ~20x faster than broadcasting int32 shifts on the CPU.
-        dtype = np.uint16 if k <= 16 else np.uint32
-        flat = bits.reshape(bits.shape[0], -1).numpy().astype(dtype)
-        out = np.empty((bits.shape[0], k, flat.shape[1]), dtype=bool)
+    if bits.device.type == "cpu" and k <= 32:
+        # Shift + AND on the uint8 byte planes of the little-endian int32 field, written
+        # straight into the bool output: ~5x faster than uint16 masks, ~25x than torch shifts.
+        n = bits.shape[0]
+        field = np.ascontiguousarray(bits.numpy(), dtype="<i4").reshape(n, -1)
+        raw = field.view(np.uint8)  # (n, 4 * voxels), byte b of voxel v at 4 * v + b
+        planes = [np.ascontiguousarray(raw[:, b::4]) for b in range((k + 7) // 8)]
+        out = np.empty((n, k, field.shape[1]), dtype=np.uint8)
         for j in range(k):
-            np.not_equal(flat & dtype(1 << j), 0, out=out[:, j])
-        return torch.from_numpy(out).view(bits.shape[0], k, *bits.shape[2:])
+            np.right_shift(planes[j // 8], j % 8, out=out[:, j])
+            np.bitwise_and(out[:, j], 1, out=out[:, j])
+        return torch.from_numpy(out.view(bool)).view(n, k, *bits.shape[2:])
     shifts = torch.arange(k, device=bits.device, dtype=torch.int32).view(1, -1, 1, 1, 1)
     return ((bits.to(torch.int32) >> shifts) & 1).bool()
+
+
+def voxel_coords(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) -> torch.Tensor:
+    """(n,3,out,out,out) float32 input voxel coordinates (x, y, z) of the ``out``^3 output.
+
+    ``in_a = c_a + sum_b mat[a, b] * o_b`` about the centres ``c`` of input and
+    output; built from three broadcast outer products (no (n, out^3, 3) matmul).
+    """
+    device = mat.device
+    m = mat.float()
+    r = torch.arange(out, device=device, dtype=torch.float32) - (out - 1) / 2
+    centre = (torch.tensor(in_size, device=device, dtype=torch.float32) - 1) / 2
+    cx = centre[None, :, None] + m[:, :, 0, None] * r  # (n, 3, out)
+    cy = m[:, :, 1, None] * r
+    cz = m[:, :, 2, None] * r
+    return (cx[..., :, None, None] + cy[..., None, :, None]) + cz[..., None, None, :]
+
+
+def _grid_from_coords(coords: torch.Tensor, in_size: tuple[int, int, int]) -> torch.Tensor:
+    """grid_sample grid (align_corners=True): normalised, (z, y, x) order, (n,D,H,W,3)."""
+    scale = [2.0 / max(s - 1, 1) for s in in_size]
+    return torch.stack([coords[:, a] * scale[a] - 1 for a in (2, 1, 0)], dim=-1)
+
+
+def _nearest_bits(bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour gather of (n,1,*S) int bit fields at ``coords``; 0 outside.
+
+    The field is padded by one zero voxel per side and indices are clamped into
+    that border, so no validity mask is needed; the flat index is exact in float32
+    while the padded volume has < 2**24 voxels (int64 arithmetic otherwise).
+    """
+    n = bits.shape[0]
+    size = bits.shape[-3:]
+    padded = F.pad(bits.to(torch.int32)[:, 0], (1, 1, 1, 1, 1, 1))  # (n, X+2, Y+2, Z+2)
+    py, pz = size[1] + 2, size[2] + 2
+    exact = padded[0].numel() < 2**24
+    idx = []
+    for a in range(3):
+        c = torch.round(coords[:, a]).add_(1).clamp_(0, size[a] + 1)
+        idx.append(c if exact else c.long())
+    flat = (idx[0] * py + idx[1]).mul_(pz).add_(idx[2])
+    flat = flat.reshape(n, -1)
+    src = padded.reshape(n, -1)
+    if bits.device.type == "cpu":  # numpy's take is ~2x faster than torch.take here
+        flat_np = flat.numpy().astype(np.int64 if not exact else np.int32)
+        got = np.stack([np.take(src[i].numpy(), flat_np[i]) for i in range(n)])
+        out = torch.from_numpy(got)
+    else:
+        out = torch.gather(src, 1, flat.long())
+    return out.view(n, 1, *coords.shape[-3:])
 
 
 def warp(
@@ -235,19 +300,19 @@ def warp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp image (n,1,*S) float and mask bit fields (n,1,*S) int through ``mat``.
 
-    Returns the central ``out``^3 of both. The image is sampled trilinearly; the
-    K masks travel bit-packed in one channel sampled nearest-neighbour, which is
-    exact for binary masks and ~K times cheaper than warping K channels (this is
-    what makes CPU augmentation affordable).
+    Returns the central ``out``^3 of both. One coordinate computation serves both:
+    the image is sampled trilinearly (``grid_sample``, border padding); the K masks
+    travel bit-packed in one int32 channel gathered at the rounded coordinates
+    (nearest neighbour, zeros outside), which is exact for binary masks and ~K
+    times cheaper than warping K channels.
     """
-    grid = sampling_grid(mat, tuple(image.shape[-3:]), out)
+    in_size = tuple(image.shape[-3:])
+    coords = voxel_coords(mat, in_size, out)
+    grid = _grid_from_coords(coords, in_size)
     img = F.grid_sample(
         image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=True
     )
-    packed = F.grid_sample(
-        bits.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
-    )
-    return img, packed.round().to(torch.int32)
+    return img, _nearest_bits(bits, coords)
 
 
 def center_crop(x: torch.Tensor, out: int) -> torch.Tensor:

@@ -91,3 +91,50 @@ def test_intensity_ops_apply_only_when_drawn():
         out = intensity_augment(img, spec, torch.Generator().manual_seed(1))
         assert out.shape == img.shape and torch.isfinite(out).all()
         assert (out - img).abs().mean() > 1e-3, op
+
+
+def test_warp_matches_grid_sample_reference():
+    """The shared-coordinate warp equals per-channel grid_sample through sampling_grid."""
+    import torch.nn.functional as F
+
+    from train.paired_augment import sampling_grid
+
+    g = torch.Generator().manual_seed(7)
+    img = torch.randn(2, 1, 40, 44, 48, generator=g)
+    masks = torch.rand(2, 20, 40, 44, 48, generator=g) > 0.5  # bits up to 2**19
+    mat = random_affine(2, replace(STRONG, p_affine=1.0), g, "cpu")
+    out_img, bits = warp(img, pack_bits(masks), mat, 32)
+    grid = sampling_grid(mat, (40, 44, 48), 32)
+    want_img = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    assert torch.allclose(out_img, want_img, atol=1e-4)
+    want = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=True) > 0.5
+    got = unpack_bits(bits, 20)
+    assert (got != want).float().mean() < 1e-3  # only float ties at .5 may round apart
+    assert got.any() and not got.all()
+
+
+def test_blur_matches_conv3d_reference():
+    import torch.nn.functional as F
+
+    from train.paired_augment import _gaussian_blur
+
+    img = torch.randn(2, 1, 20, 22, 24)
+    sigma = torch.tensor([0.5, 1.0])
+    t = torch.arange(-3, 4, dtype=torch.float32)
+    for j in range(2):
+        k = torch.exp(-(t**2) / (2 * sigma[j] ** 2))
+        k = k / k.sum()
+        x = img[j : j + 1]
+        for dim in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + dim] = 7
+            pad = [0] * 6
+            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = 3
+            x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape))
+        assert torch.allclose(_gaussian_blur(img, sigma)[j : j + 1], x, atol=1e-5)
+
+
+def test_unpack_matches_shifts_for_high_bits():
+    bits = torch.randint(0, 2**23, (2, 1, 5, 6, 7), dtype=torch.int32)
+    shifts = torch.arange(23, dtype=torch.int32).view(1, -1, 1, 1, 1)
+    assert torch.equal(unpack_bits(bits, 23), ((bits >> shifts) & 1).bool())
