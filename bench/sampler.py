@@ -112,6 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=13)
     p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 192])
     p.add_argument("--scans", type=int, default=2)
+    p.add_argument(
+        "--chunk-cache-mb",
+        type=float,
+        default=256,
+        help="per-worker decoded-chunk cache (0 = every read decodes, as on a huge bank)",
+    )
+    p.add_argument(
+        "--pairs-per-visit",
+        type=int,
+        default=1,
+        help="data.pairs_per_scan_visit: consecutive pairs drawn from one scan (1 = default stream)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -129,9 +141,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"built phantom bank {args.shape} x{args.scans} in {time.perf_counter() - t:.0f} s",
                 file=sys.stderr,
             )
-        cfg = SamplerConfig(crop=args.crop, margin=args.margin, k=args.k, batch_size=1)
-        stream = PairStream(bank, cfg, seed=0)
+        cfg = SamplerConfig(
+            crop=args.crop,
+            margin=args.margin,
+            k=args.k,
+            batch_size=1,
+            pairs_per_scan_visit=args.pairs_per_visit,
+        )
+        stream = PairStream(bank, cfg, seed=0, chunk_cache_mb=args.chunk_cache_mb)
         stream.sample(10_000)  # open stores, warm caches (as a long-running worker would be)
+        stream.chunks.clear()  # ... but no decoded chunks: pair 0 starts cold
+        stream.chunks.hits = stream.chunks.misses = 0
         size = cfg.read_size
         gen = torch.Generator().manual_seed(0)
         aug = PairAugmenter(cfg.crop)
@@ -195,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             "ours_s_per_pair": {"read": t_read / args.pairs, "augment_cpu": t_aug / args.pairs},
             "baseline_s_per_pair": {"read": t_base_read / nb, "augment_cpu": t_base_aug / nb},
             "baseline_build_s": build_s,
+            "chunk_cache_mb": args.chunk_cache_mb,
+            "chunk_cache_hit_rate": stream.chunks.hits
+            / max(stream.chunks.hits + stream.chunks.misses, 1),
+            "pairs_per_scan_visit": args.pairs_per_visit,
             "crop": cfg.crop,
             "margin": cfg.margin,
             "k": cfg.k,

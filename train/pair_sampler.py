@@ -17,6 +17,14 @@ Design choices (why):
   rebuilt from each layer's block by one table lookup (``train.crop_masks``) and
   travel as one int32 bit field per crop (bit k = task k), 1/K of the bytes of
   K boolean volumes.
+* **Decode each chunk once per worker.** Reads go through a per-process LRU of
+  decoded chunks (``train.crop_masks.ChunkCache``, ``chunk_cache_mb``), so pairs
+  whose boxes overlap an earlier pair's (same scan) skip decompression. With
+  ``pairs_per_scan_visit = P > 1`` the scan of pair ``i`` is drawn from
+  ``(seed, i // P)``: P consecutive pairs share a scan (different anchors, crops
+  and proposals), which turns most reads into cache hits on large banks too, at
+  the price of less scan diversity within a batch. P = 1 (default) is the
+  original stream, pair for pair.
 * **Lazy, per-process store handles.** The bank is opened on first use inside
   each worker, never pickled across a fork.
 * This module imports numpy, torch and ``bank`` only: no Prefect, no Dask.
@@ -37,9 +45,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.crop_masks import ProposalIndex
+from train.crop_masks import ChunkCache, ProposalIndex
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
+_VISIT_STREAM = 0x5CA7  # third seed word of the per-visit scan draw (keeps it apart from pairs)
 
 
 class SamplerError(RuntimeError):
@@ -58,6 +67,7 @@ class SamplerConfig:
     modality_weights: dict[str, float] = field(default_factory=dict)
     scans: tuple[str, ...] | None = None
     max_anchor_tries: int = 20
+    pairs_per_scan_visit: int = 1
 
     @property
     def read_size(self) -> int:
@@ -196,6 +206,7 @@ class PairStream(IterableDataset):
         start_batch: int = 0,
         max_batches: int | None = None,
         cache_scans: int = 64,
+        chunk_cache_mb: float = 256,
     ):
         super().__init__()
         if cfg.n_tasks > 24:
@@ -207,6 +218,8 @@ class PairStream(IterableDataset):
         self.start_batch = int(start_batch)
         self.max_batches = max_batches
         self.cache_scans = cache_scans
+        self.chunk_cache_mb = chunk_cache_mb
+        self.chunks = ChunkCache(int(chunk_cache_mb * 2**20))
         # Validate eagerly in the parent (clear errors before workers fork), keep only
         # plain data; the Bank object itself is re-opened lazily per process.
         b = open_bank(self.location)
@@ -232,6 +245,7 @@ class PairStream(IterableDataset):
     def _open(self, scan_id: str):
         if self._pid != os.getpid():  # forked after use: never share zarr/fsspec handles
             self._bank, self._scans, self._pid = None, OrderedDict(), os.getpid()
+            self.chunks = ChunkCache(int(self.chunk_cache_mb * 2**20))
         if self._bank is None:
             self._bank = open_bank(self.location)
         if scan_id in self._scans:
@@ -263,8 +277,13 @@ class PairStream(IterableDataset):
         """Draw pair ``sample_id`` (pure function of seed and id)."""
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, int(sample_id)])
-        for _ in range(8):  # scans
-            si = int(rng.choice(len(self.scan_ids), p=self.probs))
+        visit = max(int(cfg.pairs_per_scan_visit), 1)
+        for attempt in range(8):  # scans
+            if visit > 1 and attempt == 0:  # the visit's scan; fallbacks use the pair's rng
+                vrng = np.random.default_rng([self.seed, int(sample_id) // visit, _VISIT_STREAM])
+                si = int(vrng.choice(len(self.scan_ids), p=self.probs))
+            else:
+                si = int(rng.choice(len(self.scan_ids), p=self.probs))
             view, index = self._open(self.scan_ids[si])
             shape = tuple(view.shape)
             for _ in range(cfg.max_anchor_tries):
@@ -284,13 +303,13 @@ class PairStream(IterableDataset):
                     slice(min(r.start, q.start), max(r.stop, q.stop))
                     for r, q in zip(ref_src, q_src, strict=True)
                 )
-                blocks = index.read_layers(view, union, np.unique(index.layer[cand]))
+                blocks = index.read_layers(view, union, np.unique(index.layer[cand]), self.chunks)
                 counts = index.counts(blocks, _within(inner, union))
                 ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
                 if len(ok) < cfg.k:
                     continue
                 ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
-                image = np.asarray(view.read("image", union), dtype=np.float32)
+                image = self.chunks.read(view, "image", union).astype(np.float32)
                 pad = float(image.min())
                 bits = index.bits(blocks, ids, image.shape)
                 bits |= np.int32(1 << cfg.k)  # the global all-ones task

@@ -261,12 +261,6 @@ def voxel_coords(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) -> 
     return (cx[..., :, None, None] + cy[..., None, :, None]) + cz[..., None, None, :]
 
 
-def _grid_from_coords(coords: torch.Tensor, in_size: tuple[int, int, int]) -> torch.Tensor:
-    """grid_sample grid (align_corners=True): normalised, (z, y, x) order, (n,D,H,W,3)."""
-    scale = [2.0 / max(s - 1, 1) for s in in_size]
-    return torch.stack([coords[:, a] * scale[a] - 1 for a in (2, 1, 0)], dim=-1)
-
-
 def _nearest_bits(bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour gather of (n,1,*S) int bit fields at ``coords``; 0 outside.
 
@@ -308,7 +302,9 @@ def warp(
     """
     in_size = tuple(image.shape[-3:])
     coords = voxel_coords(mat, in_size, out)
-    grid = _grid_from_coords(coords, in_size)
+    # The interleaved grid straight from the matrix (one full-size pass) is cheaper
+    # than normalising and stacking ``coords``; both describe the same points.
+    grid = sampling_grid(mat, in_size, out)
     img = F.grid_sample(
         image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=True
     )
@@ -334,6 +330,9 @@ class PairAugmenter:
         n = image.shape[0]
         mat = random_affine(n, spec, gen, image.device)
         warped = ~torch.all(mat == torch.eye(3, device=mat.device), dim=(1, 2))
+        if bool(warped.all()):
+            out_img, out_bits = warp(image, bits, mat, self.crop)
+            return intensity_augment(out_img, spec, gen), out_bits
         out_img = center_crop(image, self.crop).clone()
         out_bits = center_crop(bits, self.crop).to(torch.int32).clone()
         if bool(warped.any()):  # only samples that drew an affine pay for the warp
