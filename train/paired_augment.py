@@ -245,48 +245,51 @@ def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     return ((bits.to(torch.int32) >> shifts) & 1).bool()
 
 
-def voxel_coords(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) -> torch.Tensor:
+def voxel_coords(
+    mat: torch.Tensor, in_size: tuple[int, int, int], out: int, offset: float = 0.0
+) -> torch.Tensor:
     """(n,3,out,out,out) float32 input voxel coordinates (x, y, z) of the ``out``^3 output.
 
-    ``in_a = c_a + sum_b mat[a, b] * o_b`` about the centres ``c`` of input and
-    output; built from three broadcast outer products (no (n, out^3, 3) matmul).
+    ``in_a = c_a + offset + sum_b mat[a, b] * o_b`` about the centres ``c`` of
+    input and output; built from broadcast outer products (no (n, out^3, 3) matmul).
     """
     device = mat.device
     m = mat.float()
     r = torch.arange(out, device=device, dtype=torch.float32) - (out - 1) / 2
-    centre = (torch.tensor(in_size, device=device, dtype=torch.float32) - 1) / 2
+    centre = (torch.tensor(in_size, device=device, dtype=torch.float32) - 1) / 2 + offset
     cx = centre[None, :, None] + m[:, :, 0, None] * r  # (n, 3, out)
     cy = m[:, :, 1, None] * r
     cz = m[:, :, 2, None] * r
     return (cx[..., :, None, None] + cy[..., None, :, None]) + cz[..., None, None, :]
 
 
-def _nearest_bits(bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour gather of (n,1,*S) int bit fields at ``coords``; 0 outside.
+def _nearest_bits(bits: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tensor:
+    """Nearest-neighbour gather of (n,1,*S) int bit fields through ``mat``; 0 outside.
 
     The field is padded by one zero voxel per side and indices are clamped into
-    that border, so no validity mask is needed; the flat index is exact in float32
-    while the padded volume has < 2**24 voxels (int64 arithmetic otherwise).
+    that border, so no validity mask is needed. Coordinates come shifted by
+    1.5 (the pad, plus 0.5 so that an in-place floor rounds). The flat index is
+    exact in float32 while the padded volume has < 2**24 voxels (int64 otherwise).
     """
     n = bits.shape[0]
-    size = bits.shape[-3:]
+    size = tuple(bits.shape[-3:])
     padded = F.pad(bits.to(torch.int32)[:, 0], (1, 1, 1, 1, 1, 1))  # (n, X+2, Y+2, Z+2)
     py, pz = size[1] + 2, size[2] + 2
     exact = padded[0].numel() < 2**24
+    coords = voxel_coords(mat, size, out, offset=1.5)
     idx = []
     for a in range(3):
-        c = torch.round(coords[:, a]).add_(1).clamp_(0, size[a] + 1)
+        c = coords[:, a].floor_().clamp_(0, size[a] + 1)
         idx.append(c if exact else c.long())
-    flat = (idx[0] * py + idx[1]).mul_(pz).add_(idx[2])
-    flat = flat.reshape(n, -1)
+    flat = (idx[0] * py).add_(idx[1]).mul_(pz).add_(idx[2]).reshape(n, -1)
     src = padded.reshape(n, -1)
     if bits.device.type == "cpu":  # numpy's take is ~2x faster than torch.take here
-        flat_np = flat.numpy().astype(np.int64 if not exact else np.int32)
+        flat_np = flat.numpy().astype(np.intp)
         got = np.stack([np.take(src[i].numpy(), flat_np[i]) for i in range(n)])
-        out = torch.from_numpy(got)
+        res = torch.from_numpy(got)
     else:
-        out = torch.gather(src, 1, flat.long())
-    return out.view(n, 1, *coords.shape[-3:])
+        res = torch.gather(src, 1, flat.long())
+    return res.view(n, 1, out, out, out)
 
 
 def warp(
@@ -294,21 +297,18 @@ def warp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp image (n,1,*S) float and mask bit fields (n,1,*S) int through ``mat``.
 
-    Returns the central ``out``^3 of both. One coordinate computation serves both:
-    the image is sampled trilinearly (``grid_sample``, border padding); the K masks
-    travel bit-packed in one int32 channel gathered at the rounded coordinates
-    (nearest neighbour, zeros outside), which is exact for binary masks and ~K
-    times cheaper than warping K channels.
+    Returns the central ``out``^3 of both. The image is sampled trilinearly
+    (``grid_sample``, border padding); the K masks travel bit-packed in one int32
+    channel gathered at the rounded coordinates of the same points (nearest
+    neighbour, zeros outside): exact for binary masks, no float conversion of the
+    field, and ~K times cheaper than warping K channels.
     """
     in_size = tuple(image.shape[-3:])
-    coords = voxel_coords(mat, in_size, out)
-    # The interleaved grid straight from the matrix (one full-size pass) is cheaper
-    # than normalising and stacking ``coords``; both describe the same points.
     grid = sampling_grid(mat, in_size, out)
     img = F.grid_sample(
         image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=True
     )
-    return img, _nearest_bits(bits, coords)
+    return img, _nearest_bits(bits, mat, out)
 
 
 def center_crop(x: torch.Tensor, out: int) -> torch.Tensor:
