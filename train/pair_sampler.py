@@ -231,6 +231,12 @@ class PairStream(IterableDataset):
         self._scans: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self._pid = os.getpid()
 
+    def __getstate__(self) -> dict:
+        """Pickled (spawned workers) without decoded chunks: each process fills its own."""
+        state = self.__dict__.copy()
+        state["chunks"] = ChunkCache(int(self.chunk_cache_mb * 2**20))
+        return state
+
     # ------------------------------------------------------------------ state
     def state_dict(self, batches_consumed: int) -> dict:
         return {

@@ -150,3 +150,15 @@ def test_pairs_per_scan_visit_is_deterministic_and_shares_scans(phantom_bank):
         PairStream(phantom_bank, CFG, seed=6).batch(0),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickled_stream_carries_no_decoded_chunks(phantom_bank):
+    import pickle
+
+    stream = PairStream(phantom_bank, CFG, seed=0)
+    first = stream.sample(0)
+    assert stream.chunks.nbytes > 0
+    clone = pickle.loads(pickle.dumps(stream))
+    assert clone.chunks.nbytes == 0 and clone.chunks.max_bytes == stream.chunks.max_bytes
+    again = clone.sample(0)
+    assert all(np.array_equal(first[k], again[k]) for k in ("ref_image", "query_bits"))
