@@ -15,8 +15,17 @@ import itertools
 from collections import OrderedDict
 
 import numpy as np
+import torch
 
 LAYERS_PATH = "proposals/layers/"
+
+
+def _histogram(labels: np.ndarray, n: int) -> np.ndarray:
+    """bincount of a label block; torch's int16 bincount is ~2x numpy's (which widens to intp)."""
+    if labels.dtype == np.uint16 and n <= 2**15:
+        flat = torch.from_numpy(np.ascontiguousarray(labels).view(np.int16)).ravel()
+        return torch.bincount(flat, minlength=n).numpy()
+    return np.bincount(labels.ravel(), minlength=n)
 
 
 class ProposalIndex:
@@ -51,7 +60,7 @@ class ProposalIndex:
         """Voxels of every proposal inside ``window`` (slices into the blocks); 0 for unread layers."""
         rows_val = np.zeros(len(self.starts), np.int64)
         for j, block in blocks.items():
-            hist = np.bincount(block[window].ravel(), minlength=self.layer_sizes[j] + 1)
+            hist = _histogram(block[window], self.layer_sizes[j] + 1)
             prefix = np.concatenate([[0], np.cumsum(hist)])
             rows = self.row_layer == j
             stops = np.minimum(self.stops[rows], len(hist))
