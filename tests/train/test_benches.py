@@ -35,3 +35,7 @@ def test_sampler_bench_small(phantom_bank):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pairs_per_s"] > 0 and result["baseline_pairs_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pairs_per_s"] / result["baseline_pairs_per_s"])
+    assert result["ratio_cpu"] == pytest.approx(
+        result["pairs_per_cpu_s"] / result["baseline_pairs_per_cpu_s"]
+    )
+    assert 0 <= result["chunk_cache_hit_rate"] <= 1 and result["pairs_per_scan_visit"] == 1
