@@ -18,7 +18,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask
-    sizes = np.bincount(labels.ravel())
+    sizes = np.bincount(labels.ravel(order="K"))
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
 

@@ -17,7 +17,7 @@ def normalization_params(
     image: np.ndarray, body: np.ndarray, modality: str, config: PrepareConfig
 ) -> dict:
     """Compute the clip window and z-score statistics for one scan."""
-    inside = image[body] if body.any() else image.ravel()
+    inside = image[body] if body.any() else image.ravel(order="K")
     if modality == "ct":
         lo, hi = config.ct_clip
     else:
