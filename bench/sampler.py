@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_pairs_per_s": base,
             "ratio": ours_cpu / base,
             "read_only_pairs_per_s": ours_read,
-            # Per CPU-second of this process (all its threads): robust to other load on a
-            # shared machine, where wall-clock figures swing by 2x between runs.
+            # Per CPU-second of this process (all its threads): leaves out time spent waiting
+            # for a core on a shared machine, not slowdowns from shared caches/memory.
             "pairs_per_cpu_s": args.pairs / cpu_ours,
             "baseline_pairs_per_cpu_s": nb / cpu_base,
             "ratio_cpu": (args.pairs / cpu_ours) / (nb / cpu_base),
