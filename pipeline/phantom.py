@@ -26,10 +26,12 @@ _STRUCTURES = [*_ELLIPSOIDS, "spine", "aorta", "lesion"]
 NAMES: dict[int, str] = {i + 1: n for i, n in enumerate(_STRUCTURES)}
 
 # Intensity of background body tissue, air and each structure, per modality.
+# CT "body" is the fat-muscle mix between organs (about 10 HU on average), so the
+# spleen stands out from it as in contrast-enhanced abdominal CT.
 _INTENSITY = {
     "ct": {
         "air": -1000.0,
-        "body": 40.0,
+        "body": 10.0,
         "lung_right": -850.0,
         "lung_left": -850.0,
         "liver": 60.0,
