@@ -93,18 +93,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'scan':<32} {'status':<8} {'proposals':>9} {'B/prop':>8} {'s':>7}  note"]
-    for r in report["scans"]:
-        lines.append(
-            f"{r['scan_id']:<32} {r['status']:<8} {r.get('n_proposals', ''):>9} "
-            f"{r.get('bytes_per_proposal', ''):>8} {r.get('seconds', ''):>7}  {r.get('reason') or ''}"
-        )
+    """Per-scan table (status, proposals, bytes per proposal, seconds) and the totals line."""
+    from flows.report import table
+
+    rows = [
+        [
+            r["scan_id"],
+            r["status"],
+            r.get("n_proposals"),
+            r.get("bytes_per_proposal"),
+            r.get("seconds"),
+            r.get("reason") or "",
+        ]
+        for r in report["scans"]
+    ]
     c = report["counts"]
-    lines.append(
-        f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
-        f"in {report['seconds']:.1f} s; report: {report['report_path']}"
+    return "\n".join(
+        [
+            table(["scan", "status", "proposals", "B/prop", "s", "note"], rows, right={2, 3, 4}),
+            "",
+            f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
+            f"in {report['seconds']:.1f} s; report: {report['report_path']}",
+        ]
     )
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
