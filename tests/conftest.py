@@ -83,5 +83,5 @@ def _drain_prefect_workers() -> None:
 def shared_data() -> Path:
     """../shared/data (real sample scans); skips the test when this checkout has none."""
     if not (SHARED_DATA / "SOURCES.md").exists():
-        pytest.skip(f"real sample scans not found at {SHARED_DATA} (see README, 'Test data')")
+        pytest.skip(f"real sample scans not found at {SHARED_DATA} (see shared/data/SOURCES.md)")
     return SHARED_DATA
