@@ -49,6 +49,16 @@ def retry_transient_io(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, ScanError)
 
 
+# Every per-scan task (prepare, propose): retry transient I/O only, the bank is the cache.
+PER_SCAN_TASK_OPTIONS = {
+    "retries": TASK_RETRIES,
+    "retry_delay_seconds": RETRY_DELAYS_S,
+    "retry_condition_fn": retry_transient_io,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
 def _record(item: ScanInput, status: str, t0: float, **extra: Any) -> dict:
     return {
         "scan_id": item.scan_id,
@@ -102,15 +112,7 @@ def _why_redo(old: dict | None, new: dict, image: str, scan_id: str) -> str | No
     return None
 
 
-@task(
-    name="prepare-scan",
-    task_run_name="prepare-{scan_id}",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient_io,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="prepare-scan", task_run_name="prepare-{scan_id}", **PER_SCAN_TASK_OPTIONS)
 def prepare_one(
     scan_id: str, item: dict, bank: str, config: dict, proposals: dict | None = None
 ) -> dict:

@@ -16,17 +16,14 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from bank import Bank
 from bank.proposals import ProposalReader, write_proposals
 from flows.prepare import (
-    RETRY_DELAYS_S,
-    TASK_RETRIES,
+    PER_SCAN_TASK_OPTIONS,
     _exception_of,
     make_task_runner,
-    retry_transient_io,
     summarise_records,
 )
 from pipeline.normalize import invert_normalization
@@ -97,15 +94,7 @@ def propose_scan(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = F
     }
 
 
-@task(
-    name="propose-scan",
-    task_run_name="propose-{scan_id}",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient_io,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="propose-scan", task_run_name="propose-{scan_id}", **PER_SCAN_TASK_OPTIONS)
 def propose_one(scan_id: str, bank: str, config: dict, force: bool = False) -> dict:
     """One Dask task: proposals for one scan."""
     store = Bank.open(bank, mode="a")
