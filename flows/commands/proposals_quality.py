@@ -88,21 +88,12 @@ def format_table(q: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bank import Bank
-    from bank.errors import BankError
+    from flows.commands._bank_args import open_bank_scans
 
-    try:
-        store = Bank.open(args.bank)
-    except (BankError, FileNotFoundError) as exc:
-        print(f"maskbank proposals-quality: error: {exc}", file=sys.stderr)
+    opened = open_bank_scans("maskbank proposals-quality", args.bank, args.scans)
+    if opened is None:
         return 2
-    ids = [s.strip() for s in args.scans.split(",")] if args.scans else None
-    unknown = [s for s in ids or [] if s not in store]
-    if unknown:
-        print(
-            f"maskbank proposals-quality: error: scans not in the bank: {unknown}", file=sys.stderr
-        )
-        return 2
+    store, ids = opened
     q = bank_quality(store, ids)
     if q["scans_with_proposals"] == 0:
         print(

@@ -124,19 +124,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"maskbank propose: error: {exc}", file=sys.stderr)
         return 2
-    from bank import Bank
-    from bank.errors import BankError
+    from flows.commands._bank_args import open_bank_scans
 
-    try:
-        store = Bank.open(args.bank)
-    except (BankError, FileNotFoundError) as exc:
-        print(f"maskbank propose: error: {exc}", file=sys.stderr)
+    opened = open_bank_scans("maskbank propose", args.bank, args.scans)
+    if opened is None:
         return 2
-    ids = [s.strip() for s in args.scans.split(",")] if args.scans else None
-    unknown = [s for s in ids or [] if s not in store]
-    if unknown:
-        print(f"maskbank propose: error: scans not in the bank: {unknown}", file=sys.stderr)
-        return 2
+    _store, ids = opened
     if args.workers < 1:
         print("maskbank propose: error: --workers must be >= 1", file=sys.stderr)
         return 2
