@@ -9,15 +9,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MASKBANK = [sys.executable, "-m", "flows.cli"]
+# The child writes UTF-8 (progress bars, tables) whatever the machine's locale; read it the same way.
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
+DECODE = {"text": True, "encoding": "utf-8", "errors": "replace"}
 
 
 def maskbank(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*MASKBANK, *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=ENV,
         capture_output=True,
-        text=True,
+        **DECODE,
         timeout=timeout,
         **kwargs,
     )
@@ -27,8 +30,8 @@ def popen_maskbank(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*MASKBANK, *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        **DECODE,
     )
