@@ -1,0 +1,104 @@
+"""Direct shard decoding (ShardedBloscReader) and the chunk cache built on it."""
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from bank import Bank
+from bank.proposals import ProposalReader
+from train.crop_masks import ChunkCache, ShardedBloscReader
+
+
+class _View:
+    """The two things ChunkCache needs from a ScanView, over a bare zarr group."""
+
+    def __init__(self, group, scan_id="s"):
+        self.group, self.scan_id = group, scan_id
+
+    def array(self, name):
+        return self.group[name]
+
+    def read(self, name, roi):
+        return self.group[name][roi]
+
+
+def _sharded(root, name, data, chunks, shards, fill=0, write=None):
+    arr = root.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)],
+        fill_value=fill,
+    )
+    if write is None:
+        arr[...] = data
+    else:
+        arr[write] = data[write]
+    return arr
+
+
+def _all_chunks(arr):
+    return list(np.ndindex(*(-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True))))
+
+
+def test_bank_arrays_take_the_direct_path_and_decode_like_zarr(phantom_bank):
+    bank = Bank.open(phantom_bank)
+    scan = bank.scan(bank.index[0]["scan_id"])
+    names = ["image"] + ["proposals/layers/" + n for n in ProposalReader(scan).layer_names]
+    for name in names:
+        arr = scan.array(name)
+        reader = ShardedBloscReader.of(arr)
+        assert reader is not None, name
+        full = arr[...]
+        got = reader.read_chunks(_all_chunks(arr))
+        for g, chunk in got.items():
+            sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
+            np.testing.assert_array_equal(chunk, full[sl])
+
+
+def test_edge_chunks_missing_chunks_and_missing_shards(tmp_path):
+    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 500, size=(50, 37, 29)).astype(np.uint16)
+    # Only part of the array written: unwritten chunks (and a whole unwritten shard) read as 7.
+    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=7, write=np.s_[:20, :30, :])
+    expect = arr[...]
+    assert (expect == 7).any() and (expect != 7).any()
+    reader = ShardedBloscReader.of(arr)
+    assert reader is not None
+    got = reader.read_chunks(_all_chunks(arr))
+    for g, chunk in got.items():
+        sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
+        assert chunk.shape == expect[sl].shape
+        np.testing.assert_array_equal(chunk, expect[sl])
+    cache = ChunkCache(1 << 20)
+    view = _View(root)
+    for roi in (np.s_[3:49, 0:37, 5:29], np.s_[18:22, 29:31, 0:1], np.s_[40:50, 30:37, 20:29]):
+        np.testing.assert_array_equal(cache.read(view, "a", roi), expect[roi])
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path):
+    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    data = np.arange(20 * 20 * 20, dtype=np.float32).reshape(20, 20, 20)
+    plain = root.create_array("plain", shape=data.shape, dtype=data.dtype, chunks=(8, 8, 8))
+    plain[...] = data
+    assert ShardedBloscReader.of(plain) is None
+    cache = ChunkCache(1 << 20)
+    roi = np.s_[3:19, 0:20, 7:9]
+    np.testing.assert_array_equal(cache.read(_View(root), "plain", roi), data[roi])
+    assert cache.misses > 0
+
+
+def test_corrupt_shard_index_is_an_error(tmp_path):
+    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    data = np.ones((16, 16, 16), np.uint8)
+    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16))
+    shard = tmp_path / "g.zarr" / "a" / "c" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index, before its checksum
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        ShardedBloscReader.of(arr).read_chunks([(0, 0, 0)])
