@@ -70,6 +70,7 @@ def prepare_scan(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = read_scan(path, config.max_voxels)
+    sha = raw.sha256 or (None if source_sha256 else sha256_of(path))
     original = {
         "shape": list(raw.data.shape),
         "spacing": list(raw.spacing),
@@ -78,14 +79,23 @@ def prepare_scan(
     label_raw = _read_label(str(label_path), raw, config.max_voxels) if label_path else None
     timings["read"] = time.perf_counter() - t0
 
-    data, ras_affine = to_ras(raw.data, raw.affine)
-    label = to_ras(label_raw, raw.affine)[0] if label_raw is not None else None
-    modality = config.modality if config.modality != "auto" else detect_modality(data)
+    modality = config.modality if config.modality != "auto" else detect_modality(raw.data)
 
+    # Resample in the file's own voxel order (streams its planes), then reorient the
+    # smaller result: image and label share one grid because they share one affine.
     t = time.perf_counter()
-    data, affine = resample(data, ras_affine, config.spacing)
+    data, affine = resample(raw.data, raw.affine, config.spacing)
+    label = (
+        resample(label_raw, raw.affine, config.spacing, is_label=True)[0]
+        if label_raw is not None
+        else None
+    )
+    del raw
+    data, ras_affine = to_ras(data, affine)
+    data = np.ascontiguousarray(data, dtype=np.float32)
     if label is not None:
-        label = resample(label, ras_affine, config.spacing, is_label=True)[0]
+        label = np.ascontiguousarray(to_ras(label, affine)[0])
+    affine = ras_affine
     timings["resample"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -111,7 +121,7 @@ def prepare_scan(
 
     attrs = {
         "source_path": str(Path(path).resolve()),
-        "source_sha256": source_sha256 or sha256_of(path),
+        "source_sha256": source_sha256 or sha,
         "label_path": str(Path(label_path).resolve()) if label_path else None,
         "label_sha256": sha256_of(label_path) if label_path else None,
         "dataset": dataset,

@@ -24,19 +24,33 @@ def test_to_ras_keeps_every_voxel_at_its_world_position():
         assert out[tuple(new_idx)] == data[idx]
 
 
-def test_resample_is_exact_on_linear_ramps_and_keeps_geometry():
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_resample_is_exact_on_linear_ramps_and_keeps_geometry(order):
     spacing = (0.5, 1.0, 5.0)
     shape = (60, 30, 8)
     aff = np.diag([*spacing, 1.0])
     aff[:3, 3] = (3.0, -2.0, 7.0)
-    # A ramp along z only (constant in x, y) is reproduced exactly by linear interpolation.
-    z = np.arange(shape[2], dtype=np.float32) * spacing[2]
-    data = np.broadcast_to(z, shape).astype(np.float32).copy()
-    out, new_aff = resample(data, aff, (1.5, 1.5, 1.5))
-    assert out.shape == output_shape(shape, spacing, (1.5, 1.5, 1.5)) == (20, 20, 24)
-    np.testing.assert_allclose(np.linalg.norm(new_aff[:3, :3], axis=0), (1.5, 1.5, 1.5))
-    np.testing.assert_allclose(new_aff[:3, 3], aff[:3, 3])  # first voxel centre kept
-    np.testing.assert_allclose(out[10, 5, :], np.arange(24) * 1.5, atol=1e-4)
+    target = (1.5, 1.5, 1.5)
+    # One ramp per axis (world mm), int16 as scans arrive. Up-sampling (linear) reproduces
+    # a ramp exactly; the anti-aliasing triangle filter, sampled at the input voxels,
+    # centres within a few hundredths of a voxel (PIL's filter has the same property).
+    for axis in range(3):
+        world = np.arange(shape[axis]) * spacing[axis] + aff[axis, 3]
+        ramp = np.expand_dims(world, [a for a in range(3) if a != axis])
+        data = np.broadcast_to(ramp * 10, shape).astype(np.int16).copy(order=order)
+        out, new_aff = resample(data, aff, target)
+        # floor(n * spacing / target) voxels per axis; output centre j at input (j + .5) * step - .5
+        assert out.shape == output_shape(shape, spacing, target) == (20, 20, 26)
+        np.testing.assert_allclose(np.linalg.norm(new_aff[:3, :3], axis=0), target)
+        np.testing.assert_allclose(new_aff[:3, 3], aff[:3, 3] + (np.asarray(target) - spacing) / 2)
+        out_world = np.arange(out.shape[axis]) * target[axis] + new_aff[axis, 3]
+        line = np.moveaxis(out, axis, 0)[:, 3, 3] / 10
+        step = target[axis] / spacing[axis]
+        src = (out_world - aff[axis, 3]) / spacing[axis]
+        inside = (src >= max(step, 1.0)) & (src <= shape[axis] - 1 - max(step, 1.0))
+        assert inside.sum() >= 4
+        tol = 1e-3 if step < 1 else 0.04 * spacing[axis]
+        np.testing.assert_allclose(line[inside], out_world[inside], atol=tol)
 
 
 def test_resample_does_not_ring_on_a_sharp_edge():

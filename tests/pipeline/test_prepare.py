@@ -61,9 +61,12 @@ def test_prepare_phantom_ct_end_to_end(tmp_path):
     # z-score inside the body
     norm = prep.image[prep.body].astype(np.float32)
     assert abs(norm.mean()) < 0.05 and abs(norm.std() - 1.0) < 0.05
-    # The stored affine maps the cropped grid: voxel (0,0,0) sits at the crop start in world space.
+    # The stored affine maps the cropped grid: voxel (0,0,0) sits at the crop start in world
+    # space, on the resampled grid whose first centre is half an output voxel in from the
+    # input's first edge (the input's first voxel centre is half an input voxel in).
     start = np.array([b[0] for b in prep.attrs["crop_box"]], float)
-    expected = np.diag([1.5, 1.5, 1.5]) @ start + ph.affine[:3, 3]
+    first = ph.affine[:3, 3] + (1.5 - np.array([1.0, 1.0, 3.0])) / 2
+    expected = np.diag([1.5, 1.5, 1.5]) @ start + first
     np.testing.assert_allclose(prep.affine[:3, 3], expected, atol=1e-6)
 
 
