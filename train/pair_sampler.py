@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.crop_masks import ChunkCache, ProposalIndex
+from train.crop_masks import LAYERS_PATH, ChunkCache, ProposalIndex, crop_pieces, pieces_min
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
 _VISIT_STREAM = 0x5CA7  # third seed word of the per-visit scan draw (keeps it apart from pairs)
@@ -271,14 +271,37 @@ class PairStream(IterableDataset):
         b = self.cfg.batch_size
         return range(g * b, (g + 1) * b)
 
+    def _padded(self, dst, fill, dtype) -> np.ndarray:
+        """Uninitialised read_size^3 array whose voxels outside ``dst`` are ``fill``.
+
+        Only the (up to six) slabs around ``dst`` are written, not the whole box.
+        """
+        size = self.cfg.read_size
+        out = np.empty((size,) * 3, dtype)
+        for a, d in enumerate(dst):
+            for part in (slice(0, d.start), slice(d.stop, size)):
+                if part.stop > part.start:
+                    idx = [slice(None)] * 3
+                    idx[a] = part
+                    out[tuple(idx)] = fill
+        return out
+
     def _place(self, block: np.ndarray, dst, fill, dtype=None) -> np.ndarray:
         """``block`` in a padded read_size^3 array of ``dtype`` (cast while copying)."""
         size = self.cfg.read_size
         dtype = block.dtype if dtype is None else np.dtype(dtype)
         if block.shape == (size,) * 3:  # the usual case: box inside the scan, no padding
             return block.astype(dtype, order="C", copy=True)
-        out = np.full((size,) * 3, fill, dtype)
+        out = self._padded(dst, fill, dtype)
         out[dst] = block
+        return out
+
+    def _assemble(self, pieces, dst, fill: float) -> np.ndarray:
+        """float32 read_size^3 crop from chunk pieces (dst relative to ``dst``), ``fill`` outside."""
+        out = self._padded(dst, fill, np.float32)
+        box = out[dst]
+        for chunk, src, d in pieces:
+            box[d] = chunk[src]
         return out
 
     def sample(self, sample_id: int) -> dict[str, Any]:
@@ -303,6 +326,14 @@ class PairStream(IterableDataset):
                 cand = index.bbox_overlap(inner) >= cfg.min_mask_voxels
                 if np.count_nonzero(cand) < cfg.k:
                     continue
+                # Candidates' layers are read in the reference crop only (for the counts);
+                # only the chosen proposals' layers are read in the whole union box.
+                blocks = index.read_layers(view, inner, np.unique(index.layer[cand]), self.chunks)
+                counts = index.counts(blocks, (slice(None),) * 3)
+                ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
+                if len(ok) < cfg.k:
+                    continue
+                ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
                 ref_start, q_start = ref0 - cfg.margin, q0 - cfg.margin
                 ref_src, ref_dst = padded_roi(ref_start, cfg.read_size, shape)
                 q_src, q_dst = padded_roi(q_start, cfg.read_size, shape)
@@ -311,20 +342,20 @@ class PairStream(IterableDataset):
                     slice(min(r.start, q.start), max(r.stop, q.stop))
                     for r, q in zip(ref_src, q_src, strict=True)
                 )
-                blocks = index.read_layers(view, union, np.unique(index.layer[cand]), self.chunks)
-                counts = index.counts(blocks, _within(inner, union))
-                ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
-                if len(ok) < cfg.k:
-                    continue
-                ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
-                # Stored dtype (float16 in prepared banks) is cast once per crop, while
-                # placing it; torch's min is ~50x numpy's on float16.
-                image = self.chunks.read(view, "image", union)
-                pad = float(torch.from_numpy(image).min())
-                bits = index.bits(blocks, ids, image.shape)
-                bits |= np.int32(1 << cfg.k)  # the global all-ones task
-                ref_img = self._place(image[_within(ref_src, union)], ref_dst, pad, np.float32)
-                q_img = self._place(image[_within(q_src, union)], q_dst, pad, np.float32)
+                ushape = tuple(u.stop - u.start for u in union)
+                # The image is assembled straight from its chunks into each padded crop,
+                # cast to float32 while copying (float16 in prepared banks).
+                image = self.chunks.pieces(view, "image", union)
+                pad = pieces_min(image)
+                ref_img = self._assemble(crop_pieces(image, _within(ref_src, union)), ref_dst, pad)
+                q_img = self._assemble(crop_pieces(image, _within(q_src, union)), q_dst, pad)
+                layers = {
+                    int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], union)
+                    for j in np.unique(index.layer[ids])
+                }
+                # bit K: the global all-ones task
+                origin = [u.start for u in union]
+                bits = index.bits(layers, ids, ushape, base=1 << cfg.k, origin=origin)
                 ref_bits = self._place(bits[_within(ref_src, union)], ref_dst, 1 << cfg.k)
                 q_bits = self._place(bits[_within(q_src, union)], q_dst, 1 << cfg.k)
                 return {
