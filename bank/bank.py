@@ -325,7 +325,8 @@ class Bank:
                 }
                 if part == PROPOSALS_PART:
                     info["n_proposals"] = _count_proposals(arrays, user_attrs)
-                group.attrs.update({**user_attrs, FORMAT_NAME: info})
+                # One metadata write (attrs.update writes zarr.json once per key).
+                group.update_attributes({**user_attrs, FORMAT_NAME: info})
                 _publish.publish(root, staged, scan_id, part)
             self._update_index(scan_id)
         return self.row(scan_id)

@@ -3,7 +3,10 @@
 For each input (the real chest CT in ../shared/data when present, and a
 synthetic 512x512x300 CT) it measures, in this process:
 
-* floor      -- reading and decompressing the input file, nothing else;
+* floor      -- reading and decompressing the input file, nothing else: nibabel's
+                ``np.asarray(img.dataobj)`` (the target's reference), and for
+                context the bare file read + ``zlib.decompress`` and + ISA-L
+                (what maskbank's reader uses);
 * maskbank   -- the whole prepare (read, RAS, resample, body crop, normalise)
                 plus writing the scan into a fresh bank;
 * nnunet     -- read plus nnU-Net's default resampling recipe (cubic spline
@@ -21,10 +24,12 @@ import json
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from skimage.transform import resize
 
 from bank import Bank
@@ -68,8 +73,22 @@ def _floor(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
 
 
+def _floor_zlib(path: Path) -> bytes:
+    return (
+        zlib.decompress(path.read_bytes(), 31) if str(path).endswith(".gz") else path.read_bytes()
+    )
+
+
+def _floor_isal(path: Path) -> bytes:
+    from isal import igzip
+
+    return igzip.decompress(path.read_bytes()) if str(path).endswith(".gz") else path.read_bytes()
+
+
 def bench_one(name: str, path: Path, repeat: int, workdir: Path) -> dict:
     t_floor, raw = _timed(lambda: _floor(path), repeat)
+    t_zlib, _ = _timed(lambda: _floor_zlib(path), repeat)
+    t_isal, _ = _timed(lambda: _floor_isal(path), repeat)
     img = nib.load(path)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
 
@@ -80,7 +99,9 @@ def bench_one(name: str, path: Path, repeat: int, workdir: Path) -> dict:
         bank.write_scan(name, prep.arrays(), prep.attrs)
         return prep
 
+    c0 = time.process_time()
     t_ours, prep = _timed(run_maskbank, repeat)
+    cpu_ours = (time.process_time() - c0) / repeat  # all threads (torch, zarr, hashing)
 
     def run_nnunet():
         data, aff = to_ras(np.asarray(nib.load(path).dataobj, dtype=np.float32), img.affine)
@@ -103,8 +124,14 @@ def bench_one(name: str, path: Path, repeat: int, workdir: Path) -> dict:
         "input_spacing": [round(s, 3) for s in spacing],
         "output_shape": list(prep.image.shape),
         "floor_s": round(t_floor, 3),
+        "floor_zlib_s": round(t_zlib, 3),
+        "floor_isal_s": round(t_isal, 3),
         "maskbank_s": round(t_ours, 3),
         "maskbank_over_floor": round(t_ours / t_floor, 2),
+        "maskbank_over_zlib_floor": round(t_ours / t_zlib, 2),
+        "maskbank_cpu_s": round(cpu_ours, 3),
+        "maskbank_cpu_over_floor": round(cpu_ours / t_floor, 2),
+        "torch_threads": torch.get_num_threads(),
         "nnunet_read_resample_s": round(t_nnunet, 3),
         "nnunet_over_maskbank": round(t_nnunet / t_ours, 2),
         "resample_only_s": round(t_rs_ours, 3),
@@ -146,9 +173,9 @@ def ringing_test() -> dict:
     idx = np.indices(shape, dtype=np.float32)
     r2 = sum(((idx[a] * sp[a]) - centre[a]) ** 2 for a in range(3))
     data = np.where(r2 < radius**2, 1000.0, 0.0).astype(np.float32)
-    ours = resample(data, np.diag([*sp, 1.0]), TARGET)[0]
+    ours, ours_aff = resample(data, np.diag([*sp, 1.0]), TARGET)
     nn = nnunet_resample(data, sp, TARGET)
-    ours_grid = [np.arange(n) * 1.5 for n in ours.shape]
+    ours_grid = [ours_aff[a, 3] + np.arange(n) * ours_aff[a, a] for a, n in enumerate(ours.shape)]
     nn_grid = [
         ((np.arange(m) + 0.5) * n / m - 0.5) * sp[a]
         for a, (n, m) in enumerate(zip(shape[:2], nn.shape[:2], strict=True))
@@ -199,9 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n== {r['scan']}  {r['input_shape']} @ {r['input_spacing']} mm -> {r['output_shape']} @ 1.5 mm"
         )
-        print(f"  floor (read + decompress)     {r['floor_s']:8.3f} s")
+        print(f"  floor (read + decompress)     {r['floor_s']:8.3f} s   (nibabel)")
+        print(
+            f"    bare read + zlib / + ISA-L  {r['floor_zlib_s']:8.3f} s / {r['floor_isal_s']:.3f} s"
+        )
         print(
             f"  maskbank prepare + bank write {r['maskbank_s']:8.3f} s   = {r['maskbank_over_floor']:.2f}x floor"
+            f" ({r['maskbank_over_zlib_floor']:.2f}x the zlib floor)"
+        )
+        print(
+            f"    CPU time, all threads       {r['maskbank_cpu_s']:8.3f} s   = {r['maskbank_cpu_over_floor']:.2f}x floor"
+            f" (torch threads: {r['torch_threads']})"
         )
         print(
             f"  nnU-Net read + resample       {r['nnunet_read_resample_s']:8.3f} s   = {r['nnunet_over_maskbank']:.2f}x maskbank"

@@ -9,6 +9,7 @@ mask so the amount of air in the field of view does not change the result.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.config import PrepareConfig
 
@@ -24,9 +25,10 @@ def normalization_params(
         lo, hi = (float(v) for v in np.percentile(inside, config.percentiles))
         if hi <= lo:  # nearly constant body: fall back to the full range
             lo, hi = float(inside.min()), float(inside.max())
-    clipped = np.clip(inside, lo, hi)
+    clipped = np.clip(inside, lo, hi, out=inside if inside.base is None else None)
     mean = float(clipped.mean(dtype=np.float64))
-    std = float(clipped.std(dtype=np.float64))
+    centred = clipped - np.float32(mean)  # centred first: no cancellation in the float32 dot
+    std = float(np.sqrt(np.dot(centred, centred) / max(centred.size, 1)))
     if std < 1e-6:
         std = 1.0
     return {
@@ -38,12 +40,12 @@ def normalization_params(
     }
 
 
-def apply_normalization(image: np.ndarray, params: dict) -> np.ndarray:
+def apply_normalization(image: np.ndarray, params: dict, dtype: str = "float32") -> np.ndarray:
+    """Clip, z-score and cast in torch's vectorised kernels (numpy's float16 cast is ~10x slower)."""
     lo, hi = params["clip"]
-    out = np.clip(image, lo, hi)
-    out -= np.float32(params["mean"])
-    out /= np.float32(params["std"])
-    return out
+    clipped = np.clip(np.ascontiguousarray(image, dtype=np.float32), lo, hi)
+    out = torch.from_numpy(clipped).sub_(params["mean"]).mul_(1.0 / params["std"])
+    return out.to(getattr(torch, np.dtype(dtype).name)).numpy()
 
 
 def invert_normalization(normalised: np.ndarray, params: dict) -> np.ndarray:

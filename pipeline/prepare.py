@@ -116,7 +116,7 @@ def prepare_scan(
 
     t = time.perf_counter()
     norm = normalization_params(data, body, modality, config)
-    image = apply_normalization(data, norm).astype(config.image_dtype)
+    image = apply_normalization(data, norm, config.image_dtype)
     timings["normalise"] = time.perf_counter() - t
 
     attrs = {
