@@ -135,11 +135,49 @@ def sampling_grid(mat: torch.Tensor, in_size: tuple[int, int, int], out: int) ->
     return (gw + gh) + gd
 
 
+def _blur_matrix(n: int, sigma: float, radius: int, device, dtype) -> torch.Tensor:
+    """(n, n) band matrix of a normalised Gaussian with replicate borders: out = M @ x."""
+    t = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    kern = torch.exp(-(t**2) / (2 * float(sigma) ** 2))
+    kern = kern / kern.sum()
+    rows = torch.arange(n, device=device)[:, None].expand(n, 2 * radius + 1)
+    cols = (rows + torch.arange(-radius, radius + 1, device=device)).clamp(0, n - 1)
+    mat = torch.zeros((n, n), device=device, dtype=dtype)
+    return mat.index_put_((rows, cols), kern.expand(n, -1).contiguous(), accumulate=True)
+
+
+def _blur_axis(x: torch.Tensor, mat: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    """``mat`` (band of half-width ``radius``) applied along ``axis`` of a 3-D volume.
+
+    Row blocks of the band times the matching slab of ``x``: dense matmuls (BLAS)
+    over ~block + 2 * radius columns instead of all n (the zeros of the band).
+    """
+    n = x.shape[axis]
+    nb = max(1, min(8, n // 16))
+    step = -(-n // nb)
+    outs = []
+    for b0 in range(0, n, step):
+        b1 = min(b0 + step, n)
+        lo, hi = max(b0 - radius, 0), min(b1 + radius, n)
+        sub = mat[b0:b1, lo:hi]
+        if axis == 0:
+            outs.append(sub @ x[lo:hi].reshape(hi - lo, -1))
+        elif axis == 1:
+            outs.append(torch.matmul(sub, x[:, lo:hi]))
+        else:
+            outs.append(x[:, :, lo:hi].reshape(-1, hi - lo) @ sub.T)
+    if axis == 0:
+        return torch.cat(outs, 0).view(x.shape)
+    if axis == 1:
+        return torch.cat(outs, 1)
+    return torch.cat(outs, 1).view(x.shape)
+
+
 def _gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable blur with a per-sample sigma (replicate borders); img (n,1,X,Y,Z).
 
     Each axis is a symmetric 7-tap sum of shifted views (4 products, 6 adds per
-    voxel): ~3x cheaper on the CPU than the equivalent grouped ``conv3d``.
+    voxel), for the whole batch at once without host syncs: the GPU path.
     """
     radius = 3
     t = torch.arange(-radius, radius + 1, device=img.device, dtype=img.dtype)
@@ -159,62 +197,133 @@ def _gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _gaussian_blur_mm(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``_gaussian_blur`` as banded matrix products, one sample at a time: the CPU path.
+
+    Each axis is cut into row blocks of the band so that BLAS runs over
+    ~block + 6 columns: ~2x cheaper on the CPU than the shifted views (which
+    are ~3x cheaper than a grouped ``conv3d``).
+    """
+    radius = 3
+    out = torch.empty_like(img)
+    for i in range(img.shape[0]):
+        x = img[i, 0]
+        for axis in range(3):
+            mat = _blur_matrix(x.shape[axis], float(sigma[i]), radius, img.device, img.dtype)
+            x = _blur_axis(x, mat, axis, radius)
+        out[i, 0] = x
+    return out
+
+
+def _intensity_cpu(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """CPU ``intensity_augment``: same draws, same formulas, applied in place to drawn samples.
+
+    The first operation that applies copies the input once; after that every
+    operation works in place on the samples that drew it (no whole-batch
+    ``where`` or temporaries), gamma as ``exp(g * log(x))`` (~2x ``pow``).
+    """
+    n, device = img.shape[0], img.device
+    owned = False
+
+    def drawn(p: float) -> list[int]:
+        return _bernoulli(n, p, gen, device).nonzero().flatten().tolist()
+
+    def take() -> torch.Tensor:
+        nonlocal img, owned
+        if not owned:
+            img, owned = img.clone(), True
+        return img
+
+    if spec.p_brightness > 0:
+        idx = drawn(spec.p_brightness)
+        f = _uniform(n, *spec.brightness, gen, device).tolist()
+        for i in idx:
+            take()[i].mul_(f[i])
+    if spec.p_shift > 0:
+        idx = drawn(spec.p_shift)
+        u = _uniform(n, -spec.shift, spec.shift, gen, device).tolist()
+        for i in idx:
+            x = take()[i]
+            x.add_(u[i] * float(x.std()))
+    if spec.p_gamma > 0:
+        idx = drawn(spec.p_gamma)
+        g = _uniform(n, *spec.gamma, gen, device).tolist()
+        for i in idx:
+            x = take()[i]
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            rng = max(hi - lo, 1e-6)
+            # ((x - lo) / rng) ** g * rng + lo, with 0 ** g = exp(-inf) = 0
+            x.sub_(lo).div_(rng).clamp_min_(0).log_().mul_(g[i]).exp_().mul_(rng).add_(lo)
+    if spec.p_contrast > 0:
+        idx = drawn(spec.p_contrast)
+        f = _uniform(n, *spec.contrast, gen, device).tolist()
+        for i in idx:
+            x = take()[i]
+            mean = float(x.mean())
+            x.sub_(mean).mul_(f[i]).add_(mean)
+    if spec.p_blur > 0:
+        idx = drawn(spec.p_blur)
+        sig = _uniform(n, *spec.blur_sigma, gen, device)
+        for i in idx:
+            take()[i : i + 1] = _gaussian_blur_mm(img[i : i + 1], sig[i : i + 1])
+    if spec.p_noise > 0:
+        idx = drawn(spec.p_noise)
+        std = _uniform(n, *spec.noise_std, gen, device).tolist()
+        for i in idx:
+            noise = torch.randn(img.shape[1:], generator=gen, device=device, dtype=img.dtype)
+            take()[i].add_(noise, alpha=std[i])
+    return img
+
+
 def intensity_augment(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
     """Per-sample brightness, shift, gamma, contrast, blur, noise; img (n,1,X,Y,Z).
 
-    On the CPU an operation no sample drew is skipped (saves whole-volume passes);
-    on the GPU it is computed and masked out, which avoids a host sync per operation.
+    On the CPU (``_intensity_cpu``) an operation no sample drew is skipped and the
+    others run in place on the samples that drew them; on the GPU each is computed
+    for the whole batch and masked out, which avoids a host sync per operation.
+    The input is never modified.
     """
+    if img.device.type == "cpu":
+        return _intensity_cpu(img, spec, gen)
+    return _intensity_batched(img, spec, gen)
+
+
+def _intensity_batched(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """GPU ``intensity_augment``: every operation on the whole batch, masked per sample."""
     n, device = img.shape[0], img.device
     view = (n, 1, 1, 1, 1)
     dims = (1, 2, 3, 4)
-    cpu = device.type == "cpu"
-
-    def draw(p: float) -> torch.Tensor | None:
-        m = _bernoulli(n, p, gen, device)
-        return None if cpu and not bool(m.any()) else m
-
     if spec.p_brightness > 0:
-        m = draw(spec.p_brightness)
+        m = _bernoulli(n, spec.p_brightness, gen, device)
         f = _uniform(n, *spec.brightness, gen, device)
-        if m is not None:
-            img = img * torch.where(m, f, torch.ones_like(f)).view(view)
+        img = img * torch.where(m, f, torch.ones_like(f)).view(view)
     if spec.p_shift > 0:
-        m = draw(spec.p_shift)
+        m = _bernoulli(n, spec.p_shift, gen, device)
         u = _uniform(n, -spec.shift, spec.shift, gen, device)
-        if m is not None:
-            sh = u * img.std(dim=dims)
-            img = img + torch.where(m, sh, torch.zeros_like(sh)).view(view)
+        sh = u * img.std(dim=dims)
+        img = img + torch.where(m, sh, torch.zeros_like(sh)).view(view)
     if spec.p_gamma > 0:
-        m = draw(spec.p_gamma)
+        m = _bernoulli(n, spec.p_gamma, gen, device)
         g = _uniform(n, *spec.gamma, gen, device)
-        if m is not None:
-            lo = img.amin(dim=dims, keepdim=True)
-            hi = img.amax(dim=dims, keepdim=True)
-            rng = (hi - lo).clamp_min(1e-6)
-            gam = ((img - lo) / rng).clamp_min(0) ** g.view(view) * rng + lo
-            img = torch.where(m.view(view), gam, img)
+        lo = img.amin(dim=dims, keepdim=True)
+        hi = img.amax(dim=dims, keepdim=True)
+        rng = (hi - lo).clamp_min(1e-6)
+        gam = ((img - lo) / rng).clamp_min(0) ** g.view(view) * rng + lo
+        img = torch.where(m.view(view), gam, img)
     if spec.p_contrast > 0:
-        m = draw(spec.p_contrast)
+        m = _bernoulli(n, spec.p_contrast, gen, device)
         f = _uniform(n, *spec.contrast, gen, device)
-        if m is not None:
-            mean = img.mean(dim=dims, keepdim=True)
-            img = torch.where(m.view(view), (img - mean) * f.view(view) + mean, img)
+        mean = img.mean(dim=dims, keepdim=True)
+        img = torch.where(m.view(view), (img - mean) * f.view(view) + mean, img)
     if spec.p_blur > 0:
-        m = draw(spec.p_blur)
+        m = _bernoulli(n, spec.p_blur, gen, device)
         sig = _uniform(n, *spec.blur_sigma, gen, device)
-        if m is not None and cpu:  # blur only the samples that drew it
-            idx = m.nonzero().flatten()
-            img = img.clone()
-            img[idx] = _gaussian_blur(img[idx], sig[idx])
-        elif m is not None:
-            img = torch.where(m.view(view), _gaussian_blur(img, sig), img)
+        img = torch.where(m.view(view), _gaussian_blur(img, sig), img)
     if spec.p_noise > 0:
-        m = draw(spec.p_noise)
+        m = _bernoulli(n, spec.p_noise, gen, device)
         std = _uniform(n, *spec.noise_std, gen, device)
-        if m is not None:
-            noise = torch.randn(img.shape, generator=gen, device=device, dtype=img.dtype)
-            img = img + noise * (std * m).view(view)
+        noise = torch.randn(img.shape, generator=gen, device=device, dtype=img.dtype)
+        img = img + noise * (std * m).view(view)
     return img
 
 

@@ -180,7 +180,7 @@ def test_near_singular_matrices_take_the_exact_3d_path():
 def test_blur_matches_conv3d_reference():
     import torch.nn.functional as F
 
-    from train.paired_augment import _gaussian_blur
+    from train.paired_augment import _gaussian_blur, _gaussian_blur_mm
 
     img = torch.randn(2, 1, 20, 22, 24)
     sigma = torch.tensor([0.5, 1.0])
@@ -196,6 +196,29 @@ def test_blur_matches_conv3d_reference():
             pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = 3
             x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape))
         assert torch.allclose(_gaussian_blur(img, sigma)[j : j + 1], x, atol=1e-5)
+        assert torch.allclose(_gaussian_blur_mm(img, sigma)[j : j + 1], x, atol=1e-5)
+
+
+def test_cpu_intensity_path_matches_the_batched_gpu_formulas():
+    """Same draws, same results: the in-place CPU path vs the masked whole-batch path."""
+    from train.paired_augment import _intensity_batched, _intensity_cpu
+
+    img = torch.randn(6, 1, 20, 21, 22, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    keep = img.clone()
+    for seed in range(4):
+        spec = replace(STRONG, p_brightness=0.5, p_shift=0.5, p_gamma=0.5, p_contrast=0.5)
+        spec = replace(spec, p_blur=0.5, p_noise=0.0)
+        got = _intensity_cpu(img, spec, torch.Generator().manual_seed(seed))
+        want = _intensity_batched(img, spec, torch.Generator().manual_seed(seed))
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+        assert not torch.equal(got, img)
+    assert torch.equal(img, keep)  # the input is never modified
+    # noise: drawn per sample on the CPU; applied to exactly the samples that drew it
+    spec = replace(NONE, p_noise=0.5)
+    got = _intensity_cpu(img, spec, torch.Generator().manual_seed(1))
+    drew = torch.rand(6, generator=torch.Generator().manual_seed(1)) < 0.5
+    changed = (got != img).flatten(1).any(1)
+    assert drew.any() and torch.equal(changed, drew)
 
 
 def test_unpack_matches_shifts_for_high_bits():
