@@ -18,14 +18,15 @@ def normalization_params(
     image: np.ndarray, body: np.ndarray, modality: str, config: PrepareConfig
 ) -> dict:
     """Compute the clip window and z-score statistics for one scan."""
-    inside = image[body] if body.any() else image.ravel(order="K")
+    inside = image[body] if body.any() else image.ravel(order="K").copy()
+    inside = inside.astype(np.float32, copy=False)  # integer scans at the target spacing
     if modality == "ct":
         lo, hi = config.ct_clip
     else:
         lo, hi = (float(v) for v in np.percentile(inside, config.percentiles))
         if hi <= lo:  # nearly constant body: fall back to the full range
             lo, hi = float(inside.min()), float(inside.max())
-    clipped = np.clip(inside, lo, hi, out=inside if inside.base is None else None)
+    clipped = np.clip(inside, lo, hi, out=inside)  # ``inside`` is always our own copy
     mean = float(clipped.mean(dtype=np.float64))
     centred = clipped - np.float32(mean)  # centred first: no cancellation in the float32 dot
     std = float(np.sqrt(np.dot(centred, centred) / max(centred.size, 1)))

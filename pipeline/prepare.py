@@ -69,8 +69,7 @@ def prepare_scan(
     path = str(image_path)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    raw = read_scan(path, config.max_voxels)
-    sha = raw.sha256 or (None if source_sha256 else sha256_of(path))
+    raw = read_scan(path, config.max_voxels, stream=True)  # voxels decode in the background
     original = {
         "shape": list(raw.data.shape),
         "spacing": list(raw.spacing),
@@ -79,24 +78,28 @@ def prepare_scan(
     label_raw = _read_label(str(label_path), raw, config.max_voxels) if label_path else None
     timings["read"] = time.perf_counter() - t0
 
-    modality = config.modality if config.modality != "auto" else detect_modality(raw.data)
-
-    # Resample in the file's own voxel order (streams its planes), then reorient the
-    # smaller result: image and label share one grid because they share one affine.
+    # Resample in the file's own voxel order, plane block by plane block as the file
+    # decodes, then reorient the smaller result: image and label share one grid because
+    # they share one affine. Values are checked once the decode is complete.
     t = time.perf_counter()
-    data, affine = resample(raw.data, raw.affine, config.spacing)
+    data, affine = resample(raw.data, raw.affine, config.spacing, wait=raw.wait)
+    raw.finish(check_values=True)
+    timings["decode_resample"] = time.perf_counter() - t  # overlapped: decode ∥ resample
+    t = time.perf_counter()
+    sha = raw.sha256 or (None if source_sha256 else sha256_of(path))
+    modality = config.modality if config.modality != "auto" else detect_modality(raw.data)
     label = (
         resample(label_raw, raw.affine, config.spacing, is_label=True)[0]
         if label_raw is not None
         else None
     )
     del raw
-    data, ras_affine = to_ras(data, affine)
-    data = np.ascontiguousarray(data, dtype=np.float32)
+    # Views, not copies: the body mask and the normalisation each make the one copy they need.
+    data, ras_affine = to_ras(data, affine, copy=False)
     if label is not None:
         label = np.ascontiguousarray(to_ras(label, affine)[0])
     affine = ras_affine
-    timings["resample"] = time.perf_counter() - t
+    timings["modality_label_ras"] = time.perf_counter() - t
 
     t = time.perf_counter()
     body = body_mask(data, modality, config.ct_body_hu)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ScanError
+from pipeline.gzip_stream import GzipStream
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -27,10 +27,27 @@ SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 class RawScan:
     """A scan as stored on disk (any orientation), already validated."""
 
-    data: np.ndarray  # [i, j, k]: float32, or the file's integer dtype (read-only view)
+    data: np.ndarray  # [i, j, k]: float32, or the file's integer dtype
     affine: np.ndarray  # 4x4 voxel -> world (RAS, mm)
     path: str
     sha256: str | None = None  # of the file's bytes, when the reader hashed them on the way
+    pending: GzipStream | None = None  # still decoding (``read_scan(..., stream=True)``)
+    offset: int = 0  # of ``data`` in ``pending.buffer``
+
+    def wait(self, nbytes: int | None = None) -> None:
+        """Block until the first ``nbytes`` of ``data``'s memory (default: all) are decoded."""
+        if self.pending is not None:
+            self.pending.wait(None if nbytes is None else self.offset + nbytes)
+
+    def finish(self, check_values: bool = True) -> RawScan:
+        """Wait for the whole decode (gzip CRC checked), then run the value checks."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.sha256 = self.pending.sha256
+            self.pending = None
+        if check_values:
+            _check_data(self.path, self.data)
+        return self
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -111,57 +128,15 @@ def _raw_nifti_zooms(path: str, img) -> tuple[float, ...]:
     return tuple(float(z) for z in raw["pixdim"][1 : 1 + ndim])
 
 
-def _gunzip(path: str, blob: bytes) -> bytes:
-    """Whole-file gzip decompression: ISA-L when installed (~1.7x zlib), else the stdlib."""
-    try:
-        from isal import igzip as gz
-    except ImportError:  # pragma: no cover - isal is a declared dependency
-        import gzip as gz
-    try:
-        return gz.decompress(blob)
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
-        raise ScanError(
-            path, f"truncated or corrupt voxel data ({type(exc).__name__}: {exc})"
-        ) from exc
+def _read_nifti(path: str, max_voxels: int, check_values: bool, stream: bool) -> RawScan:
+    """Header through nibabel (refusals before any allocation), voxels through `GzipStream`.
 
-
-def _nifti_voxels(path: str, proxy, shape: tuple[int, int, int]) -> tuple[np.ndarray, str]:
-    """The voxel array in its stored dtype and (Fortran) order, plus the file's SHA-256.
-
-    Faster than ``np.asarray(img.dataobj)``: the file is read once (hashed from
-    the same bytes, in a second thread while it decompresses), decompressed in
-    one call, and the array is a view of the decompressed buffer. Scaling
+    Faster than ``np.asarray(img.dataobj)``: the file is read once (and hashed
+    from the same bytes), decompressed by ISA-L straight into the array's
+    buffer, and the array keeps its stored dtype and (Fortran) order. Scaling
     (``scl_slope``/``scl_inter``) is applied as nibabel would; integer data
-    without scaling stays integer (resampling casts it a few planes at a time).
+    without scaling stays integer (resampling casts a few planes at a time).
     """
-    try:
-        blob = Path(path).read_bytes()
-    except OSError:
-        raise  # transient I/O: let the flow retry
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(lambda: hashlib.sha256(blob).hexdigest())
-        raw = _gunzip(path, blob) if blob[:2] == b"\x1f\x8b" else blob
-        sha = digest.result()
-    # The array proxy holds what nibabel itself would apply (the header object's
-    # vox_offset reads 0 after loading; the proxy keeps the real one).
-    dtype = np.dtype(proxy.dtype)
-    offset = int(proxy.offset)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) < offset + nbytes:
-        raise ScanError(
-            path,
-            f"truncated voxel data: {len(raw) - offset:,} of {nbytes:,} bytes present",
-        )
-    data = np.ndarray(shape, dtype=dtype, buffer=raw, offset=offset, order=proxy.order)
-    slope, inter = float(proxy.slope), float(proxy.inter)
-    if slope != 1.0 or inter != 0.0:
-        data = data.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    elif dtype.kind not in "iuf" or dtype.itemsize > 4 or dtype.byteorder == ">":
-        data = data.astype(np.float32)  # bool/complex-free: float64, uint64, big-endian -> f32
-    return data, sha
-
-
-def _read_nifti(path: str, max_voxels: int, check_values: bool) -> RawScan:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -177,10 +152,25 @@ def _read_nifti(path: str, max_voxels: int, check_values: bool) -> RawScan:
             path, f"non-positive voxel spacing in header: {tuple(float(z) for z in zooms)}"
         )
     shape = _check_geometry(path, img.shape, img.affine, max_voxels)
-    data, sha = _nifti_voxels(path, img.dataobj, shape)
-    if check_values:
-        _check_data(path, data)
-    return RawScan(data, np.asarray(img.affine, dtype=np.float64), path, sha)
+    # The array proxy holds what nibabel itself would apply (the header object's
+    # vox_offset reads 0 after loading; the proxy keeps the real one).
+    proxy = img.dataobj
+    dtype, offset = np.dtype(proxy.dtype), int(proxy.offset)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    blob = Path(path).read_bytes()  # an OSError here is transient I/O: the flow retries
+    pending = GzipStream(path, blob, offset + nbytes)
+    data = np.ndarray(shape, dtype=dtype, buffer=pending.buffer, offset=offset, order=proxy.order)
+    raw = RawScan(data, np.asarray(img.affine, dtype=np.float64), path, None, pending, offset)
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope != 1.0 or inter != 0.0:
+        raw.finish(check_values=False)
+        raw.data = data.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    elif dtype.kind not in "iuf" or dtype.itemsize > 4 or dtype.byteorder == ">":
+        raw.finish(check_values=False)
+        raw.data = data.astype(np.float32)  # float64, (u)int64, big-endian -> float32
+    if not stream:
+        raw.finish(check_values)
+    return raw
 
 
 def _itk_affine(image) -> np.ndarray:
@@ -233,11 +223,18 @@ def _read_itk(path: str, max_voxels: int, check_values: bool) -> RawScan:
 
 
 def read_scan(
-    path: str | Path, max_voxels: int = 1_500_000_000, check_values: bool = True
+    path: str | Path,
+    max_voxels: int = 1_500_000_000,
+    check_values: bool = True,
+    *,
+    stream: bool = False,
 ) -> RawScan:
     """Read and validate a NIfTI, NRRD, MetaImage file or DICOM series folder.
 
     ``check_values=False`` skips the finite/non-constant checks (for label maps).
+    ``stream=True`` returns as soon as the header is validated, with a NIfTI's
+    voxels still decoding in a background thread: use ``raw.wait(nbytes)`` before
+    touching memory and call ``raw.finish(check_values)`` before trusting values.
     """
     p = Path(path)
     spath = str(path)
@@ -249,7 +246,7 @@ def read_scan(
     if p.is_dir():
         return _read_itk(spath, max_voxels, check_values)
     if name.endswith(NIFTI_SUFFIXES):
-        return _read_nifti(spath, max_voxels, check_values)
+        return _read_nifti(spath, max_voxels, check_values, stream)
     if name.endswith(ITK_SUFFIXES):
         return _read_itk(spath, max_voxels, check_values)
     raise ScanError(

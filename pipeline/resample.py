@@ -30,6 +30,7 @@ target spacing and its origin is the first output voxel's centre.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,20 +79,29 @@ def _to_float32(block: np.ndarray) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # torch wants writable memory
 
 
-def _resample_image(data: np.ndarray, steps, shape_out) -> np.ndarray:
+def _resample_image(data: np.ndarray, steps, shape_out, wait) -> np.ndarray:
     # Outer axis = the one with the largest stride: its planes are contiguous in memory.
     order = sorted(range(3), key=lambda a: -abs(data.strides[a]))
     view = data.transpose(order)
+    if wait is not None and min(data.strides) <= 0:
+        wait(None)  # memory not in plane order: wait for all of it
+        wait = None
+    outer_stride = view.strides[0]
     st = tuple(steps[a] for a in order)
     out_sz = tuple(shape_out[a] for a in order)
     n_outer = view.shape[0]
     if st[1:] != (1.0, 1.0):
         planes = torch.empty((n_outer, 1, out_sz[1], out_sz[2]), dtype=torch.float32)
         for start in range(0, n_outer, _PLANES_PER_BLOCK):
-            block = torch.from_numpy(_to_float32(view[start : start + _PLANES_PER_BLOCK]))
+            stop = min(start + _PLANES_PER_BLOCK, n_outer)
+            if wait is not None:  # the file is still decoding: wait for these planes only
+                wait(stop * outer_stride)
+            block = torch.from_numpy(_to_float32(view[start:stop]))
             planes[start : start + block.shape[0]] = _aa(block[:, None], out_sz[1:], st[1:])
         inter = planes[:, 0]
     else:
+        if wait is not None:
+            wait(None)
         inter = torch.from_numpy(_to_float32(view))
     if st[0] != 1.0:
         flat = inter.reshape(1, 1, n_outer, -1)
@@ -119,12 +129,16 @@ def resample(
     target: tuple[float, float, float],
     *,
     is_label: bool = False,
+    wait: Callable[[int | None], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resample ``data`` (with voxel->world ``affine``) to ``target`` spacing.
 
     Images (any numeric dtype): anti-aliased linear, float32 out. Labels
     (``is_label=True``): nearest neighbour, dtype kept. Returns the new array
     (C order not guaranteed) and its exact affine. Same spacing returns ``data``.
+    ``wait(nbytes)``, when given, is called before the first ``nbytes`` of
+    ``data``'s memory are read (``None``: all of it), so that resampling can
+    start while the file is still decoding (`pipeline.reader.RawScan.wait`).
     """
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     steps = _steps(spacing, target)
@@ -133,5 +147,7 @@ def resample(
         return data, new_affine
     shape_out = output_shape(data.shape, spacing, target)
     if is_label:
+        if wait is not None:
+            wait(None)
         return _resample_label(data, steps, shape_out), new_affine
-    return _resample_image(data, steps, shape_out), new_affine
+    return _resample_image(data, steps, shape_out, wait), new_affine
