@@ -215,15 +215,17 @@ def _gaussian_blur_mm(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _intensity_cpu(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+def _intensity_cpu(
+    img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, owned: bool = False
+) -> torch.Tensor:
     """CPU ``intensity_augment``: same draws, same formulas, applied in place to drawn samples.
 
-    The first operation that applies copies the input once; after that every
+    The first operation that applies copies the input once (unless ``owned``:
+    the caller hands it over); after that every
     operation works in place on the samples that drew it (no whole-batch
     ``where`` or temporaries), gamma as ``exp(g * log(x))`` (~2x ``pow``).
     """
     n, device = img.shape[0], img.device
-    owned = False
 
     def drawn(p: float) -> list[int]:
         return _bernoulli(n, p, gen, device).nonzero().flatten().tolist()
@@ -275,16 +277,18 @@ def _intensity_cpu(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -
     return img
 
 
-def intensity_augment(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+def intensity_augment(
+    img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, inplace: bool = False
+) -> torch.Tensor:
     """Per-sample brightness, shift, gamma, contrast, blur, noise; img (n,1,X,Y,Z).
 
     On the CPU (``_intensity_cpu``) an operation no sample drew is skipped and the
     others run in place on the samples that drew them; on the GPU each is computed
     for the whole batch and masked out, which avoids a host sync per operation.
-    The input is never modified.
+    The input is not modified unless ``inplace`` (the CPU path then works in it directly).
     """
     if img.device.type == "cpu":
-        return _intensity_cpu(img, spec, gen)
+        return _intensity_cpu(img, spec, gen, owned=inplace)
     return _intensity_batched(img, spec, gen)
 
 
@@ -465,26 +469,36 @@ def _two_pass_linear(vol: torch.Tensor, m: list[list[float]], out: int) -> torch
     u = torch.arange(out, device=device, dtype=torch.float32) - h
 
     # Pass 1: batch over y rows j; plane (x, z) -> (u, k). grid[..., 0] indexes W (= z).
-    grid1 = torch.empty((ny, out, nz, 2), device=device)
-    grid1[..., 0] = torch.linspace(-1, 1, nz, device=device)
+    # Grids are built as two contiguous component planes and handed over as a permuted
+    # view (grid_sample takes strided grids): ~3x cheaper than writing interleaved pairs.
     sx = 2 / (X - 1)
     j = torch.arange(jlo, jhi, device=device, dtype=torch.float32) - c[1]
     k = torch.arange(klo, khi, device=device, dtype=torch.float32) - c[2]
+    planes = torch.empty((2, ny, out, nz), device=device)
+    planes[0] = torch.linspace(-1, 1, nz, device=device)
     ju = ((c[0] * sx - 1) + (r0 * sx) * j)[:, None] + ((beta * sx) * u)[None, :]
-    torch.add(ju[:, :, None], ((r1 * sx) * k)[None, None, :], out=grid1[..., 1])
+    torch.add(ju[:, :, None], ((r1 * sx) * k)[None, None, :], out=planes[1])
+    grid1 = planes.permute(1, 2, 3, 0)
     src = vol[:, jlo:jhi, klo:khi].transpose(0, 1)[:, None]  # (ny, 1, X, nz)
     inter = F.grid_sample(src, grid1, mode="bilinear", padding_mode="border", align_corners=True)
     inter = inter.view(ny, out, nz).transpose(0, 1).contiguous()[:, None]  # (u, 1, ny, nz)
 
     # Pass 2: batch over output slices u; plane (y, z) -> (v, w).
-    grid2 = torch.empty((out, out, out, 2), device=device)
+    planes = torch.empty((2, out, out, out), device=device)
     for comp, a, first, n_f in ((1, 1, jlo, ny), (0, 2, klo, nz)):
         s = 2 / (n_f - 1)
         base = ((c[a] - first) * s - 1) + (m[a][0] * s) * u
         plane = base[:, None] + ((m[a][1] * s) * u)[None, :]
-        torch.add(plane[:, :, None], ((m[a][2] * s) * u)[None, None, :], out=grid2[..., comp])
+        torch.add(plane[:, :, None], ((m[a][2] * s) * u)[None, None, :], out=planes[comp])
+    grid2 = planes.permute(1, 2, 3, 0)
     res = F.grid_sample(inter, grid2, mode="bilinear", padding_mode="border", align_corners=True)
     return res.view(out, out, out)
+
+
+def _two_pass_ok(m: list[list[float]], shape) -> bool:
+    identity = m == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    det = m[1][1] * m[2][2] - m[1][2] * m[2][1]
+    return not identity and abs(det) >= TWO_PASS_MIN_DET and min(shape[-3:]) >= 2
 
 
 def warp_image(image: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tensor:
@@ -497,14 +511,13 @@ def warp_image(image: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tensor
     """
     if image.device.type != "cpu":
         return _warp_image_3d(image, mat, out)
+    if image.shape[0] == 1 and _two_pass_ok(mat[0].double().tolist(), image.shape):
+        return _two_pass_linear(image[0, 0].float(), mat[0].double().tolist(), out)[None, None]
     res = torch.empty((image.shape[0], 1, out, out, out), dtype=image.dtype)
     for i, m in enumerate(mat.double().tolist()):
         if m == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]:
             res[i] = center_crop(image[i], out)
-        elif (
-            abs(m[1][1] * m[2][2] - m[1][2] * m[2][1]) >= TWO_PASS_MIN_DET
-            and min(image.shape[-3:]) >= 2
-        ):
+        elif _two_pass_ok(m, image.shape):
             res[i, 0] = _two_pass_linear(image[i, 0].float(), m, out)
         else:
             res[i] = _warp_image_3d(image[i : i + 1], mat[i : i + 1], out)[0]
@@ -545,15 +558,17 @@ class PairAugmenter:
         n = image.shape[0]
         mat = random_affine(n, spec, gen, image.device)
         warped = ~torch.all(mat == torch.eye(3, device=mat.device), dim=(1, 2))
+        # out_img is always a fresh tensor here, so intensity ops may work in place on it.
         if bool(warped.all()):
             out_img, out_bits = warp(image, bits, mat, self.crop)
-            return intensity_augment(out_img, spec, gen), out_bits
+            return intensity_augment(out_img, spec, gen, inplace=True), out_bits
         out_img = center_crop(image, self.crop).clone()
-        out_bits = center_crop(bits, self.crop).to(torch.int32).clone()
+        out_bits = center_crop(bits, self.crop).to(torch.int32)  # a view: only unpacked
         if bool(warped.any()):  # only samples that drew an affine pay for the warp
             idx = warped.nonzero().flatten()
+            out_bits = out_bits.clone()
             out_img[idx], out_bits[idx] = warp(image[idx], bits[idx], mat[idx], self.crop)
-        return intensity_augment(out_img, spec, gen), out_bits
+        return intensity_augment(out_img, spec, gen, inplace=True), out_bits
 
     @torch.no_grad()
     def __call__(

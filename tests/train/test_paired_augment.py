@@ -201,7 +201,7 @@ def test_blur_matches_conv3d_reference():
 
 def test_cpu_intensity_path_matches_the_batched_gpu_formulas():
     """Same draws, same results: the in-place CPU path vs the masked whole-batch path."""
-    from train.paired_augment import _intensity_batched, _intensity_cpu
+    from train.paired_augment import _intensity_batched, _intensity_cpu, intensity_augment
 
     img = torch.randn(6, 1, 20, 21, 22, generator=torch.Generator().manual_seed(0)) * 3 + 1
     keep = img.clone()
@@ -212,7 +212,11 @@ def test_cpu_intensity_path_matches_the_batched_gpu_formulas():
         want = _intensity_batched(img, spec, torch.Generator().manual_seed(seed))
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
         assert not torch.equal(got, img)
-    assert torch.equal(img, keep)  # the input is never modified
+    assert torch.equal(img, keep)  # the input is never modified ...
+    mine = img.clone()  # ... unless handed over with inplace=True
+    got = intensity_augment(mine, spec, torch.Generator().manual_seed(0), inplace=True)
+    want = intensity_augment(img, spec, torch.Generator().manual_seed(0))
+    assert got.data_ptr() == mine.data_ptr() and torch.equal(got, want)
     # noise: drawn per sample on the CPU; applied to exactly the samples that drew it
     spec = replace(NONE, p_noise=0.5)
     got = _intensity_cpu(img, spec, torch.Generator().manual_seed(1))
