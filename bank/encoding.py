@@ -18,6 +18,10 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 TABLE_CHUNK_BYTES = 4 << 20  # ~4 MiB of a 1-D/2-D table per chunk
 _CRC_SLAB_BYTES = 64 << 20
+# Chunks encoded per batch when writing. Zarr's default (1) schedules every 64^3 chunk
+# as its own asyncio task; batches of 64 encode in one call: a scan's image + body
+# write in 79 ms instead of 127 ms (chest CT, docs/bank-format.md).
+_WRITE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,21 @@ def write_array(
         chunks, shards = encoding.volume_layout(data.shape)
     else:
         chunks, shards = encoding.table_chunks(data.shape, data.dtype), None
-    arr = group.create_array(
+    with zarr.config.set({"codec_pipeline.batch_size": _WRITE_BATCH}):
+        arr = _create(group, name, data, chunks, shards, encoding)
+        if data.size:
+            arr[...] = data
+    return {
+        "shape": list(data.shape),
+        "dtype": data.dtype.str,
+        "chunks": list(chunks),
+        "shards": list(shards) if shards else None,
+        "crc32": crc32_of(data),
+    }
+
+
+def _create(group: zarr.Group, name: str, data: np.ndarray, chunks, shards, encoding: Encoding):
+    return group.create_array(
         name,
         shape=data.shape,
         dtype=data.dtype,
@@ -102,15 +120,6 @@ def write_array(
         # chunks are almost never all fill (shards keep empty ones to a few bytes).
         config={"write_empty_chunks": True},
     )
-    if data.size:
-        arr[...] = data
-    return {
-        "shape": list(data.shape),
-        "dtype": data.dtype.str,
-        "chunks": list(chunks),
-        "shards": list(shards) if shards else None,
-        "crc32": crc32_of(data),
-    }
 
 
 def crc32_of(data: np.ndarray) -> int:

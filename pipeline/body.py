@@ -34,6 +34,19 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     anyway, so merging them changes nothing: the components that touch no
     slice border are exactly the holes.
     """
+    # Holes lie inside the mask's bounding box: label only that block.
+    box = tuple(
+        slice(int(nz[0]), int(nz[-1]) + 1)
+        for nz in (np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+    )
+    if box[0].stop - box[0].start < 3 or box[1].stop - box[1].start < 3:
+        return mask  # no room for an enclosed hole in any slice
+    out = mask.copy()
+    out[box] = _fill_block(mask[box])
+    return out
+
+
+def _fill_block(mask: np.ndarray) -> np.ndarray:
     nx, ny, nz = mask.shape
     background = np.ascontiguousarray((~mask).transpose(2, 0, 1)).reshape(nz * nx, ny)
     labels = cc3d.connected_components(background, connectivity=4)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-PIPELINE_VERSION = "0.1.0"
+PIPELINE_VERSION = "0.2.0"  # 0.2: pixel-area grid, triangle anti-aliasing (pipeline/resample.py)
 MODALITIES = ("auto", "ct", "mr", "pet")
 
 

@@ -57,7 +57,7 @@ def test_corrupt_payload_fails_at_finish_not_silently(tmp_path):
 
 def test_truncated_stream_raises_on_wait_beyond_the_end(tmp_path):
     payload = np.random.default_rng(2).bytes(3 << 20)
-    blob = gzip.compress(payload)[: 200_000]
+    blob = gzip.compress(payload)[:200_000]
     stream = GzipStream("x.gz", blob, len(payload))
     with pytest.raises(ScanError, match="truncated or corrupt"):
         stream.wait()
