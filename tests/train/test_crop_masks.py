@@ -102,3 +102,31 @@ def test_corrupt_shard_index_is_an_error(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="checksum"):
         ShardedBloscReader.of(arr).read_chunks([(0, 0, 0)])
+
+
+def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
+    from train.crop_masks import LAYERS_PATH, ProposalIndex
+
+    bank = Bank.open(phantom_bank)
+    scan = bank.scan(bank.index[1]["scan_id"])
+    reader = ProposalReader(scan)
+    index = ProposalIndex(reader)
+    roi = (slice(5, 70), slice(10, 80), slice(0, 50))
+    cache = ChunkCache(1 << 24)
+    ids = np.sort(np.random.default_rng(0).choice(index.count, size=14, replace=False))
+    layers = {
+        int(j): cache.pieces(scan, LAYERS_PATH + index.layer_names[j], roi)
+        for j in np.unique(index.layer[ids])
+    }
+    shape = tuple(s.stop - s.start for s in roi)
+    origin = [s.start for s in roi]
+    want = reader.masks(ids, roi)
+    assert want.any()
+    for dtype in (np.uint16, np.int32):
+        bits = index.bits(layers, ids, shape, 1 << 14, origin, dtype)
+        assert bits.dtype == dtype
+        for k in range(len(ids)):
+            np.testing.assert_array_equal((bits >> k) & 1, want[k])
+        assert np.all((bits >> 14) & 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        index.bits(layers, ids, shape, 1 << 16, origin, np.uint16)
