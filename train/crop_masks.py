@@ -23,7 +23,16 @@ Piece = tuple[np.ndarray, tuple[slice, ...], tuple[slice, ...]]
 
 
 def _histogram(labels: np.ndarray, n: int) -> np.ndarray:
-    """bincount of a label block; torch's int16 bincount is ~2x numpy's (which widens to intp)."""
+    """bincount of a label block; torch's int16 bincount is ~2x numpy's (which widens to intp).
+
+    A binary layer (labels 0/1, e.g. one thresholded region) is counted with
+    ``count_nonzero``: ~20x cheaper than any bincount.
+    """
+    if n <= 3 and labels.size and labels.dtype.kind in "ui" and labels.max() <= 1:
+        nnz = np.count_nonzero(labels)
+        out = np.zeros(max(n, 2), np.int64)
+        out[0], out[1] = labels.size - nnz, nnz
+        return out
     if labels.dtype == np.uint16 and n <= 2**15:
         flat = torch.from_numpy(np.ascontiguousarray(labels).view(np.int16)).ravel()
         return torch.bincount(flat, minlength=n).numpy()

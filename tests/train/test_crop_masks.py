@@ -130,3 +130,15 @@ def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
         assert np.all((bits >> 14) & 1)
     with pytest.raises(ValueError, match="do not fit"):
         index.bits(layers, ids, shape, 1 << 16, origin, np.uint16)
+
+
+def test_histogram_fast_paths_equal_bincount():
+    from train.crop_masks import _histogram
+
+    rng = np.random.default_rng(3)
+    for high, n in ((2, 3), (2, 2), (1, 3), (400, 401), (3, 4)):
+        block = rng.integers(0, high, size=(20, 21, 22)).astype(np.uint16)[2:18, 1:, ::2]
+        got = _histogram(block, n)
+        want = np.bincount(block.ravel(), minlength=n)
+        np.testing.assert_array_equal(got[: len(want)], want)
+        assert not got[len(want) :].any()
