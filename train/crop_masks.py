@@ -114,12 +114,19 @@ class ProposalIndex:
                 for r in range(self.indptr[i], self.indptr[i + 1]):
                     lut[self.starts[r] : self.stops[r]] |= dtype.type(1 << int(k))
             box = self.bbox[ids[chosen]]  # (m, 6): lo xyz, hi xyz (exclusive)
+            # Binary layer (labels 0/1) with label 0 in no chosen proposal: bits = label * lut[1],
+            # a multiply instead of a table gather.
+            binary = 2 <= len(lut) <= 3 and lut[0] == 0 and not lut[2:].any()
             for chunk, src, dst in layer_pieces[int(j)]:
                 lo = origin + [d.start for d in dst]
                 hi = origin + [d.stop for d in dst]
                 if not np.any(np.all((box[:, :3] < hi) & (box[:, 3:] > lo), axis=1)):
                     continue
-                out[dst] |= lut[chunk[src]]
+                piece = chunk[src]
+                if binary and piece.dtype.kind in "ui" and piece.max(initial=0) <= 1:
+                    out[dst] |= piece.astype(dtype, copy=False) * lut[1]
+                else:
+                    out[dst] |= lut[piece]
         return out
 
 

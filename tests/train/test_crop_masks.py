@@ -113,7 +113,12 @@ def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
     index = ProposalIndex(reader)
     roi = (slice(5, 70), slice(10, 80), slice(0, 50))
     cache = ChunkCache(1 << 24)
-    ids = np.sort(np.random.default_rng(0).choice(index.count, size=14, replace=False))
+    # include the proposals of binary layers (labels 0/1: the multiply path)
+    binary = np.flatnonzero(np.array(index.layer_sizes)[index.layer] <= 2)[:4]
+    assert len(binary)
+    rest = np.setdiff1d(np.arange(index.count), binary)
+    pick = np.random.default_rng(0).choice(rest, size=14 - len(binary), replace=False)
+    ids = np.sort(np.concatenate([binary, pick]))
     layers = {
         int(j): cache.pieces(scan, LAYERS_PATH + index.layer_names[j], roi)
         for j in np.unique(index.layer[ids])
