@@ -271,13 +271,13 @@ class PairStream(IterableDataset):
         b = self.cfg.batch_size
         return range(g * b, (g + 1) * b)
 
-    def _padded(self, dst, fill, dtype) -> np.ndarray:
-        """Uninitialised read_size^3 array whose voxels outside ``dst`` are ``fill``.
+    def _padded(self, dst, fill, dtype, out: np.ndarray | None = None) -> np.ndarray:
+        """Uninitialised read_size^3 array (or ``out``) whose voxels outside ``dst`` are ``fill``.
 
         Only the (up to six) slabs around ``dst`` are written, not the whole box.
         """
         size = self.cfg.read_size
-        out = np.empty((size,) * 3, dtype)
+        out = np.empty((size,) * 3, dtype) if out is None else out
         for a, d in enumerate(dst):
             for part in (slice(0, d.start), slice(d.stop, size)):
                 if part.stop > part.start:
@@ -286,27 +286,33 @@ class PairStream(IterableDataset):
                     out[tuple(idx)] = fill
         return out
 
-    def _place(self, block: np.ndarray, dst, fill, dtype=None) -> np.ndarray:
-        """``block`` in a padded read_size^3 array of ``dtype`` (cast while copying)."""
+    def _place(self, block: np.ndarray, dst, fill, dtype=None, out=None) -> np.ndarray:
+        """``block`` in a padded read_size^3 array of ``dtype`` (cast while copying; into ``out``)."""
         size = self.cfg.read_size
         dtype = block.dtype if dtype is None else np.dtype(dtype)
-        if block.shape == (size,) * 3:  # the usual case: box inside the scan, no padding
+        if block.shape == (size,) * 3 and out is None:  # box inside the scan, no padding
             return block.astype(dtype, order="C", copy=True)
-        out = self._padded(dst, fill, dtype)
+        out = self._padded(dst, fill, dtype, out)
         out[dst] = block
         return out
 
-    def _assemble(self, pieces, dst, fill: float) -> np.ndarray:
+    def _assemble(self, pieces, dst, fill: float, out=None) -> np.ndarray:
         """float32 read_size^3 crop from chunk pieces (dst relative to ``dst``), ``fill`` outside."""
-        out = self._padded(dst, fill, np.float32)
+        out = self._padded(dst, fill, np.float32, out)
         box = out[dst]
         for chunk, src, d in pieces:
             box[d] = chunk[src]
         return out
 
-    def sample(self, sample_id: int) -> dict[str, Any]:
-        """Draw pair ``sample_id`` (pure function of seed and id)."""
+    def sample(self, sample_id: int, out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Draw pair ``sample_id`` (pure function of seed and id).
+
+        ``out`` optionally maps ``ref_image``/``query_image`` (float32) and
+        ``ref_bits``/``query_bits`` (int32) to read_size^3 arrays to fill (e.g. slots
+        of a batch), instead of new arrays.
+        """
         cfg = self.cfg
+        out = out or {}
         rng = np.random.default_rng([self.seed, int(sample_id)])
         visit = max(int(cfg.pairs_per_scan_visit), 1)
         for attempt in range(8):  # scans
@@ -347,8 +353,12 @@ class PairStream(IterableDataset):
                 # cast to float32 while copying (float16 in prepared banks).
                 image = self.chunks.pieces(view, "image", union)
                 pad = pieces_min(image)
-                ref_img = self._assemble(crop_pieces(image, _within(ref_src, union)), ref_dst, pad)
-                q_img = self._assemble(crop_pieces(image, _within(q_src, union)), q_dst, pad)
+                ref_img = self._assemble(
+                    crop_pieces(image, _within(ref_src, union)), ref_dst, pad, out.get("ref_image")
+                )
+                q_img = self._assemble(
+                    crop_pieces(image, _within(q_src, union)), q_dst, pad, out.get("query_image")
+                )
                 layers = {
                     int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], union)
                     for j in np.unique(index.layer[ids])
@@ -359,8 +369,13 @@ class PairStream(IterableDataset):
                 origin = [u.start for u in union]
                 small = np.uint16 if cfg.k < 16 else np.int32
                 bits = index.bits(layers, ids, ushape, 1 << cfg.k, origin, small)
-                ref_bits = self._place(bits[_within(ref_src, union)], ref_dst, 1 << cfg.k, np.int32)
-                q_bits = self._place(bits[_within(q_src, union)], q_dst, 1 << cfg.k, np.int32)
+                glob = 1 << cfg.k
+                ref_bits = self._place(
+                    bits[_within(ref_src, union)], ref_dst, glob, np.int32, out.get("ref_bits")
+                )
+                q_bits = self._place(
+                    bits[_within(q_src, union)], q_dst, glob, np.int32, out.get("query_bits")
+                )
                 return {
                     "ref_image": ref_img,
                     "query_image": q_img,
@@ -379,10 +394,19 @@ class PairStream(IterableDataset):
         )
 
     def batch(self, local_batch: int) -> dict[str, torch.Tensor]:
-        samples = [self.sample(i) for i in self.sample_ids_of_batch(local_batch)]
-        out: dict[str, torch.Tensor] = {}
-        for key in ("ref_image", "query_image", "ref_bits", "query_bits"):
-            out[key] = torch.from_numpy(np.stack([s[key] for s in samples])[:, None])
+        """One batch; each pair's crops are written straight into their batch slots (no stack)."""
+        ids = self.sample_ids_of_batch(local_batch)
+        shape = (len(ids), 1) + (self.cfg.read_size,) * 3
+        arrays = {
+            "ref_image": np.empty(shape, np.float32),
+            "query_image": np.empty(shape, np.float32),
+            "ref_bits": np.empty(shape, np.int32),
+            "query_bits": np.empty(shape, np.int32),
+        }
+        samples = [
+            self.sample(i, {k: a[j, 0] for k, a in arrays.items()}) for j, i in enumerate(ids)
+        ]
+        out: dict[str, torch.Tensor] = {k: torch.from_numpy(a) for k, a in arrays.items()}
         for key in ("sample_id", "scan_index", "ref_start", "query_start", "proposal_ids"):
             out[key] = torch.from_numpy(np.asarray([s[key] for s in samples], dtype=np.int64))
         return out

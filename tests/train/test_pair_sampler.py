@@ -165,3 +165,15 @@ def test_pickled_stream_carries_no_decoded_chunks(phantom_bank):
     assert clone.chunks.nbytes == 0 and clone.chunks.max_bytes == stream.chunks.max_bytes
     again = clone.sample(0)
     assert all(np.array_equal(first[k], again[k]) for k in ("ref_image", "query_bits"))
+
+
+def test_batch_slots_equal_standalone_samples(phantom_bank):
+    """batch() fills each pair's crops in place; the result equals sample() pair by pair."""
+    stream = PairStream(phantom_bank, CFG, seed=5)
+    batch = stream.batch(1)
+    for j, i in enumerate(stream.sample_ids_of_batch(1)):
+        alone = stream.sample(i)
+        for key in ("ref_image", "query_image", "ref_bits", "query_bits"):
+            assert batch[key].dtype == (torch.float32 if "image" in key else torch.int32)
+            np.testing.assert_array_equal(batch[key][j, 0].numpy(), alone[key])
+        np.testing.assert_array_equal(batch["proposal_ids"][j].numpy(), alone["proposal_ids"])
