@@ -69,9 +69,30 @@ class ProposalIndex:
 
     def counts(self, blocks: dict[int, np.ndarray], window) -> np.ndarray:
         """Voxels of every proposal inside ``window`` (slices into the blocks); 0 for unread layers."""
+        return self._counts(
+            {j: _histogram(b[window], self.layer_sizes[j] + 1) for j, b in blocks.items()}
+        )
+
+    def counts_in_pieces(self, layer_pieces: dict[int, list[Piece]]) -> np.ndarray:
+        """``counts`` over the region the pieces cover, histogramming chunk piece by piece.
+
+        Saves assembling each layer's block: the pieces are small (<= one chunk), so their
+        contiguous copies stay in cache and reuse freed memory.
+        """
+        hists = {}
+        for j, pieces in layer_pieces.items():
+            total = np.zeros(self.layer_sizes[j] + 1, np.int64)
+            for chunk, src, _ in pieces:
+                h = _histogram(chunk[src], len(total))
+                if len(h) > len(total):
+                    total = np.concatenate([total, np.zeros(len(h) - len(total), np.int64)])
+                total[: len(h)] += h
+            hists[j] = total
+        return self._counts(hists)
+
+    def _counts(self, hists: dict[int, np.ndarray]) -> np.ndarray:
         rows_val = np.zeros(len(self.starts), np.int64)
-        for j, block in blocks.items():
-            hist = _histogram(block[window], self.layer_sizes[j] + 1)
+        for j, hist in hists.items():
             prefix = np.concatenate([[0], np.cumsum(hist)])
             rows = self.row_layer == j
             stops = np.minimum(self.stops[rows], len(hist))

@@ -334,8 +334,12 @@ class PairStream(IterableDataset):
                     continue
                 # Candidates' layers are read in the reference crop only (for the counts);
                 # only the chosen proposals' layers are read in the whole union box.
-                blocks = index.read_layers(view, inner, np.unique(index.layer[cand]), self.chunks)
-                counts = index.counts(blocks, (slice(None),) * 3)
+                counts = index.counts_in_pieces(
+                    {
+                        int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], inner)
+                        for j in np.unique(index.layer[cand])
+                    }
+                )
                 ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
                 if len(ok) < cfg.k:
                     continue

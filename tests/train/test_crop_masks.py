@@ -147,3 +147,21 @@ def test_histogram_fast_paths_equal_bincount():
         want = np.bincount(block.ravel(), minlength=n)
         np.testing.assert_array_equal(got[: len(want)], want)
         assert not got[len(want) :].any()
+
+
+def test_counts_in_pieces_equal_counts_and_reader(phantom_bank):
+    from train.crop_masks import LAYERS_PATH, ProposalIndex
+
+    bank = Bank.open(phantom_bank)
+    scan = bank.scan(bank.index[0]["scan_id"])
+    reader = ProposalReader(scan)
+    index = ProposalIndex(reader)
+    cache = ChunkCache(1 << 24)
+    roi = (slice(3, 77), slice(20, 80), slice(7, 64))
+    layers = range(len(index.layer_names))
+    names = {j: LAYERS_PATH + index.layer_names[j] for j in layers}
+    got = index.counts_in_pieces({j: cache.pieces(scan, names[j], roi) for j in layers})
+    blocks = {j: scan.read(names[j], roi) for j in layers}
+    np.testing.assert_array_equal(got, index.counts(blocks, (slice(None),) * 3))
+    np.testing.assert_array_equal(got, reader.voxels_in_box(roi))
+    assert got.any() and not got.all()
