@@ -346,13 +346,15 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """(n,1,*S) integer bit fields -> (n,K,*S) bool."""
-    if bits.device.type == "cpu" and k <= 32:
-        # Shift + AND on the uint8 byte planes of the little-endian int32 field, written
-        # straight into the bool output: ~5x faster than uint16 masks, ~25x than torch shifts.
+    size = bits.element_size()
+    if bits.device.type == "cpu" and k <= 8 * size and size in (2, 4):
+        # Shift + AND on the uint8 byte planes of the little-endian int32 (or int16) field,
+        # written straight into the bool output: ~5x faster than uint16 masks, ~25x than
+        # torch shifts.
         n = bits.shape[0]
-        field = np.ascontiguousarray(bits.numpy(), dtype="<i4").reshape(n, -1)
-        raw = field.view(np.uint8)  # (n, 4 * voxels), byte b of voxel v at 4 * v + b
-        planes = [np.ascontiguousarray(raw[:, b::4]) for b in range((k + 7) // 8)]
+        field = np.ascontiguousarray(bits.numpy(), dtype=f"<i{size}").reshape(n, -1)
+        raw = field.view(np.uint8)  # (n, size * voxels), byte b of voxel v at size * v + b
+        planes = [np.ascontiguousarray(raw[:, b::size]) for b in range((k + 7) // 8)]
         out = np.empty((n, k, field.shape[1]), dtype=np.uint8)
         for j in range(k):
             np.right_shift(planes[j // 8], j % 8, out=out[:, j])
@@ -380,8 +382,13 @@ def voxel_coords(
     return (cx[..., :, None, None] + cy[..., None, :, None]) + cz[..., None, None, :]
 
 
-def _nearest_bits(bits: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tensor:
+def _nearest_bits(
+    bits: torch.Tensor, mat: torch.Tensor, out: int, n_bits: int | None = None
+) -> torch.Tensor:
     """Nearest-neighbour gather of (n,1,*S) int bit fields through ``mat``; 0 outside.
+
+    Returns int32 fields, or int16 ones when ``n_bits`` <= 16 says the bits fit
+    (half the bytes to pad and gather: ~30% cheaper).
 
     The field is padded by one zero voxel per side and indices are clamped into
     that border, so no validity mask is needed. Per axis the rounded coordinate
@@ -393,16 +400,15 @@ def _nearest_bits(bits: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tens
     n = bits.shape[0]
     size = tuple(bits.shape[-3:])
     device = bits.device
+    dtype = torch.int16 if n_bits is not None and n_bits <= 16 else torch.int32
     # Zero border of one voxel: (n, X+2, Y+2, Z+2); zeros + interior copy is ~3x F.pad.
-    padded = torch.zeros(
-        (n, size[0] + 2, size[1] + 2, size[2] + 2), dtype=torch.int32, device=device
-    )
-    padded[:, 1:-1, 1:-1, 1:-1] = bits[:, 0]
+    padded = torch.zeros((n, size[0] + 2, size[1] + 2, size[2] + 2), dtype=dtype, device=device)
+    padded[:, 1:-1, 1:-1, 1:-1] = bits[:, 0]  # int16: a same-bits cast (two's complement)
     strides = ((size[1] + 2) * (size[2] + 2), size[2] + 2, 1)
     exact = padded[0].numel() < 2**24
     m = mat.float()
     r = torch.arange(out, device=device, dtype=torch.float32) - (out - 1) / 2
-    res = torch.empty((n, 1, out, out, out), dtype=torch.int32, device=device)
+    res = torch.empty((n, 1, out, out, out), dtype=dtype, device=device)
     for i in range(n):
         flat = None
         for a in range(3):
@@ -525,7 +531,7 @@ def warp_image(image: torch.Tensor, mat: torch.Tensor, out: int) -> torch.Tensor
 
 
 def warp(
-    image: torch.Tensor, bits: torch.Tensor, mat: torch.Tensor, out: int
+    image: torch.Tensor, bits: torch.Tensor, mat: torch.Tensor, out: int, n_bits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp image (n,1,*S) float and mask bit fields (n,1,*S) int through ``mat``.
 
@@ -534,9 +540,10 @@ def warp(
     K masks travel bit-packed in one int32 channel gathered at the rounded
     coordinates of the same points (exact nearest neighbour, zeros outside):
     exact for binary masks, no float conversion of the field, and ~K times
-    cheaper than warping K channels.
+    cheaper than warping K channels. With ``n_bits`` <= 16 the warped fields are
+    int16 (same bits), else int32.
     """
-    return warp_image(image, mat, out), _nearest_bits(bits, mat, out)
+    return warp_image(image, mat, out), _nearest_bits(bits, mat, out, n_bits)
 
 
 def center_crop(x: torch.Tensor, out: int) -> torch.Tensor:
@@ -554,19 +561,20 @@ class PairAugmenter:
         self.weak = weak
         self.strong = strong
 
-    def _one(self, image, bits, spec, gen):
+    def _one(self, image, bits, spec, gen, n_tasks):
         n = image.shape[0]
         mat = random_affine(n, spec, gen, image.device)
         warped = ~torch.all(mat == torch.eye(3, device=mat.device), dim=(1, 2))
         # out_img is always a fresh tensor here, so intensity ops may work in place on it.
         if bool(warped.all()):
-            out_img, out_bits = warp(image, bits, mat, self.crop)
+            out_img, out_bits = warp(image, bits, mat, self.crop, n_tasks)
             return intensity_augment(out_img, spec, gen, inplace=True), out_bits
         out_img = center_crop(image, self.crop).clone()
         out_bits = center_crop(bits, self.crop).to(torch.int32)  # a view: only unpacked
         if bool(warped.any()):  # only samples that drew an affine pay for the warp
             idx = warped.nonzero().flatten()
             out_bits = out_bits.clone()
+            # int32 fields here (n_bits None): they go into the int32 crops.
             out_img[idx], out_bits[idx] = warp(image[idx], bits[idx], mat[idx], self.crop)
         return intensity_augment(out_img, spec, gen, inplace=True), out_bits
 
@@ -578,8 +586,12 @@ class PairAugmenter:
 
         Returns images (n,1,crop^3) float32 and masks (n,n_tasks,crop^3) bool.
         """
-        ref_img, ref_b = self._one(batch["ref_image"].float(), batch["ref_bits"], self.weak, gen)
-        q_img, q_b = self._one(batch["query_image"].float(), batch["query_bits"], self.strong, gen)
+        ref_img, ref_b = self._one(
+            batch["ref_image"].float(), batch["ref_bits"], self.weak, gen, n_tasks
+        )
+        q_img, q_b = self._one(
+            batch["query_image"].float(), batch["query_bits"], self.strong, gen, n_tasks
+        )
         return {
             "ref_image": ref_img,
             "ref_masks": unpack_bits(ref_b, n_tasks),

@@ -229,3 +229,19 @@ def test_unpack_matches_shifts_for_high_bits():
     bits = torch.randint(0, 2**23, (2, 1, 5, 6, 7), dtype=torch.int32)
     shifts = torch.arange(23, dtype=torch.int32).view(1, -1, 1, 1, 1)
     assert torch.equal(unpack_bits(bits, 23), ((bits >> shifts) & 1).bool())
+
+
+def test_int16_bit_fields_carry_all_16_bits():
+    """n_bits <= 16 warps int16 fields; bit 15 (the sign bit) survives to the unpacked masks."""
+    from train.paired_augment import _nearest_bits
+
+    g = torch.Generator().manual_seed(11)
+    masks = torch.rand(2, 16, 30, 32, 34, generator=g) > 0.5
+    assert masks[:, 15].any()
+    bits = pack_bits(masks)
+    mat = random_affine(2, replace(STRONG, p_affine=1.0), g, "cpu")
+    wide = _nearest_bits(bits, mat, 24)
+    narrow = _nearest_bits(bits, mat, 24, n_bits=16)
+    assert wide.dtype == torch.int32 and narrow.dtype == torch.int16
+    assert torch.equal(unpack_bits(narrow, 16), unpack_bits(wide, 16))
+    assert unpack_bits(narrow, 16)[:, 15].any()
