@@ -34,6 +34,7 @@ re-creates exactly the augmentations of an uninterrupted one.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -382,6 +383,29 @@ def voxel_coords(
     return (cx[..., :, None, None] + cy[..., None, :, None]) + cz[..., None, None, :]
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised buffer for a temporary, reused across calls (per thread) on the CPU.
+
+    Why: warp temporaries (grids, padded fields, coordinates) are tens of MB per
+    call; fresh ones cost page faults and kernel zeroing (~15% of the CPU path).
+    Each ``name`` is one buffer: never return it or use one name twice at once.
+    On the GPU the caching allocator already reuses memory: plain ``torch.empty``.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    numel = math.prod(shape)
+    buf = pool.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = pool[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
 def _nearest_bits(
     bits: torch.Tensor, mat: torch.Tensor, out: int, n_bits: int | None = None
 ) -> torch.Tensor:
@@ -401,29 +425,39 @@ def _nearest_bits(
     size = tuple(bits.shape[-3:])
     device = bits.device
     dtype = torch.int16 if n_bits is not None and n_bits <= 16 else torch.int32
-    # Zero border of one voxel: (n, X+2, Y+2, Z+2); zeros + interior copy is ~3x F.pad.
-    padded = torch.zeros((n, size[0] + 2, size[1] + 2, size[2] + 2), dtype=dtype, device=device)
+    # Zero border of one voxel: (n, X+2, Y+2, Z+2): the six faces zeroed, the interior copied.
+    padded = _scratch("pad", (n, size[0] + 2, size[1] + 2, size[2] + 2), dtype, device)
+    for dim in (1, 2, 3):
+        padded.narrow(dim, 0, 1).zero_()
+        padded.narrow(dim, padded.shape[dim] - 1, 1).zero_()
     padded[:, 1:-1, 1:-1, 1:-1] = bits[:, 0]  # int16: a same-bits cast (two's complement)
     strides = ((size[1] + 2) * (size[2] + 2), size[2] + 2, 1)
     exact = padded[0].numel() < 2**24
     m = mat.float()
     r = torch.arange(out, device=device, dtype=torch.float32) - (out - 1) / 2
     res = torch.empty((n, 1, out, out, out), dtype=dtype, device=device)
+    coord = _scratch("coord", (out, out, out), torch.float32, device)
+    flat = _scratch("flat", (out, out, out), torch.float32, device)
     for i in range(n):
-        flat = None
+        wide = None  # int64 flat index when float32 is not exact
         for a in range(3):
             c = (size[a] - 1) / 2 + 1.5
             plane = (c + m[i, a, 0] * r)[:, None] + (m[i, a, 1] * r)[None, :]
-            coord = plane[:, :, None] + (m[i, a, 2] * r)
-            coord = coord.floor_().clamp_(0, size[a] + 1)
+            acc = flat if a == 0 else coord
+            torch.add(plane[:, :, None], m[i, a, 2] * r, out=acc)
+            acc.floor_().clamp_(0, size[a] + 1)
             if not exact:
-                coord = coord.long()
-            if flat is None:
-                flat = coord.mul_(strides[a])
-            else:
+                part = acc.long().mul_(strides[a])
+                wide = part if wide is None else wide.add_(part)
+            elif a > 0:
                 flat.add_(coord.mul_(strides[a]) if strides[a] != 1 else coord)
-        idx = flat.view(-1).int() if exact else flat.view(-1)
-        res[i].view(-1).copy_(padded[i].view(-1).index_select(0, idx))
+            else:
+                flat.mul_(strides[a])
+        if exact:
+            idx = _scratch("idx", (out**3,), torch.int32, device).copy_(flat.view(-1))
+        else:
+            idx = wide.view(-1)
+        torch.index_select(padded[i].view(-1), 0, idx, out=res[i].view(-1))
     return res
 
 
@@ -480,17 +514,18 @@ def _two_pass_linear(vol: torch.Tensor, m: list[list[float]], out: int) -> torch
     sx = 2 / (X - 1)
     j = torch.arange(jlo, jhi, device=device, dtype=torch.float32) - c[1]
     k = torch.arange(klo, khi, device=device, dtype=torch.float32) - c[2]
-    planes = torch.empty((2, ny, out, nz), device=device)
+    planes = _scratch("grid1", (2, ny, out, nz), torch.float32, device)
     planes[0] = torch.linspace(-1, 1, nz, device=device)
     ju = ((c[0] * sx - 1) + (r0 * sx) * j)[:, None] + ((beta * sx) * u)[None, :]
     torch.add(ju[:, :, None], ((r1 * sx) * k)[None, None, :], out=planes[1])
     grid1 = planes.permute(1, 2, 3, 0)
     src = vol[:, jlo:jhi, klo:khi].transpose(0, 1)[:, None]  # (ny, 1, X, nz)
     inter = F.grid_sample(src, grid1, mode="bilinear", padding_mode="border", align_corners=True)
-    inter = inter.view(ny, out, nz).transpose(0, 1).contiguous()[:, None]  # (u, 1, ny, nz)
+    swapped = _scratch("inter", (out, ny, nz), torch.float32, device)
+    inter = swapped.copy_(inter.view(ny, out, nz).transpose(0, 1))[:, None]  # (u, 1, ny, nz)
 
     # Pass 2: batch over output slices u; plane (y, z) -> (v, w).
-    planes = torch.empty((2, out, out, out), device=device)
+    planes = _scratch("grid2", (2, out, out, out), torch.float32, device)
     for comp, a, first, n_f in ((1, 1, jlo, ny), (0, 2, klo, nz)):
         s = 2 / (n_f - 1)
         base = ((c[a] - first) * s - 1) + (m[a][0] * s) * u
