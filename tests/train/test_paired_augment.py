@@ -245,3 +245,19 @@ def test_int16_bit_fields_carry_all_16_bits():
     assert wide.dtype == torch.int32 and narrow.dtype == torch.int16
     assert torch.equal(unpack_bits(narrow, 16), unpack_bits(wide, 16))
     assert unpack_bits(narrow, 16)[:, 15].any()
+
+
+def test_reused_scratch_buffers_do_not_leak_between_calls():
+    """Warps of different sizes in turn (shared scratch) give the same results as alone."""
+    from train.paired_augment import _nearest_bits, warp_image
+
+    g = torch.Generator().manual_seed(12)
+    mat = random_affine(1, replace(STRONG, p_affine=1.0, scale=(1.3, 1.4)), g, "cpu")
+    big_img = torch.randn(1, 1, 40, 44, 48, generator=g)
+    big_bits = torch.randint(1, 2**13, (1, 1, 40, 44, 48), dtype=torch.int32, generator=g)
+    first = warp_image(big_img, mat, 36), _nearest_bits(big_bits, mat, 36, 14)
+    small = torch.randint(1, 2**13, (1, 1, 20, 22, 24), dtype=torch.int32, generator=g)
+    _nearest_bits(small, mat, 16, 14), warp_image(small.float(), mat, 16)
+    again = warp_image(big_img, mat, 36), _nearest_bits(big_bits, mat, 36, 14)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert (first[1] == 0).any()  # zoomed out: the zero border was sampled
