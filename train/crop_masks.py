@@ -312,12 +312,19 @@ class ShardedBloscReader:
             requests.append((shard, run[0][0], max(r[1] for r in run), run))
 
         raws = self._get_many([(s, RangeByteRequest(a, b)) for s, a, b, _ in requests])
-        for (_, a, _, run), raw in zip(requests, raws, strict=True):
-            mv = memoryview(raw)
-            for lo, hi, g in run:
-                chunk = np.empty(self.chunk, self.dtype)
-                blosc.decompress(mv[lo - a : hi - a], chunk)
-                out[g] = self._clip(g, chunk)
+        # One decoding thread, as zarr's own reads (which decode off the main thread) and
+        # as a DataLoader worker per core expects: numcodecs would use blosc's thread pool
+        # when called from the main thread.
+        threads, blosc.use_threads = blosc.use_threads, False
+        try:
+            for (_, a, _, run), raw in zip(requests, raws, strict=True):
+                mv = memoryview(raw)
+                for lo, hi, g in run:
+                    chunk = np.empty(self.chunk, self.dtype)
+                    blosc.decompress(mv[lo - a : hi - a], chunk)
+                    out[g] = self._clip(g, chunk)
+        finally:
+            blosc.use_threads = threads
         return out
 
     def _clip(self, g: tuple[int, ...], chunk: np.ndarray) -> np.ndarray:
