@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
@@ -197,9 +198,18 @@ def make_task_runner(workers: int, dask_address: str | None, processes: bool) ->
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     workers = max(1, int(workers))
+    # Resampling runs torch kernels whose thread pool defaults to every core; with
+    # several scans at once, share the cores instead of oversubscribing them.
+    per_task = max(1, (os.cpu_count() or 1) // workers)
     if processes:
-        kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
+        kwargs = {
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "env": {"OMP_NUM_THREADS": str(per_task)},
+        }
     else:
+        torch.set_num_threads(per_task)
         kwargs = {"n_workers": 1, "threads_per_worker": workers, "processes": False}
     kwargs.update(dashboard_address=None, silence_logs=logging.WARNING)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)

@@ -109,7 +109,8 @@ def prepare_scan(
             f"no body found (modality {modality}): the image has no foreground above the background",
         )
     box = crop_box(body, config.spacing, config.body_margin_mm)
-    data, body = data[box], body[box]
+    data = np.ascontiguousarray(data[box], dtype=np.float32)  # the one copy of the image
+    body = np.ascontiguousarray(body[box])
     if label is not None:
         label = label[box]
     start = np.array([s.start for s in box], dtype=np.float64)
@@ -119,7 +120,7 @@ def prepare_scan(
 
     t = time.perf_counter()
     norm = normalization_params(data, body, modality, config)
-    image = apply_normalization(data, norm, config.image_dtype)
+    image = apply_normalization(data, norm, config.image_dtype, overwrite_input=True)
     timings["normalise"] = time.perf_counter() - t
 
     attrs = {
