@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import cc3d
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
@@ -20,7 +21,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
     if n <= 1:
         return mask
-    sizes = np.bincount(labels.ravel(order="K"), minlength=n + 1)
+    flat = labels.ravel(order="K")
+    if flat.dtype == np.uint32 and n < 2**31:  # torch counts int32 directly (numpy casts to int64)
+        sizes = torch.bincount(torch.from_numpy(flat.view(np.int32)), minlength=n + 1).numpy()
+    else:
+        sizes = np.bincount(flat, minlength=n + 1)
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
 
