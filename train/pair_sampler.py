@@ -357,7 +357,9 @@ class PairStream(IterableDataset):
                 # The image is assembled straight from its chunks into each padded crop,
                 # cast to float32 while copying (float16 in prepared banks).
                 image = self.chunks.pieces(view, "image", union)
-                pad = pieces_min(image)
+                size = cfg.read_size
+                padded = any(d.start > 0 or d.stop < size for d in (*ref_dst, *q_dst))
+                pad = pieces_min(image) if padded else 0.0  # only used outside the scan
                 ref_img = self._assemble(
                     crop_pieces(image, _within(ref_src, union)), ref_dst, pad, out.get("ref_image")
                 )
