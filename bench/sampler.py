@@ -163,13 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         aug(warm_batch, cfg.n_tasks, torch.Generator().manual_seed(1))
 
+        crops = ("ref_image", "query_image", "ref_bits", "query_bits")
+        keep_crops = torch.cuda.is_available()  # the GPU pass below re-augments them
         samples, t_read, t_aug = [], 0.0, 0.0
         c0 = time.process_time()
         for i in range(args.pairs):
             t = time.perf_counter()
             s = stream.sample(i)
             t_read += time.perf_counter() - t
-            samples.append(s)
+            # The baseline needs only each pair's scan, boxes and proposal ids. Keeping every
+            # pair's 64 MB of crops (as a worker never does) would make each later allocation
+            # fault in fresh pages, which cost ours ~40% more per pair than in a running worker.
+            samples.append(s if keep_crops else {k: v for k, v in s.items() if k not in crops})
             batch = {
                 k: torch.from_numpy(s[k])[None, None]
                 for k in ("ref_image", "query_image", "ref_bits", "query_bits")
