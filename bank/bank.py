@@ -313,8 +313,9 @@ class Bank:
                 raise UnknownScanError(scan_id, len(self._list_scan_dirs()), self.location)
             with _publish.staging_folder(root, scan_id, part) as staged:
                 group = zarr.open_group(LocalStore(staged), mode="w-", zarr_format=3)
+                encoding = self.encoding.for_part(part)
                 records = {
-                    name: write_array(group, name, data, self.encoding, grid)
+                    name: write_array(group, name, data, encoding, grid)
                     for name, data in sorted(arrays.items())
                 }
                 info: dict[str, Any] = {
