@@ -12,11 +12,13 @@ Design choices (why):
   continue exactly where it stopped, whatever its worker count.
 * **Batches are built in the workers** (the dataset yields whole batches) so
   that the main process only pins and copies.
-* **Read only what a crop touches.** Image crops and the proposal layers come
-  from ``ScanView.read`` (only the touched chunks are decoded); the K masks are
-  rebuilt from each layer's block by one table lookup (``train.crop_masks``) and
-  travel as one int32 bit field per crop (bit k = task k), 1/K of the bytes of
-  K boolean volumes.
+* **Read only what a crop touches.** Image crops and the proposal layers are
+  built from the touched chunks only, decoded straight from the bank's shards
+  (``train.crop_masks.ShardedBloscReader``; other layouts through ``ScanView.read``).
+  Candidates' layers are read in the reference crop (their counts), the chosen
+  ones in the union of both boxes; the K masks are rebuilt chunk piece by chunk
+  piece by one table lookup per layer (``train.crop_masks``) and travel as one
+  int32 bit field per crop (bit k = task k), 1/K of the bytes of K boolean volumes.
 * **Decode each chunk once per worker.** Reads go through a per-process LRU of
   decoded chunks (``train.crop_masks.ChunkCache``, ``chunk_cache_mb``), so pairs
   whose boxes overlap an earlier pair's (same scan) skip decompression. With
@@ -370,13 +372,12 @@ class PairStream(IterableDataset):
                     int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], union)
                     for j in np.unique(index.layer[ids])
                 }
-                # bit K: the global all-ones task
-                # Built as uint16 when the K + 1 bits fit (cheaper lookups), cast to int32
-                # while placing each crop.
+                # Bit K is the global all-ones task. The field is built as uint16 when the
+                # K + 1 bits fit (cheaper lookups) and cast to int32 while placing each crop.
+                glob = 1 << cfg.k
                 origin = [u.start for u in union]
                 small = np.uint16 if cfg.k < 16 else np.int32
-                bits = index.bits(layers, ids, ushape, 1 << cfg.k, origin, small)
-                glob = 1 << cfg.k
+                bits = index.bits(layers, ids, ushape, glob, origin, small)
                 ref_bits = self._place(
                     bits[_within(ref_src, union)], ref_dst, glob, np.int32, out.get("ref_bits")
                 )
