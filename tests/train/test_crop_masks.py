@@ -165,3 +165,18 @@ def test_counts_in_pieces_equal_counts_and_reader(phantom_bank):
     np.testing.assert_array_equal(got, index.counts(blocks, (slice(None),) * 3))
     np.testing.assert_array_equal(got, reader.voxels_in_box(roi))
     assert got.any() and not got.all()
+
+
+def test_non_local_stores_take_the_async_path():
+    """A store that is not a LocalStore (here in memory) is read through zarr's async API."""
+    store = zarr.storage.MemoryStore()
+    root = zarr.open_group(store, mode="w")
+    data = np.random.default_rng(1).integers(0, 300, size=(40, 33, 20)).astype(np.uint16)
+    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=3, write=np.s_[:30, :, :])
+    reader = ShardedBloscReader.of(arr)
+    assert reader is not None and reader._root is None
+    expect = arr[...]
+    for g, chunk in reader.read_chunks(_all_chunks(arr)).items():
+        sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
+        np.testing.assert_array_equal(chunk, expect[sl])
+    assert (expect[32:] == 3).all()  # a never-written shard row reads as fill_value
