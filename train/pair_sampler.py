@@ -14,7 +14,7 @@ Design choices (why):
   that the main process only pins and copies.
 * **Read only what a crop touches.** Image crops and the proposal layers are
   built from the touched chunks only, decoded straight from the bank's shards
-  (``train.crop_masks.ShardedBloscReader``; other layouts through ``ScanView.read``).
+  (``bank.chunk_reader.ShardedBloscReader``; other layouts through ``ScanView.read``).
   Candidates' layers are read in the reference crop (their counts), the chosen
   ones in the union of both boxes; the K masks are rebuilt chunk piece by chunk
   piece by one table lookup per layer (``train.crop_masks``) and travel as one

@@ -1,4 +1,4 @@
-"""Direct shard decoding (ShardedBloscReader) and the chunk cache built on it."""
+"""The chunk cache on top of direct shard decoding (bank.chunk_reader), and bit/count pieces."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,9 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from bank import Bank
+from bank.chunk_reader import ShardedBloscReader
 from bank.proposals import ProposalReader
-from train.crop_masks import ChunkCache, ShardedBloscReader
+from train.crop_masks import ChunkCache
 
 
 class _View:
@@ -92,18 +93,6 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
     assert cache.misses > 0
 
 
-def test_corrupt_shard_index_is_an_error(tmp_path):
-    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
-    data = np.ones((16, 16, 16), np.uint8)
-    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16))
-    shard = tmp_path / "g.zarr" / "a" / "c" / "0" / "0" / "0"
-    raw = bytearray(shard.read_bytes())
-    raw[-10] ^= 0xFF  # inside the index, before its checksum
-    shard.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="checksum"):
-        ShardedBloscReader.of(arr).read_chunks([(0, 0, 0)])
-
-
 def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
     from train.crop_masks import LAYERS_PATH, ProposalIndex
 
@@ -165,18 +154,3 @@ def test_counts_in_pieces_equal_counts_and_reader(phantom_bank):
     np.testing.assert_array_equal(got, index.counts(blocks, (slice(None),) * 3))
     np.testing.assert_array_equal(got, reader.voxels_in_box(roi))
     assert got.any() and not got.all()
-
-
-def test_non_local_stores_take_the_async_path():
-    """A store that is not a LocalStore (here in memory) is read through zarr's async API."""
-    store = zarr.storage.MemoryStore()
-    root = zarr.open_group(store, mode="w")
-    data = np.random.default_rng(1).integers(0, 300, size=(40, 33, 20)).astype(np.uint16)
-    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=3, write=np.s_[:30, :, :])
-    reader = ShardedBloscReader.of(arr)
-    assert reader is not None and reader._root is None
-    expect = arr[...]
-    for g, chunk in reader.read_chunks(_all_chunks(arr)).items():
-        sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
-        np.testing.assert_array_equal(chunk, expect[sl])
-    assert (expect[32:] == 3).all()  # a never-written shard row reads as fill_value
