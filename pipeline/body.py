@@ -46,21 +46,24 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     )
     if box[0].stop - box[0].start < 3 or box[1].stop - box[1].start < 3:
         return mask  # no room for an enclosed hole in any slice
-    out = mask.copy()
+    out = mask.copy(order="K")  # keep the memory order: a C copy of an F array transposes
     out[box] = _fill_block(mask[box])
     return out
 
 
 def _fill_block(mask: np.ndarray) -> np.ndarray:
-    nx, ny, nz = mask.shape
-    background = np.ascontiguousarray((~mask).transpose(2, 0, 1)).reshape(nz * nx, ny)
-    labels = cc3d.connected_components(background, connectivity=4)
-    stacked = labels.reshape(nz, nx, ny)
-    border = np.zeros(int(labels.max()) + 1, dtype=bool)
+    # Stack the z-slices as (z, a, b) with the mask's own memory order when it has one
+    # (an F-ordered volume is C-ordered as (z, y, x)): no transposing copy.
+    axes = (2, 1, 0) if abs(mask.strides[0]) < abs(mask.strides[1]) else (2, 0, 1)
+    stacked_bg = np.ascontiguousarray(~mask.transpose(axes))
+    nz, na, nb = stacked_bg.shape
+    labels = cc3d.connected_components(stacked_bg.reshape(nz * na, nb), connectivity=4)
+    stacked = labels.reshape(nz, na, nb)
+    hole = np.ones(int(labels.max()) + 1, dtype=bool)
     for face in (stacked[:, 0], stacked[:, -1], stacked[:, :, 0], stacked[:, :, -1]):
-        border[face.ravel()] = True
-    border[0] = True  # label 0 is the mask itself
-    return mask | ~border[stacked].transpose(1, 2, 0)
+        hole[face.ravel()] = False
+    hole[0] = False  # label 0 is the mask itself
+    return mask | hole[stacked].transpose(np.argsort(axes))
 
 
 def body_mask(image: np.ndarray, modality: str, ct_threshold: float = -500.0) -> np.ndarray:

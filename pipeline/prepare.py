@@ -6,17 +6,15 @@ those to decide whether a scan must be redone.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.body import body_mask, crop_box
 from pipeline.config import PrepareConfig
+from pipeline.decode_overlap import DecodeOverlap
 from pipeline.errors import ScanError
 from pipeline.modality import detect_modality
 from pipeline.normalize import apply_normalization, normalization_params
@@ -59,38 +57,6 @@ def _read_label(path: str, image: RawScan, max_voxels: int) -> np.ndarray:
     return values.astype(np.uint16)
 
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
-
-
-@contextlib.contextmanager
-def _one_core_for_decoding(active: bool):
-    """Run torch with one thread fewer while a file decodes in the background.
-
-    The decoder thread needs a core of its own to overlap resampling (with every
-    core in torch's pool the two only take turns: measured 0.91 s vs 0.73 s for
-    decode + resample of the 512x512x300 CT on 2 cores). torch's thread count is
-    process-wide, so concurrent scans share one reduction, counted under a lock.
-    """
-    global _threads_users, _threads_saved
-    if not active:
-        yield
-        return
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(max(1, _threads_saved - 1))
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
-
-
 def prepare_scan(
     image_path: str | Path,
     label_path: str | Path | None = None,
@@ -117,8 +83,8 @@ def prepare_scan(
     # decodes, then reorient the smaller result: image and label share one grid because
     # they share one affine. Values are checked once the decode is complete.
     t = time.perf_counter()
-    with _one_core_for_decoding(raw.pending is not None):
-        data, affine = resample(raw.data, raw.affine, config.spacing, wait=raw.wait)
+    with DecodeOverlap(raw.wait, raw.data.nbytes, raw.pending is not None) as overlap:
+        data, affine = resample(raw.data, raw.affine, config.spacing, wait=overlap.wait)
     raw.finish(check_values=True)
     timings["decode_resample"] = time.perf_counter() - t  # overlapped: decode ∥ resample
     t = time.perf_counter()
