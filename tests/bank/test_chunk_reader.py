@@ -3,36 +3,15 @@
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 
 from bank.chunk_reader import ShardedBloscReader
-
-
-def _sharded(root, name, data, chunks, shards, fill=0, write=None):
-    arr = root.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        shards=shards,
-        compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)],
-        fill_value=fill,
-    )
-    if write is None:
-        arr[...] = data
-    else:
-        arr[write] = data[write]
-    return arr
-
-
-def _all_chunks(arr):
-    return list(np.ndindex(*(-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True))))
+from tests.bank.sharded_arrays import all_chunks, sharded
 
 
 def test_corrupt_shard_index_is_an_error(tmp_path):
     root = zarr.open_group(tmp_path / "g.zarr", mode="w")
     data = np.ones((16, 16, 16), np.uint8)
-    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16))
+    arr = sharded(root, "a", data, (8, 8, 8), (16, 16, 16))
     shard = tmp_path / "g.zarr" / "a" / "c" / "0" / "0" / "0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # inside the index, before its checksum
@@ -46,11 +25,11 @@ def test_non_local_stores_take_the_async_path():
     store = zarr.storage.MemoryStore()
     root = zarr.open_group(store, mode="w")
     data = np.random.default_rng(1).integers(0, 300, size=(40, 33, 20)).astype(np.uint16)
-    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=3, write=np.s_[:30, :, :])
+    arr = sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=3, write=np.s_[:30, :, :])
     reader = ShardedBloscReader.of(arr)
     assert reader is not None and reader._root is None
     expect = arr[...]
-    for g, chunk in reader.read_chunks(_all_chunks(arr)).items():
+    for g, chunk in reader.read_chunks(all_chunks(arr)).items():
         sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
         np.testing.assert_array_equal(chunk, expect[sl])
     assert (expect[32:] == 3).all()  # a never-written shard row reads as fill_value

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 
 from bank import Bank
 from bank.chunk_reader import ShardedBloscReader
 from bank.proposals import ProposalReader
+from tests.bank.sharded_arrays import all_chunks, sharded
 from train.crop_masks import ChunkCache
 
 
@@ -24,27 +24,6 @@ class _View:
         return self.group[name][roi]
 
 
-def _sharded(root, name, data, chunks, shards, fill=0, write=None):
-    arr = root.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        shards=shards,
-        compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)],
-        fill_value=fill,
-    )
-    if write is None:
-        arr[...] = data
-    else:
-        arr[write] = data[write]
-    return arr
-
-
-def _all_chunks(arr):
-    return list(np.ndindex(*(-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True))))
-
-
 def test_bank_arrays_take_the_direct_path_and_decode_like_zarr(phantom_bank):
     bank = Bank.open(phantom_bank)
     scan = bank.scan(bank.index[0]["scan_id"])
@@ -54,7 +33,7 @@ def test_bank_arrays_take_the_direct_path_and_decode_like_zarr(phantom_bank):
         reader = ShardedBloscReader.of(arr)
         assert reader is not None, name
         full = arr[...]
-        got = reader.read_chunks(_all_chunks(arr))
+        got = reader.read_chunks(all_chunks(arr))
         for g, chunk in got.items():
             sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
             np.testing.assert_array_equal(chunk, full[sl])
@@ -65,12 +44,12 @@ def test_edge_chunks_missing_chunks_and_missing_shards(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.integers(1, 500, size=(50, 37, 29)).astype(np.uint16)
     # Only part of the array written: unwritten chunks (and a whole unwritten shard) read as 7.
-    arr = _sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=7, write=np.s_[:20, :30, :])
+    arr = sharded(root, "a", data, (8, 8, 8), (16, 16, 16), fill=7, write=np.s_[:20, :30, :])
     expect = arr[...]
     assert (expect == 7).any() and (expect != 7).any()
     reader = ShardedBloscReader.of(arr)
     assert reader is not None
-    got = reader.read_chunks(_all_chunks(arr))
+    got = reader.read_chunks(all_chunks(arr))
     for g, chunk in got.items():
         sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
         assert chunk.shape == expect[sl].shape
