@@ -35,10 +35,16 @@ def _gzip_open(blob: bytes):
 class GzipStream:
     """``buffer`` (``size`` bytes) fills from the start while ``wait(n)`` blocks for the first n."""
 
-    def __init__(self, path: str, blob: bytes, size: int) -> None:
+    def __init__(self, path: str, blob: bytes | np.ndarray, size: int) -> None:
         self.path = path
         self.size = size
-        self.buffer = np.empty(size, dtype=np.uint8)
+        gz = bytes(blob[:2]) == b"\x1f\x8b"
+        if not gz and isinstance(blob, np.ndarray) and blob.flags.writeable:
+            # Uncompressed file already read into a writable array: use it, no copy.
+            self.buffer = blob[:size]
+        else:
+            self.buffer = np.empty(size, dtype=np.uint8)
+        self._gz = gz
         self.sha256: str | None = None
         self._blob = blob
         self._done = 0
@@ -57,7 +63,7 @@ class GzipStream:
         try:
             hasher = threading.Thread(target=self._hash, daemon=True)
             hasher.start()
-            if self._blob[:2] == b"\x1f\x8b":
+            if self._gz:
                 view = memoryview(self.buffer)
                 with _gzip_open(self._blob) as fh:
                     while self._done < self.size:
@@ -70,7 +76,8 @@ class GzipStream:
                     fh.read()  # drain to the end: the gzip trailer's CRC/length are checked
             else:
                 n = min(len(self._blob), self.size)
-                self.buffer[:n] = np.frombuffer(self._blob, dtype=np.uint8, count=n)
+                if self.buffer.base is None or not np.shares_memory(self.buffer, self._blob):
+                    self.buffer[:n] = np.frombuffer(self._blob, dtype=np.uint8, count=n)
                 if n < self.size:
                     raise EOFError(f"file ends at {n:,} of {self.size:,} bytes")
                 self._advance(n)
@@ -90,7 +97,7 @@ class GzipStream:
             self._blob = b""
 
     def _hash(self) -> None:
-        self.sha256 = hashlib.sha256(self._blob).hexdigest()
+        self.sha256 = hashlib.sha256(memoryview(self._blob)).hexdigest()
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:

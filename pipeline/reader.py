@@ -157,7 +157,9 @@ def _read_nifti(path: str, max_voxels: int, check_values: bool, stream: bool) ->
     proxy = img.dataobj
     dtype, offset = np.dtype(proxy.dtype), int(proxy.offset)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    blob = Path(path).read_bytes()  # an OSError here is transient I/O: the flow retries
+    # One read of the file (an OSError here is transient I/O: the flow retries); an
+    # uncompressed .nii is read into a writable array that becomes the voxel buffer.
+    blob = np.fromfile(path, dtype=np.uint8) if path.endswith(".nii") else Path(path).read_bytes()
     pending = GzipStream(path, blob, offset + nbytes)
     data = np.ndarray(shape, dtype=dtype, buffer=pending.buffer, offset=offset, order=proxy.order)
     raw = RawScan(data, np.asarray(img.affine, dtype=np.float64), path, None, pending, offset)
