@@ -38,8 +38,11 @@ def test_streamed_read_matches_nibabel(tmp_path, dtype, slope):
 
 def test_uncompressed_nifti_streams_too(tmp_path):
     data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
-    raw = read_scan(_save(tmp_path / "a.nii", data))
+    path = _save(tmp_path / "a.nii", data)
+    raw = read_scan(path)
     np.testing.assert_array_equal(raw.data, data)
+    assert raw.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert raw.data.flags.writeable  # the file's own buffer: torch can wrap it without a copy
 
 
 def test_corrupt_payload_fails_at_finish_not_silently(tmp_path):
