@@ -8,6 +8,7 @@ inputs cannot be listed or the bank cannot be opened.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -186,6 +187,26 @@ def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
         return _record(scan, "failed", t0, reason=exc.reason, file=exc.path)
 
 
+def _threads_per_task(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+
+
+@contextlib.contextmanager
+def shared_torch_threads(workers: int, dask_address: str | None, processes: bool):
+    """While a flow runs `workers` scans as threads of this process, give each scan's torch
+    kernels (resampling) ``cpu_count // workers`` threads instead of every core each; the
+    previous setting comes back afterwards (e.g. for pretraining in the same process)."""
+    if dask_address or processes:  # other processes: sized by OMP_NUM_THREADS (see below)
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_threads_per_task(workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_task_runner(workers: int, dask_address: str | None, processes: bool) -> DaskTaskRunner:
     """Join an existing Dask cluster, or start a LocalCluster of `workers` threads/processes.
 
@@ -198,9 +219,7 @@ def make_task_runner(workers: int, dask_address: str | None, processes: bool) ->
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     workers = max(1, int(workers))
-    # Resampling runs torch kernels whose thread pool defaults to every core; with
-    # several scans at once, share the cores instead of oversubscribing them.
-    per_task = max(1, (os.cpu_count() or 1) // workers)
+    per_task = _threads_per_task(workers)
     if processes:
         kwargs = {
             "n_workers": workers,
@@ -209,7 +228,6 @@ def make_task_runner(workers: int, dask_address: str | None, processes: bool) ->
             "env": {"OMP_NUM_THREADS": str(per_task)},
         }
     else:
-        torch.set_num_threads(per_task)
         kwargs = {"n_workers": 1, "threads_per_worker": workers, "processes": False}
     kwargs.update(dashboard_address=None, silence_logs=logging.WARNING)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
@@ -261,7 +279,10 @@ def prepare_bank(
     logger.info("preparing %d scans into %s", len(scans), bank_path)
 
     records: list[dict] = []
-    with make_task_runner(workers, dask_address, processes) as runner:
+    with (
+        shared_torch_threads(workers, dask_address, processes),
+        make_task_runner(workers, dask_address, processes) as runner,
+    ):
         futures = {
             runner.submit(
                 prepare_one,

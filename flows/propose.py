@@ -24,6 +24,7 @@ from flows.prepare import (
     PER_SCAN_TASK_OPTIONS,
     _exception_of,
     make_task_runner,
+    shared_torch_threads,
     summarise_records,
 )
 from pipeline.normalize import invert_normalization
@@ -126,7 +127,10 @@ def propose_bank(
         raise ValueError(f"scans not in the bank: {missing}")
     bank_path = str(Path(bank).expanduser().resolve())
     records: list[dict] = []
-    with make_task_runner(workers, dask_address, processes) as runner:
+    with (
+        shared_torch_threads(workers, dask_address, processes),
+        make_task_runner(workers, dask_address, processes) as runner,
+    ):
         futures = {
             runner.submit(
                 propose_one,

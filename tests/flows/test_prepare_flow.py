@@ -28,11 +28,15 @@ def three_scans(tmp_path: Path) -> Path:
 
 
 def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Path) -> None:
+    import torch
+
     from flows.prepare import prepare_bank
 
     bank_dir = tmp_path / "bank"
+    threads = torch.get_num_threads()
     first = prepare_bank([str(three_scans)], str(bank_dir), CONFIG, workers=2, progress=False)
     assert _statuses(first) == {"case0": "ok", "case1": "ok", "case2": "ok"}
+    assert torch.get_num_threads() == threads  # shared between the scans, then given back
     bank = Bank.open(bank_dir)
     assert bank.scan_ids == ["case0", "case1", "case2"]
     assert bank.scan("case0").has("label") and bank.scan("case1").modality == "mr"
