@@ -40,10 +40,7 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     slice border are exactly the holes.
     """
     # Holes lie inside the mask's bounding box: label only that block.
-    box = tuple(
-        slice(int(nz[0]), int(nz[-1]) + 1)
-        for nz in (np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
-    )
+    box = bounding_box(mask)
     if box[0].stop - box[0].start < 3 or box[1].stop - box[1].start < 3:
         return mask  # no room for an enclosed hole in any slice
     out = mask.copy(order="K")  # keep the memory order: a C copy of an F array transposes
@@ -83,16 +80,23 @@ def body_mask(image: np.ndarray, modality: str, ct_threshold: float = -500.0) ->
     return _fill_slices(_largest_component(mask))
 
 
-def crop_box(
-    mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float
-) -> tuple[slice, slice, slice]:
-    """Bounding box of ``mask`` grown by ``margin_mm`` on every side, clipped to the volume."""
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """Tightest box holding every True voxel of a non-empty 3-D ``mask``."""
     if not mask.any():
         raise ValueError("empty mask has no bounding box")
     box = []
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
+        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def crop_box(
+    mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float
+) -> tuple[slice, slice, slice]:
+    """Bounding box of ``mask`` grown by ``margin_mm`` on every side, clipped to the volume."""
+    box = []
+    for axis, tight in enumerate(bounding_box(mask)):
         margin = int(np.ceil(margin_mm / spacing[axis]))
-        box.append(slice(max(0, nz[0] - margin), min(mask.shape[axis], nz[-1] + 1 + margin)))
+        box.append(slice(max(0, tight.start - margin), min(mask.shape[axis], tight.stop + margin)))
     return tuple(box)  # type: ignore[return-value]

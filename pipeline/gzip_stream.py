@@ -4,8 +4,8 @@ Why: decompressing a ``.nii.gz`` is the floor of a scan's prepare time, and
 resampling only needs the first planes of a volume to begin. ISA-L (and zlib)
 release the GIL while they inflate, so a second thread decodes while the
 caller resamples the planes already there: the two costs overlap instead of
-adding up. The same thread hashes the compressed bytes (hashlib releases the
-GIL too), so the file is read from disk exactly once.
+adding up. A third thread hashes the compressed bytes meanwhile (hashlib
+releases the GIL too), so the file is read from disk exactly once.
 """
 
 from __future__ import annotations
