@@ -17,12 +17,13 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .layout import PROPOSALS_PART
+from .shard_writer import write_shards
 
 TABLE_CHUNK_BYTES = 4 << 20  # ~4 MiB of a 1-D/2-D table per chunk
 _CRC_SLAB_BYTES = 64 << 20
-# Chunks encoded per batch when writing. Zarr's default (1) schedules every 64^3 chunk
-# as its own asyncio task; batches of 64 encode in one call: a scan's image + body
-# write in 79 ms instead of 127 ms (chest CT, docs/bank-format.md).
+# Chunks encoded per batch when Zarr writes (tables, and volumes in layouts that
+# `bank.shard_writer` does not handle). Zarr's default (1) schedules every chunk as its
+# own asyncio task; batches of 64 wrote a chest CT's image + body in 79 ms, not 127.
 _WRITE_BATCH = 64
 
 
@@ -106,7 +107,7 @@ def write_array(
         chunks, shards = encoding.table_chunks(data.shape, data.dtype), None
     with zarr.config.set({"codec_pipeline.batch_size": _WRITE_BATCH}):
         arr = _create(group, name, data, chunks, shards, encoding)
-        if data.size:
+        if data.size and (shards is None or not write_shards(arr, data)):
             arr[...] = data
     return {
         "shape": list(data.shape),

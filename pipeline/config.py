@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-PIPELINE_VERSION = "0.2.0"  # 0.2: pixel-area grid, triangle anti-aliasing (pipeline/resample.py)
+PIPELINE_VERSION = "0.3.0"  # 0.2: pixel-area grid, triangle filter; 0.3: body on native slices
 MODALITIES = ("auto", "ct", "mr", "pet")
 
 

@@ -24,3 +24,25 @@ def to_ras(
     out = ornt.apply_orientation(data, transform)
     new_affine = affine @ ornt.inv_ornt_aff(transform, data.shape)
     return (np.ascontiguousarray(out) if copy else out), new_affine
+
+
+def ras_axes(affine: np.ndarray) -> list[tuple[int, bool]]:
+    """For each voxel axis of ``affine``: the RAS axis `to_ras` moves it to, and whether it flips."""
+    return [(int(axis), bool(sign < 0)) for axis, sign in ornt.io_orientation(affine)]
+
+
+def native_box(
+    ras_box: tuple[slice, slice, slice], affine: np.ndarray, native_shape: tuple[int, ...]
+) -> tuple[slice, slice, slice]:
+    """The box of the native array whose `to_ras` view is ``ras_box`` (bounded slices)."""
+    out = []
+    for axis, (ras, flip) in enumerate(ras_axes(affine)):
+        sl, n = ras_box[ras], native_shape[axis]
+        out.append(slice(n - sl.stop, n - sl.start) if flip else slice(sl.start, sl.stop))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def ras_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The affine `to_ras` gives an array of ``shape`` with voxel->world ``affine``."""
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+    return affine @ ornt.inv_ornt_aff(transform, shape)

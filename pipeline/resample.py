@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,9 +80,61 @@ def _to_float32(block: np.ndarray) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # torch wants writable memory
 
 
-def _resample_image(data: np.ndarray, steps, shape_out, wait) -> np.ndarray:
+@dataclass
+class PlanePass:
+    """A volume resampled along its two in-memory-contiguous axes, the slice axis still native.
+
+    ``planes`` is ``(n_slices, a, b)`` float32 with the native axes ``order``;
+    `finish` does the remaining pass across slices. Splitting the two lets a
+    caller look at the coarser intermediate first (`pipeline.prepare` finds the
+    body on the native slices of a 5 mm scan) and crop it before up-sampling.
+    """
+
+    planes: torch.Tensor
+    order: tuple[int, int, int]
+    step: float  # slice-axis step (target / spacing); < 1 means up-sampling
+    n_out: int  # slice-axis length after `finish`
+    affine: np.ndarray  # voxel->world of the intermediate grid (native axes)
+
+    @property
+    def slice_axis(self) -> int:
+        return self.order[0]
+
+    def native(self) -> np.ndarray:
+        """The intermediate grid as an array with the input's axes (a view)."""
+        return self.planes.numpy().transpose(np.argsort(self.order))
+
+    def finish(self, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """Resample across slices; ``box`` (native axes) crops the in-plane axes first.
+
+        The slice axis of ``box`` must be ``slice(None)``: a crop along it is the
+        caller's, after this pass. Returns the input's axis order.
+        """
+        planes = self.planes
+        if box is not None:
+            if box[self.slice_axis] != slice(None):
+                raise ValueError("crop the slice axis after the pass, not before")
+            planes = planes[:, box[self.order[1]], box[self.order[2]]]
+        if self.step != 1.0:
+            n, a, b = planes.shape
+            flat = planes.contiguous().reshape(1, 1, n, a * b)
+            planes = _aa(flat, (self.n_out, a * b), (self.step, 1.0)).reshape(self.n_out, a, b)
+        return planes.numpy().transpose(np.argsort(self.order))
+
+
+def resample_planes(
+    data: np.ndarray,
+    affine: np.ndarray,
+    target: tuple[float, float, float],
+    *,
+    wait: Callable[[int | None], None] | None = None,
+) -> PlanePass:
+    """First pass of `resample`: the two in-plane axes, block by block as ``data`` decodes."""
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    steps = _steps(spacing, target)
+    shape_out = output_shape(data.shape, spacing, target)
     # Outer axis = the one with the largest stride: its planes are contiguous in memory.
-    order = sorted(range(3), key=lambda a: -abs(data.strides[a]))
+    order = tuple(sorted(range(3), key=lambda a: -abs(data.strides[a])))
     view = data.transpose(order)
     if wait is not None and min(data.strides) <= 0:
         wait(None)  # memory not in plane order: wait for all of it
@@ -103,18 +156,26 @@ def _resample_image(data: np.ndarray, steps, shape_out, wait) -> np.ndarray:
         if wait is not None:
             wait(None)
         inter = torch.from_numpy(_to_float32(view))
-    if st[0] != 1.0:
-        flat = inter.reshape(1, 1, n_outer, -1)
-        inter = _aa(flat, (out_sz[0], flat.shape[-1]), (st[0], 1.0)).reshape(out_sz)
-    inverse = np.argsort(order)
-    return inter.numpy().transpose(inverse)
+    plane_target = list(target)
+    plane_target[order[0]] = spacing[order[0]]  # the slice axis keeps its spacing for now
+    return PlanePass(
+        planes=inter,
+        order=order,  # type: ignore[arg-type]
+        step=st[0],
+        n_out=out_sz[0],
+        affine=output_affine(affine, spacing, plane_target),
+    )
+
+
+def nearest_index(n_in: int, n_out: int, step: float) -> np.ndarray:
+    """Input index of each output voxel for nearest-neighbour resampling on the same grid."""
+    return np.clip(np.floor((np.arange(n_out) + 0.5) * step).astype(np.int64), 0, n_in - 1)
 
 
 def _resample_label(data: np.ndarray, steps, shape_out) -> np.ndarray:
     """Nearest neighbour on the same grid: input index round((j + 0.5) * step - 0.5)."""
     idx = [
-        np.clip(np.floor((np.arange(m) + 0.5) * step).astype(np.int64), 0, n - 1)
-        for n, m, step in zip(data.shape, shape_out, steps, strict=True)
+        nearest_index(n, m, step) for n, m, step in zip(data.shape, shape_out, steps, strict=True)
     ]
     out = data
     for axis in sorted(range(3), key=lambda a: -steps[a]):  # shrink first
@@ -150,4 +211,4 @@ def resample(
         if wait is not None:
             wait(None)
         return _resample_label(data, steps, shape_out), new_affine
-    return _resample_image(data, steps, shape_out, wait), new_affine
+    return resample_planes(data, affine, target, wait=wait).finish(), new_affine

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.orient import to_ras
-from pipeline.resample import output_shape, resample
+from pipeline.orient import native_box, ras_affine, ras_axes, to_ras
+from pipeline.resample import output_shape, resample, resample_planes
 
 
 def _world(affine, idx):
@@ -85,3 +85,39 @@ def test_same_spacing_is_a_no_op(spacing):
     out, aff = resample(data, np.diag([*spacing, 1.0]), spacing)
     assert out is data
     np.testing.assert_allclose(aff, np.diag([*spacing, 1.0]))
+
+
+def test_plane_pass_cropped_before_the_slice_pass_equals_cropping_after():
+    """`PlanePass.finish(box)` up-samples only the in-plane box: same voxels as crop-after."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(40, 36, 9)).astype(np.float32)  # C order: slice axis = 0
+    data = np.asfortranarray(data)  # F order: the slice axis (largest stride) is axis 2
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    planes = resample_planes(data, affine, (1.5, 1.5, 1.5))
+    assert planes.slice_axis == 2 and planes.step < 1.0 and planes.n_out == 30
+    full = planes.finish()
+    np.testing.assert_array_equal(full, resample(data, affine, (1.5, 1.5, 1.5))[0])
+    box = (slice(3, 15), slice(2, 11), slice(None))
+    np.testing.assert_allclose(planes.finish(box), full[box], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="slice axis"):
+        planes.finish((slice(None), slice(None), slice(0, 4)))
+    # The intermediate grid keeps the slice spacing and sits where the final grid does in-plane.
+    np.testing.assert_allclose(np.linalg.norm(planes.affine[:3, :3], axis=0), [1.5, 1.5, 5.0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_box_is_the_ras_box_seen_from_the_file(seed):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(3)
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1.0
+    for i, p in enumerate(perm):
+        affine[p, i] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0)
+    data = rng.normal(size=(7, 9, 11))
+    ras, ras_aff = to_ras(data, affine, copy=False)
+    np.testing.assert_allclose(ras_affine(affine, data.shape), ras_aff)
+    box = tuple(slice(1, n - 2) for n in ras.shape)
+    native = native_box(box, affine, data.shape)
+    np.testing.assert_array_equal(to_ras(data[native], affine, copy=False)[0], ras[box])
+    for axis, (r, flipped) in enumerate(ras_axes(affine)):
+        assert r == perm[axis] and flipped == (affine[r, axis] < 0)

@@ -8,9 +8,11 @@ from pipeline.body import body_mask
 from pipeline.config import PrepareConfig
 from pipeline.errors import ScanError
 from pipeline.modality import detect_modality
-from pipeline.normalize import invert_normalization
+from pipeline.normalize import apply_normalization, invert_normalization
+from pipeline.orient import to_ras
 from pipeline.phantom import NAMES, make_phantom
 from pipeline.prepare import prepare_scan
+from pipeline.resample import resample
 
 
 def _dice(a, b):
@@ -97,6 +99,32 @@ def test_scan_without_body_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     with pytest.raises(ScanError, match="no body found"):
         prepare_scan(path, config=PrepareConfig(modality="ct"))
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_thick_slices_find_the_body_on_native_slices(tmp_path, order):
+    """A 5 mm scan: body found before the slice up-sampling, image cropped before it.
+
+    The image must equal resampling the whole volume and cropping afterwards; the body
+    must match the one found on the final grid (interpolated slices add no evidence).
+    """
+    ph = make_phantom("ct", (90, 80, 16), spacing=(0.8, 0.8, 5.0), seed=5)
+    data = np.pad(ph.image, ((30, 12), (25, 20), (0, 0)), constant_values=-1000.0)  # air around
+    data = np.asarray(data, order=order)
+    affine = ph.affine.copy()
+    affine[0, :] *= -1  # an LPS-like file: the x axis flips on the way to RAS
+    path = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    prep = prepare_scan(path, config=PrepareConfig(modality="ct"))
+    full, full_aff = resample(np.asarray(nib.load(path).dataobj), affine, (1.5, 1.5, 1.5))
+    full = to_ras(full, full_aff)[0]
+    box = tuple(slice(a, b) for a, b in prep.attrs["crop_box"])
+    want = apply_normalization(full[box], prep.attrs["normalization"], "float16")
+    np.testing.assert_allclose(prep.image.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    fine = body_mask(full, "ct")[box]
+    assert _dice(prep.body, fine) > 0.97
+    assert prep.image.shape == prep.body.shape and prep.body.flags.c_contiguous
+    assert box[0].start > 0 and box[1].start > 0 and box[0].stop < full.shape[0]  # cropped
 
 
 @pytest.mark.realdata

@@ -1,0 +1,123 @@
+"""Write a freshly created sharded volume array straight into its shard files (the bank's fast write).
+
+The mirror of `bank.chunk_reader`: same layout (zarr v3 sharding codec, Blosc
+inner chunks after the little-endian bytes codec, a CRC32C-checked index at the
+end of each shard). Zarr's own write schedules every inner chunk through its
+async codec pipeline; on a chest CT's image + body mask that costs ~60 ms on top
+of ~45 ms of compression. Here the inner chunks are cut, compressed by numcodecs'
+Blosc (the library zarr's `BloscCodec` calls, with the same settings) on a few
+threads (Blosc releases the GIL), and each shard is written with one file write.
+The array's metadata still comes from zarr, and zarr reads the result back
+(tests compare it voxel for voxel). Any other layout or store is left to zarr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+
+import numpy as np
+
+_EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _layout(arr):
+    """(sharding codec, blosc codec) when ``arr`` has the layout written here, else None."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    codecs = getattr(arr.metadata, "codecs", None)
+    if sys.byteorder != "little" or not isinstance(arr.store_path.store, LocalStore):
+        return None
+    if not codecs or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sh = codecs[0]
+    inner, index = tuple(sh.codecs), tuple(sh.index_codecs)
+    ok = (
+        len(inner) == 2
+        and isinstance(inner[0], BytesCodec)
+        and (inner[0].endian is None or inner[0].endian.value == "little")
+        and isinstance(inner[1], BloscCodec)
+        and len(index) == 2
+        and isinstance(index[0], BytesCodec)
+        and index[0].endian.value == "little"
+        and isinstance(index[1], Crc32cCodec)
+        and sh.index_location.value == "end"
+    )
+    return (sh, inner[1]) if ok else None
+
+
+def write_shards(arr, data: np.ndarray) -> bool:
+    """Fill the new, empty sharded ``arr`` with ``data``; False if the layout is not handled.
+
+    Every inner chunk inside the array is stored (as zarr's ``write_empty_chunks``),
+    edge chunks padded with the fill value as the v3 regular grid requires; chunk
+    slots of an edge shard that lie wholly outside the array stay empty.
+    """
+    import google_crc32c
+    from numcodecs import Blosc
+
+    found = _layout(arr)
+    if found is None or tuple(data.shape) != tuple(arr.shape) or data.size == 0:
+        return False
+    sharding, blosc = found
+    data = np.asarray(data, dtype=arr.dtype)
+    chunk = tuple(int(c) for c in sharding.chunk_shape)
+    shard = tuple(int(s) for s in arr.shards)
+    per_shard = tuple(s // c for s, c in zip(shard, chunk, strict=True))
+    codec = Blosc(
+        cname=blosc.cname.value,
+        clevel=blosc.clevel,
+        shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value],
+        blocksize=blosc.blocksize,
+        typesize=blosc.typesize or data.dtype.itemsize,
+    )
+    fill = arr.fill_value
+    root = arr.store_path.store.root
+    prefix = arr.store_path.path
+
+    def encode(origin: tuple[int, ...]) -> bytes:
+        block = data[tuple(slice(o, o + c) for o, c in zip(origin, chunk, strict=True))]
+        if block.shape != chunk:  # edge chunk: full shape, padded with the fill value
+            full = np.full(chunk, fill, dtype=data.dtype)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        return codec.encode(np.ascontiguousarray(block))
+
+    shards = list(product(*(range(-(-n // s)) for n, s in zip(data.shape, shard, strict=True))))
+    slots = []  # (shard coords, local chunk coords, chunk origin) of every chunk in the array
+    for coords in shards:
+        for local in product(*(range(p) for p in per_shard)):
+            origin = tuple(
+                g * s + i * c for g, s, i, c in zip(coords, shard, local, chunk, strict=True)
+            )
+            if all(o < n for o, n in zip(origin, data.shape, strict=True)):
+                slots.append((coords, local, origin))
+    origins = [origin for _, _, origin in slots]
+    if _THREADS > 1 and len(origins) > 1:
+        with ThreadPoolExecutor(min(_THREADS, len(origins))) as pool:
+            encoded = list(pool.map(encode, origins))
+    else:
+        encoded = [encode(o) for o in origins]
+
+    by_shard: dict[tuple[int, ...], list[tuple[tuple[int, ...], bytes]]] = {}
+    for (coords, local, _), raw in zip(slots, encoded, strict=True):
+        by_shard.setdefault(coords, []).append((local, raw))
+    for coords, chunks in by_shard.items():
+        index = np.full((*per_shard, 2), _EMPTY, dtype="<u8")
+        parts, offset = [], 0
+        for local, raw in chunks:
+            index[local] = (offset, len(raw))
+            parts.append(raw)
+            offset += len(raw)
+        index_bytes = index.tobytes()
+        parts += [index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")]
+        key = arr.metadata.encode_chunk_key(coords)
+        path = os.path.join(root, prefix, key) if prefix else os.path.join(root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"".join(parts))
+    return True
