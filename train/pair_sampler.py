@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from train.cpu_kernels import retain_freed_memory
 from train.crop_masks import LAYERS_PATH, ChunkCache, ProposalIndex, crop_pieces, pieces_min
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
@@ -431,8 +432,10 @@ class PairStream(IterableDataset):
 
 def _worker_ignores_sigterm(worker_id: int) -> None:
     """Preemption sends SIGTERM to every process; the main process checkpoints, workers must
-    keep serving until it shuts them down (torch's default handler would kill them first)."""
+    keep serving until it shuts them down (torch's default handler would kill them first).
+    Freed buffers stay in the worker's heap for the next batch (``retain_freed_memory``)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    retain_freed_memory()
 
 
 def make_loader(

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train import cpu_kernels
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -216,6 +218,23 @@ def _gaussian_blur_mm(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gaussian_blur_c(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``_gaussian_blur_mm`` through the compiled 7-tap loop per axis (``train.cpu_kernels``)."""
+    radius = 3
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    out = torch.empty_like(img)
+    shape = tuple(img.shape[-3:])
+    a = _scratch("blur_a", shape, torch.float32, "cpu")
+    b = _scratch("blur_b", shape, torch.float32, "cpu")
+    for i in range(img.shape[0]):
+        kern = torch.exp(-(t**2) / (2 * float(sigma[i]) ** 2))
+        kern = (kern / kern.sum()).numpy()
+        cpu_kernels.filter_axis(img[i, 0].contiguous(), a, 0, kern)
+        cpu_kernels.filter_axis(a, b, 1, kern)
+        cpu_kernels.filter_axis(b, out[i, 0], 2, kern)
+    return out
+
+
 def _intensity_cpu(
     img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, owned: bool = False
 ) -> torch.Tensor:
@@ -270,7 +289,11 @@ def _intensity_cpu(
         idx = drawn(spec.p_blur)
         sig = _uniform(n, *spec.blur_sigma, gen, device)
         for i in idx:
-            take()[i : i + 1] = _gaussian_blur_mm(img[i : i + 1], sig[i : i + 1])
+            x = img[i : i + 1]
+            fast = x.dtype == torch.float32 and cpu_kernels.kernels() is not None
+            take()[i : i + 1] = (_gaussian_blur_c if fast else _gaussian_blur_mm)(
+                x, sig[i : i + 1]
+            )
     if spec.p_noise > 0:
         idx = drawn(spec.p_noise)
         std = _uniform(n, *spec.noise_std, gen, device).tolist()
@@ -359,9 +382,18 @@ def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
         raw = field.view(np.uint8)  # (n, size * voxels), byte b of voxel v at size * v + b
         planes = [np.ascontiguousarray(raw[:, b::size]) for b in range((k + 7) // 8)]
         out = np.empty((n, k, field.shape[1]), dtype=np.uint8)
-        for j in range(k):
-            np.right_shift(planes[j // 8], j % 8, out=out[:, j])
-            np.bitwise_and(out[:, j], 1, out=out[:, j])
+        if field.shape[1] % 8 == 0:
+            # Eight voxels per uint64 word: bit j of every byte moved to bit 0 and masked
+            # (a right shift by j < 8 brings only higher bits into the rest of each byte).
+            planes = [p.view(np.uint64) for p in planes]
+            words = out.view(np.uint64)
+            for j in range(k):
+                np.right_shift(planes[j // 8], np.uint64(j % 8), out=words[:, j])
+                np.bitwise_and(words[:, j], np.uint64(0x0101010101010101), out=words[:, j])
+        else:
+            for j in range(k):
+                np.right_shift(planes[j // 8], j % 8, out=out[:, j])
+                np.bitwise_and(out[:, j], 1, out=out[:, j])
         return torch.from_numpy(out.view(bool)).view(n, k, *bits.shape[2:])
     shifts = torch.arange(k, device=bits.device, dtype=torch.int32).view(1, -1, 1, 1, 1)
     return ((bits.to(torch.int32) >> shifts) & 1).bool()
@@ -580,7 +612,44 @@ def warp(
     cheaper than warping K channels. With ``n_bits`` <= 16 the warped fields are
     int16 (same bits), else int32.
     """
+    if _fused_ok(image, bits):
+        return _warp_fused(image, bits, mat, out, n_bits)
     return warp_image(image, mat, out), _nearest_bits(bits, mat, out, n_bits)
+
+
+def _fused_ok(image: torch.Tensor, bits: torch.Tensor) -> bool:
+    return (
+        image.device.type == "cpu"
+        and image.dtype == torch.float32
+        and bits.dtype in (torch.int16, torch.int32)
+        and image.shape[-3:] == bits.shape[-3:]
+        and math.prod(image.shape[-3:]) < 2**31
+        and cpu_kernels.kernels() is not None
+    )
+
+
+def _warp_fused(
+    image: torch.Tensor, bits: torch.Tensor, mat: torch.Tensor, out: int, n_bits: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``warp`` on the CPU through the compiled loop (``train.cpu_kernels``), one sample at a time.
+
+    The image is sampled trilinearly (what the GPU's 3-D ``grid_sample`` computes, border
+    padding), the bits at the rounded point of the same coordinates, in one pass.
+    """
+    n = image.shape[0]
+    dtype = torch.int16 if n_bits is not None and n_bits <= 16 else torch.int32
+    res_img = torch.empty((n, 1, out, out, out), dtype=torch.float32)
+    res_bits = torch.empty((n, 1, out, out, out), dtype=dtype)
+    for i, m in enumerate(mat.double().tolist()):
+        cpu_kernels.warp_fused(
+            image[i, 0].contiguous(),
+            bits[i, 0].to(torch.int32).contiguous(),
+            m,
+            out,
+            res_img[i, 0],
+            res_bits[i, 0],
+        )
+    return res_img, res_bits
 
 
 def center_crop(x: torch.Tensor, out: int) -> torch.Tensor:

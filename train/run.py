@@ -36,6 +36,7 @@ from train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from train.cpu_kernels import retain_freed_memory
 from train.incontext_net import build_model, count_parameters
 from train.lamb_optim import Lamb
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
@@ -378,6 +379,7 @@ def train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python train/run.py`, torchrun and `maskbank pretrain`."""
     args = parse_args(argv)
+    retain_freed_memory()  # batches and augmented pairs reuse freed buffers (no page faults)
     try:
         return train(args)
     except (SamplerError, FileNotFoundError, KeyError, ValueError) as exc:

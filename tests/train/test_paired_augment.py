@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import pytest
 import torch
 
 from train.paired_augment import (
@@ -225,10 +226,14 @@ def test_cpu_intensity_path_matches_the_batched_gpu_formulas():
     assert drew.any() and torch.equal(changed, drew)
 
 
-def test_unpack_matches_shifts_for_high_bits():
-    bits = torch.randint(0, 2**23, (2, 1, 5, 6, 7), dtype=torch.int32)
+@pytest.mark.parametrize("shape", [(5, 6, 7), (4, 6, 8)])  # word-wise path: voxels % 8 == 0
+def test_unpack_matches_shifts_for_high_bits(shape):
+    bits = torch.randint(0, 2**23, (2, 1, *shape), dtype=torch.int32)
     shifts = torch.arange(23, dtype=torch.int32).view(1, -1, 1, 1, 1)
     assert torch.equal(unpack_bits(bits, 23), ((bits >> shifts) & 1).bool())
+    narrow = torch.randint(-(2**15), 2**15, (2, 1, *shape), dtype=torch.int32)
+    want = ((narrow >> torch.arange(16, dtype=torch.int32).view(1, -1, 1, 1, 1)) & 1).bool()
+    assert torch.equal(unpack_bits(narrow.to(torch.int16), 16), want)
 
 
 def test_int16_bit_fields_carry_all_16_bits():

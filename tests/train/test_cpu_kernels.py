@@ -1,0 +1,137 @@
+"""The compiled CPU loops agree with the torch reference paths, and everything works without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train import cpu_kernels
+from train.paired_augment import (
+    STRONG,
+    PairAugmenter,
+    _gaussian_blur,
+    _gaussian_blur_c,
+    _nearest_bits,
+    _warp_image_3d,
+    pack_bits,
+    random_affine,
+    sampling_grid,
+    unpack_bits,
+    warp,
+)
+
+from .conftest import REPO
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.kernels() is None, reason=f"C kernels unavailable: {cpu_kernels.REASON}"
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_bits", [14, 20])
+def test_fused_warp_is_trilinear_and_nearest(n_bits):
+    """Image = 3-D trilinear grid_sample (border), bits = the torch nearest gather, same points."""
+    g = torch.Generator().manual_seed(3)
+    size = (37, 42, 45)
+    img = torch.randn(4, 1, *size, generator=g)
+    bits = torch.randint(0, 2 ** (n_bits - 1), (4, 1, *size), dtype=torch.int32, generator=g)
+    # Zoom-out and zoom-in both: border clamping and zero bits outside get exercised.
+    mat = random_affine(4, replace(STRONG, p_affine=1.0), g, "cpu")
+    mat[0] *= 1.6
+    out_img, out_bits = warp(img, bits, mat, 33, n_bits)
+    assert out_bits.dtype == (torch.int16 if n_bits <= 16 else torch.int32)
+    want = _warp_image_3d(img, mat, 33)
+    assert (out_img - want).abs().max() < 1e-4
+    ref = _nearest_bits(bits, mat, 33, n_bits)
+    assert (out_bits != ref).float().mean() < 1e-3  # float rounding at .5 ties only
+    assert (out_bits == 0).any() and (out_bits != 0).float().mean() > 0.5
+
+
+@needs_kernels
+def test_fused_warp_identity_is_the_centre_crop():
+    g = torch.Generator().manual_seed(5)
+    img = torch.randn(1, 1, 20, 24, 22, generator=g)
+    bits = torch.randint(0, 2**13, (1, 1, 20, 24, 22), dtype=torch.int32, generator=g)
+    out_img, out_bits = warp(img, bits, torch.eye(3)[None], 16, 14)
+    lo = [(s - 16) // 2 for s in (20, 24, 22)]
+    box = (..., slice(lo[0], lo[0] + 16), slice(lo[1], lo[1] + 16), slice(lo[2], lo[2] + 16))
+    assert torch.equal(out_img, img[box]) and torch.equal(out_bits.int(), bits[box])
+
+
+@needs_kernels
+def test_fused_masks_match_per_channel_nearest_grid_sample():
+    g = torch.Generator().manual_seed(8)
+    masks = torch.rand(2, 15, 30, 34, 28, generator=g) > 0.6
+    img = torch.randn(2, 1, 30, 34, 28, generator=g)
+    mat = random_affine(2, replace(STRONG, p_affine=1.0), g, "cpu")
+    _, bits = warp(img, pack_bits(masks), mat, 24, 15)
+    want = F.grid_sample(
+        masks.float(), sampling_grid(mat, (30, 34, 28), 24), mode="nearest", align_corners=True
+    )
+    assert (unpack_bits(bits, 15) != (want > 0.5)).float().mean() < 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 4, 7), (20, 9, 16)])
+def test_c_blur_matches_the_shifted_view_blur(shape):
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(2, 1, *shape, generator=g)
+    sig = torch.tensor([0.5, 1.0])
+    assert (_gaussian_blur_c(img, sig) - _gaussian_blur(img, sig)).abs().max() < 1e-5
+
+
+def test_augmenter_without_kernels(monkeypatch):
+    """No compiler: the torch route gives the same shapes/dtypes and nearly the same images."""
+    g = torch.Generator().manual_seed(2)
+    batch = {
+        "ref_image": torch.randn(2, 1, 24, 24, 24, generator=g),
+        "query_image": torch.randn(2, 1, 24, 24, 24, generator=g),
+        "ref_bits": torch.randint(0, 2**5, (2, 1, 24, 24, 24), dtype=torch.int32, generator=g),
+        "query_bits": torch.randint(0, 2**5, (2, 1, 24, 24, 24), dtype=torch.int32, generator=g),
+    }
+    aug = PairAugmenter(16)
+    spec = replace(STRONG, p_blur=1.0)
+    aug.strong = spec
+    fast = aug(batch, 5, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    slow = aug(batch, 5, torch.Generator().manual_seed(0))
+    for key in fast:
+        assert fast[key].shape == slow[key].shape and fast[key].dtype == slow[key].dtype
+    assert (fast["query_masks"] != slow["query_masks"]).float().mean() < 1e-3
+    # Two-pass bilinear vs trilinear on white noise: same scale, small mean difference.
+    diff = (fast["query_image"] - slow["query_image"]).abs().mean()
+    assert diff < 0.1 * slow["query_image"].abs().mean(), diff
+
+
+def _probe(env: dict) -> str:
+    code = "from train import cpu_kernels as c; print(c.kernels() is None, '|', c.REASON)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_disabled_or_failing_compiler_falls_back(tmp_path):
+    assert _probe({"MASKBANK_C_KERNELS": "0"}).startswith("True | disabled")
+    out = _probe({"CC": "false", "MASKBANK_KERNEL_CACHE": str(tmp_path)})
+    assert out.startswith("True |") and "failed" in out, out
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_retain_freed_memory_is_idempotent():
+    first = cpu_kernels.retain_freed_memory()
+    assert cpu_kernels.retain_freed_memory() == first
+    if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert first
