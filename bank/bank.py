@@ -510,8 +510,8 @@ def _build_empty_bank(root: Path, encoding: Encoding) -> None:
 def _all_finite(a: np.ndarray) -> bool:
     """``np.isfinite(a).all()``; for float16 by the exponent bits (numpy's float16 path is slow)."""
     if a.dtype == np.float16:
-        exponent = np.bitwise_and(np.ascontiguousarray(a).view(np.uint16), 0x7C00)
-        return not bool((exponent == 0x7C00).any())
+        magnitude = np.bitwise_and(np.ascontiguousarray(a).view(np.uint16), 0x7FFF)
+        return magnitude.size == 0 or int(magnitude.max()) < 0x7C00  # all-ones exponent: inf/NaN
     return bool(np.isfinite(a).all())
 
 

@@ -142,3 +142,13 @@ def test_bank_and_scan_pickle_by_reopening(filled: Bank) -> None:
     reader = pickle.loads(pickle.dumps(Bank.open(filled.location)))
     writer = pickle.loads(pickle.dumps(filled))
     assert not reader.writable and writer.writable and reader.scan_ids == filled.scan_ids
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_finite_check_sees_every_non_finite_value(dtype):
+    from bank.bank import _all_finite
+
+    ok = np.array([0.0, -0.0, 1e-7, -65504.0, 65504.0], dtype)
+    assert _all_finite(ok) and _all_finite(ok[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not _all_finite(np.append(ok, dtype(bad)).reshape(2, 3)[:, ::-1])
