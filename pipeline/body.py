@@ -4,7 +4,9 @@ CT: threshold above air (HU), keep the largest connected component, fill holes
 slice by slice (lungs and bowel gas are body, and the trachea would connect
 them to the outside air in a 3-D fill). MR/PET: Otsu threshold on a lightly
 smoothed volume, then the same clean-up. The crop box is the mask's bounding
-box plus a margin in mm.
+box plus a margin in mm. For thick-slice scans `pipeline.prepare` calls this on
+the native slices (in-plane already at the target spacing) and carries the mask
+to the up-sampled slices by nearest neighbour.
 """
 
 from __future__ import annotations
