@@ -41,9 +41,9 @@ from train.paired_augment import (
     sampling_grid,
 )  # noqa: E402
 
-REALISTIC_SOURCE = (512, 512, 300)  # voxels of the synthetic CT (bench/prepare.py's), before prepare
+REALISTIC_SOURCE = (512, 512, 300)  # voxels of bench/prepare.py's synthetic CT, before prepare
 REALISTIC_SPACING = (0.7, 0.7, 1.0)  # mm
-REALISTIC_VERSION = 1  # bump when the recipe below changes: a cached bank of another version is rebuilt
+REALISTIC_VERSION = 1  # bump when the recipe changes: a cached bank of another one is rebuilt
 
 
 def default_cache_dir() -> Path:
@@ -51,8 +51,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "maskbank" / "bench-sampler-realistic"
 
 
-def realistic_bank(cache: Path, n_scans: int = 2) -> tuple[str, list[dict]]:
-    """Bank of ``n_scans`` synthetic 512x512x300 CTs at 0.7x0.7x1 mm through the normal path.
+def realistic_bank(
+    cache: Path, n_scans: int = 2, source: tuple[int, int, int] = REALISTIC_SOURCE
+) -> tuple[str, list[dict]]:
+    """Bank of ``n_scans`` synthetic CTs (``source`` voxels, default 512x512x300, at 0.7x0.7x1
+    mm) through the normal path.
 
     Each is written as a ``.nii.gz`` (int16 HU, as scanners store it), prepared by
     ``pipeline.prepare.prepare_scan`` (RAS, 1.5 mm, body crop, normalisation), written with
@@ -67,8 +70,8 @@ def realistic_bank(cache: Path, n_scans: int = 2) -> tuple[str, list[dict]]:
     stamp = cache / "recipe.json"
     recipe = {
         "version": REALISTIC_VERSION,
-        "source": REALISTIC_SOURCE,
-        "spacing": REALISTIC_SPACING,
+        "source": list(source),  # lists: compared with the JSON stamp
+        "spacing": list(REALISTIC_SPACING),
         "scans": n_scans,
     }
     if stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
@@ -88,7 +91,7 @@ def realistic_bank(cache: Path, n_scans: int = 2) -> tuple[str, list[dict]]:
     for seed in range(n_scans):
         t = time.perf_counter()
         name = f"synthetic-ct-{seed}"
-        ph = make_phantom("ct", REALISTIC_SOURCE, spacing=REALISTIC_SPACING, seed=seed)
+        ph = make_phantom("ct", tuple(source), spacing=REALISTIC_SPACING, seed=seed)
         nifti = ph.save_nifti(cache / "nifti", name)[0]
         del ph
         prep = prepare_scan(nifti, config=PrepareConfig(), dataset="synthetic")
@@ -97,11 +100,15 @@ def realistic_bank(cache: Path, n_scans: int = 2) -> tuple[str, list[dict]]:
         del prep
         rec = propose_scan(bank, name, ProposalConfig())
         volumes.append(
-            {"scan_id": name, "source_shape": list(REALISTIC_SOURCE), "bank_shape": shape,
-             "proposals": rec["n_proposals"]}
+            {
+                "scan_id": name,
+                "source_shape": list(source),
+                "bank_shape": shape,
+                "proposals": rec["n_proposals"],
+            }
         )
         print(
-            f"realistic bank: {name} {REALISTIC_SOURCE} -> {shape}, {rec['n_proposals']} "
+            f"realistic bank: {name} {tuple(source)} -> {shape}, {rec['n_proposals']} "
             f"proposals, {time.perf_counter() - t:.0f} s",
             file=sys.stderr,
         )
@@ -182,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         "built once into --cache-dir (the baseline's cost grows with the volume, ours does not)",
     )
     p.add_argument(
+        "--realistic-source",
+        type=int,
+        nargs=3,
+        default=list(REALISTIC_SOURCE),
+        help="voxels of each synthetic CT before prepare (a smaller one for smoke tests)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -221,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.realistic:
             if bank is not None:
                 p.error("--realistic builds its own bank: give either --bank or --realistic")
-            bank, volumes = realistic_bank(args.cache_dir or default_cache_dir())
+            bank, volumes = realistic_bank(
+                args.cache_dir or default_cache_dir(), source=tuple(args.realistic_source)
+            )
         elif bank is None:
             from train.demo_bank import build_phantom_bank
 

@@ -95,6 +95,23 @@ void NAME(const float *restrict img, const int32_t *restrict bits, long X, long 
 WARP(warp_bits16, int16_t)
 WARP(warp_bits32, int32_t)
 
+/* out[j, v] = bit j of field[v] (0/1 bytes) for j < k, blocked over v so that each
+   block of the field stays in L1 while its k planes are written. */
+#define UNPACK(NAME, TIN)                                                                  \
+void NAME(const TIN *restrict field, long n, long k, uint8_t *restrict out)                \
+{                                                                                          \
+    for (long v0 = 0; v0 < n; v0 += 4096) {                                                \
+        const long v1 = v0 + 4096 < n ? v0 + 4096 : n;                                     \
+        for (long j = 0; j < k; j++) {                                                     \
+            uint8_t *restrict o = out + j * n;                                             \
+            for (long v = v0; v < v1; v++) o[v] = (uint8_t)((field[v] >> j) & 1);          \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+UNPACK(unpack16, uint16_t)
+UNPACK(unpack32, uint32_t)
+
 /* out[a, i, b] = sum_t k[t] * in[a, clamp(i + t - r, 0, n - 1), b]: one axis of a
    separable filter with replicate borders, (outer, n, inner) layout. */
 void filter_axis(const float *restrict in, float *restrict out, long outer, long n,
@@ -209,6 +226,10 @@ def _build() -> ctypes.CDLL | None:
             fn = getattr(out, name)
             fn.argtypes = [vp, vp, lg, lg, lg, vp, lg, vp, vp]
             fn.restype = None
+        for name in ("unpack16", "unpack32"):
+            fn = getattr(out, name)
+            fn.argtypes = [vp, lg, lg, vp]
+            fn.restype = None
         out.filter_axis.argtypes = [vp, vp, lg, lg, lg, vp, lg]
         out.filter_axis.restype = None
         REASON = f"built with {cc} {' '.join(flags)}: {lib}"
@@ -271,9 +292,7 @@ def warp_fused(
     )
 
 
-def filter_axis(
-    src: torch.Tensor, dst: torch.Tensor, axis: int, kernel: np.ndarray
-) -> None:
+def filter_axis(src: torch.Tensor, dst: torch.Tensor, axis: int, kernel: np.ndarray) -> None:
     """``dst`` = 1-D filter of the 3-D float32 ``src`` along ``axis`` (odd taps, replicate border)."""
     lib = kernels()
     if lib is None:
@@ -324,3 +343,18 @@ def retain_freed_memory(max_block: int = 64 << 20) -> bool:
         return False
     _RETAINED = ok
     return ok
+
+
+def unpack(field: torch.Tensor, k: int, out: torch.Tensor) -> None:
+    """``out`` (k, V) uint8/bool = bits 0..k-1 of the int16/int32 ``field`` (V voxels)."""
+    lib = kernels()
+    if lib is None:
+        raise RuntimeError(f"C kernels unavailable: {REASON}")
+    size = field.element_size()
+    if field.dtype not in (torch.int16, torch.int32) or k > 8 * size:
+        raise ValueError(f"cannot unpack {k} bits of a {field.dtype} field")
+    n = field.numel()
+    if out.dtype not in (torch.uint8, torch.bool) or out.numel() != k * n:
+        raise ValueError("out must be k x voxels of uint8 or bool")
+    fn = lib.unpack16 if size == 2 else lib.unpack32
+    fn(_ptr(field, field.dtype), n, k, _ptr(out, out.dtype))

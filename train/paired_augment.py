@@ -291,9 +291,7 @@ def _intensity_cpu(
         for i in idx:
             x = img[i : i + 1]
             fast = x.dtype == torch.float32 and cpu_kernels.kernels() is not None
-            take()[i : i + 1] = (_gaussian_blur_c if fast else _gaussian_blur_mm)(
-                x, sig[i : i + 1]
-            )
+            take()[i : i + 1] = (_gaussian_blur_c if fast else _gaussian_blur_mm)(x, sig[i : i + 1])
     if spec.p_noise > 0:
         idx = drawn(spec.p_noise)
         std = _uniform(n, *spec.noise_std, gen, device).tolist()
@@ -373,6 +371,17 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """(n,1,*S) integer bit fields -> (n,K,*S) bool."""
     size = bits.element_size()
+    if (
+        bits.device.type == "cpu"
+        and bits.dtype in (torch.int16, torch.int32)
+        and k <= 8 * size
+        and cpu_kernels.kernels() is not None
+    ):
+        n = bits.shape[0]
+        out = torch.empty((n, k, *bits.shape[2:]), dtype=torch.bool)
+        for i in range(n):
+            cpu_kernels.unpack(bits[i].contiguous(), k, out[i])
+        return out
     if bits.device.type == "cpu" and k <= 8 * size and size in (2, 4):
         # Shift + AND on the uint8 byte planes of the little-endian int32 (or int16) field,
         # written straight into the bool output: ~5x faster than uint16 masks, ~25x than

@@ -39,3 +39,22 @@ def test_sampler_bench_small(phantom_bank):
         result["pairs_per_cpu_s"] / result["baseline_pairs_per_cpu_s"]
     )
     assert 0 <= result["chunk_cache_hit_rate"] <= 1 and result["pairs_per_scan_visit"] == 1
+
+
+@pytest.mark.slow
+def test_sampler_bench_realistic_builds_once_then_reuses(tmp_path):
+    """--realistic runs prepare + propose on synthetic CTs (tiny here), caches the bank, reuses it."""
+    pytest.importorskip("h5py", reason="the baseline needs h5py (pip install -e '.[bench]')")
+    cmd = [sys.executable, str(REPO / "bench" / "sampler.py"), "--realistic", "--json",
+           "--realistic-source", "120", "112", "80", "--cache-dir", str(tmp_path / "cache"),
+           "--crop", "24", "--margin", "4", "--k", "5", "--pairs", "2", "--baseline-pairs", "1"]  # fmt: skip
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)]
+    runs.append(subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600))
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "realistic bank: synthetic-ct-0" in runs[0].stderr
+    assert "realistic bank:" not in runs[1].stderr  # cached
+    result = json.loads(runs[1].stdout.strip().splitlines()[-1])
+    assert result["bank"] == "realistic" and result["source_shapes"] == [[120, 112, 80]] * 2
+    assert result["baseline_s_per_pair_total"] > 0 and result["ratio"] > 0
+    assert "volumes [" in runs[1].stderr and "s/pair" in runs[1].stderr
