@@ -5,10 +5,14 @@ them with one random affine per sample and cuts the central ``crop``^3, so the
 warp pulls real context from the margin instead of zero padding. Image and masks
 go through the same voxel coordinates (linear for the image, nearest neighbour
 for the bit-packed masks) so they stay aligned voxel for voxel. On the GPU the
-image is sampled trilinearly (one 3-D ``grid_sample``); on the CPU by two
-vectorised 2-D bilinear passes (``_two_pass_linear``), which weight the same 8
-neighbours around the same point and agree with trilinear up to interpolation
-error, at about half the cost.
+image is sampled trilinearly (one 3-D ``grid_sample``). On the CPU one compiled
+loop (``train.cpu_kernels``, built on first use) samples the image trilinearly
+(the same values as the GPU, up to float rounding) and gathers the bits at the
+rounded point of the same coordinates in one pass, ~2x cheaper than the torch
+route it replaces when no C compiler is available: two vectorised 2-D bilinear
+passes (``_two_pass_linear``), which weight the same 8 neighbours around the
+same point and agree with trilinear up to interpolation error, plus a separate
+nearest gather (``_nearest_bits``).
 
 Defaults (the published MASS/Iris recipe):
 
@@ -614,7 +618,8 @@ def warp(
     """Warp image (n,1,*S) float and mask bit fields (n,1,*S) int through ``mat``.
 
     Returns the central ``out``^3 of both. The image is sampled linearly
-    (``warp_image``: trilinear on the GPU, two bilinear passes on the CPU); the
+    (trilinear on the GPU and in the compiled CPU loop, ``_warp_fused``; two
+    bilinear passes on the CPU without it, ``warp_image``); the
     K masks travel bit-packed in one int32 channel gathered at the rounded
     coordinates of the same points (exact nearest neighbour, zeros outside):
     exact for binary masks, no float conversion of the field, and ~K times
