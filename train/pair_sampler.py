@@ -277,16 +277,19 @@ class PairStream(IterableDataset):
     def _padded(self, dst, fill, dtype, out: np.ndarray | None = None) -> np.ndarray:
         """Uninitialised read_size^3 array (or ``out``) whose voxels outside ``dst`` are ``fill``.
 
-        Only the (up to six) slabs around ``dst`` are written, not the whole box.
+        Only the (up to six) slabs around ``dst`` are written, not the whole box, and
+        none twice: the x slabs whole, the y slabs within ``dst``'s x range, the z slabs
+        within its x and y ranges (torch's fill: ~2.5x numpy's strided assignment).
         """
         size = self.cfg.read_size
         out = np.empty((size,) * 3, dtype) if out is None else out
-        for a, d in enumerate(dst):
+        t = torch.from_numpy(out)
+        inner: tuple[slice, ...] = ()
+        for d in dst:
             for part in (slice(0, d.start), slice(d.stop, size)):
                 if part.stop > part.start:
-                    idx = [slice(None)] * 3
-                    idx[a] = part
-                    out[tuple(idx)] = fill
+                    t[(*inner, part)].fill_(fill)
+            inner = (*inner, d)
         return out
 
     def _place(self, block: np.ndarray, dst, fill, dtype=None, out=None) -> np.ndarray:
