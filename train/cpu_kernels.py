@@ -112,6 +112,52 @@ void NAME(const TIN *restrict field, long n, long k, uint8_t *restrict out)     
 UNPACK(unpack16, uint16_t)
 UNPACK(unpack32, uint32_t)
 
+/* Label boxes: (n0, n1, n2) views with element strides (s0, s1) and a contiguous last axis. */
+
+/* dst |= lut[src]; returns the number of labels >= nlut (those voxels are left unchanged). */
+long lut_or_u16(const uint16_t *restrict src, long s0, long s1, const uint16_t *restrict lut,
+                long nlut, uint16_t *restrict dst, long d0, long d1, long n0, long n1, long n2)
+{
+    long bad = 0;
+    for (long i = 0; i < n0; i++)
+        for (long j = 0; j < n1; j++) {
+            const uint16_t *a = src + i * s0 + j * s1;
+            uint16_t *b = dst + i * d0 + j * d1;
+            for (long k = 0; k < n2; k++) {
+                const uint16_t v = a[k];
+                if (v < nlut) b[k] |= lut[v]; else bad++;
+            }
+        }
+    return bad;
+}
+
+/* hist[v] += voxels of label v (< nbins) through four interleaved int32 sub-histograms
+   (runs of one label would otherwise chain every increment on the last one); scratch holds
+   4 * nbins zeros. Returns the number of labels >= nbins (not counted). */
+long hist_u16(const uint16_t *restrict src, long s0, long s1, long n0, long n1, long n2,
+              int64_t *restrict hist, long nbins, int32_t *restrict scratch)
+{
+    long bad = 0;
+    int32_t *h0 = scratch, *h1 = scratch + nbins, *h2 = scratch + 2 * nbins;
+    int32_t *h3 = scratch + 3 * nbins;
+    for (long i = 0; i < n0; i++)
+        for (long j = 0; j < n1; j++) {
+            const uint16_t *a = src + i * s0 + j * s1;
+            long k = 0;
+            for (; k + 4 <= n2; k += 4) {
+                const uint16_t v0 = a[k], v1 = a[k + 1], v2 = a[k + 2], v3 = a[k + 3];
+                if ((v0 < nbins) & (v1 < nbins) & (v2 < nbins) & (v3 < nbins)) {
+                    h0[v0]++; h1[v1]++; h2[v2]++; h3[v3]++;
+                } else {
+                    for (long q = k; q < k + 4; q++) { if (a[q] < nbins) h0[a[q]]++; else bad++; }
+                }
+            }
+            for (; k < n2; k++) { if (a[k] < nbins) h0[a[k]]++; else bad++; }
+        }
+    for (long v = 0; v < nbins; v++) hist[v] += (int64_t)h0[v] + h1[v] + h2[v] + h3[v];
+    return bad;
+}
+
 /* out[a, i, b] = sum_t k[t] * in[a, clamp(i + t - r, 0, n - 1), b]: one axis of a
    separable filter with replicate borders, (outer, n, inner) layout. */
 void filter_axis(const float *restrict in, float *restrict out, long outer, long n,
@@ -226,6 +272,10 @@ def _build() -> ctypes.CDLL | None:
             fn = getattr(out, name)
             fn.argtypes = [vp, vp, lg, lg, lg, vp, lg, vp, vp]
             fn.restype = None
+        out.lut_or_u16.argtypes = [vp, lg, lg, vp, lg, vp, lg, lg, lg, lg, lg]
+        out.lut_or_u16.restype = lg
+        out.hist_u16.argtypes = [vp, lg, lg, lg, lg, lg, vp, lg, vp]
+        out.hist_u16.restype = lg
         for name in ("unpack16", "unpack32"):
             fn = getattr(out, name)
             fn.argtypes = [vp, lg, lg, vp]
@@ -358,3 +408,42 @@ def unpack(field: torch.Tensor, k: int, out: torch.Tensor) -> None:
         raise ValueError("out must be k x voxels of uint8 or bool")
     fn = lib.unpack16 if size == 2 else lib.unpack32
     fn(_ptr(field, field.dtype), n, k, _ptr(out, out.dtype))
+
+
+def _box_ok(a: np.ndarray) -> bool:
+    return a.ndim == 3 and a.dtype == np.uint16 and (a.strides[2] == 2 or a.shape[2] <= 1)
+
+
+def lut_or_u16(src: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> bool:
+    """``dst |= lut[src]`` for uint16 3-D views (last axis contiguous); False: not handled."""
+    lib = kernels()
+    if (
+        lib is None
+        or not (_box_ok(src) and _box_ok(dst) and src.shape == dst.shape)
+        or lut.dtype != np.uint16
+        or not dst.flags.writeable
+    ):
+        return False
+    lut = np.ascontiguousarray(lut)
+    bad = lib.lut_or_u16(
+        src.ctypes.data, src.strides[0] // 2, src.strides[1] // 2, lut.ctypes.data, len(lut),
+        dst.ctypes.data, dst.strides[0] // 2, dst.strides[1] // 2, *src.shape,
+    )  # fmt: skip
+    if bad:
+        raise IndexError(f"{bad} labels outside the lookup table of {len(lut)} entries")
+    return True
+
+
+def hist_u16(src: np.ndarray, nbins: int) -> np.ndarray | None:
+    """int64 histogram (``nbins`` bins) of a uint16 3-D view; None: not handled here
+    (no kernels, another layout, or labels >= nbins)."""
+    lib = kernels()
+    if lib is None or not _box_ok(src) or nbins <= 0:
+        return None
+    hist = np.zeros(nbins, np.int64)
+    scratch = np.zeros(4 * nbins, np.int32)
+    bad = lib.hist_u16(
+        src.ctypes.data, src.strides[0] // 2, src.strides[1] // 2, *src.shape,
+        hist.ctypes.data, nbins, scratch.ctypes.data,
+    )  # fmt: skip
+    return None if bad else hist

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bank.chunk_reader import ShardedBloscReader
+from train import cpu_kernels
 
 LAYERS_PATH = "proposals/layers/"
 # (decoded chunk, slices of it, slices of the destination they fill)
@@ -35,6 +36,10 @@ def _histogram(labels: np.ndarray, n: int) -> np.ndarray:
         out = np.zeros(max(n, 2), np.int64)
         out[0], out[1] = labels.size - nnz, nnz
         return out
+    if labels.dtype == np.uint16 and labels.ndim == 3:
+        hist = cpu_kernels.hist_u16(labels, n)  # compiled, strided: ~2x torch's, no copy
+        if hist is not None:
+            return hist
     if labels.dtype == np.uint16 and n <= 2**15:
         flat = torch.from_numpy(np.ascontiguousarray(labels).view(np.int16)).ravel()
         return torch.bincount(flat, minlength=n).numpy()
@@ -148,7 +153,7 @@ class ProposalIndex:
                 piece = chunk[src]
                 if binary and piece.dtype.kind in "ui" and piece.max(initial=0) <= 1:
                     out[dst] |= piece.astype(dtype, copy=False) * lut[1]
-                else:
+                elif not cpu_kernels.lut_or_u16(piece, lut, out[dst]):  # compiled: one pass
                     out[dst] |= lut[piece]
         return out
 

@@ -135,3 +135,28 @@ def test_retain_freed_memory_is_idempotent():
     assert cpu_kernels.retain_freed_memory() == first
     if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
         assert first
+
+
+@needs_kernels
+def test_label_kernels_match_numpy_on_strided_views():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    chunk = rng.integers(0, 300, (20, 24, 28)).astype(np.uint16)
+    chunk[3:9, 4:12, 5:25] = 7  # long runs of one label (the interleaved sub-histograms)
+    view = chunk[2:19, 3:22, 1:27]
+    hist = cpu_kernels.hist_u16(view, 300)
+    np.testing.assert_array_equal(hist, np.bincount(view.ravel(), minlength=300))
+    assert cpu_kernels.hist_u16(view, 200) is None  # labels past the bins: caller's path
+    lut = np.zeros(300, np.uint16)
+    lut[rng.integers(0, 300, 40)] = 1 << 3
+    lut[7] |= 1 << 15
+    field = np.full((30, 30, 40), 1 << 13, np.uint16)
+    want = field.copy()
+    box = (slice(5, 22), slice(1, 20), slice(10, 36))
+    want[box] |= lut[view]
+    assert cpu_kernels.lut_or_u16(view, lut, field[box])
+    np.testing.assert_array_equal(field, want)
+    with pytest.raises(IndexError):
+        cpu_kernels.lut_or_u16(view, lut[:100], field[box])
+    assert not cpu_kernels.lut_or_u16(view.astype(np.int32), lut, field[box])  # not uint16

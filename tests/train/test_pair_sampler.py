@@ -135,6 +135,17 @@ def test_cache_does_not_change_the_stream(phantom_bank):
     assert cached.chunks.hits > 0 and plain.chunks.hits == 0
 
 
+def test_compiled_label_loops_do_not_change_the_stream(phantom_bank, monkeypatch):
+    """Counts and bit fields through train.cpu_kernels equal the numpy/torch route."""
+    from train import cpu_kernels
+
+    fast = [PairStream(phantom_bank, CFG, seed=4).batch(b) for b in range(2)]
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    plain = [PairStream(phantom_bank, CFG, seed=4).batch(b) for b in range(2)]
+    for x, y in zip(fast, plain, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_pairs_per_scan_visit_is_deterministic_and_shares_scans(phantom_bank):
     cfg = SamplerConfig(**{**CFG.__dict__, "pairs_per_scan_visit": 4})
     stream = PairStream(phantom_bank, cfg, seed=6, max_batches=4)
