@@ -36,6 +36,9 @@ import torch
 _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 /* Output voxel (u,v,w) -> input point p = c + m @ (u-h, v-h, w-h), c = (n-1)/2 per axis,
    in float32. Image: trilinear with the point clamped into [0, n-1] per axis (3-D
@@ -109,8 +112,38 @@ void NAME(const TIN *restrict field, long n, long k, uint8_t *restrict out)     
     }                                                                                      \
 }
 
-UNPACK(unpack16, uint16_t)
+UNPACK(unpack16_plain, uint16_t)
 UNPACK(unpack32, uint32_t)
+
+/* unpack16_plain with AVX2 when the planes are 32-byte aligned: 32 voxels per step, written
+   with streaming stores (the 14 planes of a 128^3 crop, 29 MB, never fit a cache: skipping
+   the read-for-ownership halves the memory traffic, ~2x faster). */
+void unpack16(const uint16_t *restrict field, long n, long k, uint8_t *restrict out)
+{
+#ifdef __AVX2__
+    if (n % 32 == 0 && ((uintptr_t)out & 31) == 0) {
+        const __m256i one = _mm256_set1_epi16(1);
+        for (long v0 = 0; v0 < n; v0 += 4096) {
+            const long v1 = v0 + 4096 < n ? v0 + 4096 : n;
+            for (long j = 0; j < k; j++) {
+                uint8_t *restrict o = out + j * n;
+                const __m128i sh = _mm_cvtsi32_si128((int)j);
+                for (long v = v0; v < v1; v += 32) {
+                    __m256i a = _mm256_loadu_si256((const __m256i *)(field + v));
+                    __m256i b = _mm256_loadu_si256((const __m256i *)(field + v + 16));
+                    a = _mm256_and_si256(_mm256_srl_epi16(a, sh), one);
+                    b = _mm256_and_si256(_mm256_srl_epi16(b, sh), one);
+                    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);
+                    _mm256_stream_si256((__m256i *)(o + v), p);
+                }
+            }
+        }
+        _mm_sfence();
+        return;
+    }
+#endif
+    unpack16_plain(field, n, k, out);
+}
 
 /* Label boxes: (n0, n1, n2) views with element strides (s0, s1) and a contiguous last axis. */
 

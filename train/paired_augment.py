@@ -384,7 +384,10 @@ def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
         n = bits.shape[0]
         out = torch.empty((n, k, *bits.shape[2:]), dtype=torch.bool)
         for i in range(n):
-            cpu_kernels.unpack(bits[i].contiguous(), k, out[i])
+            # <= 16 bits: an int16 field (same low bits; a copy of a strided crop anyway)
+            # takes the streaming-store loop.
+            field = bits[i].to(torch.int16) if k <= 16 else bits[i]
+            cpu_kernels.unpack(field.contiguous(), k, out[i])
         return out
     if bits.device.type == "cpu" and k <= 8 * size and size in (2, 4):
         # Shift + AND on the uint8 byte planes of the little-endian int32 (or int16) field,
