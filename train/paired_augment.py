@@ -629,7 +629,7 @@ def warp(
     cheaper than warping K channels. With ``n_bits`` <= 16 the warped fields are
     int16 (same bits), else int32.
     """
-    if _fused_ok(image, bits):
+    if out <= 4096 and _fused_ok(image, bits):
         return _warp_fused(image, bits, mat, out, n_bits)
     return warp_image(image, mat, out), _nearest_bits(bits, mat, out, n_bits)
 
