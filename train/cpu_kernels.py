@@ -18,7 +18,8 @@ The source below is compiled once per machine with the system C compiler
 with ``ctypes``; the file name hashes the source, flags and CPU, and it is
 written atomically, so concurrent workers and shared home directories are safe.
 No compiler, a failed build or ``MASKBANK_C_KERNELS=0`` -> ``kernels()`` is None
-and callers take their pure-torch path (same semantics; tests run both).
+and callers take their pure-torch path (same draws and masks; the image agrees up to
+interpolation error; tests run both).
 """
 
 from __future__ import annotations

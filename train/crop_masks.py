@@ -142,18 +142,25 @@ class ProposalIndex:
                 for r in range(self.indptr[i], self.indptr[i + 1]):
                     lut[self.starts[r] : self.stops[r]] |= dtype.type(1 << int(k))
             box = self.bbox[ids[chosen]]  # (m, 6): lo xyz, hi xyz (exclusive)
-            # Binary layer (labels 0/1) with label 0 in no chosen proposal: bits = label * lut[1],
-            # a multiply instead of a table gather.
+            # Without the compiled lookup: a binary layer (labels 0/1) with label 0 in no chosen
+            # proposal gives bits = label * lut[1], a multiply instead of a table gather.
             binary = 2 <= len(lut) <= 3 and lut[0] == 0 and not lut[2:].any()
-            for chunk, src, dst in layer_pieces[int(j)]:
-                lo = origin + [d.start for d in dst]
-                hi = origin + [d.stop for d in dst]
-                if not np.any(np.all((box[:, :3] < hi) & (box[:, 3:] > lo), axis=1)):
+            pieces = layer_pieces[int(j)]
+            if not pieces:
+                continue
+            # Which pieces some chosen box reaches, for all pieces of the layer at once.
+            lo = origin + np.array([[d.start for d in dst] for _, _, dst in pieces])
+            hi = origin + np.array([[d.stop for d in dst] for _, _, dst in pieces])
+            reach = ((box[None, :, :3] < hi[:, None]) & (box[None, :, 3:] > lo[:, None])).all(2)
+            for (chunk, src, dst), hit in zip(pieces, reach.any(1), strict=True):
+                if not hit:
                     continue
                 piece = chunk[src]
+                if cpu_kernels.lut_or_u16(piece, lut, out[dst]):  # compiled: one pass
+                    continue
                 if binary and piece.dtype.kind in "ui" and piece.max(initial=0) <= 1:
                     out[dst] |= piece.astype(dtype, copy=False) * lut[1]
-                elif not cpu_kernels.lut_or_u16(piece, lut, out[dst]):  # compiled: one pass
+                else:
                     out[dst] |= lut[piece]
         return out
 
