@@ -203,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         "then maskbank/bench-sampler-realistic)",
     )
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="float32 images / int32 bit fields from the sampler (the trainer reads them compact: "
+        "float16 / int16, the same values)",
+    )
     p.add_argument("--baseline-pairs", type=int, default=3)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--margin", type=int, default=16)
@@ -255,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=1,
             pairs_per_scan_visit=args.pairs_per_visit,
         )
-        stream = PairStream(bank, cfg, seed=0, chunk_cache_mb=args.chunk_cache_mb)
+        stream = PairStream(
+            bank, cfg, seed=0, chunk_cache_mb=args.chunk_cache_mb, compact=not args.wide
+        )
         warm = stream.sample(10_000)  # open stores, warm caches (as a long-running worker would be)
         stream.chunks.clear()  # ... but no decoded chunks: pair 0 starts cold
         stream.chunks.hits = stream.chunks.misses = 0
@@ -328,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = sorted({tuple(stream._open(sid)[0].shape) for sid in stream.scan_ids})
         result = {
             "pairs_per_s": ours_cpu,
+            "compact": not args.wide,
             "baseline_pairs_per_s": base,
             "ratio": ours_cpu / base,
             "read_only_pairs_per_s": ours_read,

@@ -58,8 +58,23 @@ _SOURCE = r"""
 #else
 #define NOVEC
 #endif
-#define WARP(NAME, TOUT)                                                                   \
-NOVEC static void NAME##_loads(const float *restrict img, const int32_t *restrict bits,    \
+/* IEEE half (bits) -> float: F16C when compiled for it, else exact bit arithmetic. */
+#ifdef __F16C__
+#include <immintrin.h>
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_to_float(uint16_t h)
+{
+    const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    union { uint32_t u; float f; } r;
+    if (e == 0x1f) r.u = s | 0x7f800000u | (m << 13); /* inf, nan */
+    else if (e) r.u = s | ((e + 112) << 23) | (m << 13); /* normal */
+    else { r.f = (float)m * 5.9604644775390625e-8f; r.u |= s; } /* zero, subnormal: m * 2^-24 */
+    return r.f;
+}
+#endif
+#define WARP(NAME, TIMG, LD, TBITS, TOUT)                                                  \
+NOVEC static void NAME##_loads(const TIMG *restrict img, const TBITS *restrict bits,      \
     long out, const int32_t *restrict base, const float *restrict fxa,                     \
     const float *restrict fya, const float *restrict fza, const int32_t *restrict dxa,     \
     const int32_t *restrict dya, const int32_t *restrict dza, const int32_t *restrict bi,  \
@@ -67,27 +82,28 @@ NOVEC static void NAME##_loads(const float *restrict img, const int32_t *restric
 {                                                                                          \
     for (long w = 0; w < out; w++) {                                                       \
         if (w + PF < out) { /* the row's addresses are known: prefetch PF voxels ahead */  \
-            const float *q = img + base[w + PF];                                           \
+            const TIMG *q = img + base[w + PF];                                            \
             __builtin_prefetch(q);                                                         \
             __builtin_prefetch(q + dya[w + PF]);                                           \
             __builtin_prefetch(q + dxa[w + PF]);                                           \
             __builtin_prefetch(q + dxa[w + PF] + dya[w + PF]);                             \
             if (bi[w + PF] >= 0) __builtin_prefetch(bits + bi[w + PF]);                    \
         }                                                                                  \
-        const float *p = img + base[w];                                                    \
+        const TIMG *p = img + base[w];                                                     \
         const int dx = dxa[w], dy = dya[w], dz = dza[w];                                   \
         const float fx = fxa[w], fy = fya[w], fz = fza[w];                                 \
-        const float c00 = p[0] + fz * (p[dz] - p[0]);                                      \
-        const float c01 = p[dy] + fz * (p[dy + dz] - p[dy]);                               \
-        const float c10 = p[dx] + fz * (p[dx + dz] - p[dx]);                               \
-        const float c11 = p[dx + dy] + fz * (p[dx + dy + dz] - p[dx + dy]);                \
+        const float a0 = LD(p[0]), a1 = LD(p[dz]), a2 = LD(p[dy]), a3 = LD(p[dy + dz]);    \
+        const float a4 = LD(p[dx]), a5 = LD(p[dx + dz]), a6 = LD(p[dx + dy]);              \
+        const float a7 = LD(p[dx + dy + dz]);                                              \
+        const float c00 = a0 + fz * (a1 - a0), c01 = a2 + fz * (a3 - a2);                  \
+        const float c10 = a4 + fz * (a5 - a4), c11 = a6 + fz * (a7 - a6);                  \
         const float c0 = c00 + fy * (c01 - c00), c1 = c10 + fy * (c11 - c10);              \
         oi[w] = c0 + fx * (c1 - c0);                                                       \
         const int j = bi[w];                                                               \
         ob[w] = j >= 0 ? (TOUT)bits[j] : (TOUT)0;                                          \
     }                                                                                      \
 }                                                                                          \
-void NAME(const float *restrict img, const int32_t *restrict bits, long X, long Y, long Z, \
+void NAME(const TIMG *restrict img, const TBITS *restrict bits, long X, long Y, long Z,  \
           const double *m, long out, float *restrict oimg, TOUT *restrict obits)            \
 {                                                                                          \
     const double h = (out - 1) / 2.0;                                                      \
@@ -132,8 +148,11 @@ void NAME(const float *restrict img, const int32_t *restrict bits, long X, long 
     }                                                                                      \
 }
 
-WARP(warp_bits16, int16_t)
-WARP(warp_bits32, int32_t)
+#define LDF32(v) (v)
+WARP(warp_bits16, float, LDF32, int32_t, int16_t)
+WARP(warp_bits32, float, LDF32, int32_t, int32_t)
+WARP(warp_f16_bits16, uint16_t, half_to_float, int16_t, int16_t)
+WARP(warp_f16_bits16_32, uint16_t, half_to_float, int16_t, int32_t) /* sign-extended: torch's cast */
 
 /* out[j, v] = bit j of field[v] (0/1 bytes) for j < k, blocked over v so that each
    block of the field stays in L1 while its k planes are written. */
@@ -338,7 +357,7 @@ def _build() -> ctypes.CDLL | None:
             REASON = f"cannot load {lib}: {exc}"
             continue
         vp, lg = ctypes.c_void_p, ctypes.c_long
-        for name in ("warp_bits16", "warp_bits32"):
+        for name in ("warp_bits16", "warp_bits32", "warp_f16_bits16", "warp_f16_bits16_32"):
             fn = getattr(out, name)
             fn.argtypes = [vp, vp, lg, lg, lg, vp, lg, vp, vp]
             fn.restype = None
@@ -384,8 +403,10 @@ def warp_fused(
 ) -> None:
     """One volume: ``out_image`` (out^3 float32) trilinear, ``out_bits`` (int16/int32) nearest.
 
-    ``image`` (X,Y,Z) float32 and ``bits`` (X,Y,Z) int32 contiguous; ``mat`` maps
-    output offsets to input offsets about the centres (as ``voxel_coords``).
+    ``image`` (X,Y,Z) float32 with ``bits`` (X,Y,Z) int32, or ``image`` float16 with
+    ``bits`` int16 (half the bytes per input voxel: ~17% faster, the input crop with its
+    margin is larger than the caches; int32 ``out_bits`` are sign-extended), contiguous; ``mat`` maps output offsets
+    to input offsets about the centres (as ``voxel_coords``).
     """
     lib = kernels()
     if lib is None:
@@ -398,10 +419,15 @@ def warp_fused(
     if out_bits.dtype not in (torch.int16, torch.int32):
         raise ValueError(f"out_bits must be int16 or int32, got {out_bits.dtype}")
     m = np.ascontiguousarray(mat, dtype=np.float64).reshape(9)
-    fn = lib.warp_bits16 if out_bits.dtype == torch.int16 else lib.warp_bits32
+    if image.dtype == torch.float16:
+        fn = lib.warp_f16_bits16 if out_bits.dtype == torch.int16 else lib.warp_f16_bits16_32
+        img_ptr, bits_ptr = _ptr(image, torch.float16), _ptr(bits, torch.int16)
+    else:
+        fn = lib.warp_bits16 if out_bits.dtype == torch.int16 else lib.warp_bits32
+        img_ptr, bits_ptr = _ptr(image, torch.float32), _ptr(bits, torch.int32)
     fn(
-        _ptr(image, torch.float32),
-        _ptr(bits, torch.int32),
+        img_ptr,
+        bits_ptr,
         X,
         Y,
         Z,

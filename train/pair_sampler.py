@@ -197,6 +197,11 @@ class PairStream(IterableDataset):
     ``self.scan_ids``; ``ref_start``/``query_start`` int64 (n,3), the voxel
     position of the padded box in the scan; ``proposal_ids`` int64 (n,K).
     Regions outside the scan are padded with the crop's minimum (image) and 0 (masks).
+
+    ``compact=True``: the same values in narrower types, half the bytes to write, move and
+    read back -- images float16 when the bank stores them so (float32 otherwise), bit
+    fields int16 (the same 16 bits; an int16 view of the unsigned field) when K + 1 <= 16.
+    ``PairAugmenter`` takes either (its compiled CPU warp reads float16/int16 directly).
     """
 
     def __init__(
@@ -210,6 +215,7 @@ class PairStream(IterableDataset):
         max_batches: int | None = None,
         cache_scans: int = 64,
         chunk_cache_mb: float = 256,
+        compact: bool = False,
     ):
         super().__init__()
         if cfg.n_tasks > 24:
@@ -222,6 +228,8 @@ class PairStream(IterableDataset):
         self.max_batches = max_batches
         self.cache_scans = cache_scans
         self.chunk_cache_mb = chunk_cache_mb
+        self.compact = bool(compact)
+        self._image_dtype = np.dtype(np.float16)  # compact batches' image slots: the last seen
         self.chunks = ChunkCache(int(chunk_cache_mb * 2**20))
         # Validate eagerly in the parent (clear errors before workers fork), keep only
         # plain data; the Bank object itself is re-opened lazily per process.
@@ -284,6 +292,9 @@ class PairStream(IterableDataset):
         size = self.cfg.read_size
         out = np.empty((size,) * 3, dtype) if out is None else out
         t = torch.from_numpy(out)
+        if out.dtype == np.uint16:  # compact bit fields: filled through their int16 view
+            t = torch.from_numpy(out.view(np.int16))
+            fill = int(fill) - (1 << 16) if int(fill) >= 1 << 15 else int(fill)
         inner: tuple[slice, ...] = ()
         for d in dst:
             for part in (slice(0, d.start), slice(d.stop, size)):
@@ -302,9 +313,10 @@ class PairStream(IterableDataset):
         out[dst] = block
         return out
 
-    def _assemble(self, pieces, dst, fill: float, out=None) -> np.ndarray:
-        """float32 read_size^3 crop from chunk pieces (dst relative to ``dst``), ``fill`` outside."""
-        out = self._padded(dst, fill, np.float32, out)
+    def _assemble(self, pieces, dst, fill: float, out=None, dtype=np.float32) -> np.ndarray:
+        """read_size^3 crop (``dtype``, or ``out``'s) from chunk pieces (dst relative to
+        ``dst``), ``fill`` outside."""
+        out = self._padded(dst, fill, dtype, out)
         # torch's float16 -> float32 cast is vectorised: ~5-15x numpy's on prepared banks.
         box = torch.from_numpy(out)[dst]
         for chunk, src, d in pieces:
@@ -316,7 +328,9 @@ class PairStream(IterableDataset):
 
         ``out`` optionally maps ``ref_image``/``query_image`` (float32) and
         ``ref_bits``/``query_bits`` (int32) to read_size^3 arrays to fill (e.g. slots
-        of a batch), instead of new arrays.
+        of a batch), instead of new arrays. ``compact``: new images are float16 when the
+        bank's are (an image slot in ``out`` of another type is not used), bit fields int16 when
+        K + 1 <= 16 (the same 16 bits; slots in ``out`` are uint16).
         """
         cfg = self.cfg
         out = out or {}
@@ -366,11 +380,27 @@ class PairStream(IterableDataset):
                 size = cfg.read_size
                 padded = any(d.start > 0 or d.stop < size for d in (*ref_dst, *q_dst))
                 pad = pieces_min(image) if padded else 0.0  # only used outside the scan
+                idt = np.float32
+                if self.compact:
+                    if image and image[0][0].dtype == np.float16:
+                        idt = np.float16
+                    self._image_dtype = np.dtype(idt)
+                    for key in ("ref_image", "query_image"):  # a slot of another type: not used
+                        if key in out and out[key].dtype != idt:
+                            out = {k: v for k, v in out.items() if k != key}
                 ref_img = self._assemble(
-                    crop_pieces(image, _within(ref_src, union)), ref_dst, pad, out.get("ref_image")
+                    crop_pieces(image, _within(ref_src, union)),
+                    ref_dst,
+                    pad,
+                    out.get("ref_image"),
+                    idt,
                 )
                 q_img = self._assemble(
-                    crop_pieces(image, _within(q_src, union)), q_dst, pad, out.get("query_image")
+                    crop_pieces(image, _within(q_src, union)),
+                    q_dst,
+                    pad,
+                    out.get("query_image"),
+                    idt,
                 )
                 layers = {
                     int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], union)
@@ -382,12 +412,15 @@ class PairStream(IterableDataset):
                 origin = [u.start for u in union]
                 small = np.uint16 if cfg.k < 16 else np.int32
                 bits = index.bits(layers, ids, ushape, glob, origin, small)
+                bdt = np.uint16 if self.compact and small == np.uint16 else np.int32
                 ref_bits = self._place(
-                    bits[_within(ref_src, union)], ref_dst, glob, np.int32, out.get("ref_bits")
+                    bits[_within(ref_src, union)], ref_dst, glob, bdt, out.get("ref_bits")
                 )
                 q_bits = self._place(
-                    bits[_within(q_src, union)], q_dst, glob, np.int32, out.get("query_bits")
+                    bits[_within(q_src, union)], q_dst, glob, bdt, out.get("query_bits")
                 )
+                if bdt == np.uint16:  # int16 views (torch has few uint16 kernels)
+                    ref_bits, q_bits = ref_bits.view(np.int16), q_bits.view(np.int16)
                 return {
                     "ref_image": ref_img,
                     "query_image": q_img,
@@ -409,15 +442,36 @@ class PairStream(IterableDataset):
         """One batch; each pair's crops are written straight into their batch slots (no stack)."""
         ids = self.sample_ids_of_batch(local_batch)
         shape = (len(ids), 1) + (self.cfg.read_size,) * 3
-        arrays = {
-            "ref_image": np.empty(shape, np.float32),
-            "query_image": np.empty(shape, np.float32),
-            "ref_bits": np.empty(shape, np.int32),
-            "query_bits": np.empty(shape, np.int32),
-        }
-        samples = [
-            self.sample(i, {k: a[j, 0] for k, a in arrays.items()}) for j, i in enumerate(ids)
-        ]
+        if not self.compact:
+            arrays = {
+                "ref_image": np.empty(shape, np.float32),
+                "query_image": np.empty(shape, np.float32),
+                "ref_bits": np.empty(shape, np.int32),
+                "query_bits": np.empty(shape, np.int32),
+            }
+            samples = [
+                self.sample(i, {k: a[j, 0] for k, a in arrays.items()}) for j, i in enumerate(ids)
+            ]
+        else:  # bits in int16 slots (filled through uint16 views), images in the bank's type
+            bdt = np.int16 if self.cfg.k < 16 else np.int32
+            idt = self._image_dtype
+            arrays = {
+                "ref_image": np.empty(shape, idt),
+                "query_image": np.empty(shape, idt),
+                "ref_bits": np.empty(shape, bdt),
+                "query_bits": np.empty(shape, bdt),
+            }
+            samples = []
+            for j, i in enumerate(ids):
+                slots = {k: a[j, 0] for k, a in arrays.items()}
+                if bdt == np.int16:
+                    slots["ref_bits"] = slots["ref_bits"].view(np.uint16)
+                    slots["query_bits"] = slots["query_bits"].view(np.uint16)
+                samples.append(self.sample(i, slots))
+            for key in ("ref_image", "query_image"):
+                got = [smp[key] for smp in samples]
+                if any(g.dtype != idt for g in got):  # a scan of another type: restacked
+                    arrays[key] = np.stack(got).astype(np.result_type(*got))[:, None]
         out: dict[str, torch.Tensor] = {k: torch.from_numpy(a) for k, a in arrays.items()}
         for key in ("sample_id", "scan_index", "ref_start", "query_start", "proposal_ids"):
             out[key] = torch.from_numpy(np.asarray([s[key] for s in samples], dtype=np.int64))

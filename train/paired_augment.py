@@ -631,13 +631,13 @@ def warp(
     """
     if out <= 4096 and _fused_ok(image, bits):
         return _warp_fused(image, bits, mat, out, n_bits)
-    return warp_image(image, mat, out), _nearest_bits(bits, mat, out, n_bits)
+    return warp_image(image.float(), mat, out), _nearest_bits(bits, mat, out, n_bits)
 
 
 def _fused_ok(image: torch.Tensor, bits: torch.Tensor) -> bool:
     return (
         image.device.type == "cpu"
-        and image.dtype == torch.float32
+        and image.dtype in (torch.float32, torch.float16)
         and bits.dtype in (torch.int16, torch.int32)
         and image.shape[-3:] == bits.shape[-3:]
         and math.prod(image.shape[-3:]) < 2**31
@@ -651,16 +651,22 @@ def _warp_fused(
     """``warp`` on the CPU through the compiled loop (``train.cpu_kernels``), one sample at a time.
 
     The image is sampled trilinearly (what the GPU's 3-D ``grid_sample`` computes, border
-    padding), the bits at the rounded point of the same coordinates, in one pass.
+    padding), the bits at the rounded point of the same coordinates, in one pass. A
+    float16 image with int16 bits (``PairStream(compact=True)``) is read as it is (the
+    same output as from float32/int32 copies, half the bytes per input voxel).
     """
     n = image.shape[0]
     dtype = torch.int16 if n_bits is not None and n_bits <= 16 else torch.int32
+    if image.dtype == torch.float16 and bits.dtype != torch.int16:
+        image = image.float()
+    if image.dtype == torch.float32:
+        bits = bits.to(torch.int32)
     res_img = torch.empty((n, 1, out, out, out), dtype=torch.float32)
     res_bits = torch.empty((n, 1, out, out, out), dtype=dtype)
     for i, m in enumerate(mat.double().tolist()):
         cpu_kernels.warp_fused(
             image[i, 0].contiguous(),
-            bits[i, 0].to(torch.int32).contiguous(),
+            bits[i, 0].contiguous(),
             m,
             out,
             res_img[i, 0],
@@ -692,8 +698,10 @@ class PairAugmenter:
         if bool(warped.all()):
             out_img, out_bits = warp(image, bits, mat, self.crop, n_tasks)
             return intensity_augment(out_img, spec, gen, inplace=True), out_bits
-        out_img = center_crop(image, self.crop).clone()
-        out_bits = center_crop(bits, self.crop).to(torch.int32)  # a view: only unpacked
+        out_img = center_crop(image, self.crop).to(torch.float32, copy=True)
+        out_bits = center_crop(bits, self.crop)  # a view: only unpacked
+        if bits.dtype != torch.int16 or bool(warped.any()):
+            out_bits = out_bits.to(torch.int32)  # int16 (<= 16 bits): kept, the same low bits
         if bool(warped.any()):  # only samples that drew an affine pay for the warp
             idx = warped.nonzero().flatten()
             out_bits = out_bits.clone()
@@ -705,16 +713,14 @@ class PairAugmenter:
     def __call__(
         self, batch: dict[str, torch.Tensor], n_tasks: int, gen: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """batch: ref_image/query_image (n,1,*S) float, ref_bits/query_bits (n,1,*S) int32.
+        """batch: ref_image/query_image (n,1,*S) float32 or float16, ref_bits/query_bits
+        (n,1,*S) int32, or int16 holding the n_tasks <= 16 bits (``PairStream(compact=True)``).
 
-        Returns images (n,1,crop^3) float32 and masks (n,n_tasks,crop^3) bool.
+        Returns images (n,1,crop^3) float32 and masks (n,n_tasks,crop^3) bool: the same for
+        both input types (float16 values are exact in float32).
         """
-        ref_img, ref_b = self._one(
-            batch["ref_image"].float(), batch["ref_bits"], self.weak, gen, n_tasks
-        )
-        q_img, q_b = self._one(
-            batch["query_image"].float(), batch["query_bits"], self.strong, gen, n_tasks
-        )
+        ref_img, ref_b = self._one(batch["ref_image"], batch["ref_bits"], self.weak, gen, n_tasks)
+        q_img, q_b = self._one(batch["query_image"], batch["query_bits"], self.strong, gen, n_tasks)
         return {
             "ref_image": ref_img,
             "ref_masks": unpack_bits(ref_b, n_tasks),

@@ -160,3 +160,81 @@ def test_label_kernels_match_numpy_on_strided_views():
     with pytest.raises(IndexError):
         cpu_kernels.lut_or_u16(view, lut[:100], field[box])
     assert not cpu_kernels.lut_or_u16(view.astype(np.int32), lut, field[box])  # not uint16
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [torch.int16, torch.int32])
+def test_float16_warp_equals_the_float32_warp(out_dtype):
+    """float16 image + int16 bits read directly == the warp of their float32/int32 copies."""
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(30, 34, 28, generator=g).half()
+    img[0, 0, 0] = 65504.0  # largest half, and a subnormal / negative zero
+    img[1, 2, 3], img[2, 2, 2] = 3e-7, -0.0
+    bits = torch.randint(-(2**15), 2**15, (30, 34, 28), dtype=torch.int32, generator=g)
+    bits16 = bits.to(torch.int16)
+    for m in ([[0.9, 0.3, 0.0], [-0.2, 1.1, 0.1], [0.05, 0.0, 1.2]], torch.eye(3).tolist()):
+        a_img, a_bits = torch.empty(24, 24, 24), torch.empty(24, 24, 24, dtype=out_dtype)
+        b_img, b_bits = torch.empty_like(a_img), torch.empty_like(a_bits)
+        cpu_kernels.warp_fused(img.float(), bits16.to(torch.int32), m, 24, a_img, a_bits)
+        cpu_kernels.warp_fused(img, bits16, m, 24, b_img, b_bits)
+        assert torch.equal(a_img, b_img) and torch.equal(a_bits, b_bits)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_augmenter_takes_compact_batches(compiled, monkeypatch):
+    """float16 images / int16 bits (PairStream(compact=True)) give exactly the float32 /
+    int32 batch's output, on the compiled and on the torch route."""
+    if compiled and cpu_kernels.kernels() is None:
+        pytest.skip(cpu_kernels.REASON)
+    if not compiled:
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    g = torch.Generator().manual_seed(3)
+    wide = {
+        "ref_image": torch.randn(2, 1, 24, 24, 24, generator=g).half().float(),
+        "query_image": torch.randn(2, 1, 24, 24, 24, generator=g).half().float(),
+        "ref_bits": torch.randint(0, 2**14, (2, 1, 24, 24, 24), dtype=torch.int32, generator=g),
+        "query_bits": torch.randint(0, 2**14, (2, 1, 24, 24, 24), dtype=torch.int32, generator=g),
+    }
+    wide["ref_bits"][0, 0, :3] |= 1 << 14  # the top task bit (K + 1 = 15)
+    compact = {k: v.half() if "image" in k else v.to(torch.int16) for k, v in wide.items()}
+    aug = PairAugmenter(16)
+    for seed in range(4):  # weak: identity, warped and mixed batches
+        a = aug(wide, 15, torch.Generator().manual_seed(seed))
+        b = aug(compact, 15, torch.Generator().manual_seed(seed))
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (seed, key)
+
+
+def test_portable_half_conversion_equals_f16c(tmp_path):
+    """Built without F16C (plain -O2), the bit-arithmetic half -> float gives the same warp."""
+    import ctypes
+
+    import numpy as np
+
+    cc = cpu_kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    src, lib = tmp_path / "k.c", tmp_path / "k.so"
+    src.write_text(cpu_kernels._SOURCE)
+    subprocess.run([cc, "-O2", "-fPIC", "-shared", "-o", str(lib), str(src)], check=True)
+    so = ctypes.CDLL(str(lib))
+    # zeros, normals, the largest half, subnormals (inf would turn its neighbours' lerps NaN)
+    vals = torch.tensor([0.0, -0.0, 1.0, -2.5, 65504.0, 6e-8, 3e-5, -6.1e-5]).half()
+    img = torch.cat([vals, torch.randn(27 * 8 - 8).half()]).view(6, 6, 6)
+    bits = torch.zeros(6, 6, 6, dtype=torch.int16)
+    out_img, out_bits = torch.empty(6, 6, 6), torch.empty(6, 6, 6, dtype=torch.int16)
+    vp, lg = ctypes.c_void_p, ctypes.c_long
+    so.warp_f16_bits16.argtypes = [vp, vp, lg, lg, lg, vp, lg, vp, vp]
+    so.warp_f16_bits16.restype = None
+    for mat in (np.eye(3), np.array([[0.9, 0.3, 0.0], [-0.2, 1.1, 0.1], [0.05, 0.0, 1.2]])):
+        m = np.ascontiguousarray(mat.reshape(9))
+        so.warp_f16_bits16(
+            img.data_ptr(), bits.data_ptr(), 6, 6, 6, m.ctypes.data, 6,
+            out_img.data_ptr(), out_bits.data_ptr(),
+        )  # fmt: skip
+        want = torch.empty(6, 6, 6)
+        cpu_kernels.warp_fused(img.float(), bits.to(torch.int32), mat.tolist(), 6, want, out_bits)
+        # FMA contraction may differ: rounding of the lerps, relative to the largest value
+        assert torch.allclose(out_img, want, rtol=1e-6, atol=1e-6 * 65504)
+        if mat[0, 1] == 0:  # the identity: the converted values themselves
+            assert torch.equal(out_img, img.float())

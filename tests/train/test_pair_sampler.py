@@ -188,3 +188,37 @@ def test_batch_slots_equal_standalone_samples(phantom_bank):
             assert batch[key].dtype == (torch.float32 if "image" in key else torch.int32)
             np.testing.assert_array_equal(batch[key][j, 0].numpy(), alone[key])
         np.testing.assert_array_equal(batch["proposal_ids"][j].numpy(), alone["proposal_ids"])
+
+
+def test_compact_stream_holds_the_same_values(phantom_bank):
+    """compact=True: float16 images (the bank's type), int16 bit fields; same values, same
+    pairs, in sample() and in batch() (slots), and the wide stream is unchanged."""
+    wide = PairStream(phantom_bank, CFG, seed=5)
+    compact = PairStream(phantom_bank, CFG, seed=5, compact=True)
+    image_dtype = wide._open(wide.scan_ids[0])[0].array("image").dtype
+    batch_w, batch_c = wide.batch(1), compact.batch(1)
+    for j, i in enumerate(compact.sample_ids_of_batch(1)):
+        a, b = wide.sample(i), compact.sample(i)
+        assert b["ref_image"].dtype == (np.float16 if image_dtype == np.float16 else np.float32)
+        assert b["ref_bits"].dtype == np.int16
+        for key in ("ref_image", "query_image"):
+            np.testing.assert_array_equal(b[key].astype(np.float32), a[key])
+            np.testing.assert_array_equal(batch_c[key][j, 0].numpy(), b[key])
+            np.testing.assert_array_equal(batch_w[key][j, 0].numpy(), a[key])
+        for key in ("ref_bits", "query_bits"):
+            np.testing.assert_array_equal(b[key].view(np.uint16).astype(np.int32), a[key])
+            np.testing.assert_array_equal(batch_c[key][j, 0].numpy(), b[key])
+        np.testing.assert_array_equal(a["proposal_ids"], b["proposal_ids"])
+    assert batch_c["ref_bits"].dtype == torch.int16
+
+
+def test_compact_padding_fills_bit_15(phantom_bank):
+    """The all-ones task at bit 15 (K = 15) is written into uint16 padding as 0x8000."""
+    stream = PairStream(phantom_bank, CFG, seed=5, compact=True)
+    size = CFG.read_size
+    dst = (slice(2, size), slice(0, size - 3), slice(1, size - 1))
+    out = stream._padded(dst, 1 << 15, np.uint16)
+    assert out.dtype == np.uint16
+    outside = np.ones(out.shape, bool)
+    outside[dst] = False
+    assert (out[outside] == 1 << 15).all()
