@@ -659,8 +659,6 @@ def _warp_fused(
     dtype = torch.int16 if n_bits is not None and n_bits <= 16 else torch.int32
     if image.dtype == torch.float16 and bits.dtype != torch.int16:
         image = image.float()
-    if image.dtype == torch.float32:
-        bits = bits.to(torch.int32)
     res_img = torch.empty((n, 1, out, out, out), dtype=torch.float32)
     res_bits = torch.empty((n, 1, out, out, out), dtype=dtype)
     for i, m in enumerate(mat.double().tolist()):

@@ -165,7 +165,7 @@ def test_label_kernels_match_numpy_on_strided_views():
 @needs_kernels
 @pytest.mark.parametrize("out_dtype", [torch.int16, torch.int32])
 def test_float16_warp_equals_the_float32_warp(out_dtype):
-    """float16 image + int16 bits read directly == the warp of their float32/int32 copies."""
+    """float16 image / int16 bits read directly == the warp of their float32/int32 copies."""
     g = torch.Generator().manual_seed(4)
     img = torch.randn(30, 34, 28, generator=g).half()
     img[0, 0, 0] = 65504.0  # largest half, and a subnormal / negative zero
@@ -176,8 +176,9 @@ def test_float16_warp_equals_the_float32_warp(out_dtype):
         a_img, a_bits = torch.empty(24, 24, 24), torch.empty(24, 24, 24, dtype=out_dtype)
         b_img, b_bits = torch.empty_like(a_img), torch.empty_like(a_bits)
         cpu_kernels.warp_fused(img.float(), bits16.to(torch.int32), m, 24, a_img, a_bits)
-        cpu_kernels.warp_fused(img, bits16, m, 24, b_img, b_bits)
-        assert torch.equal(a_img, b_img) and torch.equal(a_bits, b_bits)
+        for image in (img, img.float()):  # float16 or float32 image with int16 bits
+            cpu_kernels.warp_fused(image, bits16, m, 24, b_img, b_bits)
+            assert torch.equal(a_img, b_img) and torch.equal(a_bits, b_bits)
 
 
 @pytest.mark.parametrize("compiled", [True, False])
