@@ -206,7 +206,7 @@ class PairStream(IterableDataset):
 
     def __init__(
         self,
-        bank: str,
+        bank: str | os.PathLike | Any,
         cfg: SamplerConfig,
         seed: int = 0,
         rank: int = 0,
@@ -220,7 +220,8 @@ class PairStream(IterableDataset):
         super().__init__()
         if cfg.n_tasks > 24:
             raise SamplerError(f"k={cfg.k}: at most 23 proposals per pair are supported")
-        self.location = str(bank)
+        # A path/URL, or an open `bank.Bank`: workers re-open it from its location.
+        self.location = str(getattr(bank, "location", bank))
         self.cfg = cfg
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)

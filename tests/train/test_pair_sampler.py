@@ -80,6 +80,9 @@ def test_stream_is_reproducible_and_resumable(phantom_bank):
         assert torch.equal(first[2][key], resumed[0][key])
     other = next(iter(PairStream(phantom_bank, CFG, seed=5, max_batches=1)))
     assert not torch.equal(first[0]["ref_image"], other["ref_image"])
+    # An open Bank works as well as its path (workers re-open it from its location).
+    opened = list(PairStream(Bank.open(phantom_bank), CFG, seed=4, max_batches=3))
+    assert torch.equal(opened[2]["query_bits"], first[2]["query_bits"])
 
 
 def test_weights_select_scans(phantom_bank):
