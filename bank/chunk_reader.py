@@ -7,7 +7,35 @@ builds its per-worker chunk cache on top of it.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+
+def sharded_blosc(arr):
+    """(sharding codec, Blosc codec) of a bank volume array in the layout read and written
+    here -- inner chunks bytes (little-endian) + Blosc, index bytes (little-endian) +
+    CRC32C, on a little-endian host -- else None (the caller goes through zarr)."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+    codecs = getattr(arr.metadata, "codecs", None)
+    if sys.byteorder != "little" or arr.shards is None:
+        return None
+    if not codecs or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sh = codecs[0]
+    inner, index = tuple(sh.codecs), tuple(sh.index_codecs)
+    ok = (
+        len(inner) == 2
+        and isinstance(inner[0], BytesCodec)
+        and isinstance(inner[1], BloscCodec)
+        and (np.dtype(arr.dtype).itemsize == 1 or inner[0].endian.value == "little")
+        and len(index) == 2
+        and isinstance(index[0], BytesCodec)
+        and index[0].endian.value == "little"
+        and isinstance(index[1], Crc32cCodec)
+    )
+    return (sh, inner[1]) if ok else None
 
 
 class ShardedBloscReader:
@@ -47,32 +75,8 @@ class ShardedBloscReader:
 
     @classmethod
     def of(cls, arr) -> ShardedBloscReader | None:
-        import sys
-
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-
-        codecs = getattr(arr.metadata, "codecs", None)
-        if not codecs or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
-        sh = codecs[0]
-        inner, index = tuple(sh.codecs), tuple(sh.index_codecs)
-        little = sys.byteorder == "little"
-        if not (
-            len(inner) == 2
-            and isinstance(inner[0], BytesCodec)
-            and isinstance(inner[1], BloscCodec)
-            and (
-                np.dtype(arr.dtype).itemsize == 1 or (little and inner[0].endian.value == "little")
-            )
-            and len(index) == 2
-            and isinstance(index[0], BytesCodec)
-            and index[0].endian.value == "little"
-            and isinstance(index[1], Crc32cCodec)
-            and little
-            and arr.shards is not None
-        ):
-            return None
-        return cls(arr, sh)
+        found = sharded_blosc(arr)
+        return None if found is None else cls(arr, found[0])
 
     def _key(self, shard: tuple[int, ...]) -> str:
         key = self.metadata.encode_chunk_key(shard)

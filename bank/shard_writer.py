@@ -14,11 +14,12 @@ The array's metadata still comes from zarr, and zarr reads the result back
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 
 import numpy as np
+
+from .chunk_reader import sharded_blosc
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written
 _THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -26,28 +27,12 @@ _THREADS = max(1, min(4, os.cpu_count() or 1))
 
 def _layout(arr):
     """(sharding codec, blosc codec) when ``arr`` has the layout written here, else None."""
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
     from zarr.storage import LocalStore
 
-    codecs = getattr(arr.metadata, "codecs", None)
-    if sys.byteorder != "little" or not isinstance(arr.store_path.store, LocalStore):
+    found = sharded_blosc(arr)
+    if found is None or not isinstance(arr.store_path.store, LocalStore):
         return None
-    if not codecs or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    sh = codecs[0]
-    inner, index = tuple(sh.codecs), tuple(sh.index_codecs)
-    ok = (
-        len(inner) == 2
-        and isinstance(inner[0], BytesCodec)
-        and (inner[0].endian is None or inner[0].endian.value == "little")
-        and isinstance(inner[1], BloscCodec)
-        and len(index) == 2
-        and isinstance(index[0], BytesCodec)
-        and index[0].endian.value == "little"
-        and isinstance(index[1], Crc32cCodec)
-        and sh.index_location.value == "end"
-    )
-    return (sh, inner[1]) if ok else None
+    return found if found[0].index_location.value == "end" else None
 
 
 def write_shards(arr, data: np.ndarray) -> bool:
