@@ -17,8 +17,7 @@ def to_ras(
     ``copy=False`` returns a strided view instead of a C-contiguous copy (for
     callers whose next step copies anyway).
     """
-    current = ornt.io_orientation(affine)
-    transform = ornt.ornt_transform(current, ornt.axcodes2ornt("RAS"))
+    transform = _ras_transform(affine)
     if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
         return data, affine
     out = ornt.apply_orientation(data, transform)
@@ -26,9 +25,14 @@ def to_ras(
     return (np.ascontiguousarray(out) if copy else out), new_affine
 
 
+def _ras_transform(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation transform from ``affine``'s voxel axes to RAS."""
+    return ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+
+
 def ras_axes(affine: np.ndarray) -> list[tuple[int, bool]]:
     """For each voxel axis of ``affine``: the RAS axis `to_ras` moves it to, and whether it flips."""
-    return [(int(axis), bool(sign < 0)) for axis, sign in ornt.io_orientation(affine)]
+    return [(int(axis), bool(sign < 0)) for axis, sign in _ras_transform(affine)]
 
 
 def native_box(
@@ -44,5 +48,4 @@ def native_box(
 
 def ras_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The affine `to_ras` gives an array of ``shape`` with voxel->world ``affine``."""
-    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
-    return affine @ ornt.inv_ornt_aff(transform, shape)
+    return affine @ ornt.inv_ornt_aff(_ras_transform(affine), shape)

@@ -88,11 +88,10 @@ def _body_and_image(
         index = nearest_index(n_in, planes.n_out, planes.step)
         body = np.take(body, (n_in - 1 - index)[::-1] if flipped else index, axis=axis)
         box = crop_box(body, config.spacing, config.body_margin_mm)
-        native = list(native_box(box, affine, shape))
-        along = native[planes.slice_axis]
-        native[planes.slice_axis] = slice(None)
-        image = planes.finish(tuple(native))  # type: ignore[arg-type]
-        image = np.moveaxis(np.moveaxis(image, planes.slice_axis, 0)[along], 0, planes.slice_axis)
+        native = native_box(box, affine, shape)
+        across = [s if a == planes.slice_axis else slice(None) for a, s in enumerate(native)]
+        in_plane = [slice(None) if a == planes.slice_axis else s for a, s in enumerate(native)]
+        image = planes.finish(tuple(in_plane))[tuple(across)]  # type: ignore[arg-type]
         view = to_ras(image, affine, copy=False)[0]
     else:
         full = to_ras(planes.finish(), affine, copy=False)[0]
