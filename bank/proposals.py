@@ -100,38 +100,109 @@ def _norm_roi(roi, shape) -> tuple[slice, slice, slice]:
     return tuple(out)
 
 
+def _member_names(attrs: dict) -> list[str]:
+    return ["members_indptr", "members_start", "members_stop"] + [
+        f"table/{c}" for c in attrs["columns"]
+    ]
+
+
+def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(attrs, members and table columns) read straight from a local store, or None.
+
+    None (the caller then reads through zarr) for any other store, a missing part or
+    an array ``bank.chunk_reader.read_whole_local`` does not decode itself.
+    """
+    import json
+    from pathlib import Path
+
+    from zarr.storage import LocalStore
+
+    from .chunk_reader import read_whole_local
+
+    if not isinstance(group.store, LocalStore):
+        return None
+    part = f"{group.path}/{PROPOSALS_PART}" if group.path else PROPOSALS_PART
+    try:
+        attrs = json.loads((Path(group.store.root) / part / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    attrs = attrs.get("attributes") or {}
+    if attrs.get("format") != PROPOSALS_FORMAT:
+        return None
+    got = {}
+    for name in _member_names(attrs):
+        got[name] = read_whole_local(group.store.root, f"{part}/{name}")
+        if got[name] is None:
+            return None
+    return attrs, got
+
+
+async def _read_part(group: Any) -> tuple[dict | None, dict[str, np.ndarray | None]]:
+    """(attrs or None without a proposals part, members and table columns or {}).
+
+    Everything is opened and read concurrently in one event-loop round trip (each
+    open and read through the synchronous API is a round trip of its own).
+    """
+    import asyncio
+
+    try:
+        g = await group.getitem(PROPOSALS_PART)
+    except KeyError:
+        return None, {}
+    attrs = dict(g.attrs)
+    names = ["members_indptr"]
+    if attrs.get("format") == PROPOSALS_FORMAT:
+        names = _member_names(attrs)
+
+    async def read(name: str) -> np.ndarray | None:
+        try:
+            arr = await g.getitem(name)
+        except KeyError:
+            return None
+        return np.asarray(await arr.getitem(...))
+
+    return attrs, dict(zip(names, await asyncio.gather(*map(read, names)), strict=True))
+
+
 class ProposalReader:
-    """Read side of a scan's proposals: table, per-ROI voxel counts and mask rebuilding."""
+    """Read side of a scan's proposals: table, per-ROI voxel counts and mask rebuilding.
+
+    Opening one reads only the members and the table (the sampler opens one per scan it
+    visits): on a local store straight from the files (~1 ms), elsewhere through zarr's
+    async API in one round trip. Layers are opened when first read.
+    """
 
     def __init__(self, scan: Any) -> None:
-        group = scan.group
-        try:
-            g = group[PROPOSALS_PART]
-        except KeyError:
-            g = None
+        from zarr.core.sync import sync
+
         scan_id = getattr(scan, "scan_id", None) or getattr(scan, "id", "?")
-        if g is None or "members_indptr" not in g:
+        self._scan_group = scan.group
+        self._part_group: Any = None
+        fast = _read_part_local(scan.group)
+        attrs, got = fast if fast is not None else sync(_read_part(scan.group._async_group))
+        if attrs is None or got.get("members_indptr") is None:
             raise NoProposalsError(
                 f"scan {scan_id!r} has no proposals; make them with `maskbank propose BANK` "
                 "or `maskbank prepare --proposals ...`"
             )
-        self._group = g
-        self.attrs: dict = dict(g.attrs)
+        self.attrs: dict = attrs
         if self.attrs.get("format") != PROPOSALS_FORMAT:
             raise BankError(
                 f"scan {scan_id!r}: unsupported proposals format {self.attrs.get('format')!r}"
             )
         self.shape = tuple(self.attrs["shape"])
         self.layer_names: list[str] = list(self.attrs["layers"])
-        self._layers = [g[f"layers/{n}"] for n in self.layer_names]
+        self._layers: dict[int, Any] = {}
         self._sizes = [int(s) for s in self.attrs["layer_sizes"]]
-        self.indptr = np.asarray(g["members_indptr"][...], np.int64)
-        self.starts = np.asarray(g["members_start"][...], np.int64)
-        self.stops = np.asarray(g["members_stop"][...], np.int64)
+        self.indptr = np.asarray(got["members_indptr"], np.int64)
+        self.starts = np.asarray(got["members_start"], np.int64)
+        self.stops = np.asarray(got["members_stop"], np.int64)
         table: dict[str, np.ndarray] = {}
         sources = np.array(self.attrs["sources"] or [""], dtype=str)
         for col in self.attrs["columns"]:
-            arr = np.asarray(g[f"table/{col}"][...])
+            arr = got[f"table/{col}"]
+            if arr is None:
+                raise BankError(f"scan {scan_id!r}: proposals table column {col!r} is missing")
             if col == "source":
                 arr = sources[arr.astype(np.intp)]
             elif col in _WIDTHS:
@@ -139,6 +210,13 @@ class ProposalReader:
             table[col] = arr
         self.table = table
         self._row_layer = np.repeat(table["layer"], np.diff(self.indptr)).astype(np.intp)
+
+    @property
+    def _group(self) -> Any:
+        """The proposals zarr group (opened on first use)."""
+        if self._part_group is None:
+            self._part_group = self._scan_group[PROPOSALS_PART]
+        return self._part_group
 
     @property
     def count(self) -> int:
@@ -164,8 +242,14 @@ class ProposalReader:
         return self.nbytes_stored() / max(self.count, 1)
 
     # --------------------------------------------------------------- queries
+    def layer(self, j: int) -> Any:
+        """Label-map layer ``j`` as a lazy zarr array (opened on first use)."""
+        if j not in self._layers:
+            self._layers[j] = self._group[f"layers/{self.layer_names[j]}"]
+        return self._layers[j]
+
     def _layer_roi(self, j: int, roi) -> np.ndarray:
-        return np.asarray(self._layers[j][roi]).astype(np.intp, copy=False)
+        return np.asarray(self.layer(j)[roi]).astype(np.intp, copy=False)
 
     def _touches(self, roi) -> np.ndarray:
         """Which proposals' bounding boxes intersect roi."""

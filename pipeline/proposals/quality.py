@@ -36,7 +36,7 @@ class ProposalArrays:
             if voxels is None:
                 voxels = np.array([source.mask(i).sum() for i in range(source.count)])
         else:  # bank ProposalReader
-            layers = [np.asarray(a[...]) for a in source._layers]
+            layers = [np.asarray(source.layer(j)[...]) for j in range(len(source.layer_names))]
             voxels = source.table["voxels"]
         return cls(
             layers, source.indptr, source.starts, source.stops, source.table["layer"], voxels

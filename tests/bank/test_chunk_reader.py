@@ -33,3 +33,43 @@ def test_non_local_stores_take_the_async_path():
         sl = tuple(slice(x * c, (x + 1) * c) for x, c in zip(g, arr.chunks, strict=True))
         np.testing.assert_array_equal(chunk, expect[sl])
     assert (expect[32:] == 3).all()  # a never-written shard row reads as fill_value
+
+
+@pytest.mark.parametrize(
+    ("data", "chunks", "compressors"),
+    [
+        (np.arange(3704 * 3, dtype=np.float32).reshape(3704, 3), None, "blosc"),
+        (np.arange(50, dtype=np.int64) * -7, None, "blosc"),
+        (np.array([True, False, True]), None, None),  # bytes codec only
+        (np.zeros(0, np.int32), None, "blosc"),  # zero rows: no chunk file, fill value
+    ],
+)
+def test_read_whole_local_equals_zarr(tmp_path, data, chunks, compressors):
+    from bank.chunk_reader import read_whole_local
+
+    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=5) if compressors else None
+    arr = zarr.create_array(
+        tmp_path / "a",
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape if data.size else (1,),
+        compressors=codec,
+    )
+    arr[...] = data
+    got = read_whole_local(tmp_path, "a")
+    assert got is not None and got.dtype == data.dtype
+    np.testing.assert_array_equal(got, data)
+    np.testing.assert_array_equal(got, arr[...])
+
+
+def test_read_whole_local_declines_other_layouts(tmp_path):
+    """Several chunks, sharding or another codec: None, and the caller reads through zarr."""
+    from bank.chunk_reader import read_whole_local
+
+    zarr.create_array(tmp_path / "multi", shape=(100,), dtype="int32", chunks=(10,))[...] = 1
+    zarr.create_array(
+        tmp_path / "zstd", shape=(10,), dtype="int32", compressors=zarr.codecs.ZstdCodec()
+    )[...] = 1
+    sharded(zarr.open_group(tmp_path), "sh", np.zeros((8, 8, 8), np.uint16), (4, 4, 4), (8, 8, 8))
+    for name in ("multi", "zstd", "sh", "missing"):
+        assert read_whole_local(tmp_path, name) is None, name

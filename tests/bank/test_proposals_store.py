@@ -89,3 +89,41 @@ def test_rewrite_replaces(tmp_path):
     write_proposals(bank, "s1", from_label_map(lm))
     pr = ProposalReader(bank.scan("s1"))
     assert pr.count == 1 and pr.mask(0).sum() == 64
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_local_fast_open_equals_zarr_open(tmp_path, empty):
+    """A local bank's reader is read straight from the files; a memory:// URL (an object
+    store stand-in) goes through zarr: the same members and table, value and dtype."""
+    import uuid
+    from pathlib import Path
+
+    import fsspec
+
+    from bank.proposals import _read_part_local
+
+    bank, img, body = _bank_with_scan(tmp_path)
+    ps = from_label_map(np.zeros(SHAPE, np.uint8)) if empty else _proposals(img, body)
+    write_proposals(bank, "s1", ps)
+    local = bank.scan("s1")
+    assert _read_part_local(local.group) is not None  # the fast path is the one taken
+    fast = ProposalReader(local)
+    fs, where = fsspec.filesystem("memory"), f"/bank-{uuid.uuid4().hex}"
+    fs.put(str(Path(bank.location)) + "/", where, recursive=True)
+    remote = Bank.open(f"memory://{where}").scan("s1")
+    assert _read_part_local(remote.group) is None
+    slow = ProposalReader(remote)
+    assert fast.attrs == slow.attrs and fast.count == slow.count == ps.count
+    for name in ("indptr", "starts", "stops"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert fast.table.keys() == slow.table.keys()
+    for col in fast.table:
+        assert fast.table[col].dtype == slow.table[col].dtype, col
+        np.testing.assert_array_equal(fast.table[col], slow.table[col])
+    if not empty:  # layers open lazily on both
+        roi = (slice(4, 30), slice(10, 36), slice(0, 17))
+        np.testing.assert_array_equal(fast.masks([0, 3], roi), slow.masks([0, 3], roi))
+        assert fast.nbytes_stored() == slow.nbytes_stored() > 0
+    fs.rm(where, recursive=True)
