@@ -12,7 +12,11 @@ pair decoded whole and cropped, then CPU augmentation that warps the image and
 every mask channel separately (trilinear + threshold).
 
 Both run in this one process with one intra-op thread, so the figures are per
-worker / per core. Without --bank a phantom bank of realistic size is built in a
+worker / per core, and in alternating rounds (a block of our pairs, then one
+baseline pair) so that a shared machine's drift slows both alike; ``ratio_rounds``
+gives the per-round spread. ``--huge-bank`` keeps no scan open and no chunk cached
+between pairs, as on a bank of thousands of scans, where nearly every pair opens a
+scan the worker has not seen. Without --bank a phantom bank of realistic size is built in a
 temporary directory (takes a minute or two).
 """
 
@@ -222,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         help="per-worker decoded-chunk cache (0 = every read decodes, as on a huge bank)",
     )
     p.add_argument(
+        "--huge-bank",
+        action="store_true",
+        help="every pair re-opens its scan and decodes every chunk (no scan or chunk cache), "
+        "as a worker streaming from thousands of scans does",
+    )
+    p.add_argument(
         "--pairs-per-visit",
         type=int,
         default=1,
@@ -261,8 +271,15 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=1,
             pairs_per_scan_visit=args.pairs_per_visit,
         )
+        if args.huge_bank:
+            args.chunk_cache_mb = 0
         stream = PairStream(
-            bank, cfg, seed=0, chunk_cache_mb=args.chunk_cache_mb, compact=not args.wide
+            bank,
+            cfg,
+            seed=0,
+            chunk_cache_mb=args.chunk_cache_mb,
+            compact=not args.wide,
+            cache_scans=0 if args.huge_bank else 64,
         )
         warm = stream.sample(10_000)  # open stores, warm caches (as a long-running worker would be)
         stream.chunks.clear()  # ... but no decoded chunks: pair 0 starts cold
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(0)
         aug = PairAugmenter(cfg.crop)
         # First torch/numpy calls pay one-time setup (~0.5 s here): warm up on the warm-up pair
-        # with its own generator, as a running worker (and the baseline, which runs after ours) is.
+        # with its own generator, as a running worker is (the baseline shares this process).
         warm_batch = {
             k: torch.from_numpy(warm[k])[None, None]
             for k in ("ref_image", "query_image", "ref_bits", "query_bits")
@@ -280,24 +297,53 @@ def main(argv: list[str] | None = None) -> int:
 
         crops = ("ref_image", "query_image", "ref_bits", "query_bits")
         keep_crops = torch.cuda.is_available()  # the GPU pass below re-augments them
+        nb = max(1, min(args.baseline_pairs, args.pairs))
+        # The baseline's files hold what its first nb pairs need (scan, boxes, proposal ids):
+        # drawn and written before any timing; then ours starts from cold chunks again.
+        base_root = tmp_path / "baseline"
+        base_root.mkdir()
+        base_samples = [
+            {k: v for k, v in stream.sample(i).items() if k not in crops} for i in range(nb)
+        ]
+        build_s = build_baseline_files(bank, stream, base_samples, base_root)
+        stream.chunks.clear()
+        stream.chunks.hits = stream.chunks.misses = 0
+        # Rounds: ours on a block of pairs, then the baseline on one pair. On a shared machine
+        # speed drifts by +-20 % over a minute; alternating exposes both sides to the same drift
+        # (run one after the other, the ratio of one run ranged 33-53x on the same code).
+        blocks = np.array_split(np.arange(args.pairs), nb)
+        bgen = torch.Generator().manual_seed(1)
         samples, t_read, t_aug = [], 0.0, 0.0
-        c0 = time.process_time()
-        for i in range(args.pairs):
-            t = time.perf_counter()
-            s = stream.sample(i)
-            t_read += time.perf_counter() - t
-            # The baseline needs only each pair's scan, boxes and proposal ids. Keeping every
-            # pair's 64 MB of crops (as a worker never does) would make each later allocation
-            # fault in fresh pages, which cost ours ~40% more per pair than in a running worker.
-            samples.append(s if keep_crops else {k: v for k, v in s.items() if k not in crops})
-            batch = {
-                k: torch.from_numpy(s[k])[None, None]
-                for k in ("ref_image", "query_image", "ref_bits", "query_bits")
-            }
-            t = time.perf_counter()
-            aug(batch, cfg.n_tasks, gen)
-            t_aug += time.perf_counter() - t
-        cpu_ours = time.process_time() - c0
+        t_base_read = t_base_aug = cpu_ours = cpu_base = 0.0
+        rounds = []
+        for r, block in enumerate(blocks):
+            c0, t_block = time.process_time(), time.perf_counter()
+            for i in block.tolist():
+                t = time.perf_counter()
+                s = stream.sample(i)
+                t_read += time.perf_counter() - t
+                # Keeping every pair's 64 MB of crops (as a worker never does) would make each
+                # later allocation fault in fresh pages (~40% more per pair than in a worker).
+                samples.append(s if keep_crops else {k: v for k, v in s.items() if k not in crops})
+                batch = {k: torch.from_numpy(s[k])[None, None] for k in crops}
+                t = time.perf_counter()
+                aug(batch, cfg.n_tasks, gen)
+                t_aug += time.perf_counter() - t
+            ours_pair = (time.perf_counter() - t_block) / max(len(block), 1)
+            c1 = time.process_time()
+            cpu_ours += c1 - c0
+            s = base_samples[r]
+            sid = stream.scan_ids[s["scan_index"]]
+            t0 = time.perf_counter()
+            pair = baseline_pair(base_root, sid, s, size)
+            t1 = time.perf_counter()
+            baseline_augment(pair, cfg.crop, bgen)
+            t2 = time.perf_counter()
+            del pair
+            t_base_read += t1 - t0
+            t_base_aug += t2 - t1
+            cpu_base += time.process_time() - c1
+            rounds.append((t2 - t0) / ours_pair)
         ours_read = args.pairs / t_read
         ours_cpu = args.pairs / (t_read + t_aug)
 
@@ -307,31 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             ggen = torch.Generator(device=dev).manual_seed(0)
             t_gpu = 0.0
             for s in samples:
-                batch = {
-                    k: torch.from_numpy(s[k])[None, None].to(dev)
-                    for k in ("ref_image", "query_image", "ref_bits", "query_bits")
-                }
+                batch = {k: torch.from_numpy(s[k])[None, None].to(dev) for k in crops}
                 t = time.perf_counter()
                 aug(batch, cfg.n_tasks, ggen)
                 torch.cuda.synchronize()
                 t_gpu += time.perf_counter() - t
             gpu = args.pairs / (t_read + t_gpu)
-
-        base_root = tmp_path / "baseline"
-        base_root.mkdir()
-        nb = min(args.baseline_pairs, len(samples))
-        build_s = build_baseline_files(bank, stream, samples[:nb], base_root)
-        t_base_read = t_base_aug = 0.0
-        c0 = time.process_time()
-        for s in samples[:nb]:
-            sid = stream.scan_ids[s["scan_index"]]
-            t = time.perf_counter()
-            pair = baseline_pair(base_root, sid, s, size)
-            t_base_read += time.perf_counter() - t
-            t = time.perf_counter()
-            baseline_augment(pair, cfg.crop, gen)
-            t_base_aug += time.perf_counter() - t
-        cpu_base = time.process_time() - c0
         base = nb / (t_base_read + t_base_aug)
         shapes = sorted({tuple(stream._open(sid)[0].shape) for sid in stream.scan_ids})
         result = {
@@ -345,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_per_cpu_s": args.pairs / cpu_ours,
             "baseline_pairs_per_cpu_s": nb / cpu_base,
             "ratio_cpu": (args.pairs / cpu_ours) / (nb / cpu_base),
+            # Per round (a block of our pairs, then one baseline pair): the spread is the
+            # machine's drift plus the baseline pairs' differences (scan size, draws).
+            "ratio_rounds": {
+                "median": float(np.median(rounds)),
+                "min": float(min(rounds)),
+                "max": float(max(rounds)),
+                "n": len(rounds),
+            },
             "gpu_aug_pairs_per_s": gpu,
             "gpu_aug_ratio": None if gpu is None else gpu / base,
             "read_only_ratio_vs_baseline_read": (nb / t_base_read)
@@ -356,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_cache_hit_rate": stream.chunks.hits
             / max(stream.chunks.hits + stream.chunks.misses, 1),
             "pairs_per_scan_visit": args.pairs_per_visit,
+            "huge_bank": args.huge_bank,
             "crop": cfg.crop,
             "margin": cfg.margin,
             "k": cfg.k,

@@ -178,13 +178,19 @@ class ChunkCache:
     huge bank). Results equal ``ScanView.read``.
     """
 
+    MAX_READERS = 512  # arrays whose shard indexes stay loaded (a scan has a few)
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
         self._chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._readers: dict[tuple[str, str], tuple[object, ShardedBloscReader | None]] = {}
+        # Readers hold their shards' indexes; bounded, as a worker on a bank of thousands of
+        # scans would otherwise keep one per array it ever read.
+        self._readers: OrderedDict[tuple[str, str], tuple[object, ShardedBloscReader | None]] = (
+            OrderedDict()
+        )
 
     def clear(self) -> None:
         self._chunks.clear()
@@ -196,6 +202,9 @@ class ChunkCache:
         if got is None or got[0] is not arr:
             got = (arr, ShardedBloscReader.of(arr))
             self._readers[key] = got
+        self._readers.move_to_end(key)
+        while len(self._readers) > self.MAX_READERS:
+            self._readers.popitem(last=False)
         return got[1]
 
     def _fetch(self, view, name: str, arr, missing: list[tuple[int, ...]]) -> dict:

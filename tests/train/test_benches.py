@@ -29,7 +29,7 @@ def test_gpu_step_smoke_runs_on_cpu():
 def test_sampler_bench_small(phantom_bank):
     pytest.importorskip("h5py", reason="the baseline needs h5py (pip install -e '.[bench]')")
     cmd = [sys.executable, str(REPO / "bench" / "sampler.py"), "--bank", phantom_bank, "--json",
-           "--crop", "32", "--margin", "8", "--pairs", "2", "--baseline-pairs", "1"]  # fmt: skip
+           "--crop", "32", "--margin", "8", "--pairs", "4", "--baseline-pairs", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -39,6 +39,21 @@ def test_sampler_bench_small(phantom_bank):
         result["pairs_per_cpu_s"] / result["baseline_pairs_per_cpu_s"]
     )
     assert 0 <= result["chunk_cache_hit_rate"] <= 1 and result["pairs_per_scan_visit"] == 1
+    rounds = result["ratio_rounds"]
+    assert rounds["n"] == 2 and rounds["min"] <= rounds["median"] <= rounds["max"]
+    assert result["huge_bank"] is False
+
+
+def test_sampler_bench_huge_bank_mode_caches_nothing(phantom_bank):
+    """--huge-bank: every pair re-opens its scan and decodes every chunk it reads."""
+    pytest.importorskip("h5py", reason="the baseline needs h5py (pip install -e '.[bench]')")
+    cmd = [sys.executable, str(REPO / "bench" / "sampler.py"), "--bank", phantom_bank, "--json",
+           "--crop", "32", "--margin", "8", "--pairs", "3", "--baseline-pairs", "1", "--huge-bank"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["huge_bank"] is True and result["chunk_cache_mb"] == 0
+    assert result["chunk_cache_hit_rate"] == 0 and result["ratio"] > 0
 
 
 @pytest.mark.slow

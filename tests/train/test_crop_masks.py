@@ -133,3 +133,18 @@ def test_counts_in_pieces_equal_counts_and_reader(phantom_bank):
     np.testing.assert_array_equal(got, index.counts(blocks, (slice(None),) * 3))
     np.testing.assert_array_equal(got, reader.voxels_in_box(roi))
     assert got.any() and not got.all()
+
+
+def test_readers_are_bounded_and_reads_stay_exact(tmp_path):
+    """A worker on a bank of thousands of scans keeps at most MAX_READERS shard readers."""
+    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    data = np.arange(24 * 20 * 16, dtype=np.uint16).reshape(24, 20, 16)
+    for name in ("a", "b", "c"):
+        sharded(root, name, data, (8, 8, 8), (16, 16, 16))
+    cache = ChunkCache(0)
+    cache.MAX_READERS = 2
+    roi = np.s_[3:21, 0:20, 5:16]
+    for name in ("a", "b", "c", "a"):
+        np.testing.assert_array_equal(cache.read(_View(root), name, roi), data[roi])
+        assert len(cache._readers) <= 2
+    assert list(cache._readers) == [("s", "c"), ("s", "a")]
