@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,7 +189,7 @@ class ChunkCache:
         self._chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         # Readers hold their shards' indexes; bounded, as a worker on a bank of thousands of
         # scans would otherwise keep one per array it ever read.
-        self._readers: OrderedDict[tuple[str, str], tuple[object, ShardedBloscReader | None]] = (
+        self._readers: OrderedDict[tuple[str, str], tuple[Any, ShardedBloscReader | None, Any]] = (
             OrderedDict()
         )
 
@@ -196,19 +197,37 @@ class ChunkCache:
         self._chunks.clear()
         self.nbytes = 0
 
-    def _reader(self, view, name: str, arr) -> ShardedBloscReader | None:
+    def _source(self, view, name: str) -> tuple[ShardedBloscReader | None, Any]:
+        """(direct shard reader or None, zarr array or None) of ``name`` in ``view``'s scan.
+
+        On a local store the reader is built from the array's ``zarr.json`` without
+        opening it in zarr (``ShardedBloscReader.of_local``); otherwise, or for another
+        layout, the array is opened and read through ``ShardedBloscReader.of`` or zarr.
+        Kept per (scan, name) while the view is the same object (a re-opened scan is
+        read afresh), at most ``MAX_READERS`` of them.
+        """
         key = (view.scan_id, name)
         got = self._readers.get(key)
-        if got is None or got[0] is not arr:
-            got = (arr, ShardedBloscReader.of(arr))
+        if got is None or got[0] is not view:
+            reader, arr = None, None
+            group = getattr(view, "group", None)
+            root = getattr(getattr(group, "store", None), "root", None)
+            if root is not None and isinstance(getattr(group, "path", None), str):
+                reader = ShardedBloscReader.of_local(
+                    root, f"{group.path}/{name}" if group.path else name
+                )
+            if reader is None:
+                arr = view.array(name)
+                reader = ShardedBloscReader.of(arr)
+            got = (view, reader, arr)
             self._readers[key] = got
         self._readers.move_to_end(key)
         while len(self._readers) > self.MAX_READERS:
             self._readers.popitem(last=False)
-        return got[1]
+        return got[1], got[2]
 
-    def _fetch(self, view, name: str, arr, missing: list[tuple[int, ...]]) -> dict:
-        reader = self._reader(view, name, arr)
+    def _fetch(self, view, name: str, missing: list[tuple[int, ...]]) -> dict:
+        reader, arr = self._source(view, name)
         if reader is not None:
             return reader.read_chunks(missing)
         shape, cs = tuple(arr.shape), tuple(arr.chunks)
@@ -227,14 +246,20 @@ class ChunkCache:
             out[g] = np.array(block[sub])  # own copy: the block is freed after this read
         return out
 
+    def _geometry(self, view, name: str) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+        """(shape, inner chunk shape, dtype) of the array."""
+        reader, arr = self._source(view, name)
+        if reader is not None:
+            return reader.shape, reader.chunk, reader.dtype
+        return tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)
+
     def pieces(self, view, name: str, roi: tuple[slice, ...]) -> list[Piece]:
         """Decoded chunks covering ``roi`` as (chunk, src slices in it, dst slices in the roi).
 
         ``roi`` is clipped to the array. The chunks are shared with the cache: read
         them, never write to them.
         """
-        arr = view.array(name)
-        shape, cs = tuple(arr.shape), tuple(arr.chunks)
+        shape, cs, _ = self._geometry(view, name)
         roi = tuple(slice(*s.indices(n)[:2]) for s, n in zip(roi, shape, strict=True))
         if any(s.stop <= s.start for s in roi):
             return []
@@ -246,7 +271,7 @@ class ChunkCache:
         self.hits += len(grid) - len(missing)
         self.misses += len(missing)
         if missing:
-            fetched = self._fetch(view, name, arr, missing)
+            fetched = self._fetch(view, name, missing)
             have.update(fetched)
             if self.max_bytes > 0:
                 for g, chunk in fetched.items():
@@ -268,9 +293,9 @@ class ChunkCache:
         return out
 
     def read(self, view, name: str, roi: tuple[slice, ...]) -> np.ndarray:
-        arr = view.array(name)
-        roi = tuple(slice(*s.indices(n)[:2]) for s, n in zip(roi, arr.shape, strict=True))
-        out = np.empty(tuple(max(s.stop - s.start, 0) for s in roi), dtype=arr.dtype)
+        shape, _, dtype = self._geometry(view, name)
+        roi = tuple(slice(*s.indices(n)[:2]) for s, n in zip(roi, shape, strict=True))
+        out = np.empty(tuple(max(s.stop - s.start, 0) for s in roi), dtype=dtype)
         for chunk, src, dst in self.pieces(view, name, roi):
             out[dst] = chunk[src]
         return out

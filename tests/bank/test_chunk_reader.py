@@ -73,3 +73,28 @@ def test_read_whole_local_declines_other_layouts(tmp_path):
     sharded(zarr.open_group(tmp_path), "sh", np.zeros((8, 8, 8), np.uint16), (4, 4, 4), (8, 8, 8))
     for name in ("multi", "zstd", "sh", "missing"):
         assert read_whole_local(tmp_path, name) is None, name
+
+
+def test_of_local_reads_like_of(tmp_path):
+    """The reader built from zarr.json alone decodes what the one from the zarr array does."""
+    root = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    data = np.random.default_rng(3).integers(0, 900, size=(40, 33, 20)).astype(np.uint16)
+    arr = sharded(root, "sub/a", data, (8, 8, 8), (16, 16, 16), fill=5, write=np.s_[:30])
+    local = ShardedBloscReader.of_local(tmp_path / "g.zarr", "sub/a")
+    via_zarr = ShardedBloscReader.of(arr)
+    assert local is not None and local.store is None
+    assert (local.shape, local.chunk, local.shard, local.dtype, local.fill) == (
+        via_zarr.shape,
+        via_zarr.chunk,
+        via_zarr.shard,
+        via_zarr.dtype,
+        via_zarr.fill,
+    )
+    want = via_zarr.read_chunks(all_chunks(arr))
+    got = local.read_chunks(all_chunks(arr))
+    assert got.keys() == want.keys()
+    for g in want:
+        np.testing.assert_array_equal(got[g], want[g])
+    root.create_array("plain", shape=(8, 8, 8), dtype="uint16", chunks=(4, 4, 4))
+    for name in ("plain", "missing", "sub"):  # another layout, no array, a group
+        assert ShardedBloscReader.of_local(tmp_path / "g.zarr", name) is None, name

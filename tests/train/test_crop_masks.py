@@ -148,3 +148,30 @@ def test_readers_are_bounded_and_reads_stay_exact(tmp_path):
         np.testing.assert_array_equal(cache.read(_View(root), name, roi), data[roi])
         assert len(cache._readers) <= 2
     assert list(cache._readers) == [("s", "c"), ("s", "a")]
+
+
+def test_local_banks_are_read_without_opening_arrays_in_zarr(phantom_bank, tmp_path):
+    """On local disk the cache builds readers from zarr.json; an fsspec store opens the array."""
+    import uuid
+    from pathlib import Path
+
+    import fsspec
+
+    bank = Bank.open(phantom_bank)
+    sid = bank.index[0]["scan_id"]
+    roi = (slice(5, 70), slice(10, 80), slice(0, 50))
+    want = bank.scan(sid).read("image", roi)
+    cache = ChunkCache(1 << 24)
+    np.testing.assert_array_equal(cache.read(bank.scan(sid), "image", roi), want)
+    _, reader, arr = cache._readers[(sid, "image")]
+    assert reader is not None and arr is None
+    fs, where = fsspec.filesystem("memory"), f"/bank-{uuid.uuid4().hex}"
+    fs.put(str(Path(bank.location)) + "/", where, recursive=True)
+    try:
+        remote = Bank.open(f"memory://{where}").scan(sid)
+        cache = ChunkCache(1 << 24)
+        np.testing.assert_array_equal(cache.read(remote, "image", roi), want)
+        _, reader, arr = cache._readers[(sid, "image")]
+        assert reader is not None and arr is not None
+    finally:
+        fs.rm(where, recursive=True)
