@@ -168,7 +168,7 @@ class ProposalReader:
     """Read side of a scan's proposals: table, per-ROI voxel counts and mask rebuilding.
 
     Opening one reads only the members and the table (the sampler opens one per scan it
-    visits): on a local store straight from the files (~1 ms), elsewhere through zarr's
+    visits): on a local store straight from the files (~3 ms), elsewhere through zarr's
     async API in one round trip. Layers are opened when first read.
     """
 
@@ -190,6 +190,9 @@ class ProposalReader:
             raise BankError(
                 f"scan {scan_id!r}: unsupported proposals format {self.attrs.get('format')!r}"
             )
+        for name in ("members_start", "members_stop"):
+            if got.get(name) is None:
+                raise BankError(f"scan {scan_id!r}: proposals array {name!r} is missing")
         self.shape = tuple(self.attrs["shape"])
         self.layer_names: list[str] = list(self.attrs["layers"])
         self._layers: dict[int, Any] = {}

@@ -127,3 +127,20 @@ def test_local_fast_open_equals_zarr_open(tmp_path, empty):
         np.testing.assert_array_equal(fast.masks([0, 3], roi), slow.masks([0, 3], roi))
         assert fast.nbytes_stored() == slow.nbytes_stored() > 0
     fs.rm(where, recursive=True)
+
+
+def test_a_missing_member_array_is_a_clear_error(tmp_path):
+    """A damaged proposals part (an array deleted by hand) names the array; nothing crashes."""
+    import shutil
+
+    from bank import BankError
+
+    bank, img, body = _bank_with_scan(tmp_path)
+    write_proposals(bank, "s1", _proposals(img, body))
+    part = tmp_path / "bank" / "scans" / "s1" / "proposals"
+    shutil.rmtree(part / "table" / "centroid")
+    with pytest.raises(BankError, match="'centroid' is missing"):
+        ProposalReader(bank.scan("s1"))
+    shutil.rmtree(part / "members_stop")
+    with pytest.raises(BankError, match="'members_stop' is missing"):
+        ProposalReader(bank.scan("s1"))
