@@ -44,6 +44,17 @@ def _sharded_blosc_meta(metadata, dtype: np.dtype):
     return (sh, inner[1]) if ok else None
 
 
+def local_member(group, name: str) -> tuple[Path, str] | None:
+    """(store root, path under it) of member ``name`` of a zarr ``group`` on a local store,
+    else None: where the direct readers here may read files instead of going through zarr."""
+    from zarr.storage import LocalStore
+
+    store = getattr(group, "store", None)
+    if not isinstance(store, LocalStore):
+        return None
+    return Path(store.root), f"{group.path}/{name}" if group.path else name
+
+
 class ShardedBloscReader:
     """Decode inner chunks of one sharded, Blosc-compressed zarr v3 array straight from the store.
 

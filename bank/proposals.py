@@ -113,17 +113,15 @@ def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
     an array ``bank.chunk_reader.read_whole_local`` does not decode itself.
     """
     import json
-    from pathlib import Path
 
-    from zarr.storage import LocalStore
+    from .chunk_reader import local_member, read_whole_local
 
-    from .chunk_reader import read_whole_local
-
-    if not isinstance(group.store, LocalStore):
+    where = local_member(group, PROPOSALS_PART)
+    if where is None:
         return None
-    part = f"{group.path}/{PROPOSALS_PART}" if group.path else PROPOSALS_PART
+    root, part = where
     try:
-        attrs = json.loads((Path(group.store.root) / part / "zarr.json").read_bytes())
+        attrs = json.loads((root / part / "zarr.json").read_bytes())
     except (OSError, ValueError):
         return None
     attrs = attrs.get("attributes") or {}
@@ -131,7 +129,7 @@ def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
         return None
     got = {}
     for name in _member_names(attrs):
-        got[name] = read_whole_local(group.store.root, f"{part}/{name}")
+        got[name] = read_whole_local(root, f"{part}/{name}")
         if got[name] is None:
             return None
     return attrs, got

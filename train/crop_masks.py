@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bank.chunk_reader import ShardedBloscReader
+from bank.chunk_reader import ShardedBloscReader, local_member
 from train import cpu_kernels
 
 LAYERS_PATH = "proposals/layers/"
@@ -209,13 +209,9 @@ class ChunkCache:
         key = (view.scan_id, name)
         got = self._readers.get(key)
         if got is None or got[0] is not view:
-            reader, arr = None, None
-            group = getattr(view, "group", None)
-            root = getattr(getattr(group, "store", None), "root", None)
-            if root is not None and isinstance(getattr(group, "path", None), str):
-                reader = ShardedBloscReader.of_local(
-                    root, f"{group.path}/{name}" if group.path else name
-                )
+            arr = None
+            where = local_member(getattr(view, "group", None), name)
+            reader = None if where is None else ShardedBloscReader.of_local(*where)
             if reader is None:
                 arr = view.array(name)
                 reader = ShardedBloscReader.of(arr)
