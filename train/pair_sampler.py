@@ -443,36 +443,26 @@ class PairStream(IterableDataset):
         """One batch; each pair's crops are written straight into their batch slots (no stack)."""
         ids = self.sample_ids_of_batch(local_batch)
         shape = (len(ids), 1) + (self.cfg.read_size,) * 3
-        if not self.compact:
-            arrays = {
-                "ref_image": np.empty(shape, np.float32),
-                "query_image": np.empty(shape, np.float32),
-                "ref_bits": np.empty(shape, np.int32),
-                "query_bits": np.empty(shape, np.int32),
-            }
-            samples = [
-                self.sample(i, {k: a[j, 0] for k, a in arrays.items()}) for j, i in enumerate(ids)
-            ]
-        else:  # bits in int16 slots (filled through uint16 views), images in the bank's type
-            bdt = np.int16 if self.cfg.k < 16 else np.int32
-            idt = self._image_dtype
-            arrays = {
-                "ref_image": np.empty(shape, idt),
-                "query_image": np.empty(shape, idt),
-                "ref_bits": np.empty(shape, bdt),
-                "query_bits": np.empty(shape, bdt),
-            }
-            samples = []
-            for j, i in enumerate(ids):
-                slots = {k: a[j, 0] for k, a in arrays.items()}
-                if bdt == np.int16:
-                    slots["ref_bits"] = slots["ref_bits"].view(np.uint16)
-                    slots["query_bits"] = slots["query_bits"].view(np.uint16)
-                samples.append(self.sample(i, slots))
-            for key in ("ref_image", "query_image"):
-                got = [smp[key] for smp in samples]
-                if any(g.dtype != idt for g in got):  # a scan of another type: restacked
-                    arrays[key] = np.stack(got).astype(np.result_type(*got))[:, None]
+        # Compact: images in the bank's type, bits in int16 slots (filled through uint16 views).
+        idt = self._image_dtype if self.compact else np.dtype(np.float32)
+        bdt = np.int16 if self.compact and self.cfg.k < 16 else np.int32
+        arrays = {
+            "ref_image": np.empty(shape, idt),
+            "query_image": np.empty(shape, idt),
+            "ref_bits": np.empty(shape, bdt),
+            "query_bits": np.empty(shape, bdt),
+        }
+        samples = []
+        for j, i in enumerate(ids):
+            slots = {k: a[j, 0] for k, a in arrays.items()}
+            if bdt == np.int16:
+                slots["ref_bits"] = slots["ref_bits"].view(np.uint16)
+                slots["query_bits"] = slots["query_bits"].view(np.uint16)
+            samples.append(self.sample(i, slots))
+        for key in ("ref_image", "query_image"):
+            got = [smp[key] for smp in samples]
+            if any(g.dtype != idt for g in got):  # compact, a scan of another type: restacked
+                arrays[key] = np.stack(got).astype(np.result_type(*got))[:, None]
         out: dict[str, torch.Tensor] = {k: torch.from_numpy(a) for k, a in arrays.items()}
         for key in ("sample_id", "scan_index", "ref_start", "query_start", "proposal_ids"):
             out[key] = torch.from_numpy(np.asarray([s[key] for s in samples], dtype=np.int64))
