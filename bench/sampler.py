@@ -16,8 +16,9 @@ worker / per core, and in alternating rounds (a block of our pairs, then one
 baseline pair) so that a shared machine's drift slows both alike; ``ratio_rounds``
 gives the per-round spread. ``--huge-bank`` forgets every open scan and cached chunk
 at the start of each scan visit (each pair unless ``--pairs-per-visit``), as on a bank
-of thousands of scans, where nearly every visit is to a scan the worker has not seen. Without --bank a phantom bank of realistic size is built in a
-temporary directory (takes a minute or two).
+of thousands of scans, where nearly every visit is to a scan the worker has not seen.
+Without --bank a phantom bank of realistic size is built in a temporary directory
+(takes a minute or two).
 """
 
 from __future__ import annotations
