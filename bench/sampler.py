@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.cpu_kernels import retain_freed_memory  # noqa: E402
-from train.pair_sampler import PairStream, SamplerConfig, padded_roi  # noqa: E402
+from train.pair_sampler import PairStream, SamplerConfig, SamplerError, padded_roi  # noqa: E402
 from train.paired_augment import (
     STRONG,
     WEAK,
@@ -278,13 +278,17 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=1,
             pairs_per_scan_visit=args.pairs_per_visit,
         )
-        stream = PairStream(
-            bank,
-            cfg,
-            seed=0,
-            chunk_cache_mb=args.chunk_cache_mb,
-            compact=not args.wide,
-        )
+        try:
+            stream = PairStream(
+                bank,
+                cfg,
+                seed=0,
+                chunk_cache_mb=args.chunk_cache_mb,
+                compact=not args.wide,
+            )
+        except SamplerError as exc:  # a missing bank, too few proposals: say what to do
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         warm = stream.sample(10_000)  # open stores, warm caches (as a long-running worker would be)
         stream.chunks.clear()  # ... but no decoded chunks: pair 0 starts cold
         stream.chunks.hits = stream.chunks.misses = 0

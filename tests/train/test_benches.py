@@ -84,3 +84,11 @@ def test_sampler_bench_realistic_builds_once_then_reuses(tmp_path):
     assert result["bank"] == "realistic" and result["source_shapes"] == [[120, 112, 80]] * 2
     assert result["baseline_s_per_pair_total"] > 0 and result["ratio"] > 0
     assert "volumes [" in runs[1].stderr and "s/pair" in runs[1].stderr
+
+
+def test_sampler_bench_on_a_missing_bank_says_what_to_do(tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "sampler.py"), "--bank", str(tmp_path / "nope")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2
+    assert "error: cannot open bank" in proc.stderr and "maskbank prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr
