@@ -202,6 +202,62 @@ class DecoderStage(nn.Module):
         return self.blocks(self.merge(torch.cat([self.up(x), skip], dim=1)))
 
 
+@dataclass
+class TaskEmbedding:
+    """What the network keeps of a reference: per task, tokens at each token level + fg0.
+
+    ``tokens[level]`` is (N, K, 1 + n_query_tokens, C_level) and ``fg0`` (N, K, C_0).
+    """
+
+    tokens: dict[int, torch.Tensor]
+    fg0: torch.Tensor
+
+    @property
+    def n_tasks(self) -> int:
+        return self.fg0.shape[1]
+
+    def expand(self, n: int) -> TaskEmbedding:
+        """Broadcast a batch-1 embedding to batch ``n`` (no copy)."""
+        if self.fg0.shape[0] == n:
+            return self
+        if self.fg0.shape[0] != 1:
+            raise ValueError(f"task batch {self.fg0.shape[0]} cannot serve a query batch of {n}")
+        return TaskEmbedding(
+            {lv: t.expand(n, *t.shape[1:]) for lv, t in self.tokens.items()},
+            self.fg0.expand(n, *self.fg0.shape[1:]),
+        )
+
+    def mean(self) -> TaskEmbedding:
+        """Average over the batch (several reference shots of the same tasks) -> batch 1."""
+        return TaskEmbedding(
+            {lv: t.mean(0, keepdim=True) for lv, t in self.tokens.items()},
+            self.fg0.mean(0, keepdim=True),
+        )
+
+    def select(self, tasks: list[int]) -> TaskEmbedding:
+        """A subset of tasks, in the given order."""
+        idx = torch.as_tensor(tasks, device=self.fg0.device)
+        return TaskEmbedding(
+            {lv: t.index_select(1, idx) for lv, t in self.tokens.items()},
+            self.fg0.index_select(1, idx),
+        )
+
+    @staticmethod
+    def cat(parts: list[TaskEmbedding]) -> TaskEmbedding:
+        """Concatenate along the task axis (same batch size)."""
+        levels = parts[0].tokens
+        return TaskEmbedding(
+            {lv: torch.cat([p.tokens[lv] for p in parts], 1) for lv in levels},
+            torch.cat([p.fg0 for p in parts], 1),
+        )
+
+    def to(self, *args, **kwargs) -> TaskEmbedding:
+        return TaskEmbedding(
+            {lv: t.to(*args, **kwargs) for lv, t in self.tokens.items()},
+            self.fg0.to(*args, **kwargs),
+        )
+
+
 class InContextSegNet(nn.Module):
     """forward(ref_image, ref_masks, query_image) -> logits (N, K, D, H, W)."""
 
@@ -244,25 +300,23 @@ class InContextSegNet(nn.Module):
         flat = self.fuse[str(level)](flat, tokens.reshape(n, -1, c))
         return flat.transpose(1, 2).reshape(feat.shape)
 
-    def forward(
-        self, ref_image: torch.Tensor, ref_masks: torch.Tensor, query_image: torch.Tensor
-    ) -> torch.Tensor:
-        if ref_image.shape[-3:] != query_image.shape[-3:]:
-            raise ValueError("reference and query crops must have the same shape")
-        if any(s % self.min_size for s in ref_image.shape[-3:]):
-            raise ValueError(
-                f"crop {tuple(ref_image.shape[-3:])} not a multiple of {self.min_size}"
-            )
-        n = ref_image.shape[0]
-        # One encoder pass over reference and query together (shared weights).
-        feats = self.encoder(torch.cat([ref_image, query_image], dim=0))
-        ref_feats = [f[:n] for f in feats]
-        q_feats = [f[n:] for f in feats]
+    def _check_crop(self, shape: torch.Size) -> None:
+        if any(s % self.min_size for s in shape[-3:]):
+            raise ValueError(f"crop {tuple(shape[-3:])} not a multiple of {self.min_size}")
+
+    def _tasks(self, ref_feats: list[torch.Tensor], ref_masks: torch.Tensor) -> TaskEmbedding:
         masks = ref_masks.to(ref_feats[0].dtype)
         tokens = {
             lv: self.task_encoders[str(lv)](ref_feats[lv], mask_occupancy(masks, lv))
             for lv in self.spec.token_levels
         }
+        fg0 = pooled_token(ref_feats[0], masks)  # full-resolution foreground token
+        return TaskEmbedding(tokens, fg0)
+
+    def _decode(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
+        n = q_feats[0].shape[0]
+        tasks = tasks.expand(n)
+        tokens = tasks.tokens
         x = q_feats[-1]
         top = len(q_feats) - 1
         if top in tokens:
@@ -272,11 +326,36 @@ class InContextSegNet(nn.Module):
             if lv in tokens:
                 x = self._fuse(lv, x, tokens[lv])
         finest = min(self.spec.token_levels)
-        fg0 = pooled_token(ref_feats[0], masks)  # full-resolution foreground token
-        kernel = self.head(torch.cat([fg0, tokens[finest].mean(dim=2)], dim=-1))
+        kernel = self.head(torch.cat([tasks.fg0, tokens[finest].mean(dim=2)], dim=-1))
         weight, bias = kernel[..., :-1], kernel[..., -1]
         logits = torch.einsum("nc...,nkc->nk...", x, weight.to(x.dtype))
         return logits + bias.to(x.dtype)[..., None, None, None]
+
+    def encode_tasks(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> TaskEmbedding:
+        """Task embeddings of K structures from a reference: (N,1,*S), (N,K,*S) -> (N, K tasks).
+
+        Evaluation encodes references once (averaging several shots with
+        ``TaskEmbedding.mean``) and reuses them for every window of every query.
+        """
+        self._check_crop(ref_image.shape)
+        return self._tasks(self.encoder(ref_image), ref_masks)
+
+    def segment(self, query_image: torch.Tensor, tasks: TaskEmbedding) -> torch.Tensor:
+        """Logits (N,K,*S) of the tasks in a query crop; tasks of batch 1 are broadcast."""
+        self._check_crop(query_image.shape)
+        return self._decode(self.encoder(query_image), tasks)
+
+    def forward(
+        self, ref_image: torch.Tensor, ref_masks: torch.Tensor, query_image: torch.Tensor
+    ) -> torch.Tensor:
+        if ref_image.shape[-3:] != query_image.shape[-3:]:
+            raise ValueError("reference and query crops must have the same shape")
+        self._check_crop(ref_image.shape)
+        n = ref_image.shape[0]
+        # One encoder pass over reference and query together (shared weights).
+        feats = self.encoder(torch.cat([ref_image, query_image], dim=0))
+        tasks = self._tasks([f[:n] for f in feats], ref_masks)
+        return self._decode([f[n:] for f in feats], tasks)
 
 
 def build_model(preset: str | NetSpec | dict) -> InContextSegNet:
