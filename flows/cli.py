@@ -14,7 +14,16 @@ from collections.abc import Sequence
 
 # Order = order in `maskbank --help`. Modules owned by other parts of the project may
 # be absent in a given checkout; a missing one is skipped, not fatal.
-COMMANDS = ("prepare", "propose", "proposals_quality", "pretrain", "info", "verify", "demo")
+COMMANDS = (
+    "prepare",
+    "propose",
+    "proposals_quality",
+    "pretrain",
+    "evaluate",
+    "info",
+    "verify",
+    "demo",
+)
 
 
 def _load_commands() -> list:

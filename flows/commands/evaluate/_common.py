@@ -1,0 +1,64 @@
+"""Options and steps every evaluation subcommand shares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
+    """--checkpoint, --bank, --preset, --seed, --scans, --out, --json, --device, --no-progress."""
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar=f"CKPT|{baseline}",
+        help="checkpoint file or run directory of `maskbank pretrain` (EMA weights when "
+        f"present), or '{baseline}' for the seeded untrained network of --preset",
+    )
+    p.add_argument("--bank", required=True, help="labelled bank (path or fsspec URL)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help=f"network preset (tiny, small, base); needed with '{baseline}' "
+        "(default tiny), checked against a checkpoint's",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of draws and untrained weights")
+    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: none)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def device_of(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def open_bank(prog: str, args: argparse.Namespace):
+    """``(bank, scan ids or None)`` or None after printing why (exit 2)."""
+    from flows.commands._bank_args import open_bank_scans
+
+    return open_bank_scans(prog, args.bank, args.scans)
+
+
+def fail(prog: str, exc: Exception) -> int:
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def emit(args: argparse.Namespace, results: dict, text: str) -> None:
+    """Print JSON (--json) or the human table, and where the outputs went."""
+    from train.evaluation.report import _clean
+
+    if args.json:
+        print(json.dumps(_clean(results), indent=1))
+        return
+    print(text)
+    if args.out:
+        print(f"\nresults: {Path(args.out) / 'results.md'} (all numbers: results.json)")

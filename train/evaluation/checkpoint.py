@@ -1,0 +1,174 @@
+"""Load the network an evaluation runs: a trained checkpoint, or a seeded untrained floor.
+
+Checkpoints are read with ``weights_only=True`` (``train.checkpointing.load_checkpoint``):
+evaluating a checkpoint somebody sent you never runs code from it. EMA weights are
+used when the checkpoint has them (they are what pretraining is for). A checkpoint of
+another pretext (masked-volume reconstruction) brings its encoder only; the rest of
+the in-context network keeps the seeded initialisation it would have untrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.checkpointing import CheckpointError, load_checkpoint
+from train.incontext_net import PRESETS, InContextSegNet, build_model
+from train.run_config import load_config
+
+from .errors import EvaluationError
+
+RANDOM = "random"  # --checkpoint random: the untrained floor
+SCRATCH = "scratch"  # --checkpoint scratch (fine-tuning): the same, trained from nothing
+ENCODER_PREFIX = "encoder."
+
+
+@dataclass
+class LoadedNetwork:
+    """The network plus what results.json records about where it came from."""
+
+    model: InContextSegNet
+    preset: str
+    crop: int  # the preset's training crop edge: reference crops and sliding windows
+    source: str  # checkpoint path, or "random" / "scratch"
+    weights: str  # "ema", "model", "encoder" (other pretext) or "random"
+    pretext: str
+    sha256: str | None = None
+    step: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: 'random', 'scratch' or '<run>@<step>'."""
+        if self.sha256 is None:
+            return self.source
+        path = Path(self.source)
+        run = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+        return f"{run}@{self.step}" if self.step is not None else run
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.source,
+            "label": self.label,
+            "sha256": self.sha256,
+            "step": self.step,
+            "preset": self.preset,
+            "crop": self.crop,
+            "weights": self.weights,
+            "pretext": self.pretext,
+            "config": self.config,
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_file(location: str) -> Path:
+    """A checkpoint file, a run directory (OUT/checkpoints/last.pt) or its checkpoints/."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        for cand in (path / "last.pt", path / "checkpoints" / "last.pt"):
+            if cand.exists():
+                return cand
+        raise EvaluationError(
+            f"no checkpoint in {path}: expected last.pt or checkpoints/last.pt "
+            "(a run directory of `maskbank pretrain`), or give a .pt file"
+        )
+    if not path.exists():
+        raise EvaluationError(
+            f"checkpoint {path} does not exist; give a file written by `maskbank pretrain` "
+            f"(OUT/checkpoints/last.pt), a run directory, or '{RANDOM}' for the untrained floor"
+        )
+    return path
+
+
+def _preset_crop(preset: str) -> int:
+    try:
+        return int(load_config(preset)["data"]["crop"])
+    except FileNotFoundError:
+        return int(load_config(None)["data"]["crop"])
+
+
+def untrained(preset: str, seed: int = 0, source: str = RANDOM) -> LoadedNetwork:
+    """The seeded untrained network of ``preset`` (the floor every evaluation reports)."""
+    if preset not in PRESETS:
+        raise EvaluationError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    torch.manual_seed(seed)
+    model = build_model(preset)
+    return LoadedNetwork(model, preset, _preset_crop(preset), source, "random", "none")
+
+
+def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> LoadedNetwork:
+    """``checkpoint`` is a file or run directory, or 'random'/'scratch' (then ``preset``)."""
+    if checkpoint in (RANDOM, SCRATCH):
+        return untrained(preset or "tiny", seed, checkpoint)
+    path = _checkpoint_file(checkpoint)
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from exc
+    if not {"model", "config"} <= set(payload):
+        raise EvaluationError(
+            f"{path} is not a maskbank pretraining checkpoint (it has keys "
+            f"{sorted(payload)[:8]}; expected 'model' and 'config')"
+        )
+    config = payload["config"]
+    ck_preset = str(config.get("model", {}).get("preset", ""))
+    if preset is not None and preset != ck_preset:
+        raise EvaluationError(
+            f"{path} holds a {ck_preset!r} network but --preset {preset} was given; "
+            f"drop --preset or pass --preset {ck_preset}"
+        )
+    if ck_preset not in PRESETS:
+        raise EvaluationError(
+            f"{path} was trained with preset {ck_preset!r}, which this version does not know "
+            f"(have {sorted(PRESETS)})"
+        )
+    pretext = str(config.get("pretext", "incontext"))
+    ema = payload.get("ema")
+    state = ema["shadow"] if isinstance(ema, dict) and "shadow" in ema else payload["model"]
+    weights = "ema" if state is not payload["model"] else "model"
+    net = untrained(ck_preset, seed)
+    model = net.model
+    reference = model.state_dict()
+    if pretext != "incontext":
+        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        weights = "encoder"
+        expected = {k for k in reference if k.startswith(ENCODER_PREFIX)}
+    else:
+        expected = set(reference)
+    missing = sorted(expected - set(state))
+    wrong = sorted(
+        k for k in expected & set(state) if tuple(state[k].shape) != tuple(reference[k].shape)
+    )
+    if missing or wrong:
+        raise EvaluationError(
+            f"{path} does not fit the {ck_preset!r} network of this version: "
+            f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(wrong)} of another "
+            f"shape (e.g. {wrong[:2]})"
+        )
+    merged = dict(reference)
+    merged.update({k: state[k].to(reference[k].dtype) for k in expected})
+    model.load_state_dict(merged)
+    crop = int(config.get("data", {}).get("crop", net.crop))
+    step = payload.get("step")
+    return LoadedNetwork(
+        model,
+        ck_preset,
+        crop,
+        str(path),
+        weights,
+        pretext,
+        _sha256(path),
+        int(step) if step is not None else None,
+        config,
+    )
