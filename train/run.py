@@ -1,6 +1,7 @@
-"""Pretrain the in-context segmentation network on pairs streamed from a bank.
+"""Pretrain a 3D network on pairs streamed from a bank (in-context segmentation by default).
 
     python train/run.py --config tiny --bank BANK --out DIR [key=value ...]
+    python train/run.py ... pretext=reconstruction  # masked-volume baseline, same budget
     torchrun --nproc_per_node=N train/run.py --config base --bank BANK --out DIR
     python train/run.py ... --resume            # continue DIR/checkpoints/last.pt exactly
     python train/run.py ... --resume-from CKPT  # or from a given checkpoint file
@@ -37,12 +38,12 @@ from train.checkpointing import (
     set_rng_state,
 )
 from train.cpu_kernels import retain_freed_memory
-from train.incontext_net import build_model, count_parameters
+from train.incontext_net import count_parameters
 from train.lamb_optim import Lamb
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
 from train.paired_augment import NONE, PairAugmenter
+from train.pretext import Pretext, PretextError, PretextOutput, create_pretext
 from train.run_config import dump_config, load_config
-from train.seg_loss import segmentation_loss
 from train.weight_ema import WeightEMA
 
 
@@ -139,23 +140,15 @@ def augment_generator(seed: int, step: int, rank: int, device: torch.device) -> 
     return gen
 
 
-def log_images(writer, step: int, aug: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
-    """Mid-slices of reference / query / target / prediction for the first pair and task."""
-    mid = aug["ref_image"].shape[-1] // 2
-
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return (x - x.min()) / (x.max() - x.min()).clamp_min(1e-6)
-
-    tiles = [
-        norm(aug["ref_image"][0, 0, :, :, mid]),
-        aug["ref_masks"][0, 0, :, :, mid].float(),
-        norm(aug["query_image"][0, 0, :, :, mid]),
-        aug["query_masks"][0, 0, :, :, mid].float(),
-        torch.sigmoid(logits[0, 0, :, :, mid].float()),
-    ]
-    grid = torch.cat([t.detach().cpu() for t in tiles], dim=1)
-    writer.add_image("pairs/ref_refmask_query_target_pred", grid[None], step)
+def log_images(
+    writer, step: int, pretext: Pretext, aug: dict[str, torch.Tensor], out: PretextOutput
+) -> None:
+    """The pretext's mid-slice tiles of the first pair, side by side (in-context: reference /
+    reference mask / query / target / prediction; reconstruction: masked / mask / output /
+    target)."""
+    tag, tiles = pretext.image_tiles(aug, out)
+    grid = torch.cat([t.detach().float().cpu() for t in tiles], dim=1)
+    writer.add_image(tag, grid[None], step)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -169,6 +162,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    pretext = create_pretext(str(cfg["pretext"]), cfg)
     out = Path(args.out)
     rank, world, _local, device = setup_distributed()
     is_main = rank == 0
@@ -179,7 +173,15 @@ def train(args: argparse.Namespace) -> int:
 
     ckpt = None
     if args.resume or args.resume_from:
-        ckpt = load_checkpoint(find_checkpoint(args.resume_from or "auto", out))
+        ckpt_path = find_checkpoint(args.resume_from or "auto", out)
+        ckpt = load_checkpoint(ckpt_path)
+        # Checkpoints from before pretexts existed were all in-context.
+        ck_pretext = str(ckpt.get("config", {}).get("pretext", "incontext"))
+        if ck_pretext != pretext.name:
+            raise PretextError(
+                f"{ckpt_path} was trained with pretext={ck_pretext}, this run has "
+                f"pretext={pretext.name}; resume with pretext={ck_pretext} or start a new --out"
+            )
         if ckpt["world_size"] != world:
             raise SamplerError(
                 f"checkpoint was written by {ckpt['world_size']} ranks, this run has {world}; "
@@ -188,7 +190,7 @@ def train(args: argparse.Namespace) -> int:
     start_step = int(ckpt["step"]) if ckpt else 0
 
     torch.manual_seed(int(cfg["seed"]))  # identical initial weights on every rank
-    model = build_model(cfg["model"]["preset"]).to(device)
+    model = pretext.build_model(cfg["model"]["preset"]).to(device)
     crop = int(dcfg["crop"])
     if crop % model.min_size:
         raise ValueError(f"data.crop={crop} must be a multiple of {model.min_size} for this model")
@@ -248,7 +250,8 @@ def train(args: argparse.Namespace) -> int:
 
             writer = SummaryWriter(str(out / "tb"))
         print(
-            f"model {cfg['model']['preset']}: {count_parameters(model) / 1e6:.2f} M params; "
+            f"pretext {pretext.name}; model {cfg['model']['preset']}: "
+            f"{count_parameters(model) / 1e6:.2f} M params; "
             f"{len(stream.scan_ids)} scans; world {world}; device {device}; "
             f"steps {start_step}->{max_steps}",
             file=sys.stderr,
@@ -306,9 +309,9 @@ def train(args: argparse.Namespace) -> int:
             gen = augment_generator(int(cfg["seed"]), step, rank, aug_device)
             aug = augmenter(batch, n_tasks, gen)
             aug = {k: v.to(device, non_blocking=True) for k, v in aug.items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(aug["ref_image"], aug["ref_masks"], aug["query_image"])
-            loss, parts = segmentation_loss(logits, aug["query_masks"])
+            # The pretext's loss; the same generator draws its randomness (exact resume).
+            result = pretext(net, aug, gen, use_bf16)
+            loss, parts = result.loss, result.parts
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -344,8 +347,7 @@ def train(args: argparse.Namespace) -> int:
                 if writer is not None:
                     for key in (
                         "loss",
-                        "tversky",
-                        "bce",
+                        *parts,
                         "lr",
                         "pairs_per_s",
                         "data_wait",
@@ -355,7 +357,7 @@ def train(args: argparse.Namespace) -> int:
                     if "gpu_mem_gb" in rec:
                         writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
                     if step % int(tcfg["image_every"]) == 0:
-                        log_images(writer, step, aug, logits)
+                        log_images(writer, step, pretext, aug, result)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", wait=f"{rec['data_wait']:.0%}")
             if bar is not None:

@@ -18,6 +18,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
+    # What the network learns from each pair: incontext (segment the reference's masks in
+    # the query) or reconstruction (restore masked blocks; the same-budget baseline).
+    "pretext": "incontext",
     "model": {"preset": "tiny"},
     "data": {
         "crop": 128,  # edge of the cubic crop the network sees
@@ -33,6 +36,10 @@ DEFAULTS: dict[str, Any] = {
         "scans": None,  # optional list of scan ids to restrict to
     },
     "augment": {"enabled": True, "device": "auto"},
+    "reconstruction": {  # used by pretext=reconstruction only
+        "block": None,  # edge of the zeroed cubes in voxels; None = data.crop // 4
+        "mask_ratio": 0.6,  # fraction of the blocks zeroed per crop
+    },
     "optim": {
         "name": "adamw",  # adamw | lamb
         "lr": 1e-3,

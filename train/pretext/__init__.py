@@ -1,0 +1,45 @@
+"""Pretext tasks for pretraining: a registry and a factory (timm style).
+
+``create_pretext(name, cfg)`` returns an object that builds the network for a preset and
+turns one augmented batch into a loss; the trainer does the rest identically for every
+pretext, so their encoders are compared after the same budget on the same pairs.
+
+* ``incontext``: in-context segmentation (the method this project pretrains with);
+* ``reconstruction``: masked-volume reconstruction with the same encoder (the baseline).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from train.pretext.base import Pretext, PretextError, PretextOutput
+from train.pretext.incontext import InContextPretext
+from train.pretext.reconstruction import ReconstructionNet, ReconstructionPretext
+from train.run_config import DEFAULTS
+
+PRETEXTS: dict[str, type[Pretext]] = {
+    InContextPretext.name: InContextPretext,
+    ReconstructionPretext.name: ReconstructionPretext,
+}
+
+
+def create_pretext(name: str, cfg: dict[str, Any] | None = None) -> Pretext:
+    """The pretext registered as ``name``, configured from a resolved config (default DEFAULTS)."""
+    if name not in PRETEXTS:
+        raise PretextError(
+            f"unknown pretext {name!r} (config key 'pretext'); choose one of {sorted(PRETEXTS)}"
+        )
+    return PRETEXTS[name](copy.deepcopy(cfg) if cfg is not None else copy.deepcopy(DEFAULTS))
+
+
+__all__ = [
+    "PRETEXTS",
+    "InContextPretext",
+    "Pretext",
+    "PretextError",
+    "PretextOutput",
+    "ReconstructionNet",
+    "ReconstructionPretext",
+    "create_pretext",
+]

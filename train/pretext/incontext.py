@@ -1,0 +1,44 @@
+"""In-context segmentation: segment the reference's K masks in the query (the main pretext)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.incontext_net import build_model
+from train.pretext.base import Pretext, PretextOutput, normalise
+from train.seg_loss import segmentation_loss
+
+
+class InContextPretext(Pretext):
+    """``model(ref_image, ref_masks, query_image)`` + adaptive Tversky/BCE on the query masks."""
+
+    name = "incontext"
+
+    def build_model(self, preset: str | dict) -> nn.Module:
+        return build_model(preset)
+
+    def __call__(
+        self,
+        net: nn.Module,
+        aug: dict[str, torch.Tensor],
+        gen: torch.Generator,
+        bf16: bool = False,
+    ) -> PretextOutput:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = net(aug["ref_image"], aug["ref_masks"], aug["query_image"])
+        loss, parts = segmentation_loss(logits, aug["query_masks"])  # in float32
+        return PretextOutput(loss, parts, {"logits": logits})
+
+    def image_tiles(
+        self, aug: dict[str, torch.Tensor], out: PretextOutput
+    ) -> tuple[str, list[torch.Tensor]]:
+        mid = aug["ref_image"].shape[-1] // 2
+        tiles = [
+            normalise(aug["ref_image"][0, 0, :, :, mid]),
+            aug["ref_masks"][0, 0, :, :, mid].float(),
+            normalise(aug["query_image"][0, 0, :, :, mid]),
+            aug["query_masks"][0, 0, :, :, mid].float(),
+            torch.sigmoid(out.visuals["logits"][0, 0, :, :, mid].float()),
+        ]
+        return "pairs/ref_refmask_query_target_pred", tiles
