@@ -72,6 +72,16 @@ class ScanView:
         return self.attrs.get("dataset")
 
     @property
+    def label_names(self) -> dict[int, str]:
+        """Names of the label map's values present in this scan ({} when none were given)."""
+        return {int(k): str(v) for k, v in (self.attrs.get("label_names") or {}).items()}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Scan-level metadata from the manifest's other columns (e.g. a diagnosis), or {}."""
+        return {str(k): str(v) for k, v in (self.attrs.get("metadata") or {}).items()}
+
+    @property
     def array_names(self) -> list[str]:
         """Arrays of the scan itself (not of its parts)."""
         return sorted(self.info.get("arrays", {}))

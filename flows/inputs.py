@@ -22,6 +22,8 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # A file whose stem ends like this is a label map, not a scan (folder discovery only).
 LABEL_MARKERS = ("_label", "_labels", "_seg", "_segmentation", "_mask")
 MODALITIES = ("auto", "ct", "mr", "pet")
+# Manifest columns with a meaning of their own; any other column is scan metadata.
+RESERVED_COLUMNS = ("image", "label", "modality", "dataset", "scan_id", "id", "label_names")
 
 
 class InputError(ValueError):
@@ -37,13 +39,16 @@ class ScanInput:
     label: str | None = None
     modality: str | None = None  # None: use the run's configured modality
     dataset: str | None = None
+    label_names: str | None = None  # names file of the label's values (pipeline.label_names)
+    metadata: dict[str, str] | None = None  # the manifest's other columns, e.g. a diagnosis
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ScanInput:
-        return cls(**{k: d.get(k) for k in ("scan_id", "image", "label", "modality", "dataset")})
+        keys = ("scan_id", "image", "label", "modality", "dataset", "label_names", "metadata")
+        return cls(**{k: d.get(k) for k in keys})
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -111,7 +116,11 @@ def discover_folder(folder: Path, dataset: str | None) -> list[dict]:
 
 
 def read_manifest(path: Path, dataset: str | None) -> list[dict]:
-    """Rows of a .csv (with header) or .jsonl manifest; relative paths are manifest-relative."""
+    """Rows of a .csv (with header) or .jsonl manifest; relative paths are manifest-relative.
+
+    Columns other than `RESERVED_COLUMNS` become the scan's metadata (values as
+    strings, empty cells left out).
+    """
     base = path.parent
     raw: list[dict] = []
     if path.suffix.lower() == ".csv":
@@ -151,20 +160,37 @@ def read_manifest(path: Path, dataset: str | None) -> list[dict]:
                 "modality": None if modality == "auto" else modality,
                 "dataset": (row.get("dataset") or "").strip() or dataset,
                 "scan_id": (row.get("scan_id") or row.get("id") or "").strip() or None,
+                "label_names": resolve(row.get("label_names")),
+                "metadata": _metadata(row),
             }
         )
     return rows
+
+
+def _metadata(row: dict) -> dict[str, str]:
+    out = {}
+    for key, value in row.items():
+        if key is None or key in RESERVED_COLUMNS or value is None:
+            continue  # key None: a CSV row with more cells than the header
+        text = value if isinstance(value, str) else json.dumps(value)
+        if text.strip():
+            out[str(key).strip()] = text.strip()
+    return out
 
 
 def _default_dataset(path: Path) -> str:
     return sanitise_id(path.name if path.is_dir() else path.parent.name or "default")
 
 
-def collect_inputs(inputs: list[str], dataset: str | None = None) -> list[ScanInput]:
+def collect_inputs(
+    inputs: list[str], dataset: str | None = None, label_names: str | None = None
+) -> list[ScanInput]:
     """Expand files, folders and manifests into uniquely named scans, in a stable order.
 
     Missing files named in a manifest are kept (they fail in the report, with their
     row, instead of aborting the batch); a missing command-line path is a usage error.
+    `label_names` (a names file) applies to every labelled scan whose manifest row
+    names none.
     """
     rows: list[dict] = []
     for item in inputs:
@@ -192,15 +218,20 @@ def collect_inputs(inputs: list[str], dataset: str | None = None) -> list[ScanIn
         r["image"] = os.path.abspath(r["image"])
         if r.get("label"):
             r["label"] = os.path.abspath(r["label"])
+            r["label_names"] = r.get("label_names") or label_names
+        if r.get("label_names"):
+            r["label_names"] = os.path.abspath(os.path.expanduser(r["label_names"]))
     # The same file named twice (e.g. a folder and a file inside it) is one scan.
     unique: dict[str, dict] = {}
     for r in rows:
         first = unique.setdefault(r["image"], r)
         if first is not r and any(
-            r.get(k) and r.get(k) != first.get(k) for k in ("label", "modality", "scan_id")
+            r.get(k) and r.get(k) != first.get(k)
+            for k in ("label", "modality", "scan_id", "label_names", "metadata")
         ):
             raise InputError(
-                f"{r['image']} is listed twice with different label/modality/scan_id; "
+                f"{r['image']} is listed twice with different label/modality/scan_id/"
+                "label_names/metadata; "
                 "list each scan once"
             )
     rows = sorted(unique.values(), key=lambda r: r["image"])
@@ -240,6 +271,8 @@ def assign_ids(rows: list[dict]) -> list[ScanInput]:
                 label=r.get("label"),
                 modality=r.get("modality"),
                 dataset=r.get("dataset"),
+                label_names=r.get("label_names"),
+                metadata=r.get("metadata") or None,
             )
         )
     return out

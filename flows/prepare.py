@@ -106,11 +106,14 @@ def _why_redo(old: dict | None, new: dict, image: str, scan_id: str) -> str | No
     for key, label in (
         ("source_sha256", "source changed"),
         ("label_sha256", "label changed"),
+        ("label_names_sha256", "label names changed"),
         ("fingerprint", "config changed"),
         ("dataset", "dataset changed"),
     ):
         if old.get(key) != new.get(key):
             return label
+    if (old.get("metadata") or {}) != (new.get("metadata") or {}):  # absent in older banks
+        return "metadata changed"
     return None
 
 
@@ -154,14 +157,17 @@ def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
         cfg = cfg.replace(modality=scan.modality)
     dataset = scan.dataset or "default"
     try:
-        for path, what in ((scan.image, "image"), (scan.label, "label")):
+        names = scan.label_names if scan.label else None  # names without a label: nothing to name
+        for path, what in ((scan.image, "image"), (scan.label, "label"), (names, "label names")):
             if path and not os.path.exists(path):
                 raise ScanError(path, f"{what} file not found")
         wanted = {
             "source_sha256": sha256_of(scan.image),
             "label_sha256": sha256_of(scan.label) if scan.label else None,
+            "label_names_sha256": sha256_of(names) if names else None,
             "fingerprint": cfg.fingerprint(),
             "dataset": dataset,
+            "metadata": scan.metadata or {},
         }
         store = Bank.open(bank, mode="a")
         why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
@@ -173,6 +179,8 @@ def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
             config=cfg,
             dataset=dataset,
             source_sha256=wanted["source_sha256"],
+            label_names=names,
+            metadata=scan.metadata,
         )
         store.write_scan(scan_id, prepared.arrays(), prepared.attrs)
         return _record(
@@ -260,11 +268,13 @@ def prepare_bank(
     processes: bool = False,
     progress: bool = True,
     proposals: dict | None = None,
+    label_names: str | None = None,
 ) -> dict:
     """Prepare every scan found in `inputs` into the bank at `bank`; return the run report.
 
     `config` is a `PrepareConfig.to_dict()` (defaults when None); `proposals` a
-    `ProposalConfig.to_dict()` to make proposals in the same tasks. The report is also
+    `ProposalConfig.to_dict()` to make proposals in the same tasks; `label_names` a
+    names file for every labelled scan whose manifest row names none. The report is also
     stored in the bank (reports/prepare-<time>.json); its path is `report["report_path"]`.
     """
     from tqdm import tqdm
@@ -273,7 +283,7 @@ def prepare_bank(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     cfg = PrepareConfig.from_dict(config or {})
-    scans = collect_inputs(list(inputs), dataset)
+    scans = collect_inputs(list(inputs), dataset, label_names)
     store = Bank.create(bank)  # also finishes/undoes writes a killed run left behind
     bank_path = str(Path(bank).expanduser().resolve())
     logger.info("preparing %d scans into %s", len(scans), bank_path)
@@ -324,6 +334,7 @@ def prepare_bank(
         "proposals_config": proposals,
         "workers": workers,
         "dask_address": dask_address,
+        "label_names": label_names,
         "counts": counts,
         "scans": records,
     }

@@ -1,7 +1,7 @@
 """One scan from raw file to bank-ready arrays: read → RAS → resample → body crop → normalise.
 
-Pure function of (file contents, label contents, PrepareConfig): the flow hashes
-those to decide whether a scan must be redone.
+Pure function of (file contents, label contents, label names file, metadata,
+PrepareConfig): the flow hashes those to decide whether a scan must be redone.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pipeline.body import body_mask, crop_box
 from pipeline.config import PrepareConfig
 from pipeline.decode_overlap import DecodeOverlap
 from pipeline.errors import ScanError
+from pipeline.label_names import names_present, read_label_names
 from pipeline.modality import detect_modality
 from pipeline.normalize import apply_normalization, normalization_params
 from pipeline.orient import native_box, ras_affine, ras_axes, to_ras
@@ -118,10 +119,18 @@ def prepare_scan(
     config: PrepareConfig | None = None,
     dataset: str = "default",
     source_sha256: str | None = None,
+    label_names: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> PreparedScan:
-    """Run the whole per-scan pipeline; raises `ScanError` for unusable input."""
+    """Run the whole per-scan pipeline; raises `ScanError` for unusable input.
+
+    ``label_names`` is a names file (`pipeline.label_names`) for the label's values;
+    it is ignored without a label. ``metadata`` (e.g. a diagnosis, the target of a
+    frozen-encoder probe) is stored as given, values as strings.
+    """
     config = config or PrepareConfig()
     path = str(image_path)
+    names = read_label_names(label_names) if label_names and label_path else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = read_scan(path, config.max_voxels, stream=True)  # voxels decode in the background
@@ -179,6 +188,7 @@ def prepare_scan(
         "label_sha256": sha256_of(label_path) if label_path else None,
         "dataset": dataset,
         "modality": modality,
+        "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
         "original": original,
         "shape": list(image.shape),
         "spacing": list(config.spacing),
@@ -190,4 +200,8 @@ def prepare_scan(
         "pipeline_version": config.version,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
+    if names is not None and label is not None:
+        attrs["label_names"] = names_present(names, label)
+        attrs["label_names_path"] = str(Path(label_names).resolve())  # type: ignore[arg-type]
+        attrs["label_names_sha256"] = sha256_of(label_names)
     return PreparedScan(image, body, label, tuple(config.spacing), affine, attrs)

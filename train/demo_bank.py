@@ -52,14 +52,23 @@ def add_phantom_scan(
     seed: int = 0,
     dataset: str = "phantom",
     extra_proposals: bool = True,
+    n_lesions: int = 2,
+    metadata: dict[str, str] | None = None,
 ) -> dict:
-    """Write one phantom scan plus proposals; return its index row."""
+    """Write one phantom scan plus proposals; return its index row.
+
+    The scan carries ``label_names`` (the phantom's organs present in it) and
+    ``metadata`` like a prepared labelled scan, so evaluation code runs on it as is.
+    """
     from bank.proposals import write_proposals
+    from pipeline.label_names import names_present
     from pipeline.phantom import make_phantom
     from pipeline.proposals.external import from_label_map
     from pipeline.proposals.proposal_set import merge_sets
 
-    ph = make_phantom(modality, shape=shape, spacing=(1.5, 1.5, 1.5), seed=seed)
+    ph = make_phantom(
+        modality, shape=shape, spacing=(1.5, 1.5, 1.5), seed=seed, n_lesions=n_lesions
+    )
     image = _normalise(ph.image, ph.body)
     attrs = {
         "dataset": dataset,
@@ -67,8 +76,11 @@ def add_phantom_scan(
         "spacing": list(ph.spacing),
         "affine": ph.affine.tolist(),
         "source_path": f"phantom://{modality}/{seed}",
-        "source_sha256": f"phantom-{modality}-{seed}-{'x'.join(map(str, shape))}",
+        "source_sha256": f"phantom-{modality}-{seed}-{'x'.join(map(str, shape))}"
+        + ("" if n_lesions == 2 else f"-lesions{n_lesions}"),
         "fingerprint": "phantom",
+        "label_names": names_present(ph.names, ph.labels),
+        "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
     }
     bank.write_scan(scan_id, {"image": image, "body": ph.body, "label": ph.labels}, attrs)
     sets = [from_label_map(ph.labels, source="phantom", layer_name="structures")]
@@ -86,6 +98,7 @@ def build_phantom_bank(
     shape: tuple[int, int, int] = (80, 80, 64),
     modalities: tuple[str, ...] = ("ct", "mr", "pet"),
     extra_proposals: bool = True,
+    dataset: str = "phantom",
 ):
     """Create (or extend) a bank at ``path`` with ``n_scans`` phantoms; returns the Bank."""
     from bank import Bank
@@ -94,6 +107,12 @@ def build_phantom_bank(
     for i in range(n_scans):
         mod = modalities[i % len(modalities)]
         add_phantom_scan(
-            bank, f"phantom-{mod}-{i:03d}", mod, shape, seed=i, extra_proposals=extra_proposals
+            bank,
+            f"phantom-{mod}-{i:03d}",
+            mod,
+            shape,
+            seed=i,
+            dataset=dataset,
+            extra_proposals=extra_proposals,
         )
     return Bank.open(path)

@@ -19,8 +19,12 @@ crop to the body, normalise, and publish each scan atomically (one Dask task per
 INPUT may be a scan file (.nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM series folder),
 a folder (searched recursively; files named like <scan>_label.nii.gz, _seg, _mask
 become that scan's label), or a manifest: .csv with a header or .jsonl, columns
-image (required), label, modality, dataset, scan_id; relative paths are resolved
-against the manifest's folder.
+image (required), label, modality, dataset, scan_id, label_names (a names file for
+that row's label); relative paths are resolved against the manifest's folder. Any
+other column (e.g. diagnosis) is stored with the scan as its metadata.
+
+Label names files may be JSON {"1": "liver"}, ITK-SNAP label descriptions,
+FreeSurfer colour LUTs or 3D Slicer colour tables; the format is detected.
 
 Scans already in the bank with the same source SHA-256 and the same settings are
 skipped, so re-running after a crash or on a grown folder only does the new work;
@@ -37,6 +41,7 @@ examples:
   maskbank prepare manifest.csv --bank bank/ --spacing 1,1,2.5 --workers 8
   maskbank prepare scans/ --bank bank/ --dask-address tcp://scheduler:8786
   maskbank prepare scans/ --bank bank/ --proposals --scales 2000,6000
+  maskbank prepare labelled/ --bank eval-bank/ --label-names FreeSurferColorLUT.txt
 """
 
 
@@ -69,6 +74,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="dataset name recorded with each scan (default: the input folder's or "
         "manifest's name; a manifest's dataset column overrides it)",
+    )
+    p.add_argument(
+        "--label-names",
+        default=None,
+        metavar="FILE",
+        help="names of the label values for every scan with a label (JSON, ITK-SNAP, "
+        "FreeSurfer LUT or Slicer colour table); a manifest's label_names column "
+        "overrides it per scan",
     )
     p.add_argument(
         "--workers",
@@ -110,12 +123,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from flows.inputs import InputError, collect_inputs, parse_spacing
+    from pipeline.errors import ScanError
+    from pipeline.label_names import read_label_names
 
     try:
         spacing = parse_spacing(args.spacing)
         proposals = config_from_args(args).to_dict() if args.proposals else None
-        scans = collect_inputs(args.inputs, args.dataset)  # fail fast, before Prefect starts
-    except (InputError, ValueError) as exc:
+        label_names = os.path.abspath(args.label_names) if args.label_names else None
+        if label_names:
+            read_label_names(label_names)  # a bad names file is a usage error
+        # fail fast, before Prefect starts
+        scans = collect_inputs(args.inputs, args.dataset, label_names)
+    except (InputError, ValueError, ScanError) as exc:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -164,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             processes=args.processes,
             progress=not args.no_progress,
             proposals=proposals,
+            label_names=label_names,
         )
     if args.json:
         print(json.dumps(report, indent=1))
