@@ -251,6 +251,15 @@ class TaskEmbedding:
             torch.cat([p.fg0 for p in parts], 1),
         )
 
+    @staticmethod
+    def cat_batch(parts: list[TaskEmbedding]) -> TaskEmbedding:
+        """Stack along the batch axis (e.g. several shots of the same tasks, for ``mean``)."""
+        levels = parts[0].tokens
+        return TaskEmbedding(
+            {lv: torch.cat([p.tokens[lv] for p in parts], 0) for lv in levels},
+            torch.cat([p.fg0 for p in parts], 0),
+        )
+
     def to(self, *args, **kwargs) -> TaskEmbedding:
         return TaskEmbedding(
             {lv: t.to(*args, **kwargs) for lv, t in self.tokens.items()},

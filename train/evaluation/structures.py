@@ -121,9 +121,7 @@ def median_foreground(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(np.median(a)) for a in idx)  # type: ignore[return-value]
 
 
-def centred_crop(
-    volume: np.ndarray, centre: tuple[int, ...], size: int, fill: float
-) -> np.ndarray:
+def centred_crop(volume: np.ndarray, centre: tuple[int, ...], size: int, fill: float) -> np.ndarray:
     """``size``^3 crop of ``volume`` centred on ``centre``; outside the volume is ``fill``."""
     out = np.full((size,) * 3, fill, dtype=volume.dtype)
     src, dst = [], []

@@ -32,6 +32,11 @@ def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The exact command, as typed (``flows.cli.main`` records its argv on ``args``)."""
+    return ["maskbank", *getattr(args, "argv", sys.argv[1:])]
+
+
 def device_of(name: str):
     import torch
 
