@@ -155,12 +155,12 @@ def write_deformed_subject(
     header = src.header.copy()
     header.set_data_dtype(image.dtype)
     header.set_slope_inter(1.0, 0.0)
-    _save_atomic(nib.Nifti1Image(label, src.affine), label_out)
-    _save_atomic(nib.Nifti1Image(image, src.affine, header), image_out)
+    save_nifti_atomic(nib.Nifti1Image(label, src.affine), label_out)
+    save_nifti_atomic(nib.Nifti1Image(image, src.affine, header), image_out)
     return image_out, label_out
 
 
-def _save_atomic(img, path: Path) -> None:
+def save_nifti_atomic(img, path: Path) -> None:
     """Write beside ``path`` and rename: a killed run never leaves a truncated file behind."""
     import nibabel as nib
 
