@@ -1,0 +1,94 @@
+"""`maskbank evaluate probe`: frozen-encoder prediction of a scan-level target vs a random encoder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_common, device_of, emit, fail, open_bank
+
+PROG = "maskbank evaluate probe"
+
+DESCRIPTION = """\
+Does the frozen pretrained encoder predict a scan-level target? Each scan's deepest
+encoder features (whole scan, windows of the network's crop) are pooled by a small
+attention head trained per fold of a stratified k-fold cross-validation. The seeded
+random encoder of the same preset runs beside it with the same folds and head.
+
+--target is a metadata column of the manifest (e.g. diagnosis), or has:<class>
+(does the scan's label map contain the class; by label name or value).
+
+Writes OUT/results.json (every number, folds, out-of-fold predictions), results.md
+and probe.png.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe",
+        help="frozen-encoder probe of a scan-level target (vs a random encoder)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(p, baseline="random")
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="COLUMN|has:CLASS",
+        help="metadata column (e.g. diagnosis) or has:<class name or label value>",
+    )
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=int, default=60, help="head training epochs (default 60)")
+    p.add_argument(
+        "--no-baseline", action="store_true", help="skip the random encoder beside the checkpoint"
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.evaluation.checkpoint import RANDOM, load_network
+    from train.evaluation.errors import EvaluationError
+    from train.evaluation.probe import (
+        PLOT,
+        ProbeSettings,
+        probe_markdown,
+        probe_plot,
+        probe_text,
+        run_probe,
+    )
+    from train.evaluation.report import run_record, write_results
+
+    if args.folds < 2:
+        return fail(PROG, ValueError(f"--folds {args.folds}: give at least 2"))
+    if args.epochs < 1:
+        return fail(PROG, ValueError(f"--epochs {args.epochs}: give at least 1"))
+    opened = open_bank(PROG, args)
+    if opened is None:
+        return 2
+    bank, scan_ids = opened
+    try:
+        networks = [load_network(args.checkpoint, args.preset, args.seed)]
+        if args.checkpoint != RANDOM and not args.no_baseline:
+            networks.append(load_network(RANDOM, networks[0].preset, args.seed))
+        results = run_probe(
+            networks,
+            bank,
+            scan_ids,
+            args.target,
+            folds=args.folds,
+            settings=ProbeSettings(epochs=args.epochs),
+            seed=args.seed,
+            device=device_of(args.device),
+            progress=not (args.no_progress or args.json),
+        )
+    except EvaluationError as exc:
+        return fail(PROG, exc)
+    for warning in results["warnings"]:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    record = run_record(getattr(args, "argv", None), bank, networks)
+    results["run"] = record
+    if args.out:
+        out = write_results(args.out, results, probe_markdown(results, record))
+        probe_plot(out / PLOT, results)
+    emit(args, results, probe_text(results))
+    return 0
