@@ -479,18 +479,20 @@ def evaluate_finetune(
     # The class set comes from the training scans only: validation/test labels stay unseen.
     train_ids = set(split.train_ids)
     classes, _ = find_classes([s for s in scans if s.scan_id in train_ids], min_scans=1)
-    test_holds = [
-        c.key
-        for s in scans
-        if s.scan_id in set(split.test_ids)
-        for _, c in _scored_classes(classes, s)
-    ]
-    if not classes or not test_holds:
+    if not classes:
         raise EvaluationError(
-            f"the split of seed {options.split_seed} leaves no structure class both in a "
-            f"training scan and in a test scan of bank {bank.location}; label more scans "
-            "or try another --split-seed"
+            f"no training scan of bank {bank.location} (split seed {options.split_seed}) holds "
+            "a labelled structure; label more scans or try another --split-seed"
         )
+    # A precondition on label values only (outside the read log): without a class in the
+    # validation and the test scans there is nothing to select on or to score.
+    for part, ids in (("validation", split.validation_ids), ("test", split.test_ids)):
+        if not any(_scored_classes(classes, s) for s in scans if s.scan_id in set(ids)):
+            raise EvaluationError(
+                f"the split of seed {options.split_seed} leaves no {part} scan of bank "
+                f"{bank.location} holding a class of the training scans; label more scans "
+                "or try another --split-seed"
+            )
     runs = []
     for fraction in options.fractions:
         for name, net in networks:

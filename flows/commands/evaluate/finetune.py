@@ -37,8 +37,8 @@ normalised surface Dice at 2 mm per class, over the test scans holding it.
 
 Writes OUT/results.json (every number, the split's scan ids per part and fraction, the
 command, both networks, the bank fingerprint), OUT/results.md and OUT/dice_vs_fraction.png.
-The default --steps 100 is a CPU demo (about a minute per run for the tiny preset);
-meaningful comparisons use thousands of steps on a GPU.
+The default --steps 100 is a CPU demo (minutes per run for the tiny preset; seconds per
+run are reported); meaningful comparisons use thousands of steps on a GPU.
 """
 
 EPILOG = """\
@@ -133,7 +133,8 @@ def results_markdown(results: dict) -> str:
     md = ["# Label-efficient fine-tuning", ""]
     md.append(
         f"{results['options']['steps']} steps per run, batch {results['options']['batch_size']}, "
-        f"crop {results['crop']}, validation every {results['options']['val_every']} steps; "
+        f"crop {results['crop']}, validation at step 0 and every "
+        f"{results['options']['val_every']} step(s); "
         "mean test Dice of the weights with the best validation Dice."
     )
     md += ["", markdown_table(rows, ["fraction", "train scans", *nets, *(f"{n} s" for n in nets)])]
