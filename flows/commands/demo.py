@@ -1,7 +1,7 @@
 """`maskbank demo`: the README's main job, end to end on sample scans.
 
 Stages run in order and share one context dict; each returns an exit code.
-Later stages (proposals, a tiny pretraining run) plug in by appending to
+Stages (prepare, proposals, a tiny pretraining run, evaluation) plug in by appending to
 `STAGES` -- see the comment there.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flows.commands._prefect_env import apply_cli_defaults
 
-STAGE_ORDER = ("prepare", "propose", "pretrain")  # the functions are in STAGES below
+STAGE_ORDER = ("prepare", "propose", "pretrain", "evaluate")  # the functions are in STAGES below
 
 # (file, label file or None, modality, dataset) of the real sample scans we use. The
 # MNI152 T1's label (grey/white matter) is made by `write_inputs` from the template's
@@ -44,7 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "synthetic CT/MR/PET phantoms written as NIfTI into OUT/inputs. Runs `prepare` "
         "into OUT/bank and prints the bank summary, makes the mask proposals and prints "
         "their quality against the scans' labels, then pretrains the `tiny` in-context "
-        "network on the CPU for --steps steps (OUT/pretrain) and prints its loss curve. "
+        "network on the CPU for --steps steps (OUT/pretrain) and prints its loss curve, "
+        "and ends with the answer: 1-shot in-context segmentation of the labelled "
+        "structures by the pretrained network beside the untrained floor "
+        "(OUT/evaluate: results.md, results.json, figures). "
         "Re-running skips finished prepare/propose work. Exit status as for `maskbank prepare`.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for inputs and bank")
@@ -60,8 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--until",
         choices=STAGE_ORDER,
-        default="pretrain",
-        help="stop after this stage (default: pretrain, i.e. run everything)",
+        default="evaluate",
+        help="stop after this stage (default: evaluate, i.e. run everything)",
     )
     return p
 
@@ -256,11 +259,31 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
     return 0
 
 
+def stage_evaluate(args: argparse.Namespace, ctx: dict) -> int:
+    """1-shot in-context segmentation: the pretrained `tiny` beside the untrained floor."""
+    from flows.cli import main as cli
+
+    out = ctx["out"] / "evaluate" / "incontext"
+    argv = ["evaluate", "incontext", "--checkpoint", str(ctx["out"] / "pretrain")]
+    argv += ["--bank", str(ctx["bank"]), "--shots", "1", "--out", str(out)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    print(
+        "\n1-shot in-context segmentation of the labelled structures "
+        "(pretrained vs untrained floor):"
+    )
+    code = cli(argv)
+    if code == 0:
+        print(f"overlays per class: {out / 'figures'}")
+    return code
+
+
 # Stages share ctx["out"], ctx["bank"] and what earlier stages stored.
 STAGES: list[tuple[str, Callable[[argparse.Namespace, dict], int]]] = [
     ("prepare", stage_prepare),
     ("propose", stage_propose),
     ("pretrain", stage_pretrain),
+    ("evaluate", stage_evaluate),
 ]
 assert tuple(name for name, _ in STAGES) == STAGE_ORDER
 

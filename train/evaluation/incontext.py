@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from train.incontext_net import TaskEmbedding
 from .checkpoint import LoadedNetwork
 from .errors import EvaluationError
 from .metrics import SegScores, mean_scores, score
-from .sliding import sliding_probabilities, task_groups
+from .sliding import iter_sliding_probabilities, task_groups, window_count
 from .structures import (
     LabelledScan,
     StructureClass,
@@ -143,19 +145,19 @@ class InContextEvaluator:
             self._tasks[key] = self.model.encode_tasks(img_t, mask_t)
         return self._tasks[key]
 
-    @torch.no_grad()
     def segment(
         self, query: LabelledScan, tasks: list[tuple[StructureClass, list[LabelledScan]]]
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """Probabilities (len(tasks), *query.shape) for the classes given with references."""
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Probabilities of the classes given with references, one task group at a time."""
         per_class, globals_ = [], []
-        for cls, refs in tasks:
-            embs = [self.reference_tasks(r, cls.value) for r in refs]
-            shots = TaskEmbedding.cat_batch(embs)
-            per_class.append(shots.select([0]).mean())
-            globals_.append(shots.select([1]))
-        classes = TaskEmbedding.cat(per_class)
-        global_task = TaskEmbedding.cat_batch(globals_).mean()
+        with torch.no_grad():
+            for cls, refs in tasks:
+                embs = [self.reference_tasks(r, cls.value) for r in refs]
+                shots = TaskEmbedding.cat_batch(embs)
+                per_class.append(shots.select([0]).mean())
+                globals_.append(shots.select([1]))
+            classes = TaskEmbedding.cat(per_class)
+            global_task = TaskEmbedding.cat_batch(globals_).mean()
         groups = task_groups(
             len(tasks), query.image.size, self.max_group, self.options.max_output_bytes
         )
@@ -164,7 +166,7 @@ class InContextEvaluator:
             group = TaskEmbedding.cat([classes.select(ids), global_task])
             return self.model.segment(x, group)[:, : len(ids)]
 
-        return sliding_probabilities(
+        return iter_sliding_probabilities(
             predict,
             query.image,
             groups,
@@ -243,7 +245,38 @@ def evaluate_incontext(
         evaluator = InContextEvaluator(net, options)
         for query, k, rep, tasks in jobs:
             refs = [(c, [by_id[r] for r in ids]) for c, ids in tasks]
-            probs, timing = evaluator.segment(query, refs)
+            t0 = time.perf_counter()
+            passes = 0
+            for group, probs in evaluator.segment(query, refs):
+                passes += 1
+                for j, prob in zip(group, probs, strict=True):
+                    cls, ids = tasks[j]
+                    pred = prob > 0.5
+                    gt = query.mask(cls.value)
+                    sc = score(pred, gt, query.spacing, options.tolerance_mm)
+                    structures.append(
+                        {
+                            "network": net.label,
+                            "dataset": cls.dataset,
+                            "class": cls.name,
+                            "value": cls.value,
+                            "query": query.scan_id,
+                            "shots": k,
+                            "repeat": rep,
+                            "references": list(ids),
+                            **sc.to_dict(),
+                            "gt_voxels": int(gt.sum()),
+                            "pred_voxels": int(pred.sum()),
+                        }
+                    )
+                    case = (net.label, cls.key)
+                    drawn = {c for _, c in figure_cases}
+                    if (
+                        figures_dir is not None
+                        and case not in figure_cases
+                        and (cls.key in drawn or len(drawn) < options.max_figures)
+                    ):
+                        figure_cases[case] = (cls, by_id[ids[0]], query, pred)
             queries.append(
                 {
                     "network": net.label,
@@ -252,36 +285,12 @@ def evaluate_incontext(
                     "repeat": rep,
                     "classes": len(tasks),
                     "shape": list(query.image.shape),
-                    **timing,
+                    # inference and scoring of the whole query, all its classes
+                    "seconds": time.perf_counter() - t0,
+                    "passes": passes,
+                    "windows": window_count(query.image.shape, net.crop, options.overlap) * passes,
                 }
             )
-            for (cls, ids), prob in zip(tasks, probs, strict=True):
-                pred = prob > 0.5
-                gt = query.mask(cls.value)
-                sc = score(pred, gt, query.spacing, options.tolerance_mm)
-                structures.append(
-                    {
-                        "network": net.label,
-                        "dataset": cls.dataset,
-                        "class": cls.name,
-                        "value": cls.value,
-                        "query": query.scan_id,
-                        "shots": k,
-                        "repeat": rep,
-                        "references": list(ids),
-                        **sc.to_dict(),
-                        "gt_voxels": int(gt.sum()),
-                        "pred_voxels": int(pred.sum()),
-                    }
-                )
-                case = (net.label, cls.key)
-                drawn = {c for _, c in figure_cases}
-                if (
-                    figures_dir is not None
-                    and case not in figure_cases
-                    and (cls.key in drawn or len(drawn) < options.max_figures)
-                ):
-                    figure_cases[case] = (cls, by_id[ids[0]], query, pred)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
