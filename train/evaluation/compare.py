@@ -21,7 +21,7 @@ COLUMNS = {
 
 
 def kind_of(results: dict[str, Any]) -> str:
-    kind = results.get("evaluation") or results.get("protocol")
+    kind = results.get("evaluation")
     if kind not in COLUMNS:
         raise EvaluationError(f"unknown evaluation kind {kind!r} in results.json")
     return str(kind)

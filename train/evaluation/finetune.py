@@ -503,7 +503,7 @@ def evaluate_finetune(
             if on_run is not None:
                 on_run(run)
     return {
-        "protocol": "finetune",
+        "evaluation": "finetune",
         "fractions": list(options.fractions),
         "split": split.to_dict(options.fractions),
         "classes": [
