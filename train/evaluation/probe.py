@@ -113,11 +113,6 @@ class ProbeTarget:
         return {c: vals.count(c) for c in self.classes}
 
 
-def scan_metadata(scan) -> dict[str, str]:
-    """The scan's manifest columns (``ScanView.metadata``), read from its attributes."""
-    return {str(k): str(v) for k, v in (scan.attrs.get("metadata") or {}).items()}
-
-
 def _shorten(ids: Sequence[str], n: int = 10) -> str:
     ids = list(ids)
     return ", ".join(ids[:n]) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
@@ -128,7 +123,7 @@ def _metadata_target(scans: Sequence, column: str) -> ProbeTarget:
     missing: list[str] = []
     columns: set[str] = set()
     for scan in scans:
-        meta = scan_metadata(scan)
+        meta = scan.metadata
         columns.update(meta)
         if meta.get(column, "").strip():
             values[scan.scan_id] = meta[column].strip()
@@ -292,7 +287,7 @@ class ProbeSettings:
     """The head's training recipe: fixed, so no test fold tunes it."""
 
     epochs: int = 60
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-2
     batch_size: int = 8
     window_batch: int = 4
