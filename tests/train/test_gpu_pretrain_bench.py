@@ -61,3 +61,41 @@ def test_smoke_prints_one_json_with_finite_results(tmp_path):
     assert set(stages) == {"bank", "pretrain", "incontext", "finetune", "probe", "total"}
     assert all(v > 0 for v in stages.values())
     assert stages["total"] >= sum(v for k, v in stages.items() if k != "total")
+
+
+def _run_smoke(*extra: str) -> dict:
+    cmd = [sys.executable, str(SCRIPT), "--smoke", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_budget_spent_in_calibration_stops_at_the_deadline_with_a_checkpoint(tmp_path):
+    """A budget shorter than start-up: SIGTERM after the first step, no resumed run."""
+    result = _run_smoke("--minutes", "0.001", "--out", str(tmp_path))
+    assert 1 <= result["steps"] == result["calibration_steps"] < 10
+    assert (tmp_path / "pretrain" / "checkpoints" / "last.pt").is_file()
+    assert result["budget_s"] == pytest.approx(0.06)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_scans_join_the_pretraining_bank(shared_data, tmp_path):
+    """--data prepares the real scans (1.5 mm, engine proposals); evaluations stay on phantoms."""
+    from bank import Bank
+
+    result = _run_smoke("--data", str(shared_data), "--out", str(tmp_path))
+    real = result["bank"]["real"]
+    assert real == ["real-ct-chest", "real-ct-head", "real-mr-mni152", "real-mr-aniso"]
+    assert result["bank"]["scans"] == 4 + len(real)
+    bank = Bank.open(str(tmp_path / "bank"))
+    for sid in real:
+        scan = bank.scan(sid)
+        assert scan.spacing == pytest.approx((1.5, 1.5, 1.5))
+        assert scan.proposals_attrs["n_proposals"] > 0
+    assert bank.scan("real-ct-chest").has("label") and not bank.scan("real-ct-head").has("label")
+    incontext = json.loads((tmp_path / "incontext.json").read_text())
+    assert {r["query"] for r in incontext["structures"]} <= {
+        f"phantom-ct-{i:03d}" for i in range(4)
+    }
