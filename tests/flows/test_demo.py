@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,21 @@ from tests.flows.cli_run import maskbank
 
 @pytest.mark.slow
 def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> None:
-    """All stages: prepare, proposals (+ quality table), a few tiny pretraining steps."""
+    """All stages: prepare, proposals (+ quality table), tiny pretraining, the evaluation."""
     args = ("demo", "--out", str(tmp_path), "--synthetic", "--no-progress", "--spacing", "3")
     out = maskbank(*args, "--steps", "4", timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 ok, 0 skipped, 0 failed" in out.stdout and "demo done" in out.stdout
+    assert "5 ok, 0 skipped, 0 failed" in out.stdout and "demo done" in out.stdout
     assert "ABO" in out.stdout and "overall" in out.stdout
     assert "pretraining loss over 4 steps" in out.stdout
     metrics = (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 4
     assert (tmp_path / "pretrain" / "checkpoints").is_dir()
+    # The answer: 1-shot in-context Dice of the phantoms' organs, pretrained vs untrained.
+    assert "1-shot in-context segmentation" in out.stdout and "phantom-ct/liver" in out.stdout
+    results = json.loads((tmp_path / "evaluate" / "incontext" / "results.json").read_text())
+    assert {r["network"] for r in results["structures"]} == {"pretrain@4", "random"}
+    assert results["mean_dice"] is not None and results["figures"]
     bank = Bank.open(tmp_path / "bank")
     assert sorted(bank.summary()["by_modality"]) == ["ct", "mr", "pet"]
     assert all(bank.scan(s).has("label") for s in bank.scan_ids)
@@ -30,7 +36,7 @@ def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> N
     assert bank.verify() == []
 
     again = maskbank(*args, "--until", "propose", timeout=600)
-    assert again.returncode == 0 and "0 ok, 3 skipped, 0 failed" in again.stdout
+    assert again.returncode == 0 and "0 ok, 5 skipped, 0 failed" in again.stdout
     assert "pretraining" not in again.stdout
 
 
@@ -48,5 +54,6 @@ def test_demo_uses_the_real_sample_scans(
     assert sum(p.is_absolute() and p.parent == shared_data for p in images) == 4
     bank = Bank.open(tmp_path / "bank")
     assert "ct_chest_lung1" in bank and bank.scan("ct_chest_lung1").has("label")
-    assert bank.summary()["by_dataset"]["sample-real"]["scans"] == 4
+    assert bank.summary()["by_dataset"]["sample-real"]["scans"] == 2
+    assert bank.summary()["by_dataset"]["mr-template"]["scans"] == 3
     assert bank.verify() == []
