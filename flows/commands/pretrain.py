@@ -1,4 +1,4 @@
-"""`maskbank pretrain`: in-context segmentation pretraining on a bank (wraps `train/run.py`)."""
+"""`maskbank pretrain`: pretraining on a bank (wraps `train/run.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 
 DESCRIPTION = """\
 Pretrain the in-context segmentation network on reference/query pairs streamed from
-BANK (scans with mask proposals). Same as `python train/run.py --config CONFIG --bank
+BANK (scans with mask proposals). `pretext=reconstruction` trains the same encoder by
+masked-volume reconstruction instead, on the same stream and budget: the baseline
+pretext to compare against with `maskbank evaluate`. Same as `python train/run.py --config CONFIG --bank
 BANK --out OUT [key=value ...]`; for several GPUs use torchrun on train/run.py:
 
   torchrun --nproc_per_node=8 train/run.py --config base --bank BANK --out OUT
@@ -20,6 +22,7 @@ examples:
   maskbank pretrain bank/ --out runs/tiny                          # CPU, tiny preset
   maskbank pretrain bank/ --out runs/base --config base max_steps=100000 data.batch_size=4
   maskbank pretrain bank/ --out runs/base --config base --resume  # continue after preemption
+  maskbank pretrain bank/ --out runs/recon pretext=reconstruction  # the baseline pretext
 """
 
 
