@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class Split:
     train: dict[str, tuple[str, ...]]
     validation: dict[str, tuple[str, ...]]
     test: dict[str, tuple[str, ...]]
+    skipped: dict[str, int] = field(default_factory=dict)  # dataset -> its (too few) scans
 
     @staticmethod
     def _flat(part: dict[str, tuple[str, ...]]) -> list[str]:
@@ -82,6 +83,10 @@ class Split:
             "train": self.train_ids,
             "validation": self.validation_ids,
             "test": self.test_ids,
+            "skipped_datasets": {
+                d: f"{n} labelled scan(s); a split needs >= {MIN_SCANS}"
+                for d, n in self.skipped.items()
+            },
             "fractions": {f"{f:g}": self.fraction(f) for f in fractions},
         }
 
@@ -93,12 +98,14 @@ def make_split(datasets: dict[str, str] | Sequence[tuple[str, str]], seed: int) 
     for scan_id, dataset in items:
         groups[dataset].append(scan_id)
     small = {d: len(ids) for d, ids in groups.items() if len(ids) < MIN_SCANS}
-    if not groups or small:
+    if len(small) == len(groups):
         raise EvaluationError(
             f"fine-tuning splits each dataset by scan into train, validation and test, so "
-            f"each needs >= {MIN_SCANS} labelled scans; got {small or 'none'}; add labelled "
-            "scans or leave those datasets out with --scans"
+            f"a dataset needs >= {MIN_SCANS} labelled scans; got {small or 'none'}; add "
+            "labelled scans of one dataset"
         )
+    for d in small:  # left out (and listed in results.json), the others are split
+        del groups[d]
     train, validation, test = {}, {}, {}
     for dataset in sorted(groups):
         ids = sorted(groups[dataset])
@@ -109,4 +116,4 @@ def make_split(datasets: dict[str, str] | Sequence[tuple[str, str]], seed: int) 
         test[dataset] = tuple(order[:n_test])
         validation[dataset] = tuple(order[n_test : n_test + n_val])
         train[dataset] = tuple(order[n_test + n_val :])
-    return Split(seed, train, validation, test)
+    return Split(seed, train, validation, test, small)

@@ -51,7 +51,12 @@ def test_split_is_seeded_and_per_dataset() -> None:
 
 def test_too_few_scans_and_bad_fractions_are_clear_errors() -> None:
     with pytest.raises(EvaluationError, match=r">= 3 labelled scans.*'b': 2"):
-        make_split(_scans({"a": 5, "b": 2}), 0)
+        make_split(_scans({"b": 2}), 0)
+    # A dataset too small to split is left out and listed; the others are split.
+    split = make_split(_scans({"a": 5, "b": 2}), 0)
+    assert split.skipped == {"b": 2} and set(split.train) == {"a"}
+    assert "b" not in "".join(split.train_ids + split.validation_ids + split.test_ids)
+    assert "b" in split.to_dict()["skipped_datasets"]
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(EvaluationError, match=r"outside \(0, 1\]"):
             check_fraction(bad)
