@@ -367,17 +367,20 @@ class InContextSegNet(nn.Module):
         return self._decode([f[n:] for f in feats], tasks)
 
 
+def resolve_spec(preset: str | NetSpec | dict) -> NetSpec:
+    """A preset name, a NetSpec, or a dict of NetSpec fields -> the NetSpec (the registry)."""
+    if isinstance(preset, NetSpec):
+        return preset
+    if isinstance(preset, dict):
+        return NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
+    if preset not in PRESETS:
+        raise KeyError(f"unknown model preset '{preset}' (have {sorted(PRESETS)})")
+    return PRESETS[preset]
+
+
 def build_model(preset: str | NetSpec | dict) -> InContextSegNet:
     """Registry entry point: a preset name, a NetSpec, or a dict of NetSpec fields."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise KeyError(f"unknown model preset '{preset}' (have {sorted(PRESETS)})")
-        spec = PRESETS[preset]
-    elif isinstance(preset, dict):
-        spec = NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
-    else:
-        spec = preset
-    return InContextSegNet(spec)
+    return InContextSegNet(resolve_spec(preset))
 
 
 def count_parameters(model: nn.Module) -> int:

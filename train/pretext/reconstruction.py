@@ -17,19 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.incontext_net import PRESETS, Encoder, NetSpec
+from train.incontext_net import Encoder, NetSpec, resolve_spec
 from train.pretext.base import Pretext, PretextError, PretextOutput, normalise
-
-
-def resolve_spec(preset: str | dict | NetSpec) -> NetSpec:
-    """A preset name, a NetSpec or a dict of NetSpec fields (as ``build_model`` accepts)."""
-    if isinstance(preset, NetSpec):
-        return preset
-    if isinstance(preset, dict):
-        return NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
-    if preset not in PRESETS:
-        raise KeyError(f"unknown model preset '{preset}' (have {sorted(PRESETS)})")
-    return PRESETS[preset]
 
 
 class UpStage(nn.Module):

@@ -30,6 +30,37 @@ def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help=f"do not run '{baseline}' (the same preset, seeded) beside the checkpoint",
+    )
+
+
+def load_networks(args: argparse.Namespace, baseline: str) -> list:
+    """The checkpoint's network, then the baseline of its preset and crop (unless asked not)."""
+    from train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+
+    untrained = args.checkpoint in (RANDOM, SCRATCH)
+    first = load_network(baseline if untrained else args.checkpoint, args.preset, args.seed)
+    nets = [first]
+    if not untrained and not args.no_baseline:
+        base = load_network(baseline, first.preset, args.seed)
+        base.crop = first.crop  # the same reference crops, windows and training crops
+        nets.append(base)
+    return nets
+
+
+def finish(
+    args: argparse.Namespace, bank, nets: list, results: dict, markdown, text: str
+) -> Path | None:
+    """Record how the results were made, write OUT/results.{json,md}, print them."""
+    from train.evaluation.report import run_record, write_results
+
+    results["run"] = run_record(command_line(args), bank, nets)
+    out = write_results(args.out, results, markdown(results)) if args.out else None
+    emit(args, results, text)
+    return out
 
 
 def command_line(args: argparse.Namespace) -> list[str]:

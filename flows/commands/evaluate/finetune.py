@@ -7,10 +7,10 @@ import sys
 
 from flows.commands.evaluate._common import (
     add_common,
-    command_line,
     device_of,
-    emit,
     fail,
+    finish,
+    load_networks,
     open_bank,
 )
 
@@ -76,9 +76,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--split-seed", type=int, default=0, help="seed of the train/validation/test split"
     )
     p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass")
-    p.add_argument(
-        "--no-baseline", action="store_true", help="do not fine-tune 'scratch' beside it"
-    )
     return p
 
 
@@ -188,10 +185,10 @@ def _progress_line(run: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+    from train.evaluation.checkpoint import RANDOM, SCRATCH
     from train.evaluation.errors import EvaluationError
     from train.evaluation.finetune import FinetuneOptions, evaluate_finetune
-    from train.evaluation.report import line_plot, run_record, write_results
+    from train.evaluation.report import line_plot
 
     opened = open_bank(PROG, args)
     if opened is None:
@@ -210,20 +207,14 @@ def run(args: argparse.Namespace) -> int:
             device=str(device_of(args.device)),
             progress=not args.no_progress,
         )
-        untrained = args.checkpoint in (SCRATCH, RANDOM)
-        first = load_network(SCRATCH if untrained else args.checkpoint, args.preset, args.seed)
-        nets = [("scratch" if untrained else "pretrained", first)]
-        if not untrained and not args.no_baseline:
-            scratch = load_network(SCRATCH, first.preset, args.seed)
-            scratch.crop = first.crop  # the same crops for both
-            nets.append(("scratch", scratch))
+        loaded = load_networks(args, SCRATCH)
+        nets = [("scratch" if n.source in (SCRATCH, RANDOM) else "pretrained", n) for n in loaded]
         results = evaluate_finetune(bank, nets, options, ids, on_run=_progress_line)
     except (EvaluationError, ValueError) as exc:
         return fail(PROG, exc)
-    results["run"] = run_record(command_line(args), bank, [n for _, n in nets])
     results["networks"] = {name: net.describe() for name, net in nets}
-    if args.out:
-        write_results(args.out, results, results_markdown(results))
+    out = finish(args, bank, loaded, results, results_markdown, format_results(results))
+    if out is not None:
         series = {
             name: (
                 [r["fraction"] for r in results["runs"] if r["network"] == name],
@@ -232,11 +223,10 @@ def run(args: argparse.Namespace) -> int:
             for name, _ in nets
         }
         line_plot(
-            Path(args.out) / FIGURE,
+            Path(out) / FIGURE,
             series,
             "share of training scans labelled",
             "mean test Dice",
             "Fine-tuning: Dice vs label fraction",
         )
-    emit(args, results, format_results(results))
     return 0

@@ -6,10 +6,10 @@ import argparse
 
 from flows.commands.evaluate._common import (
     add_common,
-    command_line,
     device_of,
-    emit,
     fail,
+    finish,
+    load_networks,
     open_bank,
 )
 
@@ -56,9 +56,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--repeats", type=int, default=3, help="draws with random references")
     p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass")
-    p.add_argument(
-        "--no-baseline", action="store_true", help="do not run the untrained floor beside it"
-    )
     return p
 
 
@@ -72,11 +69,9 @@ def parse_shots(text: str) -> tuple[int, ...]:
     return shots
 
 
-def format_results(results: dict) -> str:
-    """Terminal tables: per network and k the means, then per class."""
-    from train.evaluation.report import text_table
-
-    rows = [
+def summary_rows(results: dict) -> list[dict]:
+    """One row per network and shot count: the means over structures."""
+    return [
         {
             "network": s["network"],
             "shots": s["shots"],
@@ -88,8 +83,16 @@ def format_results(results: dict) -> str:
         }
         for s in results["summary"]
     ]
-    cols = ["network", "shots", "Dice", "HD95 mm", "NSD@2mm", "structures", "s/query"]
-    parts = [text_table(rows, cols)]
+
+
+SUMMARY_COLUMNS = ["network", "shots", "Dice", "HD95 mm", "NSD@2mm", "structures", "s/query"]
+
+
+def format_results(results: dict) -> str:
+    """Terminal tables: per network and k the means, then per class."""
+    from train.evaluation.report import text_table
+
+    parts = [text_table(summary_rows(results), SUMMARY_COLUMNS)]
     nets = list(dict.fromkeys(s["network"] for s in results["summary"]))
     k0 = min(results["options"]["shots"])
     per_class: dict[tuple[str, str], dict] = {}
@@ -111,20 +114,8 @@ def format_results(results: dict) -> str:
 def results_markdown(results: dict) -> str:
     from train.evaluation.report import markdown_table, provenance_markdown
 
-    rows = [
-        {
-            "network": s["network"],
-            "shots": s["shots"],
-            "Dice": s["mean_dice"],
-            "HD95 (mm)": s["mean_hd95"],
-            "NSD@2mm": s["mean_nsd"],
-            "structures": s["structures"],
-            "s/query": s["seconds_per_query"],
-        }
-        for s in results["summary"]
-    ]
     md = ["# In-context few-shot segmentation", ""]
-    md.append(markdown_table(rows, list(rows[0]) if rows else ["network"]))
+    md.append(markdown_table(summary_rows(results), SUMMARY_COLUMNS))
     for s in results["summary"]:
         md += ["", f"## {s['network']}, {s['shots']} shot(s): per class", ""]
         md.append(
@@ -143,10 +134,9 @@ def results_markdown(results: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from train.evaluation.checkpoint import RANDOM, load_network
+    from train.evaluation.checkpoint import RANDOM
     from train.evaluation.errors import EvaluationError
     from train.evaluation.incontext import InContextOptions, evaluate_incontext
-    from train.evaluation.report import run_record, write_results
 
     opened = open_bank(PROG, args)
     if opened is None:
@@ -161,17 +151,12 @@ def run(args: argparse.Namespace) -> int:
             window_batch=args.window_batch,
             device=str(device_of(args.device)),
         )
-        nets = [load_network(args.checkpoint, args.preset, args.seed)]
-        if args.checkpoint != RANDOM and not args.no_baseline:
-            nets.append(load_network(RANDOM, nets[0].preset, args.seed))
+        nets = load_networks(args, RANDOM)
         figures = Path(args.out) / "figures" if args.out else None
         results = evaluate_incontext(
             bank, nets, options, ids, progress=not args.no_progress, figures_dir=figures
         )
     except (EvaluationError, ValueError) as exc:
         return fail(PROG, exc)
-    results["run"] = run_record(command_line(args), bank, nets)
-    if args.out:
-        write_results(args.out, results, results_markdown(results))
-    emit(args, results, format_results(results))
+    finish(args, bank, nets, results, results_markdown, format_results(results))
     return 0

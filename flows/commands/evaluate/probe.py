@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_common, device_of, emit, fail, open_bank
+from ._common import add_common, device_of, fail, finish, load_networks, open_bank
 
 PROG = "maskbank evaluate probe"
 
@@ -39,14 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--epochs", type=int, default=60, help="head training epochs (default 60)")
-    p.add_argument(
-        "--no-baseline", action="store_true", help="skip the random encoder beside the checkpoint"
-    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.evaluation.checkpoint import RANDOM, load_network
+    from train.evaluation.checkpoint import RANDOM
     from train.evaluation.errors import EvaluationError
     from train.evaluation.probe import (
         PLOT,
@@ -56,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
         probe_text,
         run_probe,
     )
-    from train.evaluation.report import run_record, write_results
 
     if args.folds < 2:
         return fail(PROG, ValueError(f"--folds {args.folds}: give at least 2"))
@@ -67,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     bank, scan_ids = opened
     try:
-        networks = [load_network(args.checkpoint, args.preset, args.seed)]
-        if args.checkpoint != RANDOM and not args.no_baseline:
-            networks.append(load_network(RANDOM, networks[0].preset, args.seed))
+        networks = load_networks(args, RANDOM)
         results = run_probe(
             networks,
             bank,
@@ -85,10 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(PROG, exc)
     for warning in results["warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    record = run_record(getattr(args, "argv", None), bank, networks)
-    results["run"] = record
-    if args.out:
-        out = write_results(args.out, results, probe_markdown(results, record))
+    out = finish(
+        args, bank, networks, results, lambda r: probe_markdown(r, r["run"]), probe_text(results)
+    )
+    if out is not None:
         probe_plot(out / PLOT, results)
-    emit(args, results, probe_text(results))
     return 0
