@@ -81,7 +81,7 @@ class ReferencePlan:
         self.named: dict[str, Any] | None = None
         if options.references not in (FIXED, RANDOM_REFS):
             try:
-                self.named = json.loads(Path(options.references).read_text())
+                self.named = json.loads(Path(options.references).read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise EvaluationError(f"{options.references}: not valid JSON ({exc})") from exc
             if not isinstance(self.named, dict):

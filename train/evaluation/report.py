@@ -54,9 +54,9 @@ def write_results(out: str | Path, results: dict[str, Any], markdown: str) -> Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{RESULTS_JSON}.tmp"
-    tmp.write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(out / RESULTS_JSON)
-    (out / RESULTS_MD).write_text(markdown.rstrip() + "\n")
+    (out / RESULTS_MD).write_text(markdown.rstrip() + "\n", encoding="utf-8")
     return out
 
 
@@ -64,7 +64,7 @@ def read_results(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / RESULTS_JSON
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {folder} an evaluation output folder?")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -36,7 +36,7 @@ def test_compare_puts_folders_side_by_side(tmp_path, capsys):
     rows = printed["tables"]["incontext"]
     assert [(r["folder"], r["dice"]) for r in rows] == [("mass", 0.61), ("scratch", 0.05)]
     assert printed["tables"]["probe"][0]["auroc"] == 0.9
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| mass | mass@100 | 1 | 0.610 |" in md and "Frozen-encoder probe" in md
 
 

@@ -28,7 +28,7 @@ def test_pretrained_and_scratch_fine_tune_on_one_split(
     saved = json.loads((out / "results.json").read_text())
     assert printed["split"] == saved["split"]
     assert (out / "dice_vs_fraction.png").stat().st_size > 1000
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| fraction | train scans | pretrained | scratch |" in md
 
     split = saved["split"]

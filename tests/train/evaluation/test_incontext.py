@@ -101,7 +101,7 @@ def test_cli_writes_json_table_and_figures(labelled_bank, tiny_checkpoint, tmp_p
     assert saved["run"]["command"][:3] == ["maskbank", "evaluate", "incontext"]
     assert saved["run"]["bank"]["fingerprint"]
     assert saved["run"]["networks"][0]["sha256"] and saved["run"]["networks"][0]["config"]
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| network | shots | Dice" in md and "random" in md
     assert any((out / "figures").glob("incontext_*liver*.png"))
 

@@ -161,7 +161,7 @@ def _check_outputs(out: Path, target: str, n_networks: int) -> dict:
         assert sorted(p["scan"] for p in net["predictions"]) == sorted(
             s for f in results["splits"] for s in f["test"]
         )
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert all(f"| {n['network']} |" in md for n in results["networks"])
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
     return results
