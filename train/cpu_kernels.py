@@ -16,7 +16,13 @@ The source below is compiled once per machine with the system C compiler
 (``cc``/``gcc``/``clang``, or ``$CC``) into a cache directory
 (``$MASKBANK_KERNEL_CACHE``, default ``~/.cache/maskbank/kernels``) and loaded
 with ``ctypes``; the file name hashes the source, flags and CPU, and it is
-written atomically, so concurrent workers and shared home directories are safe.
+written atomically under a lock, so concurrent workers and shared home directories are safe.
+Loading a shared library runs its constructors, so a library someone else planted there
+would run their code in every worker: the cache folder is created 0700, and a folder (or
+an ancestor) or file that another user or group could write, or a symlink, is refused
+(``RuntimeWarning``; the kernels are then built in a private temporary folder for this
+process). The SHA-256 of each build is recorded beside it (``augment-*.json``) and a
+library whose bytes no longer match is rebuilt, never loaded.
 No compiler, a failed build or ``MASKBANK_C_KERNELS=0`` -> ``kernels()`` is None
 and callers take their pure-torch path (same draws and masks; the image agrees up to
 interpolation error; tests run both).
@@ -24,14 +30,19 @@ interpolation error; tests run both).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
+import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +342,152 @@ def _compiler() -> str | None:
     return None
 
 
+class _Refused(Exception):
+    """A cache folder or file that someone else could have written: never loaded."""
+
+
+def _private(path: Path, want_dir: bool) -> None:
+    """Raise ``_Refused`` unless ``path`` (not followed) is ours alone: our uid, not a link,
+    not writable by group or others. Why: whoever can write the library picks the code
+    that its constructor runs in every process that loads it."""
+    _check_owner(os.stat(path, follow_symlinks=False), path, want_dir)
+
+
+def _check_owner(st: os.stat_result, path: Path, want_dir: bool) -> None:
+    kind = "folder" if want_dir else "file"
+    if stat.S_ISLNK(st.st_mode):
+        raise _Refused(f"{path} is a symbolic link")
+    if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):
+        raise _Refused(f"{path} is not a regular {kind}")
+    if st.st_uid != os.getuid():
+        raise _Refused(f"{kind} {path} is owned by uid {st.st_uid}, not by you ({os.getuid()})")
+    if st.st_mode & 0o022:
+        raise _Refused(
+            f"{kind} {path} is writable by group or others (mode {st.st_mode & 0o777:o})"
+        )
+
+
+def _private_cache(cache: Path) -> Path:
+    """Create ``cache`` (each missing component mode 0700) and check it and its ancestors.
+
+    The cache folder itself must be ours alone; each ancestor (symlinks resolved) must belong
+    to us or root and be writable by nobody else unless sticky (/tmp): otherwise its owner or
+    group could swap the folder for one of theirs."""
+    cache = Path(os.path.abspath(cache))
+    missing = []
+    for part in (cache, *cache.parents):
+        if os.path.lexists(part):
+            break
+        missing.append(part)
+    for part in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # a concurrent worker's: checked below
+            part.mkdir(mode=0o700)
+    _private(cache, want_dir=True)
+    for part in (p := Path(os.path.realpath(cache.parent)), *p.parents):
+        st = os.stat(part)
+        if st.st_uid not in (0, os.getuid()):
+            raise _Refused(f"its parent {part} is owned by uid {st.st_uid}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise _Refused(f"its parent {part} is writable by group or others")
+    return cache
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_verified(lib: Path, sha256: str) -> ctypes.CDLL:
+    """dlopen ``lib`` only if it is ours alone and its bytes hash to ``sha256``.
+
+    The file is opened once (no symlink followed) and loaded through /proc/self/fd, so the
+    bytes that were hashed are the bytes that get mapped."""
+    fd = os.open(lib, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _check_owner(os.fstat(fd), lib, want_dir=False)
+        got = _sha256_fd(fd)
+        if got != sha256:
+            raise _Refused(f"{lib} has SHA-256 {got[:16]}..., not the {sha256[:16]}... recorded")
+        via_fd = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(via_fd if os.path.exists(via_fd) else str(lib))
+    finally:
+        os.close(fd)
+
+
+def _recorded_sha256(record: Path) -> str | None:
+    """The SHA-256 recorded when the library was built; None if missing or not ours alone."""
+    try:
+        _private(record, want_dir=False)
+        return str(json.loads(record.read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError, _Refused):
+        return None
+
+
+def _compile(cc: str, flags: list[str], workdir: Path) -> Path:
+    """Compile the source in ``workdir`` (a private folder); raise ``RuntimeError`` on failure.
+
+    The source path is relative so that every build of one key gives the same bytes."""
+    (workdir / "augment.c").write_text(_SOURCE)
+    cmd = [cc, *flags, "-fPIC", "-shared", "-o", "augment.so", "augment.c"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=workdir)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:-3])} failed: {proc.stderr.strip()[-300:]}")
+    out = workdir / "augment.so"
+    out.chmod(0o700)  # whatever the umask: a group-writable file would be refused later
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _cached_build(cache: Path, key: str, cc: str, flags: list[str]) -> tuple[ctypes.CDLL, Path]:
+    """Load the cached library of ``key`` if its recorded hash matches, else (re)build it.
+
+    Under an exclusive lock on the cache, so concurrent workers build once and a library is
+    never paired with another build's record."""
+    lib = cache / f"augment-{key[:20]}.so"
+    record = cache / f"augment-{key[:20]}.json"
+    lock_fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        sha = _recorded_sha256(record)
+        if sha is not None and os.path.lexists(lib):
+            try:
+                return _load_verified(lib, sha), lib
+            except _Refused as exc:
+                warnings.warn(
+                    f"maskbank C kernels: not loading {exc}; rebuilding it (if this repeats, "
+                    f"someone else can write to {cache}: point MASKBANK_KERNEL_CACHE elsewhere)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        # no record (first use, or a cache of an older maskbank): build, then record the hash
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = _compile(cc, flags, Path(tmp))
+            sha = _sha256_file(built)
+            os.replace(built, lib)
+            with tempfile.NamedTemporaryFile("w", dir=cache, suffix=".json", delete=False) as fh:
+                json.dump({"sha256": sha, "compiler": cc, "flags": flags}, fh)
+            os.replace(fh.name, record)
+        return _load_verified(lib, sha), lib
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def _private_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL, Path]:
+    """Build into a fresh private temporary folder, load, and delete it (nothing cached)."""
+    with tempfile.TemporaryDirectory(prefix="maskbank-kernels-") as tmp:
+        built = _compile(cc, flags, Path(tmp))
+        return _load_verified(built, _sha256_file(built)), built
+
+
 def _build() -> ctypes.CDLL | None:
     global REASON
     if os.environ.get("MASKBANK_C_KERNELS", "1") == "0":
@@ -340,32 +497,33 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         REASON = "no C compiler (cc, gcc, clang or $CC) found"
         return None
-    cache = Path(
+    cache: Path | None = Path(
         os.environ.get("MASKBANK_KERNEL_CACHE") or Path.home() / ".cache" / "maskbank" / "kernels"
     )
+    try:
+        cache = _private_cache(cache)
+    except (OSError, _Refused) as exc:
+        warnings.warn(
+            f"maskbank C kernels: not using the cache folder {cache}: {exc}. Building them in a "
+            "private temporary folder for this process instead; to cache them, make the folder and "
+            "its parents writable by you alone (chmod go-w) or set MASKBANK_KERNEL_CACHE to a "
+            "private folder",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        cache = None
     for flags in _FLAG_SETS:
         key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_tag()]).encode()).hexdigest()
-        lib = cache / f"augment-{key[:20]}.so"
-        if not lib.exists():
-            try:
-                cache.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                    src = Path(tmp) / "augment.c"
-                    src.write_text(_SOURCE)
-                    obj = Path(tmp) / "augment.so"
-                    cmd = [cc, *flags, "-fPIC", "-shared", "-o", str(obj), str(src)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                    if proc.returncode != 0:
-                        REASON = f"{' '.join(cmd[:-3])} failed: {proc.stderr.strip()[-300:]}"
-                        continue
-                    os.replace(obj, lib)  # atomic: a concurrent builder writes the same bytes
-            except (OSError, subprocess.SubprocessError) as exc:
-                REASON = f"cannot build in {cache}: {exc}"
-                continue
         try:
-            out = ctypes.CDLL(str(lib))
-        except OSError as exc:
-            REASON = f"cannot load {lib}: {exc}"
+            if cache is None:
+                out, lib = _private_build(cc, flags)
+            else:
+                out, lib = _cached_build(cache, key, cc, flags)
+        except RuntimeError as exc:  # the compiler rejected these flags: try the next set
+            REASON = str(exc)
+            continue
+        except (OSError, subprocess.SubprocessError, _Refused) as exc:
+            REASON = f"cannot build or load in {cache or 'a temporary folder'}: {exc}"
             continue
         vp, lg = ctypes.c_void_p, ctypes.c_long
         for name in set(_WARPS.values()):

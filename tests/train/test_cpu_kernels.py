@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -239,3 +241,102 @@ def test_portable_half_conversion_equals_f16c(tmp_path):
         assert torch.allclose(out_img, want, rtol=1e-6, atol=1e-6 * 65504)
         if mat[0, 1] == 0:  # the identity: the converted values themselves
             assert torch.equal(out_img, img.float())
+
+
+# --- the kernel cache never loads a library someone else could have written -------------------
+
+_PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void)
+{
+    FILE *f = fopen("%s", "w");
+    if (f) { fputs("planted code ran", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """Run ``cpu_kernels._build()`` afresh (quick flags) against a cache under ``tmp_path``;
+    returns (cache, build) and restores the module's state afterwards."""
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler (cc, gcc, clang or $CC) to build the kernels")
+    for name in ("REASON", "_LIB", "_TRIED"):
+        monkeypatch.setattr(cpu_kernels, name, getattr(cpu_kernels, name))
+    monkeypatch.setattr(cpu_kernels, "_FLAG_SETS", (["-O1"],))  # a faster build, same code
+    monkeypatch.delenv("MASKBANK_C_KERNELS", raising=False)
+    cache = tmp_path / "cache" / "kernels"
+    monkeypatch.setenv("MASKBANK_KERNEL_CACHE", str(cache))
+    return cache, cpu_kernels._build
+
+
+def _plant(path, marker) -> None:
+    """A shared library whose constructor writes ``marker`` when anything loads it."""
+    src = path.parent / "planted.c"
+    src.write_text(_PLANTED % marker)
+    subprocess.run(
+        [cpu_kernels._compiler(), "-shared", "-fPIC", "-o", str(path), str(src)], check=True
+    )
+    src.unlink()
+
+
+def _blur_agrees(lib, monkeypatch) -> None:
+    """The library loaded by a build computes what the torch route computes."""
+    assert lib is not None, cpu_kernels.REASON
+    monkeypatch.setattr(cpu_kernels, "_LIB", lib)
+    monkeypatch.setattr(cpu_kernels, "_TRIED", True)
+    img = torch.randn(2, 1, 12, 9, 10, generator=torch.Generator().manual_seed(0))
+    sig = torch.tensor([0.7, 1.2])
+    assert (_gaussian_blur_c(img, sig) - _gaussian_blur(img, sig)).abs().max() < 1e-5
+
+
+def test_first_use_builds_private_cache_and_replaced_library_is_rebuilt(
+    fresh_build, tmp_path, monkeypatch
+):
+    cache, build = fresh_build
+    _blur_agrees(build(), monkeypatch)  # first use: builds, records, loads
+    assert cache.stat().st_mode & 0o777 == 0o700 and cache.parent.stat().st_mode & 0o777 == 0o700
+    (lib,) = cache.glob("augment-*.so")
+    record = json.loads(lib.with_suffix(".json").read_text())
+    assert record["sha256"] == hashlib.sha256(lib.read_bytes()).hexdigest()
+    # Replaced after the build: the recorded hash no longer matches -> rebuilt, never loaded.
+    marker = tmp_path / "planted-ran"
+    _plant(lib, marker)
+    with pytest.warns(RuntimeWarning, match="SHA-256"):
+        again = build()
+    assert not marker.exists()
+    _blur_agrees(again, monkeypatch)
+    assert (
+        json.loads(lib.with_suffix(".json").read_text())["sha256"]
+        == hashlib.sha256(lib.read_bytes()).hexdigest()
+    )
+
+
+@pytest.mark.parametrize("how", ["world-writable", "symlink"])
+def test_cache_folder_others_could_write_is_refused(fresh_build, tmp_path, monkeypatch, how):
+    """A planted library with a matching record in a folder others control is never loaded:
+    the kernels are built in a private temporary folder instead (and still work)."""
+    cache, build = fresh_build
+    cache.parent.mkdir(mode=0o700)
+    planted = tmp_path / "theirs" if how == "symlink" else cache
+    planted.mkdir(mode=0o700)
+    if how == "symlink":
+        cache.symlink_to(planted)
+    else:
+        planted.chmod(0o777)
+    marker = tmp_path / "planted-ran"
+    key = hashlib.sha256(
+        "\0".join(
+            [cpu_kernels._SOURCE, cpu_kernels._compiler(), "-O1", cpu_kernels._cpu_tag()]
+        ).encode()
+    ).hexdigest()[:20]
+    lib = planted / f"augment-{key}.so"
+    _plant(lib, marker)  # where the kernel library would be, with a record that matches it
+    sha = hashlib.sha256(lib.read_bytes()).hexdigest()
+    lib.with_suffix(".json").write_text(json.dumps({"sha256": sha}))
+    with pytest.warns(RuntimeWarning, match="not using the cache folder"):
+        out = build()
+    assert not marker.exists()
+    _blur_agrees(out, monkeypatch)
+    assert "temporary" in cpu_kernels.REASON or "maskbank-kernels-" in cpu_kernels.REASON
+    assert lib.read_bytes() and hashlib.sha256(lib.read_bytes()).hexdigest() == sha  # untouched
