@@ -21,6 +21,10 @@ import numpy as np
 from pipeline.errors import ScanError
 
 _STEP = 4 << 20  # bytes decoded between progress reports
+# Decompressed bytes tolerated after the declared data (the gzip trailer is checked after
+# them). A gzip bomb hides gigabytes of zeros there; the drain stops at this cap.
+MAX_TRAILING = 1 << 20
+_DRAIN = 1 << 16  # scratch block of the drain: memory stays flat whatever follows the data
 
 
 def _gzip_open(blob: bytes):
@@ -35,9 +39,12 @@ def _gzip_open(blob: bytes):
 class GzipStream:
     """``buffer`` (``size`` bytes) fills from the start while ``wait(n)`` blocks for the first n."""
 
-    def __init__(self, path: str, blob: bytes | np.ndarray, size: int) -> None:
+    def __init__(
+        self, path: str, blob: bytes | np.ndarray, size: int, max_trailing: int = MAX_TRAILING
+    ) -> None:
         self.path = path
         self.size = size
+        self.max_trailing = max_trailing
         gz = bytes(blob[:2]) == b"\x1f\x8b"
         if not gz and isinstance(blob, np.ndarray) and blob.flags.writeable:
             # Uncompressed file already read into a writable array: use it, no copy.
@@ -73,7 +80,7 @@ class GzipStream:
                                 f"decompressed data ends at {self._done:,} of {self.size:,} bytes"
                             )
                         self._advance(n)
-                    fh.read()  # drain to the end: the gzip trailer's CRC/length are checked
+                    self._drain(fh)
             else:
                 n = min(len(self._blob), self.size)
                 if self.buffer.base is None or not np.shares_memory(self.buffer, self._blob):
@@ -95,6 +102,21 @@ class GzipStream:
             self._fail(exc)
         finally:
             self._blob = b""
+
+    def _drain(self, fh) -> None:
+        """Read to the end in small blocks, so the gzip trailer's CRC/length are checked,
+        but refuse more than ``max_trailing`` bytes past the declared data."""
+        scratch = memoryview(bytearray(_DRAIN))
+        extra = 0
+        while n := fh.readinto(scratch):
+            extra += n
+            if extra > self.max_trailing:
+                raise ScanError(
+                    self.path,
+                    f"decompresses to more than {self.max_trailing:,} bytes past the "
+                    f"{self.size:,} bytes its header declares (a corrupt file or a gzip bomb); "
+                    "re-export the image",
+                )
 
     def _hash(self) -> None:
         self.sha256 = hashlib.sha256(memoryview(self._blob)).hexdigest()

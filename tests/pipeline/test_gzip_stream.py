@@ -92,3 +92,18 @@ def test_resample_waits_for_planes_in_order_and_matches_the_plain_result(tmp_pat
     np.testing.assert_allclose(aff, ref_aff)
     plane = 64 * 48 * 2  # bytes of one z-plane of the Fortran-ordered int16 volume
     assert asked == sorted(asked) and asked[-1] == 40 * plane and asked[0] < 40 * plane
+
+
+def test_drain_past_the_declared_data_stops_at_the_cap(tmp_path):
+    """4 KiB of data followed by 8 MiB of zeros: refused once 1 MiB past the end is seen."""
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as fh:
+        fh.write(bytes(range(256)) * 16)
+        for _ in range(8):
+            fh.write(bytes(1 << 20))
+    stream = GzipStream("bomb.nii.gz", buf.getvalue(), 4096, max_trailing=1 << 20)
+    with pytest.raises(ScanError, match="past the 4,096 bytes its header declares"):
+        stream.wait()
+    assert bytes(stream.buffer[:256]) == bytes(range(256))

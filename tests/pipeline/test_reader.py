@@ -164,3 +164,144 @@ def test_dicom_series_folder(tmp_path):
     assert raw.data.shape == (6, 7, 5)
     np.testing.assert_allclose(raw.spacing, (0.8, 0.9, 2.5), atol=1e-3)
     np.testing.assert_array_equal(raw.data, vol.transpose(2, 1, 0).astype(np.float32))
+
+
+# --- hostile files: memory follows the header, never the file -------------------------
+
+
+def test_truncated_uncompressed_nifti_is_a_scan_error(tmp_path):
+    full = _save(tmp_path / "full.nii", _ramp()).read_bytes()
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(full[:-500])
+    with pytest.raises(ScanError, match="truncated") as err:
+        read_scan(cut)
+    assert err.value.path == str(cut) and f"{len(full) - 500:,}" in err.value.reason
+
+
+def test_uncompressed_nifti_reads_only_the_declared_bytes(tmp_path):
+    """Trailing junk after the voxels is neither read nor taken for the file's hash."""
+    path = _save(tmp_path / "a.nii", _ramp())
+    with open(path, "ab") as fh:
+        fh.write(b"\xff" * 10_000)
+    raw = read_scan(path)
+    np.testing.assert_array_equal(raw.data, _ramp())
+    assert raw.pending is None and raw.sha256 is None  # not the hash of the whole file
+
+
+def test_gzip_holding_far_more_than_declared_is_refused_unread(tmp_path):
+    """A valid 16^3 NIfTI followed by 64 MiB of compressed zeros (a ~70 KB file)."""
+    body = nib.Nifti1Image(_ramp((16, 16, 16)), np.eye(4)).to_bytes()
+    bomb = tmp_path / "bomb.nii.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(body)
+        zeros = bytes(1 << 20)
+        for _ in range(64):
+            fh.write(zeros)
+    with pytest.raises(ScanError, match="gzip bomb") as err:
+        read_scan(bomb)
+    assert f"{len(body):,}" in err.value.reason
+
+
+def _grid_nifti(path: Path, spacing: float, shape=(64, 64, 64)) -> Path:
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    return _save(path, data, np.diag([spacing, spacing, spacing, 1.0]))
+
+
+def test_spacing_outside_the_plausible_range_is_refused(tmp_path):
+    with pytest.raises(ScanError, match=r"outside \[0.01, 50\] mm"):
+        read_scan(_grid_nifti(tmp_path / "huge.nii.gz", 200.0, (16, 16, 16)))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_output_grid_is_limited_before_allocating(tmp_path, suffix):
+    """64^3 voxels of 40 mm resampled to 0.1 mm would be 25,600^3 voxels."""
+    src = _grid_nifti(tmp_path / "src.nii.gz", 40.0)
+    path = src
+    if suffix != ".nii.gz":
+        path = tmp_path / f"grid{suffix}"
+        sitk.WriteImage(sitk.ReadImage(str(src)), str(path))
+    read_scan(path, target_spacing=(40.0, 40.0, 40.0))  # the same grid is fine
+    with pytest.raises(ScanError, match="refusing to allocate") as err:
+        read_scan(path, target_spacing=(0.1, 0.1, 0.1))
+    assert "(25600, 25600, 25600)" in err.value.reason
+
+
+def _dicom(folder: Path, positions, uid="1.2.826.0.1.3680043.2.1125.7.1", shape=(7, 6)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    rng = np.random.default_rng(len(positions))
+    for k, z in enumerate(positions):
+        img = sitk.GetImageFromArray(rng.integers(-500, 500, (1, *shape)).astype(np.int16))
+        img.SetSpacing((0.8, 0.9, 2.5))
+        img.SetOrigin((0.0, 0.0, float(z)))
+        for tag, value in {
+            "0020|000e": uid,
+            "0020|0032": f"0\\0\\{float(z)}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(k + 1),
+            "0008|0060": "CT",
+        }.items():
+            img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{uid[-3:]}-{k:03d}.dcm"))
+        writer.Execute(img)
+    return folder
+
+
+def test_dicom_missing_slice_is_refused_with_the_gap(tmp_path):
+    folder = _dicom(tmp_path / "gap", [0.0, 2.5, 5.0, 10.0, 12.5])  # 7.5 missing
+    with pytest.raises(ScanError, match="unevenly spaced") as err:
+        read_scan(folder)
+    assert "gap of 5 mm between positions 5.000 and 10.000" in err.value.reason
+
+
+def test_dicom_folder_with_two_series_needs_a_name(tmp_path):
+    folder = _dicom(tmp_path / "two", [0.0, 2.5, 5.0], uid="1.2.826.0.1.3680043.2.1125.7.1")
+    _dicom(folder, [0.0, 3.0, 6.0, 9.0], uid="1.2.826.0.1.3680043.2.1125.7.2")
+    with pytest.raises(ScanError, match="2 DICOM series") as err:
+        read_scan(folder)
+    assert "(4 files)" in err.value.reason and "(3 files)" in err.value.reason
+    raw = read_scan(folder, series="1.2.826.0.1.3680043.2.1125.7.2")
+    assert raw.data.shape == (6, 7, 4)
+    np.testing.assert_allclose(raw.spacing, (0.8, 0.9, 3.0), atol=1e-3)
+
+
+def test_dicom_size_is_checked_before_reading_pixels(tmp_path):
+    folder = _dicom(tmp_path / "big", [0.0, 2.5, 5.0])
+    seen = []
+    with pytest.raises(ScanError, match="refusing to allocate"):
+        read_scan(folder, max_voxels=100, on_header=seen.append)
+    raw = read_scan(folder, on_header=seen.append)
+    assert seen[0].shape == raw.data.shape == (6, 7, 3) and seen[0].itemsize == 2
+
+
+def _mhd(folder: Path, data_file: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    header = folder / "scan.mhd"
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 8 9 10\nElementSpacing = 1 1 1\n"
+        f"ElementType = MET_FLOAT\nElementDataFile = {data_file}\n"
+    )
+    return header
+
+
+def test_mhd_hash_covers_its_data_file(tmp_path):
+    from pipeline.reader import sha256_of
+
+    header = _mhd(tmp_path / "scan", "scan.raw")
+    (tmp_path / "scan" / "scan.raw").write_bytes(_ramp((10, 9, 8)).tobytes())
+    before = sha256_of(header)
+    np.testing.assert_array_equal(read_scan(header).data, _ramp((10, 9, 8)).transpose(2, 1, 0))
+    (tmp_path / "scan" / "scan.raw").write_bytes((_ramp((10, 9, 8)) * 2).tobytes())
+    assert sha256_of(header) != before
+
+
+def test_mhd_data_file_outside_its_folder_is_refused(tmp_path):
+    (tmp_path / "secret.raw").write_bytes(_ramp((10, 9, 8)).tobytes())
+    header = _mhd(tmp_path / "scan", "../secret.raw")
+    with pytest.raises(ScanError, match="outside the header's folder"):
+        read_scan(header)
+    from pipeline.reader import sha256_of
+
+    with pytest.raises(ScanError, match="outside the header's folder"):
+        sha256_of(header)
