@@ -6,6 +6,7 @@ PrepareConfig): the flow hashes those to decide whether a scan must be redone.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.body import body_mask, crop_box
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, default_scan_memory
 from pipeline.decode_overlap import DecodeOverlap
 from pipeline.errors import ScanError
 from pipeline.label_names import names_present, read_label_names
 from pipeline.modality import detect_modality
 from pipeline.normalize import apply_normalization, normalization_params
 from pipeline.orient import native_box, ras_affine, ras_axes, to_ras
-from pipeline.reader import RawScan, read_scan, sha256_of
+from pipeline.reader import RawScan, ScanHeader, read_scan, sha256_of
 from pipeline.resample import (
     PlanePass,
     nearest_index,
@@ -29,6 +30,65 @@ from pipeline.resample import (
     resample,
     resample_planes,
 )
+
+# Rough allowance for making a scan's mask proposals (supervoxels, features, windows),
+# per voxel of the resampled grid; proposals run in the same task as prepare.
+PROPOSAL_BYTES_PER_VOXEL = 48
+# Per resampled voxel while preparing: float32 after the slice pass, its contiguous
+# cropped copy, the body mask and its temporaries, the float16 result.
+_OUTPUT_BYTES_PER_VOXEL = 16
+# A manifest column (scan metadata) naming the DICOM series to read from a folder.
+DICOM_SERIES_KEY = "dicom_series"
+
+
+def estimate_peak_bytes(
+    header: ScanHeader, target: tuple[float, float, float], label: bool = False
+) -> dict[str, int]:
+    """Peak memory of preparing (and proposing) one scan, from its header alone.
+
+    Why: a scan must be refused before its buffers exist, or one absurd file takes the
+    whole worker (and every other scan on it) down with it. The parts, in bytes: the
+    input (voxel buffer, compressed file, float32 copies), the resampled grid (the
+    in-plane intermediate with the worst slice axis, plus the output arrays), the
+    label (input and output), and the proposals; ``peak`` is the larger of preparing
+    (input + resampled + label) and proposing (output image + proposals).
+    """
+    n_in = math.prod(header.shape)
+    out = output_shape(header.shape, header.spacing, target)
+    n_out = math.prod(out)
+    inter = max(n_out // out[a] * header.shape[a] for a in range(3))
+    parts = {
+        "input": n_in * (header.itemsize + (8 if header.float_copy else 0)) + header.file_bytes,
+        "resampled": inter * 4 + n_out * _OUTPUT_BYTES_PER_VOXEL,
+        "label": n_in * 4 + n_out * 2 if label else 0,
+        "proposals": n_out * PROPOSAL_BYTES_PER_VOXEL,
+    }
+    prepare = parts["input"] + parts["resampled"] + parts["label"]
+    parts["peak"] = max(prepare, n_out * 2 + parts["proposals"])
+    return parts
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _memory_check(config: PrepareConfig, label: bool):
+    """``on_header`` for `read_scan`: refuse a scan whose estimate exceeds the budget."""
+    budget = config.max_scan_memory or default_scan_memory()
+
+    def check(header: ScanHeader) -> None:
+        est = estimate_peak_bytes(header, config.spacing, label)
+        if est["peak"] > budget:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in est.items() if k != "peak" and v)
+            raise ScanError(
+                header.path,
+                f"needs about {_gib(est['peak'])} of memory ({header.shape} voxels at "
+                f"{tuple(round(v, 3) for v in header.spacing)} mm to {config.spacing} mm: "
+                f"{parts}), above the per-scan budget of {_gib(budget)}; raise "
+                "--max-scan-memory, run fewer --workers, or use a coarser --spacing",
+            )
+
+    return check
 
 
 @dataclass
@@ -49,8 +109,9 @@ class PreparedScan:
         return out
 
 
-def _read_label(path: str, image: RawScan, max_voxels: int) -> np.ndarray:
-    label = read_scan(path, max_voxels, check_values=False)  # labels may be all background
+def _read_label(path: str, image: RawScan, config: PrepareConfig) -> np.ndarray:
+    # labels may be all background: no value checks
+    label = read_scan(path, config.max_voxels, check_values=False, target_spacing=config.spacing)
     if label.data.shape != image.data.shape:
         raise ScanError(
             path, f"label shape {label.data.shape} differs from image shape {image.data.shape}"
@@ -126,20 +187,30 @@ def prepare_scan(
 
     ``label_names`` is a names file (`pipeline.label_names`) for the label's values;
     it is ignored without a label. ``metadata`` (e.g. a diagnosis, the target of a
-    frozen-encoder probe) is stored as given, values as strings.
+    frozen-encoder probe) is stored as given, values as strings; its ``dicom_series``
+    names the series to read from a DICOM folder holding several. A scan whose
+    estimated peak memory (`estimate_peak_bytes`) exceeds ``config.max_scan_memory``
+    is refused before its voxels are read.
     """
     config = config or PrepareConfig()
     path = str(image_path)
     names = read_label_names(label_names) if label_names and label_path else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    raw = read_scan(path, config.max_voxels, stream=True)  # voxels decode in the background
+    raw = read_scan(  # voxels decode in the background
+        path,
+        config.max_voxels,
+        stream=True,
+        target_spacing=config.spacing,
+        on_header=_memory_check(config, label_path is not None),
+        series=(metadata or {}).get(DICOM_SERIES_KEY),
+    )
     original = {
         "shape": list(raw.data.shape),
         "spacing": list(raw.spacing),
         "affine": raw.affine.tolist(),
     }
-    label_raw = _read_label(str(label_path), raw, config.max_voxels) if label_path else None
+    label_raw = _read_label(str(label_path), raw, config) if label_path else None
     timings["read"] = time.perf_counter() - t0
 
     # Resample in the file's own voxel order, plane block by plane block as the file
@@ -181,10 +252,11 @@ def prepare_scan(
     image = apply_normalization(data, norm, config.image_dtype, overwrite_input=True)
     timings["normalise"] = time.perf_counter() - t
 
+    keep_paths = config.id_from != "hash"  # hashed ids: no file or folder names in the bank
     attrs = {
-        "source_path": str(Path(path).resolve()),
+        "source_path": str(Path(path).resolve()) if keep_paths else None,
         "source_sha256": source_sha256 or sha,
-        "label_path": str(Path(label_path).resolve()) if label_path else None,
+        "label_path": str(Path(label_path).resolve()) if label_path and keep_paths else None,
         "label_sha256": sha256_of(label_path) if label_path else None,
         "dataset": dataset,
         "modality": modality,
@@ -202,6 +274,7 @@ def prepare_scan(
     }
     if names is not None and label is not None:
         attrs["label_names"] = names_present(names, label)
-        attrs["label_names_path"] = str(Path(label_names).resolve())  # type: ignore[arg-type]
+        if keep_paths:
+            attrs["label_names_path"] = str(Path(label_names).resolve())  # type: ignore[arg-type]
         attrs["label_names_sha256"] = sha256_of(label_names)
     return PreparedScan(image, body, label, tuple(config.spacing), affine, attrs)

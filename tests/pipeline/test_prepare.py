@@ -169,3 +169,66 @@ def test_concurrent_prepares_give_back_torch_threads(tmp_path):
     assert [p.attrs["modality"] for p in preps] == ["ct"] * 3
     # Same input, same result, whatever else ran at the same time.
     np.testing.assert_array_equal(preps[0].image, prepare_scan(paths[0]).image)
+
+
+def test_scan_over_the_memory_budget_is_refused_with_the_estimate(tmp_path):
+    """A 48x48x40 phantom at 3 mm asked for 0.5 mm: ~24 M voxels, far over a 64 MiB budget."""
+    img_path, _ = make_phantom("ct", (48, 48, 40), spacing=(3.0, 3.0, 3.0), seed=2).save_nifti(
+        tmp_path
+    )
+    tight = PrepareConfig(spacing=0.5, max_scan_memory="64M")
+    with pytest.raises(ScanError, match=r"needs about \d+\.\d+ GiB of memory") as err:
+        prepare_scan(img_path, config=tight)
+    assert err.value.path == str(img_path)
+    assert "budget of 0.06 GiB" in err.value.reason and "--max-scan-memory" in err.value.reason
+    ok = prepare_scan(img_path, config=PrepareConfig(spacing=3.0, max_scan_memory="64M"))
+    assert ok.attrs["config"]["max_scan_memory"] == 64 << 20
+
+
+def test_budget_and_id_mode_leave_the_fingerprint_alone():
+    base = PrepareConfig(spacing=2.0)
+    assert base.replace(max_scan_memory="2G").fingerprint() == base.fingerprint()
+    assert base.replace(id_from="hash").fingerprint() == base.fingerprint()
+    assert PrepareConfig(max_scan_memory="1.5G").max_scan_memory == 3 << 29
+    with pytest.raises(ValueError, match="size"):
+        PrepareConfig(max_scan_memory="lots")
+
+
+def test_estimate_counts_the_resampled_grid_not_only_the_input():
+    from pipeline.prepare import estimate_peak_bytes
+    from pipeline.reader import ScanHeader
+
+    header = ScanHeader("x.nii", (64, 64, 64), (20.0, 20.0, 20.0), 4, 0, False)
+    small = estimate_peak_bytes(header, (20.0, 20.0, 20.0))
+    big = estimate_peak_bytes(header, (1.0, 1.0, 1.0))
+    assert small["input"] == big["input"] == 64**3 * 4
+    assert big["resampled"] >= 1280**3 * 16 and big["peak"] > 1000 * small["peak"]
+
+
+def test_hashed_ids_keep_paths_out_of_the_attrs(tmp_path):
+    img_path, lab_path = make_phantom("ct", (48, 48, 40), spacing=(3.0, 3.0, 3.0)).save_nifti(
+        tmp_path / "patient-smith"
+    )
+    out = prepare_scan(img_path, lab_path, config=PrepareConfig(spacing=3.0, id_from="hash"))
+    text = json.dumps(out.attrs)
+    assert "patient-smith" not in text and out.attrs["source_sha256"]
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "problem"),
+    [
+        (-1, np.int16, "non-negative integers"),
+        (1.5, np.float32, "non-negative integers"),
+        (70_000, np.int32, "70000 does not fit uint16"),
+    ],
+)
+def test_label_values_that_cannot_be_labels_are_refused(tmp_path, values, dtype, problem):
+    ph = make_phantom("ct", (32, 32, 24), spacing=(3.0, 3.0, 3.0), seed=4)
+    img_path, _ = ph.save_nifti(tmp_path)
+    lab = np.zeros(ph.image.shape, dtype)
+    lab[10:20, 10:20, 8:16] = values
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(lab, nib.load(img_path).affine), bad)
+    with pytest.raises(ScanError, match=problem) as err:
+        prepare_scan(img_path, bad, config=PrepareConfig(spacing=3.0))
+    assert err.value.path == str(bad)
