@@ -15,7 +15,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.reader import is_dicom_dir
+from pipeline.errors import ScanError
+from pipeline.reader import is_dicom_dir, sha256_of
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -24,10 +25,20 @@ LABEL_MARKERS = ("_label", "_labels", "_seg", "_segmentation", "_mask")
 MODALITIES = ("auto", "ct", "mr", "pet")
 # Manifest columns with a meaning of their own; any other column is scan metadata.
 RESERVED_COLUMNS = ("image", "label", "modality", "dataset", "scan_id", "id", "label_names")
+# --id-from hash: ids are this many hex digits of the source's SHA-256 (48 bits), more
+# where two different sources share a prefix.
+HASH_ID_LENGTH = 12
 
 
 class InputError(ValueError):
     """The inputs themselves are unusable (bad manifest, nothing found): a usage error."""
+
+
+class ManifestError(InputError, ScanError):
+    """A manifest that cannot be read as written: names the manifest file and the problem."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        ScanError.__init__(self, path, reason)
 
 
 @dataclass(frozen=True)
@@ -122,27 +133,40 @@ def read_manifest(path: Path, dataset: str | None) -> list[dict]:
     strings, empty cells left out).
     """
     base = path.parent
-    raw: list[dict] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as fh:
-            raw = [dict(r) for r in csv.DictReader(fh)]
-    else:
-        with open(path) as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n}: not a JSON object ({exc})") from exc
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object per line")
-                raw.append(row)
+    raw: list[tuple[str, dict]] = []
+    try:
+        if path.suffix.lower() == ".csv":
+            # utf-8-sig: spreadsheet exports start with a byte-order mark, which would
+            # otherwise become part of the first column's name ("\ufeffimage").
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                raw = [(f"row {n}", dict(r)) for n, r in enumerate(csv.DictReader(fh), start=1)]
+        else:
+            with open(path, encoding="utf-8-sig") as fh:
+                for n, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ManifestError(path, f"line {n}: not a JSON object ({exc})") from exc
+                    if not isinstance(row, dict):
+                        raise ManifestError(path, f"line {n}: expected a JSON object per line")
+                    raw.append((f"line {n}", row))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, f"not UTF-8 text ({exc}); save the manifest as UTF-8") from exc
     rows = []
-    for n, row in enumerate(raw, start=1):
-        image = (row.get("image") or "").strip() if isinstance(row.get("image"), str) else ""
+    for where, row in raw:
+        for key in RESERVED_COLUMNS:
+            value = row.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ManifestError(
+                    path,
+                    f"{where}: field {key!r} must be a string, got {type(value).__name__} "
+                    f"{json.dumps(value)[:60]}",
+                )
+        image = (row.get("image") or "").strip()
         if not image:
-            raise InputError(f"{path}: row {n} has no 'image' column/value")
+            raise ManifestError(path, f"{where} has no 'image' column/value")
 
         def resolve(p: str | None) -> str | None:
             if p is None or not str(p).strip():
@@ -152,7 +176,7 @@ def read_manifest(path: Path, dataset: str | None) -> list[dict]:
 
         modality = (row.get("modality") or "").strip().lower() or None
         if modality is not None and modality not in MODALITIES:
-            raise InputError(f"{path}: row {n}: modality {modality!r} not one of {MODALITIES}")
+            raise ManifestError(path, f"{where}: modality {modality!r} not one of {MODALITIES}")
         rows.append(
             {
                 "image": resolve(image),
@@ -183,23 +207,36 @@ def _default_dataset(path: Path) -> str:
 
 
 def collect_inputs(
-    inputs: list[str], dataset: str | None = None, label_names: str | None = None
+    inputs: list[str],
+    dataset: str | None = None,
+    label_names: str | None = None,
+    id_from: str = "name",
 ) -> list[ScanInput]:
     """Expand files, folders and manifests into uniquely named scans, in a stable order.
+
+    ``id_from="hash"``: ids are hashes of the sources' content (`assign_hash_ids`) and
+    the default dataset is ``default`` instead of a folder's or manifest's name, so no
+    file or folder name (where patient identifiers hide) reaches the bank's ids.
 
     Missing files named in a manifest are kept (they fail in the report, with their
     row, instead of aborting the batch); a missing command-line path is a usage error.
     `label_names` (a names file) applies to every labelled scan whose manifest row
     names none.
     """
+    if id_from not in ("name", "hash"):
+        raise InputError(f"id_from must be 'name' or 'hash', got {id_from!r}")
+    hashed = id_from == "hash"
     rows: list[dict] = []
     for item in inputs:
         path = Path(item).expanduser()
         lower = path.name.lower()
         if lower.endswith(MANIFEST_SUFFIXES) and path.is_file():
-            rows.extend(read_manifest(path, dataset or sanitise_id(image_stem(path))))
+            default = "default" if hashed else sanitise_id(image_stem(path))
+            rows.extend(read_manifest(path, dataset or default))
         elif path.is_dir() and not is_dicom_dir(path):
-            found = discover_folder(path, dataset or _default_dataset(path))
+            found = discover_folder(
+                path, dataset or ("default" if hashed else _default_dataset(path))
+            )
             if not found:
                 raise InputError(f"{path}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)})")
             rows.extend(found)
@@ -209,7 +246,7 @@ def collect_inputs(
                     "image": str(path),
                     "label": None,
                     "modality": None,
-                    "dataset": dataset or _default_dataset(path),
+                    "dataset": dataset or ("default" if hashed else _default_dataset(path)),
                 }
             )
         else:
@@ -237,7 +274,56 @@ def collect_inputs(
     rows = sorted(unique.values(), key=lambda r: r["image"])
     if not rows:
         raise InputError(f"nothing to prepare in {', '.join(inputs) or 'no inputs'}")
-    return assign_ids(rows)
+    return assign_hash_ids(rows) if hashed else assign_ids(rows)
+
+
+def assign_hash_ids(rows: list[dict]) -> list[ScanInput]:
+    """Ids from content: the first `HASH_ID_LENGTH` hex digits of the source's SHA-256.
+
+    The hash is `pipeline.reader.sha256_of` (a DICOM folder's files, an .mhd/.nhdr with
+    its data file), the one the bank stores, so an id never depends on a name. Two
+    different sources sharing a prefix both get longer ids (until they differ); two
+    inputs with identical content are one scan listed twice, a usage error. A manifest's
+    scan_id is ignored: it may be a name.
+    """
+    digests: dict[str, str] = {}  # digest -> image
+    by_image: dict[str, str] = {}
+    for r in rows:
+        if not os.path.exists(r["image"]):  # fails in the report, like any missing file
+            by_image[r["image"]] = "missing-" + hashlib.sha256(r["image"].encode()).hexdigest()
+            continue
+        try:
+            digest = sha256_of(r["image"])
+        except ScanError as exc:
+            raise InputError(str(exc)) from exc
+        if digest in digests:
+            raise InputError(
+                f"{r['image']} and {digests[digest]} have identical content; list the scan once"
+            )
+        digests[digest] = by_image[r["image"]] = digest
+
+    def short(digest: str) -> str:
+        if digest.startswith("missing-"):
+            return digest[: len("missing-") + HASH_ID_LENGTH]
+        length = HASH_ID_LENGTH
+        while any(o != digest and o[:length] == digest[:length] for o in digests):
+            length += 4
+        return digest[:length]
+
+    out = []
+    for r in rows:
+        out.append(
+            ScanInput(
+                scan_id=short(by_image[r["image"]]),
+                image=r["image"],
+                label=r.get("label"),
+                modality=r.get("modality"),
+                dataset=r.get("dataset"),
+                label_names=r.get("label_names"),
+                metadata=r.get("metadata") or None,
+            )
+        )
+    return out
 
 
 def assign_ids(rows: list[dict]) -> list[ScanInput]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.inputs import InputError, collect_inputs, parse_spacing, sanitise_id
+from pipeline.errors import ScanError
 from tests.flows.scans import write_dicom_series, write_phantom
 
 
@@ -102,3 +103,46 @@ def test_same_image_twice(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text(f"image,label\n{img.name},{lab.name}\n{img.name},{img.name}\n")
     with pytest.raises(InputError, match="listed twice"):
         collect_inputs([str(tmp_path / "m.csv")])
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"image": 5}, "line 1: field 'image' must be a string, got int 5"),
+        ({"image": "a.nii.gz", "modality": ["ct"]}, "field 'modality' must be a string, got list"),
+        ({"image": "a.nii.gz", "scan_id": 7}, "field 'scan_id' must be a string, got int"),
+        ({"image": "a.nii.gz", "label": {"p": 1}}, "field 'label' must be a string, got dict"),
+    ],
+)
+def test_jsonl_field_of_the_wrong_type_names_the_manifest(tmp_path: Path, row, message) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ScanError, match=message) as err:
+        collect_inputs([str(manifest)])
+    assert err.value.path == str(manifest) and isinstance(err.value, InputError)
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    img, _ = write_phantom(tmp_path, "bom")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfimage,diagnosis\n" + img.name.encode() + b",x\n")
+    (scan,) = collect_inputs([str(tmp_path / "m.csv")])
+    assert scan.image == str(img) and scan.metadata == {"diagnosis": "x"}
+
+
+def test_hashed_ids_carry_no_names(tmp_path: Path) -> None:
+    import hashlib
+
+    img, lab = write_phantom(tmp_path / "Smith John", "Smith_John_CT", seed=1)
+    write_phantom(tmp_path / "Smith John", "Doe_Jane_CT", seed=2)
+    scans = collect_inputs([str(tmp_path / "Smith John")], id_from="hash")
+    by_image = {s.image: s for s in scans}
+    expected = hashlib.sha256(img.read_bytes()).hexdigest()[:12]
+    assert by_image[str(img)].scan_id == expected and by_image[str(img)].label == str(lab)
+    assert all("Smith" not in s.scan_id and s.dataset == "default" for s in scans)
+    # the same content under another name gets the same id; listed twice it is refused
+    copy = tmp_path / "elsewhere" / "renamed.nii.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(img.read_bytes())
+    assert collect_inputs([str(copy)], id_from="hash")[0].scan_id == expected
+    with pytest.raises(InputError, match="identical content"):
+        collect_inputs([str(copy), str(img)], id_from="hash")
