@@ -2,8 +2,11 @@
 
 A checkpoint holds everything the next step depends on: model, EMA, optimiser,
 scheduler, step, sampler state (the stream position), RNG states, the bank
-fingerprint and the resolved config. Files are written to a temporary name and
-renamed, so a kill during saving never leaves a truncated ``last.pt``.
+fingerprint and the resolved config. Files are written once to a temporary name,
+fsync'd and renamed (the directory fsync'd too), and ``last.pt`` is then a hard link to
+the new file (a relative symlink where hard links are refused), so a kill or a power cut
+during saving never leaves a truncated ``last.pt`` and no checkpoint is written twice.
+Weights that are not finite are refused: such a checkpoint would make every resume fail.
 
 Every piece of state is a tensor or a plain type (RNG states included), so that
 checkpoints load with ``torch.load(weights_only=True)``: unpickling a checkpoint
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +68,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any]) -> Path:
-    """Write ``step_XXXXXXXX.pt`` and point ``last.pt`` at the same content atomically."""
+def _fsync_dir(directory: Path) -> None:
+    """Make renames and links in ``directory`` durable (they live in the directory entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def non_finite_tensors(state: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names of floating-point tensors in a (nested) state dict holding NaN or inf."""
+    bad = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            bad += non_finite_tensors(value, name + ".")
+        elif (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            bad.append(name)
+    return bad
+
+
+def _point_last_at(path: Path) -> None:
+    """Atomically make ``last.pt`` the same file as ``path`` without writing it again."""
+    tmp = path.parent / f".{LAST}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links
+        os.symlink(path.name, tmp)
+    os.replace(tmp, path.parent / LAST)
+
+
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def prune_checkpoints(directory: str | Path, step: int, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``step_*.pt`` up to ``step`` (0 = keep all).
+
+    Files of later steps (left by an earlier run when this one resumed from an older
+    checkpoint) are another timeline: they are neither counted nor deleted.
+    """
+    if keep_last <= 0:
+        return []
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in Path(directory).iterdir()
+        if (m := _STEP_FILE.match(p.name)) and int(m.group(1)) <= step
+    )
+    removed = [p for _, p in steps[:-keep_last]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def save_checkpoint(
+    directory: str | Path, step: int, payload: dict[str, Any], keep_last: int = 0
+) -> Path:
+    """Write ``step_XXXXXXXX.pt`` once, durably, point ``last.pt`` at it, keep the last N.
+
+    Raises ``CheckpointError`` (and writes nothing) when the model or EMA weights hold NaN
+    or inf.
+    """
+    bad = non_finite_tensors({k: payload[k] for k in ("model", "ema") if k in payload})
+    if bad:
+        raise CheckpointError(
+            f"refusing to write the step-{step} checkpoint: non-finite values in "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the last checkpoint "
+            "is kept, resume from it (with a lower optim.lr)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
     tmp = directory / f".{path.name}.tmp"
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
-    tmp_last = directory / f".{LAST}.tmp"
-    torch.save(payload, tmp_last)
-    os.replace(tmp_last, directory / LAST)
+    _point_last_at(path)
+    _fsync_dir(directory)
+    prune_checkpoints(directory, step, keep_last)
     return path
 
 
@@ -109,3 +187,69 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
     return payload
+
+
+# What a resumed run must share with its checkpoint: the stream position and the optimiser
+# state only mean the same thing with these (``train.max_steps`` may grow).
+RESUME_KEYS = (
+    ("pretext", "incontext"),  # checkpoints from before pretexts existed were all in-context
+    ("model.preset", None),
+    ("data.batch_size", None),
+    ("data.k", None),
+    ("data.crop", None),
+)
+
+
+def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def resume_mismatches(
+    ckpt: dict[str, Any], cfg: dict[str, Any], world_size: int
+) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, this run's value)`` for each setting that differs.
+
+    Keys a checkpoint does not record (older checkpoints) are not compared, except the
+    pretext, which defaults to ``incontext``.
+    """
+    ck_cfg = ckpt.get("config") or {}
+    out = []
+    for key, default in RESUME_KEYS:
+        ours, theirs = _lookup(cfg, key), _lookup(ck_cfg, key)
+        theirs = default if theirs is None else theirs
+        if theirs is not None and theirs != ours:
+            out.append((key, theirs, ours))
+    if "world_size" in ckpt and int(ckpt["world_size"]) != world_size:
+        out.append(("world_size", int(ckpt["world_size"]), world_size))
+    return out
+
+
+def check_resume(path: str | Path, ckpt: dict[str, Any], cfg: dict[str, Any], world: int) -> None:
+    """Refuse to resume ``ckpt`` under an incompatible config, naming every difference."""
+    diffs = resume_mismatches(ckpt, cfg, world)
+    if diffs:
+        theirs = " ".join(f"{k}={v}" for k, v, _ in diffs)
+        ours = " ".join(f"{k}={v}" for k, _, v in diffs)
+        hint = " ".join(f"{k}={v}" for k, v, _ in diffs if k != "world_size")
+        ranks = [v for k, v, _ in diffs if k == "world_size"]
+        how = []
+        if hint:
+            how.append(f"pass {hint}")
+        if ranks:
+            how.append(f"run on {ranks[0]} rank(s) (torchrun --nproc_per_node={ranks[0]})")
+        raise CheckpointError(
+            f"cannot resume {path}: it was written with {theirs}, this run has {ours}; "
+            f"{' and '.join(how)} to continue it, or start a new --out"
+        )
+    step = int(ckpt.get("step", 0))
+    max_steps = int(cfg["train"]["max_steps"])
+    if max_steps < step:
+        raise CheckpointError(
+            f"cannot resume {path}: it is at step {step}, past max_steps={max_steps}; "
+            f"pass max_steps={step} or more"
+        )

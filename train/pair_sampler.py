@@ -487,15 +487,24 @@ def _worker_ignores_sigterm(worker_id: int) -> None:
 
 
 def make_loader(
-    stream: PairStream, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False
+    stream: PairStream,
+    num_workers: int,
+    prefetch_factor: int = 4,
+    pin_memory: bool = False,
+    timeout: float = 0.0,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader over ready batches: workers prefetch, the main process only pins."""
+    """DataLoader over ready batches: workers prefetch, the main process only pins.
+
+    ``timeout`` (seconds, workers only; 0 = forever) turns a hung worker into a
+    ``RuntimeError`` instead of a run that waits forever.
+    """
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = {
             "prefetch_factor": prefetch_factor,
             "persistent_workers": False,
             "worker_init_fn": _worker_ignores_sigterm,
+            "timeout": max(0.0, float(timeout)),
         }
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw

@@ -9,6 +9,11 @@
 Writes DIR/config.yaml (resolved), DIR/metrics.jsonl (one JSON object per logged
 step), DIR/tb/ (TensorBoard) and DIR/checkpoints/. On SIGTERM (preemption) the
 current step finishes, a checkpoint is written and the process exits 0.
+
+A step whose loss or gradients are not finite is skipped on every rank together;
+``train.max_skipped_steps`` in a row, a hung or dead DataLoader worker, or weights that
+are not finite at a checkpoint stop the run with exit 2 and a message (see train/README.md,
+"Safety").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -31,8 +37,10 @@ import torch
 import torch.distributed as dist
 
 from train.checkpointing import (
+    check_resume,
     find_checkpoint,
     load_checkpoint,
+    non_finite_tensors,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -42,9 +50,13 @@ from train.incontext_net import count_parameters
 from train.lamb_optim import Lamb
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
 from train.paired_augment import NONE, PairAugmenter
-from train.pretext import Pretext, PretextError, PretextOutput, create_pretext
+from train.pretext import Pretext, PretextOutput, create_pretext
 from train.run_config import dump_config, load_config
 from train.weight_ema import WeightEMA
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on safely (diverged, hung data loading); the message says why."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,12 +89,45 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """Element-wise "true on any rank" of a vector of 0/1 flags: one all-reduce, so that
+    every rank takes the same decision (one rank alone skipping or stopping hangs the rest)."""
+    flags = flags.float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    return [bool(v > 0) for v in flags.tolist()]
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_out_dir(out: str) -> None:
+    """The run directory is renamed into and fsync'd: only a local or mounted path will do."""
+    if URL.match(out):
+        raise ValueError(
+            f"--out {out} is a URL; the run directory (checkpoints written with atomic "
+            "renames and fsync) must be a local or mounted path: train into e.g. runs/NAME "
+            f"and copy it to {out} afterwards"
+        )
+
+
+def _finite_or_none(value: float) -> float | None:
+    """metrics.jsonl stays strict JSON: NaN and inf are written as null."""
+    return value if math.isfinite(value) else None
+
+
+def _loader_failure(exc: BaseException) -> bool:
+    """torch reports a dead or timed-out DataLoader worker as a plain RuntimeError."""
+    return isinstance(exc, RuntimeError) and "DataLoader" in str(exc)
+
+
+def _kill_workers(batches: Any) -> None:
+    """A hung worker ignores SIGTERM (see ``make_loader``), and Python's exit would join it
+    forever: kill what is left of the loader's workers."""
+    for w in getattr(batches, "_workers", ()):
+        if w.is_alive():
+            w.kill()
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -161,6 +206,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     cfg = load_config(args.config, args.overrides)
     pretext = create_pretext(str(cfg["pretext"]), cfg)
     out = Path(args.out)
@@ -175,19 +221,15 @@ def train(args: argparse.Namespace) -> int:
     if args.resume or args.resume_from:
         ckpt_path = find_checkpoint(args.resume_from or "auto", out)
         ckpt = load_checkpoint(ckpt_path)
-        # Checkpoints from before pretexts existed were all in-context.
-        ck_pretext = str(ckpt.get("config", {}).get("pretext", "incontext"))
-        if ck_pretext != pretext.name:
-            raise PretextError(
-                f"{ckpt_path} was trained with pretext={ck_pretext}, this run has "
-                f"pretext={pretext.name}; resume with pretext={ck_pretext} or start a new --out"
-            )
-        if ckpt["world_size"] != world:
-            raise SamplerError(
-                f"checkpoint was written by {ckpt['world_size']} ranks, this run has {world}; "
-                "the stream position is per rank, resume with the same world size"
-            )
+        check_resume(ckpt_path, ckpt, cfg, world)  # same pretext, preset, batch, K, crop, ranks
     start_step = int(ckpt["step"]) if ckpt else 0
+    skipped = int(ckpt.get("skipped_steps", 0)) if ckpt else 0
+    in_a_row = int(ckpt.get("skipped_in_a_row", 0)) if ckpt else 0
+    max_skipped = int(tcfg["max_skipped_steps"])
+    nan_cfg = tcfg["debug_nan"]
+    nan_steps = {int(x) for x in nan_cfg["steps"] or ()}
+    if nan_cfg["ranks"] is not None and rank not in {int(r) for r in nan_cfg["ranks"]}:
+        nan_steps = set()
 
     torch.manual_seed(int(cfg["seed"]))  # identical initial weights on every rank
     model = pretext.build_model(cfg["model"]["preset"]).to(device)
@@ -215,6 +257,7 @@ def train(args: argparse.Namespace) -> int:
         int(dcfg["num_workers"]),
         int(dcfg["prefetch_factor"]),
         pin_memory=device.type == "cuda",
+        timeout=float(dcfg["worker_timeout"]),
     )
     ema = WeightEMA(model, float(tcfg["ema_decay"]))
     optimizer = build_optimizer(model, cfg["optim"])
@@ -242,7 +285,10 @@ def train(args: argparse.Namespace) -> int:
     writer = None
     metrics_fh = None
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create --out {out}: {exc}; choose a writable path") from exc
         (out / "config.yaml").write_text(dump_config(cfg))
         metrics_fh = open(out / "metrics.jsonl", "a" if ckpt else "w")  # noqa: SIM115 (closed in finally)
         if tcfg["tensorboard"]:
@@ -258,6 +304,15 @@ def train(args: argparse.Namespace) -> int:
         )
 
     def checkpoint(step: int) -> None:
+        # Skipped steps keep non-finite updates out of the weights; should some still get in
+        # (an optimiser dividing by zero), no rank writes them: every resume would fail.
+        bad = non_finite_tensors({"model": model.state_dict(), "ema": ema.state_dict()})
+        if any_rank(torch.tensor([float(bool(bad))], device=device))[0]:
+            where = ", ".join(bad[:3]) or "on another rank"
+            raise TrainingError(
+                f"the weights are not finite at step {step} ({where}); no checkpoint was "
+                "written. Resume from the last checkpoint with a lower optim.lr"
+            )
         rngs = [None] * world if world > 1 else None
         hashes = [weights_hash(model)]
         if world > 1:
@@ -284,7 +339,10 @@ def train(args: argparse.Namespace) -> int:
                 "config": cfg,
                 "world_size": world,
                 "rank_weight_hashes": hashes,  # one per rank; DDP keeps them identical
+                "skipped_steps": skipped,
+                "skipped_in_a_row": in_a_row,
             },
+            keep_last=int(tcfg["keep_last"]),
         )
 
     bar = None
@@ -312,32 +370,52 @@ def train(args: argparse.Namespace) -> int:
             # The pretext's loss; the same generator draws its randomness (exact resume).
             result = pretext(net, aug, gen, use_bf16)
             loss, parts = result.loss, result.parts
+            inject = step + 1 in nan_steps
+            if inject and nan_cfg["target"] == "loss":
+                loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if inject and nan_cfg["target"] == "grad":  # finite loss, this rank's grads only
+                grad = next(p.grad for p in model.parameters() if p.grad is not None)
+                grad.view(-1)[0] = float("nan")
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), float(cfg["optim"]["grad_clip"])
             )
-            optimizer.step()
-            scheduler.step()
-            ema.update(model)
+            # clip_grad_norm_'s norm is non-finite when any gradient is. Every rank learns
+            # whether any rank saw a non-finite loss or gradient (and SIGTERM) in one
+            # all-reduce, so all skip or step together and stop at the same step.
+            local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+            stop_flag = torch.tensor(float(preempt.requested), device=local_bad.device)
+            skip, preempt_now = any_rank(torch.stack([local_bad.float(), stop_flag]))
+            if skip:
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                in_a_row += 1
+            else:
+                optimizer.step()
+                ema.update(model)
+                in_a_row = 0
+            scheduler.step()  # the schedule follows the step count, skipped or not
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
             acc_data += t_data
             acc_dt += time.perf_counter() - t0
             acc_steps += 1
-            if is_main and (step % int(tcfg["log_every"]) == 0 or step == max_steps):
+            if is_main and (step % int(tcfg["log_every"]) == 0 or step == max_steps or skip):
                 rec = {
                     "step": step,
-                    "loss": float(loss.detach()),
+                    "loss": _finite_or_none(float(loss.detach())),
                     **parts,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": _finite_or_none(float(grad_norm)),
                     # throughput and data wait averaged over the steps since the last log
                     "pairs_per_s": pairs_per_step * acc_steps / acc_dt,
                     "data_wait": acc_data / acc_dt,
                     "step_s": acc_dt / acc_steps,
+                    "skipped_steps": skipped,  # so far, on all ranks together
                 }
+                rec.update({k: _finite_or_none(float(v)) for k, v in parts.items()})
                 acc_data = acc_dt = 0.0
                 acc_steps = 0
                 if device.type == "cuda":
@@ -352,24 +430,54 @@ def train(args: argparse.Namespace) -> int:
                         "pairs_per_s",
                         "data_wait",
                         "grad_norm",
+                        "skipped_steps",
                     ):
-                        writer.add_scalar(f"train/{key}", rec[key], step)
+                        if rec[key] is not None:
+                            writer.add_scalar(f"train/{key}", rec[key], step)
                     if "gpu_mem_gb" in rec:
                         writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
                     if step % int(tcfg["image_every"]) == 0:
                         log_images(writer, step, pretext, aug, result)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", wait=f"{rec['data_wait']:.0%}")
+                    shown = "nan" if rec["loss"] is None else f"{rec['loss']:.3f}"
+                    bar.set_postfix(loss=shown, wait=f"{rec['data_wait']:.0%}", skipped=skipped)
             if bar is not None:
                 bar.update(1)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}")
-            if preempt.agreed(device):
+            if max_skipped > 0 and in_a_row >= max_skipped:
+                raise TrainingError(
+                    f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                    f"gradients and were skipped; the weights are those of step "
+                    f"{step - in_a_row}. Lower optim.lr, check the bank for non-finite images "
+                    "(maskbank verify BANK), or resume from an earlier checkpoint "
+                    "(train.max_skipped_steps sets how many in a row are tolerated)"
+                )
+            if preempt_now:
                 preempted = True
                 checkpoint(step)
                 break
             if step % int(tcfg["ckpt_every"]) == 0 or step == max_steps:
                 checkpoint(step)
+    except RuntimeError as exc:
+        if not _loader_failure(exc):
+            raise
+        _kill_workers(batches)
+        timeout = float(dcfg["worker_timeout"])
+        if "timed out" in str(exc):
+            what = (
+                f"a DataLoader worker produced no batch for data.worker_timeout={timeout:g} s "
+                "(hung, e.g. on the bank's storage); check the storage, or raise "
+                "data.worker_timeout (0 waits forever)"
+            )
+        else:
+            what = (
+                "a DataLoader worker died (often the out-of-memory killer: lower "
+                "data.num_workers or data.prefetch_factor; data.num_workers=0 shows a "
+                "worker's own error in the main process)"
+            )
+        raise TrainingError(
+            f"data loading failed at step {step}: {str(exc).splitlines()[0]}: {what}; "
+            "resume with --resume"
+        ) from exc
     finally:
         if bar is not None:
             bar.close()
@@ -390,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()  # batches and augmented pairs reuse freed buffers (no page faults)
     try:
         return train(args)
-    except (SamplerError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (SamplerError, TrainingError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

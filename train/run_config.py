@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 2,
         "num_workers": 0,
         "prefetch_factor": 4,
+        # Seconds the trainer waits for a DataLoader worker's next batch before it stops with
+        # an error naming the hung worker (num_workers > 0 only; 0 = wait forever).
+        "worker_timeout": 600,
         "scans": None,  # optional list of scan ids to restrict to
     },
     "augment": {"enabled": True, "device": "auto"},
@@ -58,6 +61,13 @@ DEFAULTS: dict[str, Any] = {
         "ckpt_every": 50,
         "progress": True,
         "tensorboard": True,
+        # A step whose loss or gradients are not finite is skipped on every rank (counted in
+        # metrics.jsonl as skipped_steps); this many in a row stop the run (exit 2; 0 = never).
+        "max_skipped_steps": 20,
+        "keep_last": 3,  # step_*.pt checkpoints kept (last.pt links the newest); 0 = all
+        # Tests only: make this run's loss ("loss") or gradients after DDP's averaging ("grad")
+        # NaN at these 1-based steps on these ranks (None = all), to exercise the skipping.
+        "debug_nan": {"steps": [], "ranks": None, "target": "grad"},
     },
 }
 
