@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -45,3 +46,40 @@ def test_a_planted_checkpoint_is_refused_on_resume(sparse_bank, tmp_path, capsys
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "refusing to load" in captured.err and "planted code ran" not in captured.out
+
+
+def _names(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_checkpoints_are_written_once_and_only_the_last_n_kept(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"step": step, "model": {"w": torch.ones(2) * step}},
+                        keep_last=2)  # fmt: skip
+    assert _names(tmp_path) == ["last.pt", "step_00000003.pt", "step_00000004.pt"]
+    # last.pt is the newest step file itself (a link), not a second copy.
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "step_00000004.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    # A run resumed from an older checkpoint: the new file is kept however few are asked
+    # for, and files of later steps (the abandoned run's) are neither counted nor deleted.
+    save_checkpoint(tmp_path, 2, {"step": 2}, keep_last=1)
+    assert _names(tmp_path) == [
+        "last.pt", "step_00000002.pt", "step_00000003.pt", "step_00000004.pt"
+    ]  # fmt: skip
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    save_checkpoint(tmp_path, 3, {"step": 3}, keep_last=1)
+    assert _names(tmp_path) == ["last.pt", "step_00000003.pt", "step_00000004.pt"]
+    # keep_last=0 keeps all.
+    for step in (5, 6):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=0)
+    assert len(list(tmp_path.glob("step_*.pt"))) == 4
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    save_checkpoint(tmp_path, 1, {"step": 1, "model": {"w": torch.ones(3)}})
+    bad = {"step": 2, "model": {"w": torch.ones(3)}, "ema": {"shadow": {"w": torch.ones(3)}}}
+    bad["ema"]["shadow"]["w"][1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"non-finite values in ema\.shadow\.w"):
+        save_checkpoint(tmp_path, 2, bad)
+    assert _names(tmp_path) == ["last.pt", "step_00000001.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
