@@ -25,8 +25,10 @@ from . import publish as _publish
 from .encoding import Encoding, write_array
 from .errors import (
     BankError,
+    CorruptIndexError,
     NotABankError,
     ReadOnlyBankError,
+    StaleScanError,
     UnknownScanError,
     UnsupportedFormatError,
 )
@@ -54,10 +56,24 @@ from .layout import (
     check_scan_id,
     part_path,
 )
-from .locks import file_lock
+from .locks import file_lock, probe_filesystem
 from .scan import ScanView
+from .store import StrictStore
 
 _PARTS = (None, PROPOSALS_PART)
+# Storage option keys that hold credentials: never pickled (re-read from the environment).
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def _without_secrets(options: Any) -> Any:
+    """storage_options minus credentials, at any depth (e.g. client_kwargs)."""
+    if isinstance(options, Mapping):
+        return {
+            k: _without_secrets(v)
+            for k, v in options.items()
+            if not any(w in str(k).lower() for w in _SECRET_WORDS)
+        }
+    return options
 
 
 def _local_path(location: str | os.PathLike) -> Path | None:
@@ -96,7 +112,8 @@ class Bank:
         self.created_at: str | None = info.get("created_at")
         self._rows: dict[str, dict] = {}
         self._index_missing = False
-        self.refresh()
+        self._index_error: str | None = None
+        self._strict_index = True
 
     # ------------------------------------------------------------------ open/create
     @classmethod
@@ -109,13 +126,14 @@ class Bank:
                 "copy the bank to object storage afterwards"
             )
         if (root / "zarr.json").exists():
-            bank = cls.open(root, mode="a")
+            bank = cls.open(root, mode="a", strict_index=False)  # recover() mends the index
             if encoding is not None and encoding != bank.encoding:
                 raise BankError(
                     f"bank {root} already exists with encoding {bank.encoding}; "
                     f"cannot reopen it with {encoding}"
                 )
             bank.recover()
+            bank._strict_index = True
             return bank
         if root.exists() and any(root.iterdir()):
             raise NotABankError(str(root), "folder exists, is not empty and has no zarr.json")
@@ -141,10 +159,15 @@ class Bank:
         path_or_url: str | os.PathLike,
         mode: str = "r",
         storage_options: Mapping[str, Any] | None = None,
+        *,
+        strict_index: bool = True,
     ) -> Bank:
         """Open a bank: local path or any fsspec URL (s3://, gs://, file://, memory://) to read.
 
-        mode="a" opens a local bank for writing (prefer `Bank.create`, which also recovers).
+        mode="a" opens a local bank for writing (prefer `Bank.create`, which also recovers);
+        it first checks that the file system has working locks and atomic renames.
+        strict_index=False opens a bank whose index.json is corrupt (scans are then listed
+        from storage; `verify()` reports it), for repairs.
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -156,10 +179,11 @@ class Bank:
         if local is not None:
             if not local.exists():
                 raise NotABankError(location, "path does not exist")
-            store = LocalStore(local, read_only=True)
+            store = StrictStore(LocalStore(local, read_only=True), location)
             fs, fs_root = fsspec.filesystem("file"), str(local.resolve())
         else:
-            store = FsspecStore.from_url(location, storage_options=options, read_only=True)
+            inner = FsspecStore.from_url(location, storage_options=options, read_only=True)
+            store = StrictStore(inner, location)
             fs, fs_root = fsspec.core.url_to_fs(location, **options)
         try:
             root = zarr.open_group(store, mode="r", zarr_format=3)
@@ -174,20 +198,35 @@ class Bank:
                 f"{location} has bank format {info['format_version']}, this maskbank reads up to "
                 f"{FORMAT_VERSION}; upgrade maskbank"
             )
+        if mode == "a":
+            probe_filesystem(local / LOCKS_DIR)  # type: ignore[operator]
         bank = cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
         bank._storage_options = options
+        bank._strict_index = strict_index
+        bank.refresh()
         return bank
 
     # ------------------------------------------------------------------ index
     def refresh(self) -> None:
-        """Re-read the index (other processes may have written scans since)."""
+        """Re-read the index (other processes may have written scans since).
+
+        A corrupt index.json raises CorruptIndexError, unless the bank was opened with
+        strict_index=False: then the scans are listed from storage and verify() reports it.
+        """
         text = self._read_text(INDEX_FILE)
+        self._index_error = None
         if text is None:
             self._index_missing = True
             self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
-        else:
-            self._index_missing = False
-            self._rows = parse_index(text)
+            return
+        self._index_missing = False
+        try:
+            self._rows = parse_index(text, f"{self.location}/{INDEX_FILE}")
+        except CorruptIndexError as exc:
+            if self._strict_index:
+                raise
+            self._index_error = str(exc)
+            self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
 
     @property
     def scan_ids(self) -> list[str]:
@@ -212,8 +251,15 @@ class Bank:
         return iter(self.scan_ids)
 
     def __reduce__(self):
-        """Pickle as 'reopen at the same location' (Dask tasks, DataLoader workers)."""
-        return (Bank.open, (self.location, "a" if self.writable else "r", self._storage_options))
+        """Pickle as 'reopen at the same location' (Dask tasks, DataLoader workers).
+
+        Credentials in the storage options (keys naming a key, secret, token, password,
+        credential or session) are left out: pickles travel to other machines and into
+        logs. The unpickled bank gets them from the environment there, as fsspec does
+        by default (e.g. AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS).
+        """
+        mode = "a" if self.writable else "r"
+        return (Bank.open, (self.location, mode, _without_secrets(self._storage_options)))
 
     def __repr__(self) -> str:
         return f"Bank({self.location!r}, scans={len(self)}, format_version={self.format_version})"
@@ -230,6 +276,7 @@ class Bank:
             atomic_write_text(self._local / INDEX_FILE, render_index(rows))  # type: ignore[operator]
         self._rows = rows
         self._index_missing = False
+        self._index_error = None
         return self.index
 
     def _update_index(self, scan_id: str, remove: bool = False) -> None:
@@ -242,15 +289,19 @@ class Bank:
         row = None if remove else self._row_for(scan_id)
         with file_lock(_publish.index_lock_path(root)):
             text = self._read_text(INDEX_FILE)
+            if text is not None:
+                try:
+                    new_text = update_index_text(text, scan_id, row)
+                except CorruptIndexError:
+                    text = None  # rebuilt below from the scans themselves
             if text is None:
                 rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
                 new_text = render_index(rows)
-            else:
-                new_text = update_index_text(text, scan_id, row)
             atomic_write_text(root / INDEX_FILE, new_text)
         if text is None:
             self._rows = rows
             self._index_missing = False
+            self._index_error = None
         elif row is None:
             self._rows.pop(scan_id, None)
         else:
@@ -290,12 +341,16 @@ class Bank:
         arrays: Mapping[str, np.ndarray],
         attrs: Mapping[str, Any],
         part: str | None = None,
+        scan_token: str | None = None,
     ) -> dict:
         """Write one scan (or one part of it) and publish it atomically; return its index row.
 
         part=None writes the scan group (needs 'image'; replaces the whole scan, proposals
-        included, since they derive from the image). part="proposals" writes/replaces only the
-        proposals subgroup of an existing scan. Array names may nest with '/'.
+        included, since they derive from the image) and gives it a new random `token`.
+        part="proposals" writes/replaces only the proposals subgroup of an existing scan and
+        records the scan's token in it; with `scan_token` (the token of the scan version the
+        proposals were computed from, `ScanView.token`) it raises StaleScanError instead when
+        the scan was rewritten meanwhile. Array names may nest with '/'.
         """
         self._require_writable()
         root = self._local
@@ -311,6 +366,15 @@ class Bank:
         with file_lock(_publish.scan_lock_path(root, scan_id)):
             if part is not None and not (root / part_path(scan_id, None)).is_dir():
                 raise UnknownScanError(scan_id, len(self._list_scan_dirs()), self.location)
+            current = None
+            if part is not None:
+                current = scan_token_of(self.read_scan_attrs(scan_id) or {})
+                if scan_token is not None and scan_token != current:
+                    raise StaleScanError(
+                        f"scan {scan_id!r} of {self.location} was rewritten after its {part} "
+                        f"were computed (scan version {scan_token}, now {current}); compute "
+                        f"them again from the current scan (e.g. `maskbank propose BANK`)"
+                    )
             with _publish.staging_folder(root, scan_id, part) as staged:
                 group = zarr.open_group(LocalStore(staged), mode="w-", zarr_format=3)
                 encoding = self.encoding.for_part(part)
@@ -324,6 +388,10 @@ class Bank:
                     "part": part or "scan",
                     "arrays": records,
                 }
+                if part is None:
+                    info["token"] = os.urandom(12).hex()
+                else:
+                    info["scan_token"] = current
                 if part == PROPOSALS_PART:
                     info["n_proposals"] = _count_proposals(arrays, user_attrs)
                 # One metadata write (attrs.update writes zarr.json once per key).
@@ -331,6 +399,26 @@ class Bank:
                 _publish.publish(root, staged, scan_id, part)
             self._update_index(scan_id)
         return self.row(scan_id)
+
+    @contextlib.contextmanager
+    def scan_lock(self, scan_id: str) -> Iterator[None]:
+        """Hold one scan's write lock, e.g. around a check-then-write.
+
+        `write_scan` in the same thread re-enters it, so a caller can re-check what is
+        stored (`read_scan_attrs`) and write without another writer slipping in between.
+        """
+        self._require_writable()
+        check_scan_id(scan_id)
+        with file_lock(_publish.scan_lock_path(self._local, scan_id)):  # type: ignore[arg-type]
+            yield
+
+    def read_scan_attrs(self, scan_id: str) -> dict | None:
+        """A scan's attributes as stored now, bypassing the index (None if there is no scan)."""
+        check_scan_id(scan_id)
+        try:
+            return self._read_attrs(part_path(scan_id, None))
+        except ValueError:  # a zarr.json cut short: treated as no usable scan
+            return None
 
     def _check_arrays(
         self, scan_id: str, arrays: dict[str, np.ndarray], part: str | None
@@ -409,8 +497,12 @@ class Bank:
         assert root is not None
         actions = _publish.recover(root)
         on_disk = set(self._list_scan_dirs())
-        self.refresh()
-        if actions or self._index_missing or on_disk != set(self._rows):
+        strict, self._strict_index = self._strict_index, False
+        try:
+            self.refresh()
+        finally:
+            self._strict_index = strict
+        if actions or self._index_missing or self._index_error or on_disk != set(self._rows):
             self.rebuild_index()
             actions.append(f"rebuilt index ({len(self._rows)} scans)")
         return actions
@@ -450,7 +542,7 @@ class Bank:
 
     def _read_text(self, rel: str) -> str | None:
         try:
-            with self._fs.open(self._url(rel), "r") as fh:
+            with self._fs.open(self._url(rel), "r", encoding="utf-8") as fh:
                 return fh.read()
         except FileNotFoundError:
             return None
@@ -505,6 +597,13 @@ def _build_empty_bank(root: Path, encoding: Encoding) -> None:
     group = zarr.open_group(LocalStore(root), mode="w-", zarr_format=3, attributes=attrs)
     group.create_group(SCANS_DIR)
     atomic_write_text(root / INDEX_FILE, render_index({}))
+
+
+def scan_token_of(attrs: Mapping[str, Any]) -> str | None:
+    """The version token of a scan from its attributes (written_at for scans older than tokens)."""
+    info = attrs.get(FORMAT_NAME) or {}
+    token = info.get("token") or info.get("written_at")
+    return None if token is None else str(token)
 
 
 def _all_finite(a: np.ndarray) -> bool:

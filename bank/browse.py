@@ -34,29 +34,35 @@ def _human(nbytes: float) -> str:
     return str(nbytes)
 
 
+def _esc(value: object) -> str:
+    """Every value shown goes through here: attributes come from files anyone may have written."""
+    return html.escape(str(value), quote=True)
+
+
 def _cell(key: str, value: object) -> str:
     if key == "nbytes" and isinstance(value, int):
-        return _human(value)
+        return _esc(_human(value))
     if key == "spacing" and isinstance(value, list):
-        return " × ".join(f"{v:g}" for v in value)
+        return _esc(" × ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in value))
     if key == "shape" and isinstance(value, list):
-        return " × ".join(str(v) for v in value)
-    return html.escape(str(value))
+        return _esc(" × ".join(str(v) for v in value))
+    return _esc(value)
 
 
 def bank_html(bank: Bank, max_rows: int = MAX_ROWS) -> str:
     """Summary line plus a table of the first `max_rows` scans."""
     s = bank.summary()
-    head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in _COLUMNS)
     rows = [bank._rows[sid] for sid in bank.scan_ids[:max_rows]]  # no copy of 10,000 rows
     body = "".join(
         "<tr>" + "".join(f"<td>{_cell(c, r.get(c))}</td>" for c in _COLUMNS) + "</tr>" for r in rows
     )
     more = f"<p>… and {len(bank) - max_rows} more</p>" if len(bank) > max_rows else ""
+    voxels, n_props = f"{s['voxels']:,}", f"{s['proposals']['total']:,}"
     return (
-        f"<div><b>maskbank</b> <code>{html.escape(bank.location)}</code>: {s['scans']} scans, "
-        f"{s['voxels']:,} voxels, {_human(s['bytes'])} on disk, "
-        f"{s['proposals']['total']:,} proposals (format {bank.format_version})"
+        f"<div><b>maskbank</b> <code>{_esc(bank.location)}</code>: {_esc(s['scans'])} scans, "
+        f"{_esc(voxels)} voxels, {_esc(_human(s['bytes']))} on disk, "
+        f"{_esc(n_props)} proposals (format {_esc(bank.format_version)})"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}</div>"
     )
 
@@ -65,21 +71,23 @@ def scan_html(scan: ScanView) -> str:
     """Attributes and arrays of one scan."""
     arrays = scan.info.get("arrays", {})
     arr_rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{_cell('shape', r['shape'])}</td>"
-        f"<td>{html.escape(r['dtype'])}</td><td>{_cell('shape', r['chunks'])}</td></tr>"
+        f"<tr><td>{_esc(n)}</td><td>{_cell('shape', r.get('shape'))}</td>"
+        f"<td>{_esc(r.get('dtype'))}</td><td>{_cell('shape', r.get('chunks'))}</td></tr>"
         for n, r in sorted(arrays.items())
     )
     props = scan.proposals_attrs
     prop_line = (
-        f"<p>proposals: {props.get('maskbank', {}).get('n_proposals', 0)}</p>" if props else ""
+        f"<p>proposals: {_esc(props.get('maskbank', {}).get('n_proposals', 0))}</p>"
+        if props
+        else ""
     )
     attr_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))[:200]}</td></tr>"
+        f"<tr><td>{_esc(k)}</td><td>{_esc(str(v)[:200])}</td></tr>"
         for k, v in sorted(scan.attrs.items())
         if k != "maskbank"
     )
     return (
-        f"<div><b>scan</b> <code>{html.escape(scan.scan_id)}</code> "
+        f"<div><b>scan</b> <code>{_esc(scan.scan_id)}</code> "
         f"{_cell('shape', list(scan.shape))} @ {_cell('spacing', list(scan.spacing))} mm"
         f"<table><tr><th>array</th><th>shape</th><th>dtype</th><th>chunks</th></tr>{arr_rows}"
         f"</table>{prop_line}<table>{attr_rows}</table></div>"

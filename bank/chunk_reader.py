@@ -7,6 +7,8 @@ builds its per-worker chunk cache on top of it.
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 from pathlib import Path
 
@@ -44,12 +46,24 @@ def _sharded_blosc_meta(metadata, dtype: np.dtype):
     return (sh, inner[1]) if ok else None
 
 
+@functools.lru_cache(maxsize=256)
+def _is_bank_root(root: str) -> bool:
+    """True if ``root`` is a bank's root folder (read once per process)."""
+    try:
+        doc = json.loads((Path(root) / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance((doc.get("attributes") or {}).get("maskbank"), dict)
+
+
 def local_member(group, name: str) -> tuple[Path, str] | None:
     """(store root, path under it) of member ``name`` of a zarr ``group`` on a local store,
     else None: where the direct readers here may read files instead of going through zarr."""
     from zarr.storage import LocalStore
 
-    store = getattr(group, "store", None)
+    from .store import unwrap
+
+    store = unwrap(getattr(group, "store", None))
     if not isinstance(store, LocalStore):
         return None
     return Path(store.root), f"{group.path}/{name}" if group.path else name
@@ -67,11 +81,18 @@ class ShardedBloscReader:
     ranges are coalesced into few store requests issued together, and chunks are
     decompressed with numcodecs' Blosc directly. ``of()`` returns None for any
     other layout (the caller then reads through zarr); the index checksum is verified.
+    In a bank (``strict``: the array's store is the bank's, or ``root`` is a bank's root)
+    a missing shard raises MissingChunkError: the bank writes every shard, so a missing
+    one means the scan is being rewritten (zarr would return zeros). The check is the
+    open that reads the bytes anyway, so it costs nothing. Elsewhere a missing shard
+    reads as the fill value, as in zarr.
     """
 
     GAP = 1 << 20  # merge byte ranges closer than this into one request
 
-    def __init__(self, store, path: str, metadata, sharding, root=None) -> None:
+    def __init__(
+        self, store, path: str, metadata, sharding, root=None, strict: bool = False
+    ) -> None:
         self.store = store
         self.path = path
         self.metadata = metadata
@@ -88,16 +109,23 @@ class ShardedBloscReader:
         # A local store is read with plain file reads (no event-loop round trip per read).
         from zarr.storage import LocalStore
 
-        if root is None and isinstance(store, LocalStore):
-            root = store.root
+        from .store import unwrap
+
+        if root is None and isinstance(unwrap(store), LocalStore):
+            root = unwrap(store).root
         self._root = None if root is None else Path(root)
+        self.strict = strict
 
     @classmethod
     def of(cls, arr) -> ShardedBloscReader | None:
         found = sharded_blosc(arr)
         if found is None:
             return None
-        return cls(arr.store_path.store, arr.store_path.path, arr.metadata, found[0])
+        from .store import StrictStore
+
+        store = arr.store_path.store
+        strict = isinstance(store, StrictStore)
+        return cls(store, arr.store_path.path, arr.metadata, found[0], strict=strict)
 
     @classmethod
     def of_local(cls, root, path: str) -> ShardedBloscReader | None:
@@ -109,8 +137,6 @@ class ShardedBloscReader:
         parsed by zarr's own metadata class (~0.2 ms). None when it is not a zarr v3
         array in this layout (the caller then opens it through zarr).
         """
-        import json
-
         from zarr.core.metadata.v3 import ArrayV3Metadata
 
         try:
@@ -125,7 +151,9 @@ class ShardedBloscReader:
         except (ValueError, TypeError, KeyError):
             return None
         found = _sharded_blosc_meta(meta, dtype)
-        return None if found is None else cls(None, path, meta, found[0], root=root)
+        if found is None:
+            return None
+        return cls(None, path, meta, found[0], root=root, strict=_is_bank_root(str(root)))
 
     def _key(self, shard: tuple[int, ...]) -> str:
         key = self.metadata.encode_chunk_key(shard)
@@ -138,8 +166,11 @@ class ShardedBloscReader:
         return None if buf is None else buf.to_bytes()
 
     def _get_many(self, requests: list[tuple[tuple[int, ...], object]]) -> list[bytes | None]:
-        """Bytes of each (shard, byte range) request (None where the shard does not exist)."""
+        """Bytes of each (shard, byte range) request; None for a missing shard outside a bank,
+        MissingChunkError in one."""
         from zarr.abc.store import SuffixByteRequest
+
+        from .store import missing_chunk
 
         if self._root is not None:
             got = []
@@ -153,6 +184,8 @@ class ShardedBloscReader:
                             fh.seek(req.start)
                             got.append(fh.read(req.end - req.start))
                 except FileNotFoundError:
+                    if self.strict:
+                        raise missing_chunk(str(self._root), self._key(shard)) from None
                     got.append(None)
             return got
         from zarr.core.sync import sync
@@ -162,7 +195,11 @@ class ShardedBloscReader:
 
             return await asyncio.gather(*(self._get(s, r) for s, r in requests))
 
-        return list(sync(fetch()))
+        got = list(sync(fetch()))
+        for (shard, _), raw in zip(requests, got, strict=True):
+            if raw is None and self.strict:
+                raise missing_chunk(str(getattr(self.store, "location", "")), self._key(shard))
+        return got
 
     def _load_indexes(self, shards: list[tuple[int, ...]]) -> None:
         import google_crc32c
@@ -177,7 +214,7 @@ class ShardedBloscReader:
             else RangeByteRequest(0, self.n_index)
         )
         for shard, raw in zip(need, self._get_many([(s, req) for s in need]), strict=True):
-            if raw is None:  # shard never written: every chunk is fill_value
+            if raw is None:  # shard never written (outside a bank): every chunk is fill_value
                 self._index[shard] = None
                 continue
             body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
@@ -264,8 +301,6 @@ def read_whole_local(root, path: str) -> np.ndarray | None:
     a plain numeric dtype; anything else (and a decoded size that does not match)
     returns None so the caller reads through zarr.
     """
-    import json
-
     base = Path(root) / path
     try:
         meta = json.loads((base / "zarr.json").read_bytes())
@@ -299,8 +334,12 @@ def read_whole_local(root, path: str) -> np.ndarray | None:
     key = sep.join(["c", *("0" for _ in shape)]) if shape else "c"
     try:
         raw = (base / key).read_bytes()
-    except FileNotFoundError:  # never written: fill_value
-        fill = meta.get("fill_value", 0)
+    except FileNotFoundError:
+        if int(np.prod(shape)) and _is_bank_root(str(root)):
+            from .store import missing_chunk  # the bank writes every chunk: not a fill block
+
+            raise missing_chunk(str(root), f"{path}/{key}") from None
+        fill = meta.get("fill_value", 0)  # never written: fill_value
         if not isinstance(fill, (bool, int, float)):
             return None  # "NaN"/"Infinity" and the like: let zarr parse them
         return np.full(shape, fill, dt)

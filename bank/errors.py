@@ -40,3 +40,27 @@ class ReadOnlyBankError(BankError, PermissionError):
 
 class UnsupportedFormatError(BankError):
     """The bank was written by a newer maskbank with a format this code cannot read."""
+
+
+class LockTimeoutError(BankError):
+    """A bank lock was not free within the timeout (another writer, or a stale lock)."""
+
+
+class UnsafeFilesystemError(BankError):
+    """The bank's file system lacks working locks or atomic renames, which writers rely on."""
+
+
+class CorruptIndexError(BankError):
+    """index.json cannot be parsed."""
+
+
+class MissingChunkError(BankError):
+    """A chunk or shard file inside an array's written extent is missing.
+
+    Zarr would decode it as the fill value; the bank writes every chunk, so a missing
+    file means the scan is being rewritten or was damaged.
+    """
+
+
+class StaleScanError(BankError):
+    """A scan was rewritten after the data derived from it (e.g. proposals) was computed."""

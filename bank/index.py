@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .layout import FORMAT_VERSION
+from .errors import CorruptIndexError
+from .layout import FORMAT_VERSION, INDEX_FILE
+from .locks import file_mode
 
 # Caller attribute keys the index (and verify) relies on, with accepted aliases.
 ATTR_KEYS: dict[str, tuple[str, ...]] = {
@@ -113,9 +115,16 @@ def render_index(rows: dict[str, dict]) -> str:
     return f'{head}, "scans": [\n{lines}\n]}}\n'
 
 
-def parse_index(text: str) -> dict[str, dict]:
-    doc = json.loads(text)
-    return {row["scan_id"]: row for row in doc.get("scans", [])}
+def parse_index(text: str, where: str = INDEX_FILE) -> dict[str, dict]:
+    """Rows by scan id; CorruptIndexError (saying how to rebuild it) if the text is not an index."""
+    try:
+        doc = json.loads(text)
+        return {row["scan_id"]: row for row in doc.get("scans", [])}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptIndexError(
+            f"{where} is corrupt ({type(exc).__name__}: {exc}); rebuild it from the scans with "
+            "`maskbank verify --repair BANK` (or bank.rebuild_index() on a writable bank)"
+        ) from None
 
 
 _ROW_PREFIX = '{"scan_id": "'
@@ -158,11 +167,16 @@ def update_index_text(text: str, scan_id: str, row: dict | None) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace: readers see old or new, never half."""
+    """Write via a temp file in the same folder + os.replace: readers see old or new, never half.
+
+    The file gets the mode open() would give (honouring the umask), not mkstemp's 0600,
+    so teammates sharing the bank can read it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

@@ -19,15 +19,16 @@ LOCKS_DIR = ".locks"
 PROPOSALS_PART = "proposals"
 
 # "@" separates scan id, part and a random token in staging/trash names, so it is
-# not allowed in scan ids; "/" would create nested groups.
-_SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_ARRAY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+# not allowed in scan ids; "/" would create nested groups. Always fullmatch: "$" also
+# matches before a trailing newline.
+_SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 PARTS = (None, PROPOSALS_PART)
 
 
 def check_scan_id(scan_id: str) -> str:
     """Reject ids that would escape the scan folder or break staging names."""
-    if not isinstance(scan_id, str) or not _SCAN_ID.match(scan_id) or scan_id.endswith("."):
+    if not isinstance(scan_id, str) or not _SCAN_ID.fullmatch(scan_id) or scan_id.endswith("."):
         raise ValueError(
             f"invalid scan id {scan_id!r}: use 1-200 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit"
@@ -37,7 +38,7 @@ def check_scan_id(scan_id: str) -> str:
 
 def check_array_name(name: str) -> str:
     """Array names may nest with '/', but never climb out of their group."""
-    if not isinstance(name, str) or not _ARRAY_NAME.match(name) or ".." in name.split("/"):
+    if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name) or ".." in name.split("/"):
         raise ValueError(f"invalid array name {name!r}: use [A-Za-z0-9._-] segments joined by '/'")
     return name
 
@@ -60,7 +61,7 @@ def temp_name(scan_id: str, part: str | None, token: str) -> str:
 def parse_temp_name(name: str) -> tuple[str, str | None, str] | None:
     """Inverse of temp_name; None for names the bank did not make."""
     bits = name.split("@")
-    if len(bits) != 3 or not _SCAN_ID.match(bits[0]):
+    if len(bits) != 3 or not _SCAN_ID.fullmatch(bits[0]):
         return None
     part = None if bits[1] == "scan" else bits[1]
     if part not in PARTS:

@@ -38,8 +38,17 @@ class NoProposalsError(BankError, KeyError):
         return str(self.args[0])
 
 
-def write_proposals(bank: Any, scan_id: str, proposal_set: Any, attrs: dict | None = None) -> dict:
+def write_proposals(
+    bank: Any,
+    scan_id: str,
+    proposal_set: Any,
+    attrs: dict | None = None,
+    scan_token: str | None = None,
+) -> dict:
     """Write ``proposal_set`` (a pipeline ProposalSet) as the scan's proposals part, atomically.
+
+    ``scan_token`` is ``ScanView.token`` of the scan the proposals were made from: when
+    the scan was rewritten since, StaleScanError is raised and nothing is written.
 
     Layers are pruned to the labels some proposal uses and renumbered densely
     (uint16 when possible) so they compress well; missing feature columns are
@@ -82,7 +91,7 @@ def write_proposals(bank: Any, scan_id: str, proposal_set: Any, attrs: dict | No
         "columns": [c for c in ps.table if c == "source" or f"table/{c}" in arrays],
     }
     meta.update(attrs or {})
-    bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART)
+    bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART, scan_token=scan_token)
     return meta
 
 

@@ -28,7 +28,7 @@ from .layout import (
     part_path,
     temp_name,
 )
-from .locks import file_lock
+from .locks import file_lock, try_lock_readonly
 
 
 def scan_lock_path(root: Path, scan_id: str) -> Path:
@@ -119,8 +119,8 @@ def writer_alive(root: Path, leftover_name: str) -> bool:
     parsed = parse_temp_name(leftover_name)
     if parsed is None:
         return False
-    with file_lock(scan_lock_path(root, parsed[0]), blocking=False) as free:
-        return not free
+    # Never creates the lock file: verify must work on a bank it may not write.
+    return try_lock_readonly(scan_lock_path(root, parsed[0])) is False
 
 
 def recover(root: Path) -> list[str]:

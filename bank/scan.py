@@ -82,6 +82,17 @@ class ScanView:
         return {str(k): str(v) for k, v in (self.attrs.get("metadata") or {}).items()}
 
     @property
+    def token(self) -> str | None:
+        """This version of the scan: a new random token each time it is written.
+
+        Data derived from the scan (proposals) records it, so that a write of derived data
+        can refuse a scan rewritten meanwhile and verify() can tell stale parts.
+        """
+        from .bank import scan_token_of
+
+        return scan_token_of(self.attrs)
+
+    @property
     def array_names(self) -> list[str]:
         """Arrays of the scan itself (not of its parts)."""
         return sorted(self.info.get("arrays", {}))

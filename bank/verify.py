@@ -21,12 +21,21 @@ _INFO_KEYS = ("format_version", "written_at", "arrays")
 
 def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True) -> list[str]:
     """Every problem found, one line each, prefixed with the scan id where there is one."""
-    bank.refresh()
+    strict, bank._strict_index = bank._strict_index, False  # a corrupt index is a finding
+    try:
+        bank.refresh()
+    finally:
+        bank._strict_index = strict
     problems: list[str] = []
     on_disk = set(bank._list_scan_dirs())
     indexed = set(bank.scan_ids)
     if bank._index_missing:
-        problems.append("index.json is missing (run bank.rebuild_index())")
+        problems.append(
+            "index.json is missing (run bank.rebuild_index() or `maskbank verify --repair BANK`)"
+        )
+    if bank._index_error:
+        problems.append(bank._index_error)
+        indexed = set()  # rows listed from storage, not from the index: nothing to compare
     for sid in sorted(indexed - on_disk):
         problems.append(f"{sid}: listed in index.json but its group is missing")
     for sid in sorted(on_disk - indexed):
@@ -77,6 +86,7 @@ def verify_scan(bank: Bank, scan_id: str, indexed: bool, deep: bool = True) -> l
                 for p in _check_arrays(pgroup, pinfo["arrays"], grid, None, pchildren, deep)
             ]
             problems += _check_proposal_count(pgroup, pinfo)
+            problems += _check_proposal_version(info, pinfo)
     if indexed:
         problems += _check_row(bank, scan_id, attrs, prop_attrs)
     return problems
@@ -147,6 +157,20 @@ def _check_proposal_count(pgroup: zarr.Group, pinfo: dict) -> list[str]:
             length = pinfo["arrays"][name]["shape"][0]
             if n is not None and length - 1 != n:
                 return [f"proposals: n_proposals={n} but {name} has {length} entries"]
+    return []
+
+
+def _check_proposal_version(info: dict, pinfo: dict) -> list[str]:
+    """Proposals must derive from the scan version they sit in (recorded since tokens exist)."""
+    made_from = pinfo.get("scan_token")
+    if made_from is None:
+        return []
+    current = info.get("token") or info.get("written_at")
+    if made_from != current:
+        return [
+            f"proposals were made from another version of the scan ({made_from}, scan is "
+            f"{current}); make them again with `maskbank propose BANK`"
+        ]
     return []
 
 

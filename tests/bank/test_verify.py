@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bank import Bank
 from tests.bank.conftest import make_arrays, make_attrs
@@ -30,11 +31,27 @@ def test_corrupted_shard_bytes_are_found(filled: Bank) -> None:
     assert problems and all(p.startswith("ct-002: label:") for p in problems), problems
 
 
-def test_deleted_shard_file_is_found_by_checksum(filled: Bank) -> None:
-    # A missing shard decodes as the fill value, so only the stored checksum can tell.
+def test_deleted_shard_file_is_named_by_verify_and_readers(filled: Bank) -> None:
+    """Zarr decodes a missing shard as zeros; the bank writes every shard, so it is an error."""
+    from bank.chunk_reader import ShardedBloscReader, local_member
+    from bank.errors import MissingChunkError
+
+    scan = filled.scan("ct-001")
+    reader = ShardedBloscReader.of_local(*local_member(scan.group, "image"))
+    assert reader is not None
+    reader.read_chunks([(0, 0, 0)])  # shard index (0,0,0) cached, as in a sampler
     (scan_dir(filled, "ct-001") / "image" / "c" / "1" / "0" / "0").unlink()
     problems = filled.verify()
-    assert any("ct-001: image: checksum mismatch" in p for p in problems), problems
+    assert any("ct-001: image:" in p and "image/c/1/0/0 is missing" in p for p in problems)
+    with pytest.raises(MissingChunkError, match="image/c/1/0/0"):
+        scan.read("image", np.s_[40:41, 0:2, 0:2])  # zarr path: shard (1, 0, 0)
+    with pytest.raises(MissingChunkError, match="image/c/1/0/0"):
+        reader.read_chunks([(2, 0, 0)])  # direct shard reader (16^3 chunks, 32^3 shards)
+    with pytest.raises(MissingChunkError):
+        ShardedBloscReader.of(scan.array("image")).read_chunks([(2, 0, 0)])
+    np.testing.assert_array_equal(  # the rest of the scan still reads
+        scan.read("image", np.s_[0:8]), make_arrays(1)["image"][0:8]
+    )
 
 
 def test_missing_array_and_unrecorded_array(filled: Bank) -> None:
@@ -85,7 +102,7 @@ def test_shallow_and_selective_verify(filled: Bank) -> None:
     assert not any("checksum" in p for p in shallow)  # only decoding can see a lost shard
     assert filled.verify(scan_ids=["mr-001", "nope"]) == ["nope: no such scan"]
     deep = filled.verify(scan_ids=["ct-001"])
-    assert any("ct-001: image: checksum mismatch" in p for p in deep)
+    assert any("ct-001: image:" in p and "is missing" in p for p in deep)
     assert not any(p.startswith("ct-002") for p in deep)
 
 
