@@ -199,7 +199,13 @@ class Bank:
                 f"{FORMAT_VERSION}; upgrade maskbank"
             )
         if mode == "a":
-            probe_filesystem(local / LOCKS_DIR)  # type: ignore[operator]
+            try:
+                probe_filesystem(local / LOCKS_DIR)  # type: ignore[operator]
+            except PermissionError as exc:
+                raise ReadOnlyBankError(
+                    f"cannot write to bank {location} ({exc}); ask its owner for group write "
+                    "access (docs/bank-format.md, 'Shared banks'), or read it with Bank.open(path)"
+                ) from None
         bank = cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
         bank._storage_options = options
         bank._strict_index = strict_index

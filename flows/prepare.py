@@ -75,10 +75,9 @@ def _record(item: ScanInput, status: str, t0: float, **extra: Any) -> dict:
 
 
 def _existing_attrs(bank: Bank, scan_id: str) -> dict | None:
-    if scan_id not in bank:
-        return None
+    """The scan's attributes as stored now (not as the index said when the bank was opened)."""
     try:
-        return bank.scan(scan_id).attrs
+        return bank.read_scan_attrs(scan_id)
     except Exception:  # a half-broken scan is simply redone
         return None
 
@@ -170,9 +169,11 @@ def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
             "metadata": scan.metadata or {},
         }
         store = Bank.open(bank, mode="a")
+        skipped = "already in the bank (same source, config)"
+        # Cheap check first (most re-runs skip); checked again under the scan's lock below.
         why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
         if why is None:
-            return _record(scan, "skipped", t0, reason="already in the bank (same source, config)")
+            return _record(scan, "skipped", t0, reason=skipped)
         prepared = prepare_scan(
             scan.image,
             scan.label,
@@ -182,7 +183,13 @@ def _prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> dict:
             label_names=names,
             metadata=scan.metadata,
         )
-        store.write_scan(scan_id, prepared.arrays(), prepared.attrs)
+        with store.scan_lock(scan_id):
+            # Another task or run may have written this id while we prepared (same file:
+            # keep it and its proposals; another file: refuse, as above).
+            why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
+            if why is None:
+                return _record(scan, "skipped", t0, reason=f"{skipped} (written concurrently)")
+            store.write_scan(scan_id, prepared.arrays(), prepared.attrs)
         return _record(
             scan,
             "ok",

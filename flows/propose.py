@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 
 from bank import Bank
+from bank.errors import StaleScanError
 from bank.proposals import ProposalReader, write_proposals
 from flows.prepare import (
     PER_SCAN_TASK_OPTIONS,
@@ -30,13 +31,17 @@ from flows.prepare import (
 from pipeline.normalize import invert_normalization
 from pipeline.proposals.engine import ProposalConfig, generate_proposals
 
+# A scan rewritten while its proposals were made: make them again from the new version.
+STALE_RETRIES = 2
+
 
 def scan_version(scan: Any) -> str:
-    """What the proposals derive from: the scan's source hash, prepare fingerprint and write time."""
+    """What the proposals derive from: source hash, prepare fingerprint, write time and token."""
     a = scan.attrs
-    return "|".join(
-        str(x) for x in (a.get("source_sha256"), a.get("fingerprint"), scan.info.get("written_at"))
-    )
+    bits = [a.get("source_sha256"), a.get("fingerprint"), scan.info.get("written_at")]
+    if scan.info.get("token"):
+        bits.append(scan.info["token"])
+    return "|".join(str(x) for x in bits)
 
 
 def raw_image(scan: Any) -> np.ndarray:
@@ -47,7 +52,27 @@ def raw_image(scan: Any) -> np.ndarray:
 
 
 def propose_scan(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = False) -> dict:
-    """Make and store one scan's proposals (or skip them when up to date); return a record."""
+    """Make and store one scan's proposals (or skip them when up to date); return a record.
+
+    The write names the scan version the proposals were made from; when a concurrent
+    prepare rewrote the scan meanwhile they are made again from the new version.
+    """
+    t0 = time.perf_counter()
+    for attempt in range(STALE_RETRIES + 1):
+        try:
+            rec = _propose_once(store, scan_id, cfg, force)
+        except StaleScanError as exc:
+            if attempt == STALE_RETRIES:
+                rec = {"scan_id": scan_id, "status": "failed", "reason": str(exc)}
+                break
+            force = False  # the new version has no proposals: nothing to skip
+            continue
+        break
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -> dict:
     t0 = time.perf_counter()
     scan = store.scan(scan_id)
     version = scan_version(scan)
@@ -83,6 +108,7 @@ def propose_scan(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = F
             "modality": modality,
             "timings": {k: round(float(v), 3) for k, v in timings.items()},
         },
+        scan_token=scan.token,
     )
     nbytes = ProposalReader(store.scan(scan_id)).nbytes_stored()
     return {

@@ -12,10 +12,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="full integrity check of a bank (decodes every chunk)",
         description="Check a bank end to end: the index matches the scan groups, no "
         "interrupted write is left over, every array decodes and matches its recorded "
-        "shape and checksum, required attributes are present. Slow on purpose. "
+        "shape and checksum, required attributes are present, proposals belong to the scan "
+        "version they were made from. Slow on purpose. Works on a bank you may only read. "
         "Exit status: 0 healthy, 1 problems found (listed one per line), 2 not a bank.",
     )
     p.add_argument("bank", metavar="BANK", help="bank path or URL")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="first clean up interrupted writes whose writer is gone and rebuild index.json "
+        "from the scans (a corrupt, missing or stale index); needs write access",
+    )
     return p
 
 
@@ -23,7 +30,14 @@ def run(args: argparse.Namespace) -> int:
     from bank import Bank, BankError
 
     try:
-        bank = Bank.open(args.bank)
+        if args.repair:
+            bank = Bank.open(args.bank, mode="a", strict_index=False)
+            for action in bank.recover():
+                print(f"repaired: {action}")
+            bank.rebuild_index()
+            print(f"repaired: rebuilt index.json from {len(bank)} scans")
+        else:
+            bank = Bank.open(args.bank, strict_index=False)  # a corrupt index is a finding
         problems = bank.verify()
     except (BankError, FileNotFoundError) as exc:
         print(f"maskbank verify: error: {exc}", file=sys.stderr)
