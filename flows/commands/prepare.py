@@ -26,6 +26,10 @@ other column (e.g. diagnosis) is stored with the scan as its metadata.
 Label names files may be JSON {"1": "liver"}, ITK-SNAP label descriptions,
 FreeSurfer colour LUTs or 3D Slicer colour tables; the format is detected.
 
+A folder holding several DICOM series is refused unless a manifest's dicom_series
+column names one. Each scan's peak memory is estimated from its header and a scan
+over --max-scan-memory fails alone, with the estimate in its reason.
+
 Scans already in the bank with the same source SHA-256 and the same settings are
 skipped, so re-running after a crash or on a grown folder only does the new work;
 a changed setting (e.g. --spacing) redoes the scans it affects.
@@ -91,6 +95,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="scans prepared in parallel on a local Dask cluster (default: min(4, CPUs))",
     )
     p.add_argument(
+        "--max-scan-memory",
+        default=None,
+        metavar="SIZE",
+        help="per-scan memory budget, e.g. 6G or 512M: a scan whose estimated peak "
+        "(input, resampled grid, proposals) is larger fails before it is read (default: "
+        "3/4 of this machine's memory divided by --workers; with --dask-address, 3/4 of "
+        "the worker machine's)",
+    )
+    p.add_argument(
+        "--id-from",
+        choices=["name", "hash"],
+        default="name",
+        help="scan ids from file names (default) or, with 'hash', the first 12 hex digits "
+        "of the SHA-256 of each source's content (longer where two differ only later): "
+        "no file or folder name (patient identifiers hide there) becomes an id, a "
+        "dataset name or a path stored in the bank",
+    )
+    p.add_argument(
         "--dask-address",
         default=None,
         metavar="ADDR",
@@ -123,17 +145,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from flows.inputs import InputError, collect_inputs, parse_spacing
+    from pipeline.config import default_scan_memory, parse_size
     from pipeline.errors import ScanError
     from pipeline.label_names import read_label_names
 
     try:
         spacing = parse_spacing(args.spacing)
+        if args.max_scan_memory is not None:
+            budget: int | None = parse_size(args.max_scan_memory)
+        else:  # a remote cluster's workers size it from their own memory
+            budget = None if args.dask_address else default_scan_memory(max(1, args.workers))
         proposals = config_from_args(args).to_dict() if args.proposals else None
         label_names = os.path.abspath(args.label_names) if args.label_names else None
         if label_names:
             read_label_names(label_names)  # a bad names file is a usage error
         # fail fast, before Prefect starts
-        scans = collect_inputs(args.inputs, args.dataset, label_names)
+        scans = collect_inputs(args.inputs, args.dataset, label_names, args.id_from)
     except (InputError, ValueError, ScanError) as exc:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
         return 2
@@ -171,15 +198,24 @@ def run(args: argparse.Namespace) -> int:
         from flows.report import format_prepare_report
         from pipeline.config import PrepareConfig
 
-        config = PrepareConfig(spacing=spacing, modality=args.modality)
+        config = PrepareConfig(
+            spacing=spacing,
+            modality=args.modality,
+            max_scan_memory=budget,
+            id_from=args.id_from,
+        )
+        inputs = [os.path.abspath(i) for i in args.inputs]
+        if args.id_from == "hash":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="maskbank-ids-"))
+            inputs = [_hashed_manifest(scans, folder)]
         print(f"{len(scans)} scans -> {args.bank}", file=sys.stderr)
         report = prepare_bank(
-            inputs=[os.path.abspath(i) for i in args.inputs],
+            inputs=inputs,
             bank=args.bank,
             config=config.to_dict(),
             workers=args.workers,
             dask_address=args.dask_address,
-            dataset=args.dataset,
+            dataset=None if args.id_from == "hash" else args.dataset,
             processes=args.processes,
             progress=not args.no_progress,
             proposals=proposals,
@@ -190,3 +226,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_prepare_report(report))
     return 1 if report["counts"].get("failed") else 0
+
+
+def _hashed_manifest(scans: list, folder: str) -> str:
+    """The scans with their content-hash ids, as a JSONL manifest the flow reads back.
+
+    Why: the flow discovers its inputs itself (by name); a manifest whose scan_id column
+    holds the hashed ids makes it use them without knowing how they were made.
+    """
+    path = os.path.join(folder, "scans.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for s in scans:
+            row = {**(s.metadata or {})}
+            row.update(
+                image=s.image,
+                label=s.label,
+                modality=s.modality,
+                dataset=s.dataset,
+                scan_id=s.scan_id,
+                label_names=s.label_names,
+            )
+            fh.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+    return path

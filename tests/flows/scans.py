@@ -97,3 +97,30 @@ def write_dicom_series(folder: Path, modality: str = "ct", seed: int = 5) -> Pat
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
     return folder
+
+
+def write_gzip_bomb(path: Path, zeros_gib: float = 2.5) -> Path:
+    """A valid 16^3 `.nii.gz` followed by `zeros_gib` GiB of zeros, a few MB on disk.
+
+    Built from gzip members (readers decode concatenated members as one stream): one
+    64 MiB member of zeros is compressed once and repeated, so nothing large is ever
+    held or written.
+    """
+    noise = np.random.default_rng(0).normal(0, 100, (16, 16, 16)).astype(np.float32)
+    head = gzip.compress(nib.Nifti1Image(noise, np.eye(4)).to_bytes())
+    member = gzip.compress(bytes(64 << 20), compresslevel=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(head)
+        for _ in range(round(zeros_gib * 16)):
+            fh.write(member)
+    return path
+
+
+def write_huge_grid(path: Path, spacing_mm: float = 200.0) -> Path:
+    """A 64^3 scan with `spacing_mm` voxels: at 1.5 mm it would ask for ~8,533^3 voxels."""
+    noise = np.random.default_rng(1).normal(0, 100, (64, 64, 64)).astype(np.float32)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(noise, affine), path)
+    return path
