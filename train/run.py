@@ -118,8 +118,12 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _loader_failure(exc: BaseException) -> bool:
-    """torch reports a dead or timed-out DataLoader worker as a plain RuntimeError."""
-    return isinstance(exc, RuntimeError) and "DataLoader" in str(exc)
+    """torch reports a dead or timed-out DataLoader worker as a plain RuntimeError (a worker's
+    own exception is re-raised as itself, starting "Caught ...", and left alone)."""
+    msg = str(exc)
+    return type(exc) is RuntimeError and msg.startswith(
+        ("DataLoader worker (pid", "DataLoader timed out")
+    )
 
 
 def _kill_workers(batches: Any) -> None:
