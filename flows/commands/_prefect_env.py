@@ -1,12 +1,16 @@
 """Prefect settings the CLI applies before prefect is first imported.
 
 Without PREFECT_API_URL, a run starts a temporary local server; give it time on
-busy machines and keep it quiet. Users' own settings always win (setdefault).
+busy machines and keep it quiet, and make sure it dies with the run even when the
+run is killed (Prefect itself stops it only at a normal exit). Users' own settings
+always win (setdefault).
 """
 
 from __future__ import annotations
 
 import os
+
+from flows.server import guard_prefect_servers
 
 
 def apply_cli_defaults(verbose: bool = False) -> None:
@@ -16,3 +20,5 @@ def apply_cli_defaults(verbose: bool = False) -> None:
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
     else:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if not os.environ.get("PREFECT_API_URL"):
+        guard_prefect_servers()
