@@ -11,12 +11,15 @@ import torch
 
 from train.checkpointing import (
     CheckpointError,
+    check_resume,
     load_checkpoint,
+    resume_mismatches,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from train.run import main
+from train.run_config import load_config
 
 
 def test_rng_state_round_trips_through_a_safe_load(tmp_path):
@@ -83,3 +86,19 @@ def test_non_finite_weights_are_never_written(tmp_path):
         save_checkpoint(tmp_path, 2, bad)
     assert _names(tmp_path) == ["last.pt", "step_00000001.pt"]
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+
+
+def test_resume_mismatches_name_every_difference():
+    cfg = load_config("tiny")
+    ckpt = {"step": 4, "world_size": 2, "config": load_config("tiny", ["data.crop=64"])}
+    diffs = resume_mismatches(ckpt, cfg, world_size=1)
+    assert diffs == [("data.crop", 64, 32), ("world_size", 2, 1)]
+    with pytest.raises(CheckpointError, match="torchrun --nproc_per_node=2") as info:
+        check_resume("ck.pt", ckpt, cfg, 1)
+    assert "data.crop=64 world_size=2" in str(info.value) and "pass data.crop=64" in str(info.value)
+    # A checkpoint from before pretexts were recorded was in-context.
+    old = {"step": 1, "config": {"model": {"preset": "tiny"}}}
+    assert resume_mismatches(old, cfg, 1) == []
+    recon = load_config("tiny", ["pretext=reconstruction"])
+    assert resume_mismatches(old, recon, 1) == [("pretext", "incontext", "reconstruction")]
+    check_resume("ck.pt", ckpt, load_config("tiny", ["data.crop=64", "max_steps=9"]), 2)
