@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from bank import Bank
+from flows.serve import RunPolicy, RunRefused, guarded_prepare_bank
 from flows.server import stop_process_group
 from tests.flows.cli_run import REPO
 from tests.flows.scans import write_phantom
@@ -26,8 +27,55 @@ def test_prefect_yaml_points_at_the_flow() -> None:
     path, _, name = dep["entrypoint"].partition(":")
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
     flow = getattr(module, name)
+    assert flow is guarded_prepare_bank  # runs triggered by others go through the checks
     assert flow.name == "prepare-bank"
     assert set(dep["parameters"]) <= set(flow.parameters.properties)
+
+
+def test_guarded_flow_takes_every_parameter_of_prepare_bank() -> None:
+    from flows.prepare import prepare_bank
+
+    assert guarded_prepare_bank.parameters == prepare_bank.parameters
+
+
+def test_run_paths_must_resolve_inside_the_allowed_roots(tmp_path: Path) -> None:
+    scans, banks, outside = tmp_path / "scans", tmp_path / "banks", tmp_path / "outside"
+    for d in (scans, banks, outside):
+        d.mkdir()
+    write_phantom(scans, "a", seed=0)
+    image, _ = write_phantom(outside, "b", seed=1)
+    policy = RunPolicy.from_env({"MASKBANK_ALLOWED_ROOTS": f"{scans}{os.pathsep}{banks}"})
+    policy.check_run([str(scans)], str(banks / "new-bank"))  # inside: accepted
+    with pytest.raises(RunRefused, match="outside the folders"):
+        policy.check_run([str(scans)], str(outside / "bank"))
+    with pytest.raises(RunRefused, match="outside the folders"):
+        policy.check_run([str(outside)], str(banks / "b"))
+    with pytest.raises(RunRefused, match="outside"):  # a sibling whose name extends a root's
+        policy.check_run([str(scans)], str(tmp_path / "banks-evil"))
+    with pytest.raises(RunRefused, match="outside"):
+        policy.check_run([str(scans / ".." / "outside")], str(banks / "b"))
+    # A symlink inside a root that points out of it is judged by where it leads.
+    (scans / "escape").symlink_to(outside)
+    with pytest.raises(RunRefused, match="resolves to"):
+        policy.check_run([str(scans / "escape")], str(banks / "b"))
+    (banks / "link").symlink_to(outside)
+    with pytest.raises(RunRefused, match="resolves to"):
+        policy.check_run([str(scans)], str(banks / "link" / "bank"))
+    # A manifest inside a root may not name files outside it.
+    manifest = scans / "list.csv"
+    manifest.write_text(f"image\n{image}\n")
+    with pytest.raises(RunRefused, match="image"):
+        policy.check_run([str(manifest)], str(banks / "b"))
+    RunPolicy.from_env({}).check_run([str(manifest)], str(outside / "b"))  # no roots: anything
+
+
+def test_dask_address_needs_the_deployment_to_allow_it() -> None:
+    with pytest.raises(RunRefused, match="--allow-dask-address"):
+        RunPolicy.from_env({}).check_run([], "/x", dask_address="tcp://evil:8786")
+    RunPolicy.from_env({}).check_run([], "/x")  # none asked: fine
+    allowed = RunPolicy.from_env({"MASKBANK_ALLOW_DASK_ADDRESS": "1"})
+    allowed.check_run([], "/x", dask_address="tcp://scheduler:8786")
+    assert RunPolicy.from_env(allowed.to_env()) == allowed
 
 
 def _wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float) -> None:
