@@ -103,7 +103,8 @@ def test_served_deployment_builds_a_bank(prefect_api: str, tmp_path: Path) -> No
         write_phantom(tmp_path / "in", f"d{i}", seed=i)
     name = f"test-{uuid.uuid4().hex[:6]}"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--name", name, "--workers", "2"],
+        [sys.executable, "-m", "flows.serve", "--name", name, "--workers", "2"]
+        + ["--allowed-root", str(tmp_path)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
@@ -123,6 +124,15 @@ def test_served_deployment_builds_a_bank(prefect_api: str, tmp_path: Path) -> No
             timeout=300,
         )
         assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+        # The deployment's roots reach its runs: a bank outside them is refused, not created.
+        outside = tmp_path.parent / f"{name}-outside"
+        refused = run_deployment(
+            f"prepare-bank/{name}",
+            parameters={"inputs": [str(tmp_path / "in")], "bank": str(outside)},
+            timeout=300,
+        )
+        assert refused.state is not None and refused.state.is_failed(), refused.state
+        assert not outside.exists()
     finally:
         stop_process_group(serve)
     bank = Bank.open(tmp_path / "bank")
