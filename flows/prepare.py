@@ -248,6 +248,36 @@ def make_task_runner(workers: int, dask_address: str | None, processes: bool) ->
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
+PATH_FIELDS = ("image", "label", "file", "label_names", "label_names_path", "source_path")
+
+
+def redact_names(report: dict, scans: list[ScanInput]) -> dict:
+    """The report without file and folder names (``--id-from hash``): ids stand for them.
+
+    Path fields are dropped; a path inside a reason becomes the scan's id.
+    """
+    paths = {}
+    for s in scans:
+        for path in (s.image, s.label, s.label_names):
+            if path:
+                paths[str(path)] = s.scan_id
+                paths[os.path.abspath(path)] = s.scan_id
+    longest_first = sorted(paths, key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for path in longest_first:
+            text = text.replace(path, f"<{paths[path]}>")
+        return text
+
+    records = []
+    for rec in report["scans"]:
+        clean = {k: v for k, v in rec.items() if k not in PATH_FIELDS}
+        if isinstance(clean.get("reason"), str):
+            clean["reason"] = scrub(clean["reason"])
+        records.append(clean)
+    return {**report, "label_names": None, "scans": records}
+
+
 def _failed_from_exception(item: ScanInput, exc: BaseException | None) -> dict:
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else "task failed"
     if isinstance(exc, OSError) and not isinstance(exc, ScanError):
@@ -290,7 +320,7 @@ def prepare_bank(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     cfg = PrepareConfig.from_dict(config or {})
-    scans = collect_inputs(list(inputs), dataset, label_names)
+    scans = collect_inputs(list(inputs), dataset, label_names, cfg.id_from)
     store = Bank.create(bank)  # also finishes/undoes writes a killed run left behind
     bank_path = str(Path(bank).expanduser().resolve())
     logger.info("preparing %d scans into %s", len(scans), bank_path)
@@ -345,6 +375,8 @@ def prepare_bank(
         "counts": counts,
         "scans": records,
     }
+    if cfg.id_from == "hash":  # a shared report names no file or folder either
+        report = redact_names(report, scans)
     report["report_path"] = store.write_report("prepare", report)
     logger.info("prepare done: %s; report %s", counts, report["report_path"])
     for r in records:  # INFO: the CLI prints its own table; served runs log at INFO

@@ -205,9 +205,6 @@ def run(args: argparse.Namespace) -> int:
             id_from=args.id_from,
         )
         inputs = [os.path.abspath(i) for i in args.inputs]
-        if args.id_from == "hash":
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="maskbank-ids-"))
-            inputs = [_hashed_manifest(scans, folder)]
         print(f"{len(scans)} scans -> {args.bank}", file=sys.stderr)
         report = prepare_bank(
             inputs=inputs,
@@ -215,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             config=config.to_dict(),
             workers=args.workers,
             dask_address=args.dask_address,
-            dataset=None if args.id_from == "hash" else args.dataset,
+            dataset=args.dataset,
             processes=args.processes,
             progress=not args.no_progress,
             proposals=proposals,
@@ -226,25 +223,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_prepare_report(report))
     return 1 if report["counts"].get("failed") else 0
-
-
-def _hashed_manifest(scans: list, folder: str) -> str:
-    """The scans with their content-hash ids, as a JSONL manifest the flow reads back.
-
-    Why: the flow discovers its inputs itself (by name); a manifest whose scan_id column
-    holds the hashed ids makes it use them without knowing how they were made.
-    """
-    path = os.path.join(folder, "scans.jsonl")
-    with open(path, "w", encoding="utf-8") as fh:
-        for s in scans:
-            row = {**(s.metadata or {})}
-            row.update(
-                image=s.image,
-                label=s.label,
-                modality=s.modality,
-                dataset=s.dataset,
-                scan_id=s.scan_id,
-                label_names=s.label_names,
-            )
-            fh.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
-    return path
