@@ -14,7 +14,8 @@ A trial *survived* when, after the user's recovery (re-run, `--resume`, `maskban
 exactly once with its source's SHA-256 and the same array checksums as an undisturbed
 reference build, no staging or trash entry is left, proposals (where made) belong to the
 current scan version, and a resumed training run ends with the weights (model and EMA) of an
-uninterrupted one. `recover_s` is the median time from the fault to that verified state.
+uninterrupted one. `recover_s` is the median time from the fault to that verified state
+(over the trials that reached it; none when no trial did).
 """
 
 from __future__ import annotations
@@ -676,7 +677,7 @@ def run_fault(s: Suite, name: str, trials: int, log: Callable[[str], None]) -> d
         state = "survived" if trial.survived else "FAILED"
         log(f"{name} trial {i + 1}/{trials}: {state}, recover {trial.recover_s} s"
             + "".join(f"\n    {p}" for p in trial.problems[:8]))  # fmt: skip
-    times = [t.recover_s for t in results if t.recover_s is not None]
+    times = [t.recover_s for t in results if t.survived and t.recover_s is not None]
     return {
         "name": name,
         "trials": len(results),
