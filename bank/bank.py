@@ -219,16 +219,17 @@ class Bank:
         A corrupt index.json raises CorruptIndexError, unless the bank was opened with
         strict_index=False: then the scans are listed from storage and verify() reports it.
         """
-        text = self._read_text(INDEX_FILE)
         self._index_error = None
-        if text is None:
-            self._index_missing = True
-            self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
-            return
-        self._index_missing = False
         try:
+            text = self._read_text(INDEX_FILE)
+            if text is None:
+                self._index_missing = True
+                self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+                return
+            self._index_missing = False
             self._rows = parse_index(text, f"{self.location}/{INDEX_FILE}")
         except CorruptIndexError as exc:
+            self._index_missing = False
             if self._strict_index:
                 raise
             self._index_error = str(exc)
@@ -294,12 +295,12 @@ class Bank:
         assert root is not None
         row = None if remove else self._row_for(scan_id)
         with file_lock(_publish.index_lock_path(root)):
-            text = self._read_text(INDEX_FILE)
-            if text is not None:
-                try:
+            try:
+                text = self._read_text(INDEX_FILE)
+                if text is not None:
                     new_text = update_index_text(text, scan_id, row)
-                except CorruptIndexError:
-                    text = None  # rebuilt below from the scans themselves
+            except CorruptIndexError:
+                text = None  # rebuilt below from the scans themselves
             if text is None:
                 rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
                 new_text = render_index(rows)
@@ -547,11 +548,21 @@ class Bank:
         return f"{self._fs_root}/{rel}"
 
     def _read_text(self, rel: str) -> str | None:
+        """UTF-8 text of a bank file, None if absent; bytes that are not UTF-8 are corruption."""
         try:
-            with self._fs.open(self._url(rel), "r", encoding="utf-8") as fh:
-                return fh.read()
+            with self._fs.open(self._url(rel), "rb") as fh:
+                data = fh.read()
         except FileNotFoundError:
             return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if rel == INDEX_FILE:
+                raise CorruptIndexError(
+                    f"{self.location}/{INDEX_FILE} is corrupt (not UTF-8: {exc.reason} at byte "
+                    f"{exc.start}); rebuild it from the scans with `maskbank verify --repair BANK`"
+                ) from None
+            raise BankError(f"{self.location}/{rel} is corrupt (not UTF-8 text)") from None
 
     def _read_attrs(self, rel: str) -> dict | None:
         """Attributes of the group at rel (None if there is no group there)."""

@@ -164,6 +164,11 @@ def test_corrupt_index_is_a_bank_error_found_by_verify_and_repaired(filled: Bank
     assert Bank.open(root).index == filled.index
     (root / "index.json").write_text("not json")
     assert Bank.create(root).verify() == []  # a writer mends it on open too
+    (root / "index.json").write_bytes(b'{"scans": [\xff\xfe]}')  # flipped bits: not UTF-8
+    with pytest.raises(CorruptIndexError, match="not UTF-8"):
+        Bank.open(root)
+    assert verify_cmd.run(argparse.Namespace(bank=str(root), repair=True)) == 0
+    assert Bank.open(root).index == filled.index
 
 
 def test_proposals_record_and_check_their_scan_version(filled: Bank) -> None:
