@@ -102,3 +102,19 @@ def test_resume_mismatches_name_every_difference():
     recon = load_config("tiny", ["pretext=reconstruction"])
     assert resume_mismatches(old, recon, 1) == [("pretext", "incontext", "reconstruction")]
     check_resume("ck.pt", ckpt, load_config("tiny", ["data.crop=64", "max_steps=9"]), 2)
+
+
+def test_flipped_bits_in_the_weights_are_caught(tmp_path):
+    """torch.load does not check the zip's CRCs; the digest written with the file does."""
+    weights = torch.full((256,), 1.2345)
+    save_checkpoint(tmp_path, 3, {"step": 3, "model": {"w": weights}})
+    path = tmp_path / "step_00000003.pt"
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    pattern = weights[:2].numpy().tobytes()
+    at = bytes(data).index(pattern)
+    data[at : at + 4] = torch.tensor([9.0]).numpy().tobytes()  # one float changed in place
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_checkpoint(bad)
