@@ -21,9 +21,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--repair",
         action="store_true",
         help="first clean up interrupted writes whose writer is gone and rebuild index.json "
-        "from the scans (a corrupt, missing or stale index); needs write access",
+        "from the scans (a corrupt, missing or stale index), then remove every scan whose "
+        "data fail the check, so that re-running `maskbank prepare` and `maskbank propose` "
+        "on the same inputs rebuilds them; needs write access",
     )
     return p
+
+
+def damaged_scans(bank, problems: list[str]) -> dict[str, str]:
+    """Scan id -> its first problem, for the verify lines that concern one scan's data."""
+    out: dict[str, str] = {}
+    for sid in bank.scan_ids:
+        for line in problems:
+            if line.startswith(f"{sid}: "):
+                out.setdefault(sid, line[len(sid) + 2 :])
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"repaired: {action}")
             bank.rebuild_index()
             print(f"repaired: rebuilt index.json from {len(bank)} scans")
+            for sid, why in damaged_scans(bank, bank.verify()).items():
+                bank.delete_scan(sid)
+                print(
+                    f"repaired: removed scan {sid} ({why}); re-run `maskbank prepare` on its "
+                    "source and `maskbank propose` to rebuild it"
+                )
         else:
             bank = Bank.open(args.bank, strict_index=False)  # a corrupt index is a finding
         problems = bank.verify()

@@ -111,3 +111,23 @@ def test_delete_scan(filled: Bank) -> None:
     assert "ct-002" not in filled and not scan_dir(filled, "ct-002").exists()
     assert Bank.open(filled.location).scan_ids == ["ct-001", "mr-001"]
     assert filled.verify() == []
+
+
+def test_repair_removes_a_damaged_scan_so_a_rerun_rebuilds_it(filled: Bank, capsys) -> None:
+    """Prepare skips a scan whose attributes are unchanged, so repair must remove one whose
+    data no longer decode: then re-running prepare on the same inputs writes it again."""
+    import argparse
+
+    from flows.commands import verify as verify_cmd
+
+    shard = scan_dir(filled, "ct-001") / "image" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a compressed chunk
+    shard.write_bytes(bytes(data))
+    args = argparse.Namespace(bank=filled.location, repair=False)
+    assert verify_cmd.run(args) == 1
+    assert verify_cmd.run(argparse.Namespace(bank=filled.location, repair=True)) == 0
+    assert "removed scan ct-001" in capsys.readouterr().out
+    repaired = Bank.open(filled.location)
+    assert "ct-001" not in repaired and repaired.verify() == []
+    assert len(repaired) == len(filled.scan_ids) - 1
