@@ -312,18 +312,21 @@ def assign_hash_ids(rows: list[dict]) -> list[ScanInput]:
 
     out = []
     for r in rows:
-        out.append(
-            ScanInput(
-                scan_id=short(by_image[r["image"]]),
-                image=r["image"],
-                label=r.get("label"),
-                modality=r.get("modality"),
-                dataset=r.get("dataset"),
-                label_names=r.get("label_names"),
-                metadata=r.get("metadata") or None,
-            )
-        )
+        out.append(_scan_input(r, short(by_image[r["image"]])))
     return out
+
+
+def _scan_input(row: dict, scan_id: str) -> ScanInput:
+    """One collected input row under its final scan id."""
+    return ScanInput(
+        scan_id=scan_id,
+        image=row["image"],
+        label=row.get("label"),
+        modality=row.get("modality"),
+        dataset=row.get("dataset"),
+        label_names=row.get("label_names"),
+        metadata=row.get("metadata") or None,
+    )
 
 
 def assign_ids(rows: list[dict]) -> list[ScanInput]:
@@ -350,17 +353,7 @@ def assign_ids(rows: list[dict]) -> list[ScanInput]:
         if sid in taken:  # identical relative paths (e.g. a manifest listing a file twice)
             raise InputError(f"two inputs resolve to the same scan id {sid!r}: {r['image']}")
         taken.add(sid)
-        out.append(
-            ScanInput(
-                scan_id=sid,
-                image=r["image"],
-                label=r.get("label"),
-                modality=r.get("modality"),
-                dataset=r.get("dataset"),
-                label_names=r.get("label_names"),
-                metadata=r.get("metadata") or None,
-            )
-        )
+        out.append(_scan_input(r, sid))
     return out
 
 
