@@ -248,13 +248,22 @@ def make_task_runner(workers: int, dask_address: str | None, processes: bool) ->
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
-PATH_FIELDS = ("image", "label", "file", "label_names", "label_names_path", "source_path")
+# Fields that name files, folders or hosts (patient identifiers hide in paths).
+PATH_FIELDS = (
+    "image",
+    "label",
+    "file",
+    "label_names",
+    "label_names_path",
+    "source_path",
+    "worker",
+)
 
 
 def redact_names(report: dict, scans: list[ScanInput]) -> dict:
-    """The report without file and folder names (``--id-from hash``): ids stand for them.
+    """The report without file, folder or host names (``--id-from hash``): ids stand for them.
 
-    Path fields are dropped; a path inside a reason becomes the scan's id.
+    Path and host fields are dropped; a path inside a reason becomes the scan's id.
     """
     paths = {}
     for s in scans:
@@ -275,7 +284,7 @@ def redact_names(report: dict, scans: list[ScanInput]) -> dict:
         if isinstance(clean.get("reason"), str):
             clean["reason"] = scrub(clean["reason"])
         records.append(clean)
-    return {**report, "label_names": None, "scans": records}
+    return {**report, "label_names": None, "dask_address": None, "scans": records}
 
 
 def _failed_from_exception(item: ScanInput, exc: BaseException | None) -> dict:

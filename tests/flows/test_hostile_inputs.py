@@ -48,6 +48,7 @@ def test_prepare_good_bomb_hugegrid_fails_the_two_alone(prefect_api: str, tmp_pa
     assert rows[_id(huge)]["status"] == "failed" and "200" in rows[_id(huge)]["reason"]
     # The report names no file or folder either: ids stand for them.
     assert "file" not in rows[_id(huge)] and "Doe" not in json.dumps(report)
+    assert not any("worker" in r for r in report["scans"])  # host:pid of each task
     assert str(tmp_path / "in") not in json.dumps(report)
     bank = Bank.open(tmp_path / "bank")
     assert bank.scan_ids == [_id(good)]
