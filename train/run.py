@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,39 @@ def _kill_workers(batches: Any) -> None:
     for w in getattr(batches, "_workers", ()):
         if w.is_alive():
             w.kill()
+
+
+class LoaderWatchdog:
+    """Kills the loader's workers when the trainer has waited for a batch far past the timeout.
+
+    torch's own ``timeout`` cannot fire while the main thread is blocked reading a batch
+    that a worker stopped half-way through writing (a SIGSTOP'd or wedged worker): the
+    read never returns. Killing the workers ends that read, and the run stops with the
+    timed-out message instead of hanging.
+    """
+
+    def __init__(self, batches: Any, timeout: float) -> None:
+        self.batches = batches
+        self.limit = 2 * timeout + 5
+        self.waiting_since: float | None = None
+        self.fired = False
+        if timeout > 0 and getattr(batches, "_workers", None):
+            threading.Thread(target=self._watch, daemon=True, name="loader-watchdog").start()
+
+    def next(self) -> Any:
+        self.waiting_since = time.monotonic()
+        try:
+            return next(self.batches)
+        finally:
+            self.waiting_since = None
+
+    def _watch(self) -> None:
+        while not self.fired:
+            time.sleep(0.5)
+            since = self.waiting_since
+            if since is not None and time.monotonic() - since > self.limit:
+                self.fired = True
+                _kill_workers(self.batches)
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -359,13 +393,14 @@ def train(args: argparse.Namespace) -> int:
     step = start_step
     preempted = False
     batches = iter(loader)
+    watchdog = LoaderWatchdog(batches, float(dcfg["worker_timeout"]))
     model.train()
     acc_data = acc_dt = 0.0  # accumulated since the last logged step
     acc_steps = 0
     try:
         while step < max_steps:
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = watchdog.next()
             batch = {k: v.to(aug_device, non_blocking=True) for k, v in batch.items()}
             t_data = time.perf_counter() - t0
             gen = augment_generator(int(cfg["seed"]), step, rank, aug_device)
@@ -466,9 +501,9 @@ def train(args: argparse.Namespace) -> int:
             raise
         _kill_workers(batches)
         timeout = float(dcfg["worker_timeout"])
-        if "timed out" in str(exc):
+        if "timed out" in str(exc) or watchdog.fired:
             what = (
-                f"a DataLoader worker produced no batch for data.worker_timeout={timeout:g} s "
+                f"a DataLoader worker timed out: no batch for data.worker_timeout={timeout:g} s "
                 "(hung, e.g. on the bank's storage); check the storage, or raise "
                 "data.worker_timeout (0 waits forever)"
             )
