@@ -129,7 +129,17 @@ def _loader_failure(exc: BaseException) -> bool:
 
 def _kill_workers(batches: Any) -> None:
     """A hung worker ignores SIGTERM (see ``make_loader``), and Python's exit would join it
-    forever: kill what is left of the loader's workers."""
+    forever: kill what is left of the loader's workers.
+
+    torch's SIGCHLD handler would then raise "worker killed" into the main thread at some
+    later moment (a traceback and exit 1 after our message), so the loader's workers are
+    first taken off its watch list, as torch's own shutdown does.
+    """
+    from torch.utils.data._utils import signal_handling
+
+    if getattr(batches, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
     for w in getattr(batches, "_workers", ()):
         if w.is_alive():
             w.kill()
