@@ -136,6 +136,8 @@ class Bank:
             bank._strict_index = True
             return bank
         if root.exists() and any(root.iterdir()):
+            if (root / "zarr.json").exists():  # a concurrent creator's rename landed meanwhile
+                return cls.create(root, encoding)
             raise NotABankError(str(root), "folder exists, is not empty and has no zarr.json")
         encoding = encoding or Encoding()
         # Build the empty bank next to its destination and rename it into place, so that

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -155,27 +156,37 @@ class LoaderWatchdog:
     """
 
     def __init__(self, batches: Any, timeout: float) -> None:
-        self.batches = batches
+        # A weak reference: the iterator must be collected when training ends, which is
+        # what shuts its workers down (they ignore SIGTERM, so nothing else would).
+        self._batches = weakref.ref(batches)
         self.limit = 2 * timeout + 5
         self.waiting_since: float | None = None
         self.fired = False
+        self._stop = threading.Event()
         if timeout > 0 and getattr(batches, "_workers", None):
             threading.Thread(target=self._watch, daemon=True, name="loader-watchdog").start()
 
     def next(self) -> Any:
         self.waiting_since = time.monotonic()
         try:
-            return next(self.batches)
+            return next(self._batches())
         finally:
             self.waiting_since = None
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def _watch(self) -> None:
-        while not self.fired:
-            time.sleep(0.5)
+        while not self._stop.wait(0.5):
             since = self.waiting_since
+            batches = self._batches()
+            if batches is None:
+                return
             if since is not None and time.monotonic() - since > self.limit:
                 self.fired = True
-                _kill_workers(self.batches)
+                _kill_workers(batches)
+                return
+            del batches
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -535,6 +546,7 @@ def train(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
         preempt.restore()
+        watchdog.stop()
     if is_main:
         msg = "preempted: checkpoint written" if preempted else "done"
         print(f"{msg} at step {step}; resume with --resume" if preempted else msg, file=sys.stderr)
