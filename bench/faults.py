@@ -28,7 +28,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -49,6 +48,7 @@ DATA = REPO.parent / "shared" / "data"
 from bank import Bank  # noqa: E402
 from bank.layout import STAGING_DIR, TRASH_DIR  # noqa: E402
 from pipeline.phantom import make_phantom  # noqa: E402
+from pipeline.reader import sha256_of  # noqa: E402
 
 N_PHANTOMS = 4
 PHANTOM_SHAPE = (72, 72, 56)  # ~1 s per scan on one core: a kill lands between and inside scans
@@ -90,14 +90,6 @@ class Trial:
 
 class Skip(Exception):  # noqa: N818 (not an error: the fault cannot be staged here)
     """This fault cannot be injected in this environment (the reason is reported)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def published(bank: Path, part: str = "") -> int:
@@ -265,7 +257,7 @@ class Suite:
         for sid in ref.scan_ids:
             attrs = ref.scan(sid).attrs
             truth[sid] = {
-                "sha256": sha256_file(Path(attrs["source_path"])),
+                "sha256": sha256_of(Path(attrs["source_path"])),
                 "crc": {k: v["crc32"] for k, v in attrs["maskbank"]["arrays"].items()},
             }
         return {"bank": bank, "window": (0.5 * first, total), "truth": truth}
@@ -437,7 +429,7 @@ def propose_vs_prepare(s: Suite) -> Trial:
     stale = [p for p in Bank.open(bank).verify() if "another version" in p]
     notes += [f"right after the race: {p}" for p in stale]
     notes += s.must(s.run(s.propose_cmd(bank)), "re-run of propose")
-    trial = s.check(bank, proposals=True, sources={sid: sha256_file(image)})
+    trial = s.check(bank, proposals=True, sources={sid: sha256_of(image)})
     return s.finish(trial, t_fault, *notes)
 
 
