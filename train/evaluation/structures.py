@@ -62,8 +62,8 @@ class LabelledScan:
 
 def labelled_scans(bank, scan_ids: list[str] | None = None) -> list[LabelledScan]:
     """The scans of ``bank`` (or of ``scan_ids``) that have a label map, sorted by id."""
-    ids = sorted(scan_ids or bank.scan_ids)
-    out = [LabelledScan(bank.scan(s)) for s in ids if bank.scan(s).has("label")]
+    views = (bank.scan(s) for s in sorted(scan_ids or bank.scan_ids))
+    out = [LabelledScan(v) for v in views if v.has("label")]
     if not out:
         raise EvaluationError(
             f"bank {bank.location} has no scan with a label map, so there is nothing to "
