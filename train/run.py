@@ -170,8 +170,28 @@ class LoaderWatchdog:
         self.waiting_since = time.monotonic()
         try:
             return next(self._batches())
+        except (OSError, EOFError) as exc:
+            # A worker killed half-way through handing over a batch (by this watchdog or
+            # by the OOM killer) breaks the shared-memory hand-over itself: report that as
+            # the loader failure it is, not as a socket error. A worker's own OSError (a
+            # missing chunk, say) comes here too, with every worker alive: left alone.
+            why = self._describe(exc)
+            if why is None:
+                raise
+            raise RuntimeError(why) from exc
         finally:
             self.waiting_since = None
+
+    def _describe(self, exc: BaseException) -> str | None:
+        err = f"{type(exc).__name__}: {exc}"
+        if self.fired:
+            return f"DataLoader timed out after {self.limit:g} s ({err})"
+        batches = self._batches()
+        dead = [w.pid for w in getattr(batches, "_workers", ()) if not w.is_alive()]
+        if not dead:
+            return None
+        pids = ", ".join(map(str, dead))
+        return f"DataLoader worker (pid(s) {pids}) exited unexpectedly ({err})"
 
     def stop(self) -> None:
         self._stop.set()
