@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=3, help="runs per measurement (median is reported)"
     )
     ap.add_argument("--skip-synthetic", action="store_true", help="only the real chest CT")
+    ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in inputs:
             results.append(bench_one(name, path, args.repeat, work))
     ringing = ringing_test()
+    if args.record:
+        from record import record
+
+        for r in results:
+            keys = ("maskbank_s", "maskbank_over_floor", "nnunet_over_maskbank")
+            record("Prepare", {"scan": r["scan"], **{k: r[k] for k in keys}})
     if args.json:
         print(json.dumps({"scans": results, "ringing": ringing}, indent=2))
         return 0

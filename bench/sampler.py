@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data.pairs_per_scan_visit: consecutive pairs drawn from one scan (1 = default stream)",
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     # As in a DataLoader worker and the trainer (``make_loader``, ``train.run``): freed
@@ -431,6 +432,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in result.items():
             print(f"{key:36s} {value}")
+    if args.record:
+        from record import record
+
+        keys = (
+            "bank",
+            "ratio",
+            "ours_s_per_pair",
+            "baseline_s_per_pair_total",
+            "read_only_pairs_per_s",
+        )
+        record("Sampler", {k: result[k] for k in keys})
     return 0
 
 
