@@ -41,8 +41,10 @@ ROW_KEYS = (
     "n_proposals",
     "nbytes",
     "proposals_nbytes",
+    "normalization",
     "written_at",
 )
+NORMALIZATION_KEYS = ("clip", "mean", "std")  # what the scan table shows; the rest stays in attrs
 
 
 def lookup(attrs: dict, key: str) -> Any:
@@ -81,9 +83,17 @@ def make_row(
         else 0,
         nbytes=int(nbytes),
         proposals_nbytes=int(proposals_nbytes),
+        normalization=_normalization(attrs.get("normalization")),
         written_at=info.get("written_at"),
     )
     return {key: row.get(key) for key in ROW_KEYS}
+
+
+def _normalization(norm: Any) -> dict | None:
+    """The intensity normalisation's numbers, so the scan table needs no scan opened."""
+    if not isinstance(norm, dict):
+        return None
+    return {key: norm[key] for key in NORMALIZATION_KEYS if key in norm} or None
 
 
 def dir_nbytes(path: Path) -> int:
