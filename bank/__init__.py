@@ -1,9 +1,13 @@
 """Zarr v3 mask bank: the on-disk store of prepared scans, masks and proposals.
 
-`Bank` and `ScanView` are the whole public surface; see docs/bank-format.md.
+The public surface is what this package exports -- `Bank` and `ScanView`, the
+proposals' writer and reader, the chunk cache for crops -- plus the modules
+`bank.errors`, `bank.proposals` and `bank.browse`; the other modules spell the
+on-disk layout and are the bank's own. See docs/bank-format.md.
 """
 
 from .bank import Bank
+from .chunk_cache import ChunkCache, Piece
 from .encoding import Encoding
 from .errors import (
     BankError,
@@ -12,17 +16,24 @@ from .errors import (
     UnknownScanError,
     UnsupportedFormatError,
 )
-from .layout import FORMAT_VERSION
+from .layout import FORMAT_VERSION, proposal_layer_array
+from .proposals import NoProposalsError, ProposalReader, write_proposals
 from .scan import ScanView
 
 __all__ = [
     "FORMAT_VERSION",
     "Bank",
     "BankError",
+    "ChunkCache",
     "Encoding",
+    "NoProposalsError",
     "NotABankError",
+    "Piece",
+    "ProposalReader",
     "ReadOnlyBankError",
     "ScanView",
     "UnknownScanError",
     "UnsupportedFormatError",
+    "proposal_layer_array",
+    "write_proposals",
 ]

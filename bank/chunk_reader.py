@@ -1,8 +1,8 @@
 """Decode a bank volume's inner chunks straight from its shards (the trainer's fast read path).
 
 The layout knowledge this needs (sharding codec, Blosc inner chunks, CRC32C
-shard index) belongs to the bank, so it lives here; ``train.crop_masks``
-builds its per-worker chunk cache on top of it.
+shard index) belongs to the bank, so it lives here; ``bank.chunk_cache``
+builds the per-worker chunk cache on top of it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
 LOCKS_DIR = ".locks"
 PROPOSALS_PART = "proposals"
+PROPOSAL_LAYERS_DIR = "layers"  # label-map layers, inside the proposals part
 
 # "@" separates scan id, part and a random token in staging/trash names, so it is
 # not allowed in scan ids; "/" would create nested groups. Always fullmatch: "$" also
@@ -51,6 +52,11 @@ def scan_path(scan_id: str) -> str:
 def part_path(scan_id: str, part: str | None) -> str:
     """Path of a scan part (the whole scan when part is None) relative to the bank root."""
     return scan_path(scan_id) if part is None else f"{scan_path(scan_id)}/{part}"
+
+
+def proposal_layer_array(layer_name: str) -> str:
+    """Name, relative to its scan, of a proposals layer's array (as ScanView.read takes it)."""
+    return f"{PROPOSALS_PART}/{PROPOSAL_LAYERS_DIR}/{layer_name}"
 
 
 def temp_name(scan_id: str, part: str | None, token: str) -> str:

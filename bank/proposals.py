@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BankError
-from .layout import PROPOSALS_PART
+from .layout import PROPOSAL_LAYERS_DIR, PROPOSALS_PART, proposal_layer_array
 
 PROPOSALS_FORMAT = "maskbank-proposals/1"
 _TABLE_DTYPES = {
@@ -47,18 +47,20 @@ def write_proposals(
 ) -> dict:
     """Write ``proposal_set`` (a pipeline ProposalSet) as the scan's proposals part, atomically.
 
+    The bank stores what it is given: the set carries its feature columns
+    (``voxels``, ``bbox``, ``centroid``, ``compactness``, ``contrast``), computed by
+    the caller with ``pipeline.proposals.features.compute_features``
+    (``generate_proposals`` does so).
+
     ``scan_token`` is ``ScanView.token`` of the scan the proposals were made from: when
     the scan was rewritten since, StaleScanError is raised and nothing is written.
 
     Layers are pruned to the labels some proposal uses and renumbered densely
-    (uint16 when possible) so they compress well; missing feature columns are
-    computed from the layers (without image-based contrast).  Returns the attrs.
+    (uint16 when possible) so they compress well. Returns the attrs.
     """
-    from pipeline.proposals.features import compute_features
-
     ps = proposal_set
     if not ps.has_features:
-        compute_features(ps, None, None)
+        ps = _features_for_old_callers(ps)
     ps = ps.prune_layers()
     sources = sorted(set(ps.table["source"].tolist()))
     codes = {s: i for i, s in enumerate(sources)}
@@ -69,7 +71,7 @@ def write_proposals(
         "table/source": np.array([codes[s] for s in ps.table["source"]], np.uint8).reshape(-1),
     }
     for name, lay in ps.layers.items():
-        arrays[f"layers/{name}"] = lay
+        arrays[f"{PROPOSAL_LAYERS_DIR}/{name}"] = lay
     for col, values in ps.table.items():
         if col == "source":
             continue
@@ -93,6 +95,25 @@ def write_proposals(
     meta.update(attrs or {})
     bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART, scan_token=scan_token)
     return meta
+
+
+def _features_for_old_callers(ps: Any) -> Any:
+    """Fill the feature columns of a set written without them (no image-based contrast).
+
+    Transitional, for callers that do not compute them yet: the bank is not the place
+    that computes features, and this goes once every caller passes them.
+    """
+    import warnings
+
+    from pipeline.proposals.features import compute_features
+
+    warnings.warn(
+        "write_proposals was given proposals without feature columns; compute them first "
+        "with pipeline.proposals.features.compute_features (the bank will stop filling them)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return compute_features(ps, None, None)
 
 
 def _norm_roi(roi, shape) -> tuple[slice, slice, slice]:
@@ -203,7 +224,7 @@ class ProposalReader:
         self.shape = tuple(self.attrs["shape"])
         self.layer_names: list[str] = list(self.attrs["layers"])
         self._layers: dict[int, Any] = {}
-        self._sizes = [int(s) for s in self.attrs["layer_sizes"]]
+        self.layer_sizes = [int(s) for s in self.attrs["layer_sizes"]]
         self.indptr = np.asarray(got["members_indptr"], np.int64)
         self.starts = np.asarray(got["members_start"], np.int64)
         self.stops = np.asarray(got["members_stop"], np.int64)
@@ -252,10 +273,15 @@ class ProposalReader:
         return self.nbytes_stored() / max(self.count, 1)
 
     # --------------------------------------------------------------- queries
+    def layer_array_name(self, j: int) -> str:
+        """Name of layer ``j``'s array relative to the scan, for ``ScanView.read`` and
+        ``ChunkCache`` (which read any region of it without this reader)."""
+        return proposal_layer_array(self.layer_names[j])
+
     def layer(self, j: int) -> Any:
         """Label-map layer ``j`` as a lazy zarr array (opened on first use)."""
         if j not in self._layers:
-            self._layers[j] = self._group[f"layers/{self.layer_names[j]}"]
+            self._layers[j] = self._group[f"{PROPOSAL_LAYERS_DIR}/{self.layer_names[j]}"]
         return self._layers[j]
 
     def _layer_roi(self, j: int, roi) -> np.ndarray:
@@ -278,7 +304,9 @@ class ProposalReader:
         touch = self._touches(roi)
         rows_val = np.zeros(len(self.starts), np.int64)
         for j in np.unique(self.table["layer"][touch]):
-            counts = np.bincount(self._layer_roi(int(j), roi).ravel(), minlength=self._sizes[j])
+            counts = np.bincount(
+                self._layer_roi(int(j), roi).ravel(), minlength=self.layer_sizes[j]
+            )
             prefix = np.concatenate([[0], np.cumsum(counts)])
             rows = self._row_layer == j
             stops = np.minimum(self.stops[rows], len(counts))
@@ -302,7 +330,7 @@ class ProposalReader:
             lab = self._layer_roi(int(j), roi)
             for k in np.flatnonzero(touch & (layer_of == j)):
                 i = ids[k]
-                lut = np.zeros(self._sizes[j] + 1, dtype=bool)
+                lut = np.zeros(self.layer_sizes[j] + 1, dtype=bool)
                 for r in range(self.indptr[i], self.indptr[i + 1]):
                     lut[self.starts[r] : self.stops[r]] = True
                 np.take(lut, lab, out=out[k])

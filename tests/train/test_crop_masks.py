@@ -1,14 +1,13 @@
-"""The chunk cache on top of direct shard decoding (bank.chunk_reader), and bit/count pieces."""
+"""The chunk cache (bank.ChunkCache) on top of direct shard decoding, and bit/count pieces."""
 
 import numpy as np
 import pytest
 import zarr
 
-from bank import Bank
+from bank import Bank, ChunkCache
 from bank.chunk_reader import ShardedBloscReader
 from bank.proposals import ProposalReader
 from tests.bank.sharded_arrays import all_chunks, sharded
-from train.crop_masks import ChunkCache
 
 
 class _View:
