@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import fsspec
@@ -215,27 +216,48 @@ class Bank:
         return bank
 
     # ------------------------------------------------------------------ index
-    def refresh(self) -> None:
+    def refresh(self, strict: bool | None = None) -> None:
         """Re-read the index (other processes may have written scans since).
 
         A corrupt index.json raises CorruptIndexError, unless the bank was opened with
-        strict_index=False: then the scans are listed from storage and verify() reports it.
+        strict_index=False (or ``strict=False`` is given for this call): then the scans
+        are listed from storage, ``index_error`` says why and verify() reports it.
         """
+        strict = self._strict_index if strict is None else strict
         self._index_error = None
         try:
             text = self._read_text(INDEX_FILE)
             if text is None:
                 self._index_missing = True
-                self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+                self._rows = {sid: self._row_for(sid) for sid in self.scan_ids_on_storage()}
                 return
             self._index_missing = False
             self._rows = parse_index(text, f"{self.location}/{INDEX_FILE}")
         except CorruptIndexError as exc:
             self._index_missing = False
-            if self._strict_index:
+            if strict:
                 raise
             self._index_error = str(exc)
-            self._rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+            self._rows = {sid: self._row_for(sid) for sid in self.scan_ids_on_storage()}
+
+    @property
+    def index_missing(self) -> bool:
+        """True when the last refresh found no index.json (the scans were listed from storage)."""
+        return self._index_missing
+
+    @property
+    def index_error(self) -> str | None:
+        """Why index.json could not be read at the last (non-strict) refresh, else None."""
+        return self._index_error
+
+    @property
+    def index_rows(self) -> Mapping[str, Mapping[str, Any]]:
+        """Scan id -> index row, as a read-only view without copies (``index`` copies every row).
+
+        For bank-wide passes that must stay fast at 10,000 scans (summary, tables); the rows
+        are the bank's own: read them, never modify them.
+        """
+        return MappingProxyType(self._rows)
 
     @property
     def scan_ids(self) -> list[str]:
@@ -281,7 +303,7 @@ class Bank:
         """Rewrite index.json from the scan groups themselves (after crashes or manual edits)."""
         self._require_writable()
         with file_lock(_publish.index_lock_path(self._local)):  # type: ignore[arg-type]
-            rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+            rows = {sid: self._row_for(sid) for sid in self.scan_ids_on_storage()}
             atomic_write_text(self._local / INDEX_FILE, render_index(rows))  # type: ignore[operator]
         self._rows = rows
         self._index_missing = False
@@ -304,7 +326,7 @@ class Bank:
             except CorruptIndexError:
                 text = None  # rebuilt below from the scans themselves
             if text is None:
-                rows = {sid: self._row_for(sid) for sid in self._list_scan_dirs()}
+                rows = {sid: self._row_for(sid) for sid in self.scan_ids_on_storage()}
                 new_text = render_index(rows)
             atomic_write_text(root / INDEX_FILE, new_text)
         if text is None:
@@ -323,8 +345,8 @@ class Bank:
             scan_id,
             attrs,
             prop_attrs,
-            self._nbytes(part_path(scan_id, None)),
-            self._nbytes(part_path(scan_id, PROPOSALS_PART)) if prop_attrs else 0,
+            self.stored_nbytes(scan_id),
+            self.stored_nbytes(scan_id, PROPOSALS_PART) if prop_attrs else 0,
         )
 
     # ------------------------------------------------------------------ reading
@@ -342,6 +364,64 @@ class Bank:
 
     def __getitem__(self, scan_id: str) -> ScanView:
         return self.scan(scan_id)
+
+    @property
+    def store(self) -> zarr.abc.store.Store:
+        """The bank's zarr store, read-only (also for scans the index does not list)."""
+        return self._store
+
+    @property
+    def local_root(self) -> Path | None:
+        """The bank's folder on a local (or mounted) file system; None for a remote bank."""
+        return self._local
+
+    def scan_ids_on_storage(self) -> list[str]:
+        """Scan ids whose groups exist on storage: a listing, for checks and rebuilds.
+
+        Readers use ``scan_ids`` (the index); this is what the index is checked against.
+        """
+        try:
+            entries = self._fs.ls(self._url(SCANS_DIR), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(Path(e["name"]).name for e in entries if e.get("type") == "directory")
+
+    def stored_nbytes(self, scan_id: str, part: str | None = None) -> int:
+        """Bytes on storage of a scan (its proposals included) or of one part of it; 0 if absent.
+
+        Any folder name under scans/ is measured (verify() measures what it finds), but
+        never one that would climb out of it.
+        """
+        if (
+            not isinstance(scan_id, str)
+            or not scan_id
+            or "/" in scan_id
+            or "\\" in scan_id
+            or scan_id in (".", "..")
+        ):
+            raise ValueError(f"invalid scan id {scan_id!r}")
+        if part not in _PARTS:
+            raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
+        rel = part_path(scan_id, part)
+        if self._local is not None:
+            return dir_nbytes(self._local / rel)
+        try:
+            return int(self._fs.du(self._url(rel), total=True))
+        except FileNotFoundError:
+            return 0
+
+    def leftovers(self) -> list[str]:
+        """Names under .staging/ and .trash/: writes in flight or interrupted by a crash.
+
+        ``recover()`` (on the writer side) finishes or undoes the interrupted ones.
+        """
+        found = []
+        for sub in (STAGING_DIR, TRASH_DIR):
+            with contextlib.suppress(FileNotFoundError):
+                found += [
+                    f"{sub}/{Path(p).name}" for p in self._fs.ls(self._url(sub), detail=False)
+                ]
+        return sorted(found)
 
     # ------------------------------------------------------------------ writing
     def write_scan(
@@ -374,7 +454,7 @@ class Bank:
         grid = self._check_arrays(scan_id, arrays, part)
         with file_lock(_publish.scan_lock_path(root, scan_id)):
             if part is not None and not (root / part_path(scan_id, None)).is_dir():
-                raise UnknownScanError(scan_id, len(self._list_scan_dirs()), self.location)
+                raise UnknownScanError(scan_id, len(self.scan_ids_on_storage()), self.location)
             current = None
             if part is not None:
                 current = scan_token_of(self.read_scan_attrs(scan_id) or {})
@@ -505,12 +585,8 @@ class Bank:
         root = self._local
         assert root is not None
         actions = _publish.recover(root)
-        on_disk = set(self._list_scan_dirs())
-        strict, self._strict_index = self._strict_index, False
-        try:
-            self.refresh()
-        finally:
-            self._strict_index = strict
+        on_disk = set(self.scan_ids_on_storage())
+        self.refresh(strict=False)
         if actions or self._index_missing or self._index_error or on_disk != set(self._rows):
             self.rebuild_index()
             actions.append(f"rebuilt index ({len(self._rows)} scans)")
@@ -572,32 +648,6 @@ class Bank:
         if text is None:
             return None
         return json.loads(text).get("attributes", {})
-
-    def _list_scan_dirs(self) -> list[str]:
-        """Scan ids present on storage (a listing; used for rebuild/verify, not for reading)."""
-        try:
-            entries = self._fs.ls(self._url(SCANS_DIR), detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(Path(e["name"]).name for e in entries if e.get("type") == "directory")
-
-    def _nbytes(self, rel: str) -> int:
-        if self._local is not None:
-            return dir_nbytes(self._local / rel)
-        try:
-            return int(self._fs.du(self._url(rel), total=True))
-        except FileNotFoundError:
-            return 0
-
-    def _leftovers(self) -> list[str]:
-        """Names under .staging/ and .trash/ (crashed or in-flight writes)."""
-        found = []
-        for sub in (STAGING_DIR, TRASH_DIR):
-            with contextlib.suppress(FileNotFoundError):
-                found += [
-                    f"{sub}/{Path(p).name}" for p in self._fs.ls(self._url(sub), detail=False)
-                ]
-        return sorted(found)
 
 
 def _build_empty_bank(root: Path, encoding: Encoding) -> None:

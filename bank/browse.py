@@ -53,7 +53,7 @@ def bank_html(bank: Bank, max_rows: int = MAX_ROWS) -> str:
     """Summary line plus a table of the first `max_rows` scans."""
     s = bank.summary()
     head = "".join(f"<th>{_esc(c)}</th>" for c in _COLUMNS)
-    rows = [bank._rows[sid] for sid in bank.scan_ids[:max_rows]]  # no copy of 10,000 rows
+    rows = [bank.index_rows[sid] for sid in bank.scan_ids[:max_rows]]  # no copy of 10,000 rows
     body = "".join(
         "<tr>" + "".join(f"<td>{_cell(c, r.get(c))}</td>" for c in _COLUMNS) + "</tr>" for r in rows
     )

@@ -25,7 +25,7 @@ def summarise(bank: Bank) -> dict:
     by_modality: dict[str, dict] = {}
     by_dataset: dict[str, dict] = {}
     n_with_props = n_props = prop_bytes = labelled = 0
-    for row in bank._rows.values():  # no copies: summary must stay fast at 10,000 scans
+    for row in bank.index_rows.values():  # no copies: summary must stay fast at 10,000 scans
         voxels = math.prod(row["shape"]) if row.get("shape") else 0
         nbytes = int(row.get("nbytes") or 0)
         _add(total, voxels, nbytes)

@@ -21,27 +21,23 @@ _INFO_KEYS = ("format_version", "written_at", "arrays")
 
 def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True) -> list[str]:
     """Every problem found, one line each, prefixed with the scan id where there is one."""
-    strict, bank._strict_index = bank._strict_index, False  # a corrupt index is a finding
-    try:
-        bank.refresh()
-    finally:
-        bank._strict_index = strict
+    bank.refresh(strict=False)  # a corrupt index is a finding
     problems: list[str] = []
-    on_disk = set(bank._list_scan_dirs())
+    on_disk = set(bank.scan_ids_on_storage())
     indexed = set(bank.scan_ids)
-    if bank._index_missing:
+    if bank.index_missing:
         problems.append(
             "index.json is missing (run bank.rebuild_index() or `maskbank verify --repair BANK`)"
         )
-    if bank._index_error:
-        problems.append(bank._index_error)
+    if bank.index_error:
+        problems.append(bank.index_error)
         indexed = set()  # rows listed from storage, not from the index: nothing to compare
     for sid in sorted(indexed - on_disk):
         problems.append(f"{sid}: listed in index.json but its group is missing")
     for sid in sorted(on_disk - indexed):
         problems.append(f"{sid}: group exists but index.json does not list it")
-    for name in bank._leftovers():
-        if bank._local is not None and writer_alive(bank._local, name.split("/")[-1]):
+    for name in bank.leftovers():
+        if bank.local_root is not None and writer_alive(bank.local_root, name.split("/")[-1]):
             problems.append(f"write in progress: {name} (its writer holds the scan lock)")
         else:
             problems.append(f"leftover {name} (an interrupted write; bank.recover() cleans it)")
@@ -56,7 +52,7 @@ def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True
 def verify_scan(bank: Bank, scan_id: str, indexed: bool, deep: bool = True) -> list[str]:
     """Problems of one scan: attributes, arrays vs their records, decodability, index row."""
     try:
-        group = zarr.open_group(bank._store, path=part_path(scan_id, None), mode="r")
+        group = zarr.open_group(bank.store, path=part_path(scan_id, None), mode="r")
     except (FileNotFoundError, KeyError, ValueError) as exc:
         return [f"cannot open group: {exc}"]
     attrs = dict(group.attrs)
@@ -175,13 +171,13 @@ def _check_proposal_version(info: dict, pinfo: dict) -> list[str]:
 
 
 def _check_row(bank: Bank, scan_id: str, attrs: dict, prop_attrs: dict | None) -> list[str]:
-    row = bank._rows[scan_id]
+    row = bank.index_rows[scan_id]
     expected = make_row(
         scan_id,
         attrs,
         prop_attrs,
-        bank._nbytes(part_path(scan_id, None)),
-        bank._nbytes(part_path(scan_id, PROPOSALS_PART)) if prop_attrs else 0,
+        bank.stored_nbytes(scan_id),
+        bank.stored_nbytes(scan_id, PROPOSALS_PART) if prop_attrs else 0,
     )
     stale = [k for k in ROW_KEYS if row.get(k) != expected[k]]
     if stale:
