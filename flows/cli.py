@@ -22,6 +22,7 @@ COMMANDS = (
     "evaluate",
     "info",
     "verify",
+    "report",
     "demo",
 )
 
