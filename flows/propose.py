@@ -10,23 +10,24 @@ changed option redoes every scan.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import flow, get_run_logger, task
-from prefect.futures import as_completed
+from prefect import flow, get_run_logger
 
 from bank import Bank
 from bank.errors import StaleScanError
 from bank.proposals import ProposalReader, write_proposals
-from flows.prepare import (
-    PER_SCAN_TASK_OPTIONS,
-    _exception_of,
-    make_task_runner,
-    shared_torch_threads,
-    summarise_records,
+from flows.per_scan import (
+    Cluster,
+    RunClock,
+    ScanOutcome,
+    per_scan_task,
+    run_per_scan,
+    run_report,
+    seconds_since,
 )
 from pipeline.normalize import invert_normalization
 from pipeline.proposals.engine import ProposalConfig, generate_proposals
@@ -51,8 +52,10 @@ def raw_image(scan: Any) -> np.ndarray:
     return invert_normalization(img, norm) if norm else img
 
 
-def propose_scan(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = False) -> dict:
-    """Make and store one scan's proposals (or skip them when up to date); return a record.
+def propose_scan(
+    store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = False
+) -> ScanOutcome:
+    """Make and store one scan's proposals (or skip them when up to date).
 
     The write names the scan version the proposals were made from; when a concurrent
     prepare rewrote the scan meanwhile they are made again from the new version.
@@ -60,20 +63,18 @@ def propose_scan(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = F
     t0 = time.perf_counter()
     for attempt in range(STALE_RETRIES + 1):
         try:
-            rec = _propose_once(store, scan_id, cfg, force)
+            outcome = _propose_once(store, scan_id, cfg, force)
         except StaleScanError as exc:
             if attempt == STALE_RETRIES:
-                rec = {"scan_id": scan_id, "status": "failed", "reason": str(exc)}
+                outcome = ScanOutcome(scan_id, "failed", str(exc))
                 break
             force = False  # the new version has no proposals: nothing to skip
             continue
         break
-    rec["seconds"] = round(time.perf_counter() - t0, 3)
-    return rec
+    return replace(outcome, seconds=seconds_since(t0))
 
 
-def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -> dict:
-    t0 = time.perf_counter()
+def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -> ScanOutcome:
     scan = store.scan(scan_id)
     version = scan_version(scan)
     old = scan.proposals_attrs
@@ -83,13 +84,10 @@ def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -
         and old.get("fingerprint") == cfg.fingerprint()
         and old.get("scan_version") == version
     ):
-        return {
-            "scan_id": scan_id,
-            "status": "skipped",
-            "reason": "proposals up to date (same config and scan)",
-            "n_proposals": int(old.get("n_proposals", 0)),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        reason = "proposals up to date (same config and scan)"
+        return ScanOutcome(
+            scan_id, "skipped", reason, details={"n_proposals": int(old.get("n_proposals", 0))}
+        )
     body = np.asarray(scan.read("body"), dtype=bool) if scan.has("body") else None
     image = raw_image(scan)
     if body is None:
@@ -111,18 +109,12 @@ def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -
         scan_token=scan.token,
     )
     nbytes = ProposalReader(store.scan(scan_id)).nbytes_stored()
-    return {
-        "scan_id": scan_id,
-        "status": "ok",
-        "reason": None,
-        "n_proposals": ps.count,
-        "bytes_per_proposal": round(nbytes / max(ps.count, 1), 1),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    details = {"n_proposals": ps.count, "bytes_per_proposal": round(nbytes / max(ps.count, 1), 1)}
+    return ScanOutcome(scan_id, "ok", details=details)
 
 
-@task(name="propose-scan", task_run_name="propose-{scan_id}", **PER_SCAN_TASK_OPTIONS)
-def propose_one(scan_id: str, bank: str, config: dict, force: bool = False) -> dict:
+@per_scan_task("propose")
+def propose_one(scan_id: str, bank: str, config: dict, force: bool = False) -> ScanOutcome:
     """One Dask task: proposals for one scan."""
     store = Bank.open(bank, mode="a")
     return propose_scan(store, scan_id, ProposalConfig.from_dict(config), force)
@@ -140,11 +132,8 @@ def propose_bank(
     progress: bool = True,
 ) -> dict:
     """Make proposals for the scans of an existing bank; return (and store) the run report."""
-    from tqdm import tqdm
-
     logger = get_run_logger()
-    started = datetime.now(UTC)
-    t0 = time.perf_counter()
+    clock = RunClock()
     cfg = ProposalConfig.from_dict(config or {})
     store = Bank.open(bank, mode="a")
     ids = list(scan_ids) if scan_ids else store.scan_ids
@@ -152,44 +141,14 @@ def propose_bank(
     if missing:
         raise ValueError(f"scans not in the bank: {missing}")
     bank_path = str(Path(bank).expanduser().resolve())
-    records: list[dict] = []
-    with (
-        shared_torch_threads(workers, dask_address, processes),
-        make_task_runner(workers, dask_address, processes) as runner,
-    ):
-        futures = {
-            runner.submit(
-                propose_one,
-                {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force},
-            ): s
-            for s in ids
-        }
-        with tqdm(total=len(ids), desc="propose", unit="scan", disable=not progress) as bar:
-            for fut in as_completed(list(futures)):
-                sid = futures[fut]
-                fut.wait()
-                if fut.state.is_completed():
-                    rec = fut.result()
-                else:
-                    exc = _exception_of(fut.state)
-                    reason = f"{type(exc).__name__}: {exc}" if exc else "task failed"
-                    rec = {"scan_id": sid, "status": "failed", "reason": reason}
-                records.append(rec)
-                bar.set_postfix(summarise_records(records), refresh=False)
-                bar.update(1)
-    store.rebuild_index()
-    order = {s: i for i, s in enumerate(ids)}
-    records.sort(key=lambda r: order[r["scan_id"]])
-    report = {
-        "flow": "propose",
-        "bank": bank_path,
-        "started_at": started.isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "config": cfg.to_dict(),
-        "fingerprint": cfg.fingerprint(),
-        "counts": summarise_records(records),
-        "scans": records,
+    params = {
+        s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force} for s in ids
     }
+    cluster = Cluster(workers, dask_address, processes)
+    outcomes = run_per_scan(propose_one, params, cluster, desc="propose", progress=progress)
+    store.rebuild_index()
+    settings = {"config": cfg.to_dict(), "fingerprint": cfg.fingerprint()}
+    report = run_report("propose", bank_path, clock, settings, outcomes)
     report["report_path"] = store.write_report("propose", report)
     logger.info("propose done: %s", report["counts"])
     return report

@@ -1,4 +1,4 @@
-"""Plain-text tables for the terminal (prepare reports, bank summaries)."""
+"""Plain-text tables for the terminal (prepare and propose reports, bank summaries)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ def format_prepare_report(report: dict) -> str:
         if report.get("proposals_config"):
             row.insert(3, "" if r.get("n_proposals") is None else str(r["n_proposals"]))
         rows.append(row)
-    c = report["counts"]
     header = ["scan", "status", "s", "reason"]
     right = {2}
     if report.get("proposals_config"):
@@ -67,9 +66,40 @@ def format_prepare_report(report: dict) -> str:
     lines = [
         table(header, rows, right=right),
         "",
-        f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
-        f"in {report['seconds']:.1f} s -> {report['bank']}",
+        f"{counts_line(report)} -> {report['bank']}",
     ]
     if report.get("report_path"):
         lines.append(f"report: {report['report_path']}")
     return "\n".join(lines)
+
+
+def format_propose_report(report: dict) -> str:
+    """Per-scan table (status, proposals, bytes per proposal, seconds) and the totals line."""
+    rows = [
+        [
+            r["scan_id"],
+            r["status"],
+            r.get("n_proposals"),
+            r.get("bytes_per_proposal"),
+            r.get("seconds"),
+            r.get("reason") or "",
+        ]
+        for r in report["scans"]
+    ]
+    header = ["scan", "status", "proposals", "B/prop", "s", "note"]
+    return "\n".join(
+        [
+            table(header, rows, right={2, 3, 4}),
+            "",
+            f"{counts_line(report)}; report: {report['report_path']}",
+        ]
+    )
+
+
+def counts_line(report: dict) -> str:
+    """``3 ok, 1 skipped, 0 failed in 12.5 s``: the totals of a flow's report."""
+    c = report["counts"]
+    return (
+        f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
+        f"in {report['seconds']:.1f} s"
+    )

@@ -139,19 +139,9 @@ def guarded_prepare_bank(
 ) -> dict:
     """`prepare_bank` for runs that others trigger: the deployment's policy is checked
     (`RunPolicy.from_env`) before any file is read or written."""
+    parameters = dict(locals())  # the same signature: passed on unchanged
     RunPolicy.from_env().check_run(inputs, bank, dask_address, dataset, label_names)
-    return prepare_bank.fn(
-        inputs=inputs,
-        bank=bank,
-        config=config,
-        workers=workers,
-        dask_address=dask_address,
-        dataset=dataset,
-        processes=processes,
-        progress=progress,
-        proposals=proposals,
-        label_names=label_names,
-    )
+    return prepare_bank.fn(**parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

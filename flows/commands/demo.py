@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flows.commands._prefect_env import apply_cli_defaults
+from flows.commands.options import add_workers_option
 
 STAGE_ORDER = ("prepare", "propose", "pretrain", "evaluate")  # the functions are in STAGES below
 
@@ -52,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for inputs and bank")
     p.add_argument("--spacing", default="1.5", metavar="MM", help="target spacing (default 1.5)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="parallel scans (default 2)")
+    add_workers_option(p, default=2)
     p.add_argument(
         "--synthetic", action="store_true", help="use phantoms even when real scans exist"
     )
@@ -205,8 +206,8 @@ def stage_propose(args: argparse.Namespace, ctx: dict) -> int:
     """Mask proposals for every scan, then their quality against the labelled scans."""
     from bank import Bank
     from flows.commands.proposals_quality import bank_quality, format_table
-    from flows.commands.propose import format_report
     from flows.propose import propose_bank
+    from flows.report import format_propose_report
     from pipeline.proposals.engine import ProposalConfig
 
     report = propose_bank(
@@ -215,7 +216,7 @@ def stage_propose(args: argparse.Namespace, ctx: dict) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    print(format_report(report))
+    print(format_propose_report(report))
     print()
     print(format_table(bank_quality(Bank.open(ctx["bank"]))))
     return 1 if report["counts"].get("failed") else 0

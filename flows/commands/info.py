@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,13 +49,12 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bank import Bank, BankError
+    from flows.commands.options import open_bank_scans
 
-    try:
-        summary = Bank.open(args.bank).summary()
-    except (BankError, FileNotFoundError) as exc:
-        print(f"maskbank info: error: {exc}", file=sys.stderr)
+    opened = open_bank_scans("maskbank info", args.bank)
+    if opened is None:
         return 2
+    summary = opened[0].summary()
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

@@ -6,10 +6,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from contextlib import ExitStack
 
 from flows.commands._prefect_env import apply_cli_defaults
+from flows.commands.options import (
+    add_cluster_options,
+    add_run_output_options,
+    cluster_kwargs,
+    prefect_for_workers,
+)
 from flows.commands.propose import add_proposal_options, config_from_args
 
 DESCRIPTION = """\
@@ -88,13 +92,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "overrides it per scan",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        metavar="N",
-        help="scans prepared in parallel on a local Dask cluster (default: min(4, CPUs))",
-    )
-    p.add_argument(
         "--max-scan-memory",
         default=None,
         metavar="SIZE",
@@ -112,27 +109,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "no file or folder name (patient identifiers hide there) becomes an id, a "
         "dataset name or a path stored in the bank",
     )
-    p.add_argument(
-        "--dask-address",
-        default=None,
-        metavar="ADDR",
-        help="run the tasks on an existing Dask cluster (e.g. tcp://host:8786, started "
-        "by dask-jobqueue on SLURM; see docs/cluster.md) instead of a local one",
-    )
-    p.add_argument(
-        "--processes",
-        action="store_true",
-        help="local cluster of worker processes instead of threads; starts one loopback "
-        "Prefect server for them when PREFECT_API_URL is unset",
-    )
+    add_cluster_options(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="list the scans found (id, image, label, dataset) and stop; nothing is written",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON, not a table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+    add_run_output_options(p)
     p.add_argument(
         "--proposals",
         action="store_true",
@@ -174,9 +157,6 @@ def run(args: argparse.Namespace) -> int:
         print(table(["scan", "image", "label", "dataset", "modality"], rows))
         print(f"\n{len(scans)} scans would be prepared into {args.bank} (dry run)")
         return 0
-    if args.workers < 1:
-        print("maskbank prepare: error: --workers must be >= 1", file=sys.stderr)
-        return 2
     from bank import Bank, BankError
 
     try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
@@ -186,16 +166,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     apply_cli_defaults(args.verbose)
 
-    with ExitStack() as stack:
-        if args.processes and not args.dask_address and not os.environ.get("PREFECT_API_URL"):
-            from flows.server import loopback_server
-
-            home = stack.enter_context(tempfile.TemporaryDirectory(prefix="maskbank-prefect-"))
-            print("starting a loopback Prefect server for the worker processes...", file=sys.stderr)
-            os.environ["PREFECT_API_URL"] = stack.enter_context(loopback_server(home))
-
+    with prefect_for_workers(args):
         from flows.prepare import prepare_bank
-        from flows.report import format_prepare_report
         from pipeline.config import PrepareConfig
 
         config = PrepareConfig(
@@ -210,14 +182,14 @@ def run(args: argparse.Namespace) -> int:
             inputs=inputs,
             bank=args.bank,
             config=config.to_dict(),
-            workers=args.workers,
-            dask_address=args.dask_address,
             dataset=args.dataset,
-            processes=args.processes,
             progress=not args.no_progress,
             proposals=proposals,
             label_names=label_names,
+            **cluster_kwargs(args),
         )
+    from flows.report import format_prepare_report
+
     if args.json:
         print(json.dumps(report, indent=1))
     else:

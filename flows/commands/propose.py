@@ -8,6 +8,13 @@ import os
 import sys
 
 from flows.commands._prefect_env import apply_cli_defaults
+from flows.commands.options import (
+    add_cluster_options,
+    add_run_output_options,
+    add_scan_selection,
+    cluster_kwargs,
+    open_bank_scans,
+)
 
 DESCRIPTION = """\
 Make class-agnostic 3D mask proposals for every scan of BANK (or --scans): supervoxels,
@@ -75,47 +82,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bank", metavar="BANK", help="bank folder")
-    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    add_scan_selection(p)
     add_proposal_options(p)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        metavar="N",
-        help="scans in parallel on a local Dask cluster (default: min(4, CPUs))",
-    )
-    p.add_argument("--dask-address", default=None, metavar="ADDR", help="existing Dask cluster")
+    add_cluster_options(p, processes=False)
     p.add_argument("--force", action="store_true", help="redo scans that are up to date")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+    add_run_output_options(p)
     return p
-
-
-def format_report(report: dict) -> str:
-    """Per-scan table (status, proposals, bytes per proposal, seconds) and the totals line."""
-    from flows.report import table
-
-    rows = [
-        [
-            r["scan_id"],
-            r["status"],
-            r.get("n_proposals"),
-            r.get("bytes_per_proposal"),
-            r.get("seconds"),
-            r.get("reason") or "",
-        ]
-        for r in report["scans"]
-    ]
-    c = report["counts"]
-    return "\n".join(
-        [
-            table(["scan", "status", "proposals", "B/prop", "s", "note"], rows, right={2, 3, 4}),
-            "",
-            f"{c.get('ok', 0)} ok, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed "
-            f"in {report['seconds']:.1f} s; report: {report['report_path']}",
-        ]
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,15 +96,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"maskbank propose: error: {exc}", file=sys.stderr)
         return 2
-    from flows.commands._bank_args import open_bank_scans
-
     opened = open_bank_scans("maskbank propose", args.bank, args.scans)
     if opened is None:
         return 2
     _store, ids = opened
-    if args.workers < 1:
-        print("maskbank propose: error: --workers must be >= 1", file=sys.stderr)
-        return 2
     apply_cli_defaults(args.verbose)
     from flows.propose import propose_bank
 
@@ -140,10 +107,11 @@ def run(args: argparse.Namespace) -> int:
         bank=os.path.abspath(args.bank),
         config=cfg.to_dict(),
         scan_ids=ids,
-        workers=args.workers,
-        dask_address=args.dask_address,
         force=args.force,
         progress=not args.no_progress,
+        **cluster_kwargs(args),
     )
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    from flows.report import format_propose_report
+
+    print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
     return 1 if report["counts"].get("failed") else 0

@@ -32,15 +32,15 @@ logging.getLogger("bank.locks").setLevel(logging.DEBUG)
 logging.getLogger("bank.locks").addHandler(logging.StreamHandler(sys.stderr))
 what, args = sys.argv[1], json.loads(sys.argv[2])
 if what == "prepare":
-    from flows.prepare import _prepare_record
-    rec = _prepare_record(args["scan_id"], args["item"], args["bank"], args["config"])
+    from flows.prepare import prepare_record
+    rec = prepare_record(args["scan_id"], args["item"], args["bank"], args["config"])
 else:
     from bank import Bank
     from flows.propose import propose_scan
     from pipeline.proposals.engine import ProposalConfig
     rec = propose_scan(Bank.open(args["bank"], mode="a"), args["scan_id"],
                        ProposalConfig.from_dict(args["config"]))
-print("RESULT " + json.dumps(rec, default=str), flush=True)
+print("RESULT " + json.dumps(rec.to_json()), flush=True)
 """
 
 
@@ -86,7 +86,7 @@ def _item(image: Path, label: Path) -> dict:
 
 
 def test_concurrent_prepares_of_one_id_keep_the_first(tmp_path: Path) -> None:
-    from flows.prepare import _prepare_record
+    from flows.prepare import prepare_record
 
     first = write_phantom(tmp_path / "a", "case", "ct", seed=1)
     second = write_phantom(tmp_path / "b", "case", "ct", seed=2)
@@ -98,7 +98,7 @@ def test_concurrent_prepares_of_one_id_keep_the_first(tmp_path: Path) -> None:
             {"scan_id": "case", "item": _item(*second), "bank": str(bank_dir), "config": CONFIG},
         )
         _wait_until_blocked(child)  # it found no scan "case" and prepared its own file
-        mine = _prepare_record("case", _item(*first), str(bank_dir), CONFIG)
+        mine = prepare_record("case", _item(*first), str(bank_dir), CONFIG)
         assert mine["status"] == "ok"
     theirs = _result(child)
     assert theirs["status"] == "failed" and "already holds a different scan" in theirs["reason"]
@@ -108,19 +108,19 @@ def test_concurrent_prepares_of_one_id_keep_the_first(tmp_path: Path) -> None:
 
 
 def test_propose_racing_a_prepare_stores_proposals_of_the_new_scan(tmp_path: Path) -> None:
-    from flows.prepare import _prepare_record
+    from flows.prepare import prepare_record
     from flows.propose import scan_version
 
     image, label = write_phantom(tmp_path / "in", "case", "ct", seed=1)
     bank_dir = tmp_path / "bank"
     Bank.create(bank_dir)
-    assert _prepare_record("case", _item(image, label), str(bank_dir), CONFIG)["status"] == "ok"
+    assert prepare_record("case", _item(image, label), str(bank_dir), CONFIG)["status"] == "ok"
     old_token = Bank.open(bank_dir).scan("case").token
     write_phantom(tmp_path / "in", "case", "ct", seed=3)  # the source changes: a new version
     with file_lock(scan_lock_path(bank_dir, "case")):
         child = _start("propose", {"scan_id": "case", "bank": str(bank_dir), "config": PROPOSALS})
         _wait_until_blocked(child)  # proposals of the old version made, waiting to be stored
-        redo = _prepare_record("case", _item(image, label), str(bank_dir), CONFIG)
+        redo = prepare_record("case", _item(image, label), str(bank_dir), CONFIG)
         assert redo["status"] == "ok" and redo["note"] == "source changed"
     rec = _result(child)
     assert rec["status"] == "ok", rec

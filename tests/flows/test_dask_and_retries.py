@@ -14,9 +14,11 @@ from tests.flows.scans import write_phantom
 def test_retry_only_transient_io() -> None:
     from prefect.states import Completed, Failed
 
-    from flows.prepare import TASK_RETRIES, prepare_one, retry_transient_io
+    from flows.per_scan import TASK_RETRIES, retry_transient_io
+    from flows.prepare import prepare_one
+    from flows.propose import propose_one
 
-    assert prepare_one.retries == TASK_RETRIES >= 1
+    assert prepare_one.retries == propose_one.retries == TASK_RETRIES >= 1
     assert retry_transient_io(None, None, Failed(data=OSError(5, "Input/output error")))
     assert retry_transient_io(None, None, Failed(data=TimeoutError("nfs stalled")))
     assert not retry_transient_io(None, None, Failed(data=ScanError("x.nii", "bad header")))

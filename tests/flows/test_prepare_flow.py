@@ -138,7 +138,8 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_io_errors_are_retried_then_reported(prefect_api: str, tmp_path: Path) -> None:
     """Reading /proc/self/mem raises a real EIO: retried by Prefect, then one failed record."""
-    from flows.prepare import RETRY_DELAYS_S, TASK_RETRIES, prepare_bank
+    from flows.per_scan import RETRY_DELAYS_S, TASK_RETRIES
+    from flows.prepare import prepare_bank
 
     write_phantom(tmp_path / "in", "fine", seed=1)
     (tmp_path / "in" / "flaky.nii.gz").symlink_to("/proc/self/mem")

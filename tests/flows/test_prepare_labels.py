@@ -12,7 +12,7 @@ import pytest
 from bank import Bank
 from flows.cli import main
 from flows.inputs import collect_inputs
-from flows.prepare import _prepare_record
+from flows.prepare import prepare_record
 from pipeline.config import PrepareConfig
 from pipeline.phantom import NAMES
 from tests.flows.scans import write_phantom
@@ -63,12 +63,12 @@ def test_label_names_and_metadata_reach_the_bank(
 
     # The skip check hashes the names file: editing it redoes only the scans it names.
     items = {s.scan_id: s.to_dict() for s in collect_inputs([str(manifest)], None, str(names_file))}
-    assert _prepare_record("case1", items["case1"], str(bank_dir), CONFIG)["status"] == "skipped"
+    assert prepare_record("case1", items["case1"], str(bank_dir), CONFIG)["status"] == "skipped"
     names_file.write_text(_itksnap({**NAMES, 3: "hepar"}))
-    redo = _prepare_record("case0", items["case0"], str(bank_dir), CONFIG)
+    redo = prepare_record("case0", items["case0"], str(bank_dir), CONFIG)
     assert (redo["status"], redo["note"]) == ("ok", "label names changed")
     assert Bank.open(bank_dir).scan("case0").label_names[3] == "hepar"
-    assert _prepare_record("case1", items["case1"], str(bank_dir), CONFIG)["status"] == "skipped"
+    assert prepare_record("case1", items["case1"], str(bank_dir), CONFIG)["status"] == "skipped"
 
 
 def test_malformed_label_names_is_a_usage_error(

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from flows.commands.options import add_scan_selection, open_bank_scans
+
 
 def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
     """--checkpoint, --bank, --preset, --seed, --scans, --out, --json, --device, --no-progress."""
@@ -25,7 +27,7 @@ def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
         "(default tiny), checked against a checkpoint's",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of draws and untrained weights")
-    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    add_scan_selection(p)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: none)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -78,8 +80,6 @@ def device_of(name: str):
 
 def open_bank(prog: str, args: argparse.Namespace):
     """``(bank, scan ids or None)`` or None after printing why (exit 2)."""
-    from flows.commands._bank_args import open_bank_scans
-
     return open_bank_scans(prog, args.bank, args.scans)
 
 

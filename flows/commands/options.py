@@ -1,0 +1,115 @@
+"""Command-line options the `maskbank` commands share, and what they turn into.
+
+Parsing stays light (no prefect, dask or torch here) so that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def add_workers_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--workers N``: scans in parallel (default: min(4, CPUs))."""
+    shown = "min(4, CPUs)" if default is None else str(default)
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=min(4, os.cpu_count() or 1) if default is None else default,
+        metavar="N",
+        help=f"scans in parallel on a local Dask cluster (default: {shown})",
+    )
+
+
+def add_cluster_options(p: argparse.ArgumentParser, processes: bool = True) -> None:
+    """``--workers``, ``--dask-address`` and (with ``processes``) ``--processes``."""
+    add_workers_option(p)
+    p.add_argument(
+        "--dask-address",
+        default=None,
+        metavar="ADDR",
+        help="run the tasks on an existing Dask cluster (e.g. tcp://host:8786, started "
+        "by dask-jobqueue on SLURM; see docs/cluster.md) instead of a local one",
+    )
+    if processes:
+        p.add_argument(
+            "--processes",
+            action="store_true",
+            help="local cluster of worker processes instead of threads; starts one loopback "
+            "Prefect server for them when PREFECT_API_URL is unset",
+        )
+
+
+def cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow parameters (``workers``, ``dask_address``, ``processes``) of the options."""
+    return {
+        "workers": args.workers,
+        "dask_address": args.dask_address,
+        "processes": getattr(args, "processes", False),
+    }
+
+
+@contextmanager
+def prefect_for_workers(args: argparse.Namespace) -> Iterator[None]:
+    """Local process workers report to a Prefect server: start one on loopback for the
+    run when ``--processes`` is given without PREFECT_API_URL (threads need none)."""
+    if (
+        not getattr(args, "processes", False)
+        or args.dask_address
+        or os.environ.get("PREFECT_API_URL")
+    ):
+        yield
+        return
+    from flows.server import loopback_server
+
+    with tempfile.TemporaryDirectory(prefix="maskbank-prefect-") as home:
+        print("starting a loopback Prefect server for the worker processes...", file=sys.stderr)
+        with loopback_server(home) as url:
+            os.environ["PREFECT_API_URL"] = url
+            try:
+                yield
+            finally:
+                del os.environ["PREFECT_API_URL"]
+
+
+def add_run_output_options(p: argparse.ArgumentParser) -> None:
+    """``--json``, ``--no-progress`` and ``-v`` of the commands that run a flow."""
+    p.add_argument("--json", action="store_true", help="print the report as JSON, not a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's INFO logs")
+
+
+def add_scan_selection(p: argparse.ArgumentParser) -> None:
+    """``--scans a,b``: a subset of the bank's scans (checked by `open_bank_scans`)."""
+    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+
+
+def open_bank_scans(prog: str, bank: str, scans: str | None = None):
+    """``(Bank, scan ids or None for all)``; on a usage error print why and return None (exit 2)."""
+    from bank import Bank
+    from bank.errors import BankError
+
+    try:
+        store = Bank.open(bank)
+    except (BankError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+    ids = [s.strip() for s in scans.split(",")] if scans else None
+    unknown = [s for s in ids or [] if s not in store]
+    if unknown:
+        print(f"{prog}: error: scans not in the bank: {unknown}", file=sys.stderr)
+        return None
+    return store, ids
