@@ -40,7 +40,8 @@ import math
 import os
 import signal
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from train.cpu_kernels import retain_freed_memory
 from train.crop_masks import LAYERS_PATH, ChunkCache, ProposalIndex, crop_pieces, pieces_min
+from train.run_config import DataConfig
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
 _VISIT_STREAM = 0x5CA7  # third seed word of the per-visit scan draw (keeps it apart from pairs)
@@ -81,9 +83,12 @@ class SamplerConfig:
         return self.k + 1
 
     @classmethod
-    def from_config(cls, data: dict[str, Any]) -> SamplerConfig:
-        keys = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in data.items() if k in keys}
+    def from_config(cls, data: DataConfig | Mapping[str, Any]) -> SamplerConfig:
+        """The sampler's settings from the training config's ``data`` section (typed, or its
+        dict form, validated first); the loader's settings in it are not the sampler's."""
+        data = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+        keys = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.to_dict().items() if k in keys}
         if kw.get("scans") is not None:
             kw["scans"] = tuple(kw["scans"])
         return cls(**kw)

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from train.checkpointing import (
+    CheckpointError,
     check_resume,
     find_checkpoint,
     load_checkpoint,
@@ -52,8 +55,8 @@ from train.incontext_net import count_parameters
 from train.lamb_optim import Lamb
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
 from train.paired_augment import NONE, PairAugmenter
-from train.pretext import Pretext, PretextOutput, create_pretext
-from train.run_config import dump_config, load_config
+from train.pretext import Pretext, PretextError, PretextOutput, create_pretext
+from train.run_config import ConfigError, OptimConfig, TrainConfig, dump_config
 from train.weight_ema import WeightEMA
 
 
@@ -107,7 +110,7 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 def check_out_dir(out: str) -> None:
     """The run directory is renamed into and fsync'd: only a local or mounted path will do."""
     if URL.match(out):
-        raise ValueError(
+        raise ConfigError(
             f"--out {out} is a URL; the run directory (checkpoints written with atomic "
             "renames and fsync) must be a local or mounted path: train into e.g. runs/NAME "
             f"and copy it to {out} afterwards"
@@ -209,7 +212,21 @@ class LoaderWatchdog:
             del batches
 
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among ``world`` ranks and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Placement:
+    """This process's rank and device from torchrun's environment; joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -219,23 +236,23 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return rank, world, local, device
+    return Placement(rank, world, device)
 
 
-def build_optimizer(model: torch.nn.Module, opt: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, opt: OptimConfig | Mapping[str, Any]
+) -> torch.optim.Optimizer:
+    """AdamW or LAMB; ``opt`` is the typed ``optim`` section or its dict form."""
+    opt = opt if isinstance(opt, OptimConfig) else OptimConfig.from_dict(opt)
     # No weight decay on norms, biases and tokens (1-D tensors).
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
-        {"params": decay, "weight_decay": float(opt["weight_decay"])},
+        {"params": decay, "weight_decay": opt.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    name = str(opt["name"]).lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=float(opt["lr"]), betas=tuple(opt["betas"]))
-    if name == "lamb":
-        return Lamb(groups, lr=float(opt["lr"]), betas=tuple(opt["betas"]))
-    raise ValueError(f"optim.name must be adamw or lamb, got {opt['name']!r}")
+    optimizer = {"adamw": torch.optim.AdamW, "lamb": Lamb}[opt.name]
+    return optimizer(groups, lr=opt.lr, betas=opt.betas)
 
 
 def one_cycle(step: int, max_steps: int, warmup_frac: float, floor: float = 0.01) -> float:
@@ -250,10 +267,11 @@ def one_cycle(step: int, max_steps: int, warmup_frac: float, floor: float = 0.01
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_scheduler(optimizer, opt: dict[str, Any], max_steps: int):
-    frac = float(opt["warmup_frac"])
+def build_scheduler(optimizer: torch.optim.Optimizer, opt: OptimConfig, max_steps: int):
+    frac = opt.warmup_frac
+    # A lambda, not a callable object: LambdaLR then keeps nothing of it in its state dict.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: one_cycle(step, int(max_steps), frac)
+        optimizer, lambda step: one_cycle(step, max_steps, frac)
     )
 
 
@@ -284,109 +302,317 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def train(args: argparse.Namespace) -> int:
-    check_out_dir(args.out)
-    cfg = load_config(args.config, args.overrides)
-    pretext = create_pretext(str(cfg["pretext"]), cfg)
-    out = Path(args.out)
-    rank, world, _local, device = setup_distributed()
-    is_main = rank == 0
-    preempt = Preemption()
-    preempt.install()
-    tcfg, dcfg = cfg["train"], cfg["data"]
-    max_steps = int(tcfg["max_steps"])
+def checkpoint_to_resume(
+    args: argparse.Namespace, cfg: TrainConfig, world: int
+) -> dict[str, Any] | None:
+    """The checkpoint ``--resume``/``--resume-from`` names, checked against this run's config
+    (same pretext, preset, batch, K, crop and ranks); None for a fresh run."""
+    if not (args.resume or args.resume_from):
+        return None
+    path = find_checkpoint(args.resume_from or "auto", Path(args.out))
+    ckpt = load_checkpoint(path)
+    check_resume(path, ckpt, cfg.to_dict(), world)
+    return ckpt
 
-    ckpt = None
-    if args.resume or args.resume_from:
-        ckpt_path = find_checkpoint(args.resume_from or "auto", out)
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume(ckpt_path, ckpt, cfg, world)  # same pretext, preset, batch, K, crop, ranks
-    start_step = int(ckpt["step"]) if ckpt else 0
-    skipped = int(ckpt.get("skipped_steps", 0)) if ckpt else 0
-    in_a_row = int(ckpt.get("skipped_in_a_row", 0)) if ckpt else 0
-    max_skipped = int(tcfg["max_skipped_steps"])
-    nan_cfg = tcfg["debug_nan"]
-    nan_steps = {int(x) for x in nan_cfg["steps"] or ()}
-    if nan_cfg["ranks"] is not None and rank not in {int(r) for r in nan_cfg["ranks"]}:
-        nan_steps = set()
 
-    torch.manual_seed(int(cfg["seed"]))  # identical initial weights on every rank
-    model = pretext.build_model(cfg["model"]["preset"]).to(device)
-    crop = int(dcfg["crop"])
-    if crop % model.min_size:
-        raise ValueError(f"data.crop={crop} must be a multiple of {model.min_size} for this model")
-    scfg = SamplerConfig.from_config(dcfg)
-    stream = PairStream(
-        args.bank,
-        scfg,
-        seed=int(cfg["seed"]),
-        rank=rank,
-        world_size=world,
-        start_batch=start_step,
-        compact=True,  # float16 images / int16 bit fields: half the bytes (same values)
-    )
-    if ckpt and ckpt.get("bank_fingerprint") != stream.fingerprint and is_main:
-        print(
-            f"warning: bank fingerprint {stream.fingerprint} differs from the checkpoint's "
-            f"{ckpt.get('bank_fingerprint')}: the data stream will not match the original run",
-            file=sys.stderr,
+@dataclass
+class Progress:
+    """Where the run stands: steps taken, and the non-finite steps skipped (checkpointed)."""
+
+    step: int = 0
+    skipped: int = 0  # in all, on all ranks together
+    in_a_row: int = 0  # consecutive, up to the last step
+
+    @classmethod
+    def of(cls, ckpt: dict[str, Any] | None) -> Progress:
+        if ckpt is None:
+            return cls()
+        return cls(
+            int(ckpt["step"]),
+            int(ckpt.get("skipped_steps", 0)),
+            int(ckpt.get("skipped_in_a_row", 0)),
         )
-    loader = make_loader(
-        stream,
-        int(dcfg["num_workers"]),
-        int(dcfg["prefetch_factor"]),
-        pin_memory=device.type == "cuda",
-        timeout=float(dcfg["worker_timeout"]),
-    )
-    ema = WeightEMA(model, float(tcfg["ema_decay"]))
-    optimizer = build_optimizer(model, cfg["optim"])
-    scheduler = build_scheduler(optimizer, cfg["optim"], max_steps)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-    net: torch.nn.Module = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if tcfg["compile"]:
-        net = torch.compile(net)
-    aug_on = str(cfg["augment"]["device"])
-    aug_device = device if aug_on == "auto" else torch.device(aug_on)
-    augmenter = (
-        PairAugmenter(crop) if cfg["augment"]["enabled"] else PairAugmenter(crop, NONE, NONE)
-    )
-    use_bf16 = bool(tcfg["bf16"]) and device.type == "cuda"
 
-    writer = None
-    metrics_fh = None
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"cannot create --out {out}: {exc}; choose a writable path") from exc
-        (out / "config.yaml").write_text(dump_config(cfg))
-        metrics_fh = open(out / "metrics.jsonl", "a" if ckpt else "w")  # noqa: SIM115 (closed in finally)
-        if tcfg["tensorboard"]:
+
+@dataclass
+class StepOutcome:
+    """What one optimisation step produced (for the log) and decided (skip, stop)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    result: PretextOutput
+    aug: dict[str, torch.Tensor]
+    skipped: bool
+    preempted: bool
+
+
+def prepare_run_dir(out: Path, cfg: TrainConfig) -> None:
+    """Create the run directory and write the resolved config.yaml."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out}: {exc}; choose a writable path") from exc
+    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+
+class RunLog:
+    """The main rank's record of a run: metrics.jsonl, TensorBoard and the progress bar.
+
+    Throughput and data wait are averaged over the steps since the last record.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        cfg: TrainConfig,
+        pretext: Pretext,
+        device: torch.device,
+        start_step: int,
+        pairs_per_step: int,
+        resumed: bool,
+    ) -> None:
+        self.tcfg, self.pretext, self.device = cfg.train, pretext, device
+        self.pairs_per_step = pairs_per_step
+        self.acc_data = self.acc_dt = 0.0  # accumulated since the last record
+        self.acc_steps = 0
+        self.metrics = open(out / "metrics.jsonl", "a" if resumed else "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self.writer = None
+        self.bar = None
+        if self.tcfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tb"))
-        print(
-            f"pretext {pretext.name}; model {cfg['model']['preset']}: "
-            f"{count_parameters(model) / 1e6:.2f} M params; "
-            f"{len(stream.scan_ids)} scans; world {world}; device {device}; "
-            f"steps {start_step}->{max_steps}",
-            file=sys.stderr,
-        )
+            self.writer = SummaryWriter(str(out / "tb"))
+        if self.tcfg.progress and start_step < self.tcfg.max_steps:
+            from tqdm import tqdm
 
-    def checkpoint(step: int) -> None:
+            self.bar = tqdm(
+                total=self.tcfg.max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True
+            )
+
+    def after_step(
+        self, step: int, outcome: StepOutcome, t_data: float, t_step: float, lr: float, skipped: int
+    ) -> None:
+        """Account for the step just taken; record it when due (and every skipped step)."""
+        self.acc_data += t_data
+        self.acc_dt += t_step
+        self.acc_steps += 1
+        due = step % self.tcfg.log_every == 0 or step == self.tcfg.max_steps
+        if due or outcome.skipped:
+            self._record(step, outcome, lr, skipped)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _record(self, step: int, outcome: StepOutcome, lr: float, skipped: int) -> None:
+        parts = outcome.result.parts
+        rec = {
+            "step": step,
+            "loss": _finite_or_none(float(outcome.loss.detach())),
+            **parts,
+            "lr": lr,
+            "grad_norm": _finite_or_none(float(outcome.grad_norm)),
+            "pairs_per_s": self.pairs_per_step * self.acc_steps / self.acc_dt,
+            "data_wait": self.acc_data / self.acc_dt,
+            "step_s": self.acc_dt / self.acc_steps,
+            "skipped_steps": skipped,  # so far, on all ranks together
+        }
+        rec.update({k: _finite_or_none(float(v)) for k, v in parts.items()})
+        self.acc_data = self.acc_dt = 0.0
+        self.acc_steps = 0
+        if self.device.type == "cuda":
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            self._write_tensorboard(step, rec, outcome)
+        if self.bar is not None:
+            shown = "nan" if rec["loss"] is None else f"{rec['loss']:.3f}"
+            self.bar.set_postfix(loss=shown, wait=f"{rec['data_wait']:.0%}", skipped=skipped)
+
+    def _write_tensorboard(self, step: int, rec: dict[str, Any], outcome: StepOutcome) -> None:
+        parts = outcome.result.parts
+        keys = ("loss", *parts, "lr", "pairs_per_s", "data_wait", "grad_norm", "skipped_steps")
+        for key in keys:
+            if rec[key] is not None:
+                self.writer.add_scalar(f"train/{key}", rec[key], step)
+        if "gpu_mem_gb" in rec:
+            self.writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
+        if step % self.tcfg.image_every == 0:
+            log_images(self.writer, step, self.pretext, outcome.aug, outcome.result)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def loader_failure_error(exc: RuntimeError, step: int, timeout: float, timed_out: bool):
+    """The TrainingError for a dead or hung DataLoader worker, saying what to do."""
+    if timed_out or "timed out" in str(exc):
+        what = (
+            f"a DataLoader worker timed out: no batch for data.worker_timeout={timeout:g} s "
+            "(hung, e.g. on the bank's storage); check the storage, or raise "
+            "data.worker_timeout (0 waits forever)"
+        )
+    else:
+        what = (
+            "a DataLoader worker died (often the out-of-memory killer: lower "
+            "data.num_workers or data.prefetch_factor; data.num_workers=0 shows a "
+            "worker's own error in the main process)"
+        )
+    return TrainingError(
+        f"data loading failed at step {step}: {str(exc).splitlines()[0]}: {what}; "
+        "resume with --resume"
+    )
+
+
+class Trainer:
+    """One pretraining run on one rank: built in named steps, then ``run()`` to max_steps."""
+
+    def __init__(
+        self, args: argparse.Namespace, cfg: TrainConfig, place: Placement, preempt: Preemption
+    ) -> None:
+        self.cfg, self.place, self.preempt = cfg, place, preempt
+        self.out, self.bank = Path(args.out), args.bank
+        self.pretext = create_pretext(cfg.pretext, cfg)
+        self.ckpt = checkpoint_to_resume(args, cfg, place.world)
+        self.progress = Progress.of(self.ckpt)
+        self.nan_steps = cfg.train.debug_nan.applies_to(place.rank)
+        self.model = self._build_model()
+        self.stream = self._open_stream()
+        self.loader = make_loader(
+            self.stream,
+            cfg.data.num_workers,
+            cfg.data.prefetch_factor,
+            pin_memory=place.device.type == "cuda",
+            timeout=cfg.data.worker_timeout,
+        )
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self.net = self._wrap_for_training()
+        self.aug_device = (
+            place.device if cfg.augment.device == "auto" else torch.device(cfg.augment.device)
+        )
+        crop = cfg.data.crop
+        self.augmenter = (
+            PairAugmenter(crop) if cfg.augment.enabled else PairAugmenter(crop, NONE, NONE)
+        )
+        self.use_bf16 = cfg.train.bf16 and place.device.type == "cuda"
+
+    # ------------------------------------------------------------------ building
+    def _build_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        model = self.pretext.build_model(self.cfg.model.preset).to(self.place.device)
+        crop = self.cfg.data.crop
+        if crop % model.min_size:
+            raise ConfigError(
+                f"data.crop={crop} must be a multiple of {model.min_size} for this model"
+            )
+        return model
+
+    def _open_stream(self) -> PairStream:
+        stream = PairStream(
+            self.bank,
+            SamplerConfig.from_config(self.cfg.data),
+            seed=self.cfg.seed,
+            rank=self.place.rank,
+            world_size=self.place.world,
+            start_batch=self.progress.step,
+            compact=True,  # float16 images / int16 bit fields: half the bytes (same values)
+        )
+        theirs = self.ckpt.get("bank_fingerprint") if self.ckpt else None
+        if self.ckpt and theirs != stream.fingerprint and self.place.is_main:
+            print(
+                f"warning: bank fingerprint {stream.fingerprint} differs from the checkpoint's "
+                f"{theirs}: the data stream will not match the original run",
+                file=sys.stderr,
+            )
+        return stream
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Weights, EMA, optimiser, schedule and this rank's RNG states of the checkpoint."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[self.place.rank] if isinstance(rngs, list) else rngs)
+
+    def _wrap_for_training(self) -> torch.nn.Module:
+        """The model as the step calls it: DDP across ranks, compiled if asked."""
+        net: torch.nn.Module = self.model
+        device = self.place.device
+        if self.place.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if self.cfg.train.compile:
+            net = torch.compile(net)
+        return net
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutcome:
+        """Augment, forward, backward, and update -- or skip, on every rank together."""
+        device = self.place.device
+        gen = augment_generator(self.cfg.seed, step, self.place.rank, self.aug_device)
+        aug = self.augmenter(batch, self.stream.cfg.n_tasks, gen)
+        aug = {k: v.to(device, non_blocking=True) for k, v in aug.items()}
+        # The pretext's loss; the same generator draws its randomness (exact resume).
+        result = self.pretext(self.net, aug, gen, self.use_bf16)
+        inject = step + 1 in self.nan_steps
+        target = self.cfg.train.debug_nan.target
+        loss = result.loss * float("nan") if inject and target == "loss" else result.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if inject and target == "grad":  # finite loss, this rank's grads only
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.optim.grad_clip
+        )
+        # clip_grad_norm_'s norm is non-finite when any gradient is. Every rank learns
+        # whether any rank saw a non-finite loss or gradient (and SIGTERM) in one
+        # all-reduce, so all skip or step together and stop at the same step.
+        local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        stop_flag = torch.tensor(float(self.preempt.requested), device=local_bad.device)
+        skip, preempted = any_rank(torch.stack([local_bad.float(), stop_flag]))
+        self._update(skip)
+        self.scheduler.step()  # the schedule follows the step count, skipped or not
+        return StepOutcome(loss, grad_norm, result, aug, skip, preempted)
+
+    def _update(self, skip: bool) -> None:
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped += 1
+            self.progress.in_a_row += 1
+        else:
+            self.optimizer.step()
+            self.ema.update(self.model)
+            self.progress.in_a_row = 0
+
+    def _stop_if_diverged(self) -> None:
+        p, limit = self.progress, self.cfg.train.max_skipped_steps
+        if limit > 0 and p.in_a_row >= limit:
+            raise TrainingError(
+                f"{p.in_a_row} steps in a row (up to step {p.step}) had a non-finite loss or "
+                f"gradients and were skipped; the weights are those of step "
+                f"{p.step - p.in_a_row}. Lower optim.lr, check the bank for non-finite images "
+                "(maskbank verify BANK), or resume from an earlier checkpoint "
+                "(train.max_skipped_steps sets how many in a row are tolerated)"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, step: int) -> None:
+        """Every rank checks its weights and hands its RNG state over; rank 0 writes."""
+        model, ema, world = self.model, self.ema, self.place.world
         # Skipped steps keep non-finite updates out of the weights; should some still get in
         # (an optimiser dividing by zero), no rank writes them: every resume would fail.
         bad = non_finite_tensors({"model": model.state_dict(), "ema": ema.state_dict()})
-        if any_rank(torch.tensor([float(bool(bad))], device=device))[0]:
+        if any_rank(torch.tensor([float(bool(bad))], device=self.place.device))[0]:
             where = ", ".join(bad[:3]) or "on another rank"
             raise TrainingError(
                 f"the weights are not finite at step {step} ({where}); no checkpoint was "
@@ -398,179 +624,129 @@ def train(args: argparse.Namespace) -> int:
             dist.all_gather_object(rngs, rng_state())
             hashes = [None] * world
             dist.all_gather_object(hashes, weights_hash(model))
-            if is_main and len(set(hashes)) > 1:
+            if self.place.is_main and len(set(hashes)) > 1:
                 print(f"warning: ranks' weights differ at step {step}: {hashes}", file=sys.stderr)
-        if not is_main:
+        if not self.place.is_main:
             return
-        save_checkpoint(
-            out / "checkpoints",
-            step,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": stream.state_dict(step),
-                "rng": rngs if world > 1 else rng_state(),
-                "bank_fingerprint": stream.fingerprint,
-                "bank": args.bank,
-                "config": cfg,
-                "world_size": world,
-                "rank_weight_hashes": hashes,  # one per rank; DDP keeps them identical
-                "skipped_steps": skipped,
-                "skipped_in_a_row": in_a_row,
-            },
-            keep_last=int(tcfg["keep_last"]),
+        payload = {
+            "step": step,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.stream.state_dict(step),
+            "rng": rngs if world > 1 else rng_state(),
+            "bank_fingerprint": self.stream.fingerprint,
+            "bank": self.bank,
+            "config": self.cfg.to_dict(),
+            "world_size": world,
+            "rank_weight_hashes": hashes,  # one per rank; DDP keeps them identical
+            "skipped_steps": self.progress.skipped,
+            "skipped_in_a_row": self.progress.in_a_row,
+        }
+        save_checkpoint(self.out / "checkpoints", step, payload, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+    def _open_log(self) -> RunLog | None:
+        """Rank 0 only: the run directory, config.yaml, the log, and a one-line summary."""
+        if not self.place.is_main:
+            return None
+        prepare_run_dir(self.out, self.cfg)
+        start, max_steps = self.progress.step, self.cfg.train.max_steps
+        pairs_per_step = self.cfg.data.batch_size * self.place.world
+        log = RunLog(
+            self.out,
+            self.cfg,
+            self.pretext,
+            self.place.device,
+            start,
+            pairs_per_step,
+            resumed=self.ckpt is not None,
         )
+        print(
+            f"pretext {self.pretext.name}; model {self.cfg.model.preset}: "
+            f"{count_parameters(self.model) / 1e6:.2f} M params; "
+            f"{len(self.stream.scan_ids)} scans; world {self.place.world}; "
+            f"device {self.place.device}; steps {start}->{max_steps}",
+            file=sys.stderr,
+        )
+        return log
 
-    bar = None
-    if is_main and tcfg["progress"] and start_step < max_steps:
-        from tqdm import tqdm
+    def run(self) -> bool:
+        """Train to ``train.max_steps``; True when stopped early by preemption (checkpointed)."""
+        log = self._open_log()
+        # The iterator lives in this frame only: collecting it when training ends is what
+        # shuts its workers down (the watchdog holds it weakly).
+        batches = iter(self.loader)
+        watchdog = LoaderWatchdog(batches, self.cfg.data.worker_timeout)
+        self.model.train()
+        try:
+            return self._loop(watchdog, log)
+        except RuntimeError as exc:
+            if not _loader_failure(exc):
+                raise
+            _kill_workers(batches)
+            timeout, step = self.cfg.data.worker_timeout, self.progress.step
+            raise loader_failure_error(exc, step, timeout, watchdog.fired) from exc
+        finally:
+            if log is not None:
+                log.close()
+            watchdog.stop()
 
-        bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
-    n_tasks = scfg.n_tasks
-    pairs_per_step = scfg.batch_size * world
-    step = start_step
-    preempted = False
-    batches = iter(loader)
-    watchdog = LoaderWatchdog(batches, float(dcfg["worker_timeout"]))
-    model.train()
-    acc_data = acc_dt = 0.0  # accumulated since the last logged step
-    acc_steps = 0
-    try:
-        while step < max_steps:
+    def _loop(self, watchdog: LoaderWatchdog, log: RunLog | None) -> bool:
+        p, tcfg = self.progress, self.cfg.train
+        while p.step < tcfg.max_steps:
             t0 = time.perf_counter()
-            batch = watchdog.next()
-            batch = {k: v.to(aug_device, non_blocking=True) for k, v in batch.items()}
+            batch = {
+                k: v.to(self.aug_device, non_blocking=True) for k, v in watchdog.next().items()
+            }
             t_data = time.perf_counter() - t0
-            gen = augment_generator(int(cfg["seed"]), step, rank, aug_device)
-            aug = augmenter(batch, n_tasks, gen)
-            aug = {k: v.to(device, non_blocking=True) for k, v in aug.items()}
-            # The pretext's loss; the same generator draws its randomness (exact resume).
-            result = pretext(net, aug, gen, use_bf16)
-            loss, parts = result.loss, result.parts
-            inject = step + 1 in nan_steps
-            if inject and nan_cfg["target"] == "loss":
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if inject and nan_cfg["target"] == "grad":  # finite loss, this rank's grads only
-                grad = next(p.grad for p in model.parameters() if p.grad is not None)
-                grad.view(-1)[0] = float("nan")
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), float(cfg["optim"]["grad_clip"])
-            )
-            # clip_grad_norm_'s norm is non-finite when any gradient is. Every rank learns
-            # whether any rank saw a non-finite loss or gradient (and SIGTERM) in one
-            # all-reduce, so all skip or step together and stop at the same step.
-            local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-            stop_flag = torch.tensor(float(preempt.requested), device=local_bad.device)
-            skip, preempt_now = any_rank(torch.stack([local_bad.float(), stop_flag]))
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                in_a_row += 1
-            else:
-                optimizer.step()
-                ema.update(model)
-                in_a_row = 0
-            scheduler.step()  # the schedule follows the step count, skipped or not
-            step += 1
-            if device.type == "cuda":
+            outcome = self._train_step(batch, p.step)
+            p.step += 1
+            if self.place.device.type == "cuda":
                 torch.cuda.synchronize()
-            acc_data += t_data
-            acc_dt += time.perf_counter() - t0
-            acc_steps += 1
-            if is_main and (step % int(tcfg["log_every"]) == 0 or step == max_steps or skip):
-                rec = {
-                    "step": step,
-                    "loss": _finite_or_none(float(loss.detach())),
-                    **parts,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": _finite_or_none(float(grad_norm)),
-                    # throughput and data wait averaged over the steps since the last log
-                    "pairs_per_s": pairs_per_step * acc_steps / acc_dt,
-                    "data_wait": acc_data / acc_dt,
-                    "step_s": acc_dt / acc_steps,
-                    "skipped_steps": skipped,  # so far, on all ranks together
-                }
-                rec.update({k: _finite_or_none(float(v)) for k, v in parts.items()})
-                acc_data = acc_dt = 0.0
-                acc_steps = 0
-                if device.type == "cuda":
-                    rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                metrics_fh.write(json.dumps(rec) + "\n")
-                metrics_fh.flush()
-                if writer is not None:
-                    for key in (
-                        "loss",
-                        *parts,
-                        "lr",
-                        "pairs_per_s",
-                        "data_wait",
-                        "grad_norm",
-                        "skipped_steps",
-                    ):
-                        if rec[key] is not None:
-                            writer.add_scalar(f"train/{key}", rec[key], step)
-                    if "gpu_mem_gb" in rec:
-                        writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
-                    if step % int(tcfg["image_every"]) == 0:
-                        log_images(writer, step, pretext, aug, result)
-                if bar is not None:
-                    shown = "nan" if rec["loss"] is None else f"{rec['loss']:.3f}"
-                    bar.set_postfix(loss=shown, wait=f"{rec['data_wait']:.0%}", skipped=skipped)
-            if bar is not None:
-                bar.update(1)
-            if max_skipped > 0 and in_a_row >= max_skipped:
-                raise TrainingError(
-                    f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
-                    f"gradients and were skipped; the weights are those of step "
-                    f"{step - in_a_row}. Lower optim.lr, check the bank for non-finite images "
-                    "(maskbank verify BANK), or resume from an earlier checkpoint "
-                    "(train.max_skipped_steps sets how many in a row are tolerated)"
-                )
-            if preempt_now:
-                preempted = True
-                checkpoint(step)
-                break
-            if step % int(tcfg["ckpt_every"]) == 0 or step == max_steps:
-                checkpoint(step)
-    except RuntimeError as exc:
-        if not _loader_failure(exc):
-            raise
-        _kill_workers(batches)
-        timeout = float(dcfg["worker_timeout"])
-        if "timed out" in str(exc) or watchdog.fired:
-            what = (
-                f"a DataLoader worker timed out: no batch for data.worker_timeout={timeout:g} s "
-                "(hung, e.g. on the bank's storage); check the storage, or raise "
-                "data.worker_timeout (0 waits forever)"
-            )
-        else:
-            what = (
-                "a DataLoader worker died (often the out-of-memory killer: lower "
-                "data.num_workers or data.prefetch_factor; data.num_workers=0 shows a "
-                "worker's own error in the main process)"
-            )
-        raise TrainingError(
-            f"data loading failed at step {step}: {str(exc).splitlines()[0]}: {what}; "
-            "resume with --resume"
-        ) from exc
+            if log is not None:
+                lr = self.scheduler.get_last_lr()[0]
+                log.after_step(p.step, outcome, t_data, time.perf_counter() - t0, lr, p.skipped)
+            self._stop_if_diverged()
+            if outcome.preempted:
+                self._checkpoint(p.step)
+                return True
+            if p.step % tcfg.ckpt_every == 0 or p.step == tcfg.max_steps:
+                self._checkpoint(p.step)
+        return False
+
+
+def train(args: argparse.Namespace) -> int:
+    """Configure, build and run one training process (one rank under torchrun)."""
+    check_out_dir(args.out)
+    cfg = TrainConfig.load(args.config, args.overrides)
+    place = setup_distributed()
+    preempt = Preemption()
+    preempt.install()
+    try:
+        trainer = Trainer(args, cfg, place, preempt)
+        preempted = trainer.run()
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics_fh is not None:
-            metrics_fh.close()
-        if writer is not None:
-            writer.close()
         preempt.restore()
-        watchdog.stop()
-    if is_main:
-        msg = "preempted: checkpoint written" if preempted else "done"
-        print(f"{msg} at step {step}; resume with --resume" if preempted else msg, file=sys.stderr)
+    if place.is_main:
+        step = trainer.progress.step
+        done = f"preempted: checkpoint written at step {step}; resume with --resume"
+        print(done if preempted else "done", file=sys.stderr)
     return 0
+
+
+# Errors in how the run was asked for (configuration, bank, checkpoint, run directory) or
+# that stop it safely: exit 2 with their one-line message. Anything else is a bug and keeps
+# its traceback.
+USAGE_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    PretextError,
+    SamplerError,
+    TrainingError,
+    FileNotFoundError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,8 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()  # batches and augmented pairs reuse freed buffers (no page faults)
     try:
         return train(args)
-    except (SamplerError, TrainingError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except USAGE_ERRORS as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -10,13 +10,13 @@ pretext, so their encoders are compared after the same budget on the same pairs.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from typing import Any
 
 from train.pretext.base import Pretext, PretextError, PretextOutput
 from train.pretext.incontext import InContextPretext
 from train.pretext.reconstruction import ReconstructionNet, ReconstructionPretext
-from train.run_config import DEFAULTS
+from train.run_config import TrainConfig
 
 PRETEXTS: dict[str, type[Pretext]] = {
     InContextPretext.name: InContextPretext,
@@ -24,13 +24,14 @@ PRETEXTS: dict[str, type[Pretext]] = {
 }
 
 
-def create_pretext(name: str, cfg: dict[str, Any] | None = None) -> Pretext:
-    """The pretext registered as ``name``, configured from a resolved config (default DEFAULTS)."""
+def create_pretext(name: str, cfg: TrainConfig | Mapping[str, Any] | None = None) -> Pretext:
+    """The pretext registered as ``name``, configured from a resolved config (typed, its dict
+    form, or None for the defaults)."""
     if name not in PRETEXTS:
         raise PretextError(
             f"unknown pretext {name!r} (config key 'pretext'); choose one of {sorted(PRETEXTS)}"
         )
-    return PRETEXTS[name](copy.deepcopy(cfg) if cfg is not None else copy.deepcopy(DEFAULTS))
+    return PRETEXTS[name](TrainConfig.coerce(cfg))
 
 
 __all__ = [

@@ -9,10 +9,12 @@ so two pretexts trained with the same config spend the same budget on the same p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from train.run_config import TrainConfig
 
 
 class PretextError(ValueError):
@@ -39,7 +41,7 @@ class Pretext:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
     def build_model(self, preset: str | dict) -> nn.Module:

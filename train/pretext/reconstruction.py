@@ -12,13 +12,13 @@ tasks after the same pretraining budget.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from train.incontext_net import Encoder, NetSpec, resolve_spec
 from train.pretext.base import Pretext, PretextError, PretextOutput, normalise
+from train.run_config import TrainConfig
 
 
 class UpStage(nn.Module):
@@ -88,13 +88,12 @@ class ReconstructionPretext(Pretext):
 
     name = "reconstruction"
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        rcfg = cfg.get("reconstruction", {})
-        crop = int(cfg["data"]["crop"])
-        block = rcfg.get("block")
-        self.block = int(block) if block is not None else max(1, crop // 4)
-        self.mask_ratio = float(rcfg.get("mask_ratio", 0.6))
+        crop = cfg.data.crop
+        block = cfg.reconstruction.block
+        self.block = block if block is not None else max(1, crop // 4)
+        self.mask_ratio = cfg.reconstruction.mask_ratio
         if not 1 <= self.block <= crop:
             raise PretextError(f"reconstruction.block={self.block} must lie in 1..{crop} (crop)")
         if not 0.0 < self.mask_ratio < 1.0:
