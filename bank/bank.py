@@ -272,6 +272,29 @@ class Bank:
         self._require(scan_id)
         return dict(self._rows[scan_id])
 
+    @property
+    def scans(self) -> Any:
+        """A pandas DataFrame, one row a scan, from the index alone (no scan is opened).
+
+        Columns: ``bank.tables.SCAN_COLUMNS`` (id, dataset, modality, shape, spacing,
+        volume, label, proposals, bytes, normalisation, source).
+        """
+        from .tables import scan_table
+
+        return scan_table(self.index)
+
+    def proposals(self, scan_id: str) -> Any:
+        """A pandas DataFrame, one row a proposal of ``scan_id`` (its table; no mask read).
+
+        Columns: source, level, layer, voxels, volume_ml, bounding box, centroid and every
+        feature column stored; raises ``NoProposalsError`` when the scan has none.
+        """
+        from .proposals import ProposalReader
+        from .tables import proposal_table
+
+        scan = self.scan(scan_id)
+        return proposal_table(ProposalReader(scan), tuple(scan.spacing))
+
     def __len__(self) -> int:
         return len(self._rows)
 

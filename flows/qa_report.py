@@ -229,10 +229,9 @@ def _progress(items: Iterable, total: int, enabled: bool, desc: str):
 
 def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[str, np.ndarray]]:
     """Read every selected scan once: body and intensity statistics, proposal sizes."""
-    from bank.proposals import NoProposalsError, ProposalReader
-    from bank.tables import proposal_table, scan_table
+    from bank.proposals import NoProposalsError
 
-    table = scan_table(bank.index)
+    table = bank.scans
     if opt.scan_ids is not None:
         table = table.loc[list(opt.scan_ids)]
     facts: dict[str, ScanFacts] = {}
@@ -257,7 +256,7 @@ def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[s
             f.reasons.append("non-finite voxels in the image")
         f.reasons += _geometry_reasons(row, opt)
         try:
-            props = proposal_table(ProposalReader(scan), tuple(scan.spacing))
+            props = bank.proposals(sid)
             f.proposal_volumes_ml = props["volume_ml"].to_numpy() if len(props) else np.zeros(0)
         except NoProposalsError:
             pass
