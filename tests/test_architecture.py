@@ -134,6 +134,41 @@ def test_known_breaches_are_still_there():
         ), f"{path} no longer imports {top}: remove it from KNOWN_BREACHES"
 
 
+#: Names of the bank's on-disk layout (bank/layout.py, bank/proposals.py) that only bank/ spells.
+LAYOUT_NAMES = ("proposals/layers", "members_indptr", "members_start", "members_stop", "table/")
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the string constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+@pytest.mark.parametrize("package", [p for p in PACKAGES if p != "bank"])
+def test_only_the_bank_spells_its_layout(package):
+    found = [
+        f"{path.relative_to(ROOT).as_posix()}:{line}: {text!r}"
+        for path in _modules(package)
+        for line, text in _strings(path)
+        if any(name in text for name in LAYOUT_NAMES)
+    ]
+    assert not found, "bank layout spelled outside bank/:\n" + "\n".join(found)
+
+
 def test_public_bank_modules_exist():
     for module in PUBLIC_BANK_MODULES:
         assert _is_module(module), module

@@ -35,6 +35,10 @@ def _proposals(img, body):
     return compute_features(ps, img, body, (1.5, 1.5, 1.5))
 
 
+def _features(ps):
+    return compute_features(ps, None, None)
+
+
 def test_round_trip_is_exact(tmp_path):
     bank, img, body = _bank_with_scan(tmp_path)
     ps = _proposals(img, body)
@@ -74,7 +78,7 @@ def test_empty_set_and_missing_proposals(tmp_path):
     bank, img, body = _bank_with_scan(tmp_path)
     with pytest.raises(NoProposalsError, match="no proposals"):
         ProposalReader(bank.scan("s1"))
-    write_proposals(bank, "s1", from_label_map(np.zeros(SHAPE, np.uint8)))
+    write_proposals(bank, "s1", _features(from_label_map(np.zeros(SHAPE, np.uint8))))
     pr = ProposalReader(bank.scan("s1"))
     assert pr.count == 0
     assert pr.masks([], None).shape == (0, *SHAPE)
@@ -86,7 +90,7 @@ def test_rewrite_replaces(tmp_path):
     write_proposals(bank, "s1", _proposals(img, body))
     lm = np.zeros(SHAPE, np.uint8)
     lm[1:5, 1:5, 1:5] = 1
-    write_proposals(bank, "s1", from_label_map(lm))
+    write_proposals(bank, "s1", _features(from_label_map(lm)))
     pr = ProposalReader(bank.scan("s1"))
     assert pr.count == 1 and pr.mask(0).sum() == 64
 
@@ -103,7 +107,7 @@ def test_local_fast_open_equals_zarr_open(tmp_path, empty):
     from bank.proposals import _read_part_local
 
     bank, img, body = _bank_with_scan(tmp_path)
-    ps = from_label_map(np.zeros(SHAPE, np.uint8)) if empty else _proposals(img, body)
+    ps = _features(from_label_map(np.zeros(SHAPE, np.uint8))) if empty else _proposals(img, body)
     write_proposals(bank, "s1", ps)
     local = bank.scan("s1")
     assert _read_part_local(local.group) is not None  # the fast path is the one taken

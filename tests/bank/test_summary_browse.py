@@ -47,9 +47,10 @@ def test_show_scan_draws_three_views_with_overlay(filled: Bank) -> None:
 def test_show_scan_overlays_proposals(filled: Bank) -> None:
     from bank.proposals import write_proposals
     from pipeline.proposals.external import from_label_map
+    from pipeline.proposals.features import compute_features
 
     label = filled.scan("ct-001").read("label").astype(np.int32)
-    write_proposals(filled, "ct-001", from_label_map(label, "expert"))
+    write_proposals(filled, "ct-001", compute_features(from_label_map(label, "expert"), None, None))
     fig = show_scan(filled, "ct-001", overlay=[0, 1])
     axial = fig.axes[2].images[1].get_array()  # overlay of slice z = 24: label 3 in x 20..40
     assert axial.count() > 0 and set(np.unique(axial.compressed())) <= {1, 2}
