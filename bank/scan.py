@@ -12,6 +12,7 @@ from .layout import PROPOSALS_PART, check_array_name
 
 if TYPE_CHECKING:
     from .bank import Bank
+    from .lazy_array import LazyArray
 
 Roi = tuple[slice, ...] | None
 
@@ -143,6 +144,54 @@ class ScanView:
         elif not isinstance(roi, tuple):
             roi = (roi,)
         return arr[roi]
+
+    # ------------------------------------------------------------- notebook API
+    def lazy(self, name: str) -> LazyArray:
+        """A stored array as a ``LazyArray`` (numpy on slicing, ``.to_dask()`` on request)."""
+        from .lazy_array import LazyArray
+
+        return LazyArray(self, name)
+
+    @property
+    def image(self) -> LazyArray:
+        """The normalised image, lazily: ``scan.image[:, :, 40]`` decodes one slice's chunks."""
+        return self.lazy("image")
+
+    @property
+    def body(self) -> LazyArray:
+        """The body mask, lazily."""
+        return self.lazy("body")
+
+    @property
+    def label(self) -> LazyArray | None:
+        """The evaluation label map, lazily; None when the scan has none."""
+        return self.lazy("label") if self.has("label") else None
+
+    def proposals(self, ids, roi: Roi = None) -> np.ndarray:
+        """Boolean masks of proposals ``ids`` inside ``roi``, shape (K, *roi shape)."""
+        from .proposals import ProposalReader
+
+        return ProposalReader(self).masks(ids, roi)
+
+    def proposal(self, i: int) -> np.ndarray:
+        """The whole-scan boolean mask of proposal ``i``."""
+        return self.proposals([i])[0]
+
+    def to_nifti(self, path, roi: Roi = None, proposals=None, array: str = "image") -> dict:
+        """Write the scan (inside ``roi``) as NIfTI with the bank's affine, for Slicer/ITK-SNAP.
+
+        ``proposals`` (ids, or an array name like ``"label"``) also writes a label map
+        beside it (``<stem>_masks.nii.gz``). Returns the written paths by role.
+        """
+        from .nifti_export import to_nifti
+
+        return to_nifti(self, path, roi=roi, proposals=proposals, array=array)
+
+    def show(self, proposals=None, viewer: str = "auto"):
+        """NiiVue in the notebook when ``ipyniivue`` is installed, else a static figure."""
+        from .viewer import show
+
+        return show(self, proposals=proposals, viewer=viewer)
 
     def _repr_html_(self) -> str:
         from .browse import scan_html

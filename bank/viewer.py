@@ -1,0 +1,95 @@
+"""``scan.show()``: the best viewer available in this environment.
+
+With the optional ``notebook`` extra (``ipyniivue``) the scan opens in NiiVue, a real
+medical viewer (orthogonal planes, 3D render, window/level) inside the notebook, with
+the chosen proposals or labels as a coloured overlay. Without it, the static
+orthogonal-slice matplotlib figure of ``bank.browse.show_scan``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .scan import ScanView
+
+
+def niivue_available() -> bool:
+    try:
+        import ipyniivue  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    buf = io.BytesIO()
+    nib.Nifti1Image(data, affine).to_file_map({"image": nib.FileHolder(fileobj=buf)})
+    return buf.getvalue()
+
+
+def overlay_labels(scan: ScanView, proposals: Any) -> np.ndarray | None:
+    """Proposal ids -> labels 1..K (later ids win); an array name -> that array; None -> None."""
+    if proposals is None:
+        return None
+    if isinstance(proposals, str):
+        return np.asarray(scan.read(proposals)).astype(np.uint16)
+    ids = [proposals] if isinstance(proposals, (int, np.integer)) else list(proposals)
+    masks = scan.proposals(ids)
+    out = np.zeros(scan.shape, np.uint16)
+    for k, mask in enumerate(masks, start=1):
+        out[mask] = k
+    return out
+
+
+def niivue_widget(scan: ScanView, proposals: Any = None) -> Any:
+    """An ``ipyniivue.NiiVue`` widget with the image and, as an overlay, the chosen masks."""
+    from ipyniivue import NiiVue, Volume
+
+    affine = np.asarray(scan.affine if scan.affine is not None else np.diag([*scan.spacing, 1]))
+    image = np.asarray(scan.read("image")).astype(np.float32)
+    volumes = [
+        Volume(data=_nifti_bytes(image, affine), name=f"{scan.scan_id}.nii", colormap="gray")
+    ]
+    labels = overlay_labels(scan, proposals)
+    if labels is not None:
+        volumes.append(
+            Volume(
+                data=_nifti_bytes(labels, affine),
+                name=f"{scan.scan_id}_masks.nii",
+                colormap="warm",
+                opacity=0.5,
+                cal_min=0.5,
+                cal_max=float(max(labels.max(), 1)),
+            )
+        )
+    viewer = NiiVue()
+    viewer.load_volumes(volumes)
+    return viewer
+
+
+def show(scan: ScanView, proposals: Any = None, viewer: str = "auto") -> Any:
+    """NiiVue when available (``viewer="auto"`` or ``"niivue"``), else a static figure.
+
+    ``proposals``: proposal ids, or an array name such as ``"label"`` or ``"body"``.
+    ``viewer="static"`` always draws the matplotlib figure.
+    """
+    if viewer not in ("auto", "niivue", "static"):
+        raise ValueError(f"viewer must be 'auto', 'niivue' or 'static', got {viewer!r}")
+    if viewer == "niivue" and not niivue_available():
+        raise ImportError(
+            "viewer='niivue' needs ipyniivue: pip install 'maskbank[notebook]' "
+            "(or viewer='static' for the matplotlib figure)"
+        )
+    if viewer != "static" and niivue_available():
+        return niivue_widget(scan, proposals)
+    from .browse import show_scan
+
+    return show_scan(
+        scan.bank, scan.scan_id, overlay=proposals if proposals is not None else "body"
+    )
