@@ -42,7 +42,7 @@ import signal
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -54,6 +54,10 @@ from train.run_config import DataConfig
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
 _VISIT_STREAM = 0x5CA7  # third seed word of the per-visit scan draw (keeps it apart from pairs)
+# Scans drawn for one pair before the sampler gives up, each tried at max_anchor_tries
+# anchors: bounds what one pair can cost on a bank where few crops show K proposals, and
+# turns such a bank into a SamplerError instead of an endless search.
+MAX_SCANS_PER_PAIR = 8
 
 
 class SamplerError(RuntimeError):
@@ -192,6 +196,64 @@ def _within(inner, outer) -> tuple[slice, ...]:
     )
 
 
+def stored_image_dtype(view) -> np.dtype:
+    """The type a scan stores its image in, from its metadata (nothing decoded)."""
+    record = view.info.get("arrays", {}).get("image", {})
+    return np.dtype(record["dtype"]) if "dtype" in record else np.dtype(view.array("image").dtype)
+
+
+class OpenScan(NamedTuple):
+    """A scan the stream has opened: its view, proposal index and stored image type."""
+
+    view: Any
+    index: ProposalIndex
+    image_dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class PairBoxes:
+    """A pair's two padded read boxes: where each lies in the scan (``*_src``, clipped) and
+    in its read_size^3 crop (``*_dst``), and their union, read once for both."""
+
+    ref_start: np.ndarray
+    query_start: np.ndarray
+    ref_src: tuple[slice, ...]
+    ref_dst: tuple[slice, ...]
+    query_src: tuple[slice, ...]
+    query_dst: tuple[slice, ...]
+    union: tuple[slice, ...]
+
+    @classmethod
+    def around(
+        cls, ref0: np.ndarray, q0: np.ndarray, cfg: SamplerConfig, shape: tuple[int, ...]
+    ) -> PairBoxes:
+        """The boxes of the crops starting at ``ref0`` and ``q0``, ``margin`` wider per side."""
+        ref_start, q_start = ref0 - cfg.margin, q0 - cfg.margin
+        ref_src, ref_dst = padded_roi(ref_start, cfg.read_size, shape)
+        q_src, q_dst = padded_roi(q_start, cfg.read_size, shape)
+        # One read of the union box serves both crops (they overlap >= min_overlap per axis).
+        union = tuple(
+            slice(min(r.start, q.start), max(r.stop, q.stop))
+            for r, q in zip(ref_src, q_src, strict=True)
+        )
+        return cls(ref_start, q_start, ref_src, ref_dst, q_src, q_dst, union)
+
+    @property
+    def union_shape(self) -> tuple[int, ...]:
+        return tuple(u.stop - u.start for u in self.union)
+
+    def padded(self, size: int) -> bool:
+        """Whether either crop reaches outside the scan (then it needs a fill value)."""
+        return any(d.start > 0 or d.stop < size for d in (*self.ref_dst, *self.query_dst))
+
+    def crops(self, kind: str) -> tuple[tuple[str, tuple[slice, ...], tuple[slice, ...]], ...]:
+        """``(output key, src, dst)`` of the reference and query crops of ``kind``."""
+        return (
+            (f"ref_{kind}", self.ref_src, self.ref_dst),
+            (f"query_{kind}", self.query_src, self.query_dst),
+        )
+
+
 class PairStream(IterableDataset):
     """IterableDataset of ready batches (dicts of tensors) from a bank.
 
@@ -235,7 +297,6 @@ class PairStream(IterableDataset):
         self.cache_scans = cache_scans
         self.chunk_cache_mb = chunk_cache_mb
         self.compact = bool(compact)
-        self._image_dtype = np.dtype(np.float16)  # compact batches' image slots: the last seen
         self.chunks = ChunkCache(int(chunk_cache_mb * 2**20))
         # Validate eagerly in the parent (clear errors before workers fork), keep only
         # plain data; the Bank object itself is re-opened lazily per process.
@@ -244,8 +305,12 @@ class PairStream(IterableDataset):
         self.scan_ids = [r["scan_id"] for r in rows]
         self.probs = scan_weights(rows, cfg)
         self.fingerprint = bank_fingerprint(b)
+        # The image type of this stream's batches, set once here: float32, or (compact) the
+        # crops' type of the bank's first scan -- prepared banks store one type throughout;
+        # a pair from a scan of another type is restacked in ``batch``.
+        self.image_dtype = self._crop_image_dtype(stored_image_dtype(b.scan(self.scan_ids[0])))
         self._bank = None
-        self._scans: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._scans: OrderedDict[str, OpenScan] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -265,7 +330,7 @@ class PairStream(IterableDataset):
         }
 
     # ------------------------------------------------------------------ access
-    def _open(self, scan_id: str):
+    def _open(self, scan_id: str) -> OpenScan:
         if self._pid != os.getpid():  # forked after use: never share zarr/fsspec handles
             self._bank, self._scans, self._pid = None, OrderedDict(), os.getpid()
             self.chunks = ChunkCache(int(self.chunk_cache_mb * 2**20))
@@ -277,7 +342,7 @@ class PairStream(IterableDataset):
         from bank.proposals import ProposalReader
 
         view = self._bank.scan(scan_id)
-        entry = (view, ProposalIndex(ProposalReader(view)))
+        entry = OpenScan(view, ProposalIndex(ProposalReader(view)), stored_image_dtype(view))
         self._scans[scan_id] = entry
         if len(self._scans) > self.cache_scans:
             self._scans.popitem(last=False)
@@ -335,121 +400,142 @@ class PairStream(IterableDataset):
         ``out`` optionally maps ``ref_image``/``query_image`` (float32) and
         ``ref_bits``/``query_bits`` (int32) to read_size^3 arrays to fill (e.g. slots
         of a batch), instead of new arrays. ``compact``: new images are float16 when the
-        bank's are (an image slot in ``out`` of another type is not used), bit fields int16 when
+        scan's are (an image slot in ``out`` of another type is not used), bit fields int16 when
         K + 1 <= 16 (the same 16 bits; slots in ``out`` are uint16).
         """
-        cfg = self.cfg
         out = out or {}
         rng = np.random.default_rng([self.seed, int(sample_id)])
-        visit = max(int(cfg.pairs_per_scan_visit), 1)
-        for attempt in range(8):  # scans
-            if visit > 1 and attempt == 0:  # the visit's scan; fallbacks use the pair's rng
-                vrng = np.random.default_rng([self.seed, int(sample_id) // visit, _VISIT_STREAM])
-                si = int(vrng.choice(len(self.scan_ids), p=self.probs))
-            else:
-                si = int(rng.choice(len(self.scan_ids), p=self.probs))
-            view, index = self._open(self.scan_ids[si])
-            shape = tuple(view.shape)
-            for _ in range(cfg.max_anchor_tries):
-                anchor = index.centroid[rng.integers(index.count)]
-                anchor = anchor + rng.uniform(-cfg.crop / 4, cfg.crop / 4, size=3)
-                ref0, q0 = crop_starts(rng, shape, anchor, cfg)
-                inner, _ = padded_roi(ref0, cfg.crop, shape)
-                # Cheap necessary condition from the bounding boxes before any read.
-                cand = index.bbox_overlap(inner) >= cfg.min_mask_voxels
-                if np.count_nonzero(cand) < cfg.k:
-                    continue
-                # Candidates' layers are read in the reference crop only (for the counts);
-                # only the chosen proposals' layers are read in the whole union box.
-                counts = index.counts_in_pieces(
-                    {
-                        int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], inner)
-                        for j in np.unique(index.layer[cand])
-                    }
-                )
-                ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
-                if len(ok) < cfg.k:
-                    continue
-                ids = np.sort(rng.choice(ok, size=cfg.k, replace=False))
-                ref_start, q_start = ref0 - cfg.margin, q0 - cfg.margin
-                ref_src, ref_dst = padded_roi(ref_start, cfg.read_size, shape)
-                q_src, q_dst = padded_roi(q_start, cfg.read_size, shape)
-                # One read of the union box serves both crops (they overlap >= 2/3 per axis).
-                union = tuple(
-                    slice(min(r.start, q.start), max(r.stop, q.stop))
-                    for r, q in zip(ref_src, q_src, strict=True)
-                )
-                ushape = tuple(u.stop - u.start for u in union)
-                # The image is assembled straight from its chunks into each padded crop,
-                # cast to float32 while copying (float16 in prepared banks).
-                image = self.chunks.pieces(view, "image", union)
-                size = cfg.read_size
-                padded = any(d.start > 0 or d.stop < size for d in (*ref_dst, *q_dst))
-                pad = pieces_min(image) if padded else 0.0  # only used outside the scan
-                idt = np.float32
-                if self.compact:
-                    if image and image[0][0].dtype == np.float16:
-                        idt = np.float16
-                    self._image_dtype = np.dtype(idt)
-                    for key in ("ref_image", "query_image"):  # a slot of another type: not used
-                        if key in out and out[key].dtype != idt:
-                            out = {k: v for k, v in out.items() if k != key}
-                ref_img = self._assemble(
-                    crop_pieces(image, _within(ref_src, union)),
-                    ref_dst,
-                    pad,
-                    out.get("ref_image"),
-                    idt,
-                )
-                q_img = self._assemble(
-                    crop_pieces(image, _within(q_src, union)),
-                    q_dst,
-                    pad,
-                    out.get("query_image"),
-                    idt,
-                )
-                layers = {
-                    int(j): self.chunks.pieces(view, LAYERS_PATH + index.layer_names[j], union)
-                    for j in np.unique(index.layer[ids])
-                }
-                # Bit K is the global all-ones task. The field is built as uint16 when the
-                # K + 1 bits fit (cheaper lookups) and cast to int32 while placing each crop.
-                glob = 1 << cfg.k
-                origin = [u.start for u in union]
-                small = np.uint16 if cfg.k < 16 else np.int32
-                bits = index.bits(layers, ids, ushape, glob, origin, small)
-                bdt = np.uint16 if self.compact and small == np.uint16 else np.int32
-                ref_bits = self._place(
-                    bits[_within(ref_src, union)], ref_dst, glob, bdt, out.get("ref_bits")
-                )
-                q_bits = self._place(
-                    bits[_within(q_src, union)], q_dst, glob, bdt, out.get("query_bits")
-                )
-                if bdt == np.uint16:  # int16 views (torch has few uint16 kernels)
-                    ref_bits, q_bits = ref_bits.view(np.int16), q_bits.view(np.int16)
-                return {
-                    "ref_image": ref_img,
-                    "query_image": q_img,
-                    "ref_bits": ref_bits,
-                    "query_bits": q_bits,
-                    "sample_id": int(sample_id),
-                    "scan_index": si,
-                    "ref_start": ref_start,
-                    "query_start": q_start,
-                    "proposal_ids": ids.astype(np.int64),
-                }
+        for attempt in range(MAX_SCANS_PER_PAIR):
+            si = self._choose_scan(rng, int(sample_id), attempt)
+            scan = self._open(self.scan_ids[si])
+            chosen = self._choose_crops_and_proposals(rng, scan)
+            if chosen is None:
+                continue
+            boxes, ids = chosen
+            return {
+                **self._read_images(scan, boxes, out),
+                **self._build_masks(scan, boxes, ids, out),
+                "sample_id": int(sample_id),
+                "scan_index": si,
+                "ref_start": boxes.ref_start,
+                "query_start": boxes.query_start,
+                "proposal_ids": ids.astype(np.int64),
+            }
+        cfg = self.cfg
         raise SamplerError(
             f"sample {sample_id}: no crop of {cfg.crop}^3 with k={cfg.k} proposals of >= "
             f"{cfg.min_mask_voxels} voxels found (last scan tried: {self.scan_ids[si]!r}, "
-            f"shape {shape}); lower data.k or data.min_mask_voxels, or add proposals"
+            f"shape {tuple(scan.view.shape)}); lower data.k or data.min_mask_voxels, or add "
+            "proposals"
         )
+
+    def _choose_scan(self, rng: np.random.Generator, sample_id: int, attempt: int) -> int:
+        """Index of the scan to draw from: with P pairs per scan visit, the first try takes
+        the visit's scan (drawn from ``(seed, id // P)``); other tries, the pair's own draw."""
+        visit = max(self.cfg.pairs_per_scan_visit, 1)
+        if visit > 1 and attempt == 0:
+            vrng = np.random.default_rng([self.seed, sample_id // visit, _VISIT_STREAM])
+            return int(vrng.choice(len(self.scan_ids), p=self.probs))
+        return int(rng.choice(len(self.scan_ids), p=self.probs))
+
+    def _choose_crops_and_proposals(
+        self, rng: np.random.Generator, scan: OpenScan
+    ) -> tuple[PairBoxes, np.ndarray] | None:
+        """A crop pair around an anchor whose reference crop shows K proposals, and those K;
+        None when ``max_anchor_tries`` anchors of this scan all fail."""
+        shape = tuple(scan.view.shape)
+        for _ in range(self.cfg.max_anchor_tries):
+            ref0, q0 = self._choose_crop_pair(rng, shape, scan.index)
+            ids = self._choose_visible_proposals(rng, scan, ref0, shape)
+            if ids is not None:
+                return PairBoxes.around(ref0, q0, self.cfg, shape), ids
+        return None
+
+    def _choose_crop_pair(
+        self, rng: np.random.Generator, shape: tuple[int, ...], index: ProposalIndex
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Starts of the reference and query crops, around a jittered proposal centroid."""
+        cfg = self.cfg
+        anchor = index.centroid[rng.integers(index.count)]
+        anchor = anchor + rng.uniform(-cfg.crop / 4, cfg.crop / 4, size=3)
+        return crop_starts(rng, shape, anchor, cfg)
+
+    def _choose_visible_proposals(
+        self, rng: np.random.Generator, scan: OpenScan, ref0: np.ndarray, shape: tuple[int, ...]
+    ) -> np.ndarray | None:
+        """K proposals (sorted ids) with >= min_mask_voxels voxels in the reference crop, or
+        None when fewer than K have that many."""
+        cfg, index = self.cfg, scan.index
+        inner, _ = padded_roi(ref0, cfg.crop, shape)
+        # Cheap necessary condition from the bounding boxes before any read.
+        cand = index.bbox_overlap(inner) >= cfg.min_mask_voxels
+        if np.count_nonzero(cand) < cfg.k:
+            return None
+        # Candidates' layers are read in the reference crop only (for the counts);
+        # only the chosen proposals' layers are read in the whole union box.
+        counts = index.counts_in_pieces(
+            {
+                int(j): self.chunks.pieces(scan.view, LAYERS_PATH + index.layer_names[j], inner)
+                for j in np.unique(index.layer[cand])
+            }
+        )
+        ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
+        if len(ok) < cfg.k:
+            return None
+        return np.sort(rng.choice(ok, size=cfg.k, replace=False))
+
+    def _read_images(
+        self, scan: OpenScan, boxes: PairBoxes, out: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """``ref_image`` and ``query_image``: one read of the union box, assembled straight
+        from its chunks into each padded crop, cast while copying; the crop's minimum outside
+        the scan."""
+        image = self.chunks.pieces(scan.view, "image", boxes.union)
+        pad = pieces_min(image) if boxes.padded(self.cfg.read_size) else 0.0
+        dtype = self._crop_image_dtype(scan.image_dtype)
+        crops = {}
+        for key, src, dst in boxes.crops("image"):
+            slot = out.get(key)
+            if self.compact and slot is not None and slot.dtype != dtype:
+                slot = None  # a slot of another type: not used
+            pieces = crop_pieces(image, _within(src, boxes.union))
+            crops[key] = self._assemble(pieces, dst, pad, slot, dtype)
+        return crops
+
+    def _build_masks(
+        self, scan: OpenScan, boxes: PairBoxes, ids: np.ndarray, out: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """``ref_bits`` and ``query_bits``: the K proposals' masks as one bit field per crop
+        (bit k = proposal k, bit K = the all-ones global task, also set outside the scan)."""
+        cfg, index = self.cfg, scan.index
+        layers = {
+            int(j): self.chunks.pieces(scan.view, LAYERS_PATH + index.layer_names[j], boxes.union)
+            for j in np.unique(index.layer[ids])
+        }
+        # The field is built as uint16 when the K + 1 bits fit (cheaper lookups) and cast to
+        # int32 while placing each crop (compact: kept 16-bit).
+        glob = 1 << cfg.k
+        origin = [u.start for u in boxes.union]
+        small = np.uint16 if cfg.k < 16 else np.int32
+        bits = index.bits(layers, ids, boxes.union_shape, glob, origin, small)
+        dtype = np.uint16 if self.compact and small == np.uint16 else np.int32
+        crops = {}
+        for key, src, dst in boxes.crops("bits"):
+            crop = self._place(bits[_within(src, boxes.union)], dst, glob, dtype, out.get(key))
+            # int16 views of compact fields (torch has few uint16 kernels).
+            crops[key] = crop.view(np.int16) if dtype == np.uint16 else crop
+        return crops
+
+    def _crop_image_dtype(self, stored: np.dtype) -> np.dtype:
+        """Type of a crop's image: float32, or compact float16 when the scan stores float16."""
+        return np.dtype(np.float16 if self.compact and stored == np.float16 else np.float32)
 
     def batch(self, local_batch: int) -> dict[str, torch.Tensor]:
         """One batch; each pair's crops are written straight into their batch slots (no stack)."""
         ids = self.sample_ids_of_batch(local_batch)
         shape = (len(ids), 1) + (self.cfg.read_size,) * 3
         # Compact: images in the bank's type, bits in int16 slots (filled through uint16 views).
-        idt = self._image_dtype if self.compact else np.dtype(np.float32)
+        idt = self.image_dtype
         bdt = np.int16 if self.compact and self.cfg.k < 16 else np.int32
         arrays = {
             "ref_image": np.empty(shape, idt),
