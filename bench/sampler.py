@@ -36,15 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.cpu_kernels import retain_freed_memory  # noqa: E402
+from train.augment import STRONG, WEAK, PairAugmenter  # noqa: E402
+from train.augment.spatial import random_affine, sampling_grid  # noqa: E402
+from train.memory_policy import retain_freed_memory  # noqa: E402
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, padded_roi  # noqa: E402
-from train.paired_augment import (
-    STRONG,
-    WEAK,
-    PairAugmenter,
-    random_affine,
-    sampling_grid,
-)  # noqa: E402
 
 REALISTIC_SOURCE = (512, 512, 300)  # voxels of bench/prepare.py's synthetic CT, before prepare
 REALISTIC_SPACING = (0.7, 0.7, 1.0)  # mm

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bank import ChunkCache, Piece, proposal_layer_array
-from train import cpu_kernels
+from train.kernels import labels as label_loops
 
 # Prefix of a layer's array name (``ProposalIndex.layer_arrays`` holds the whole names).
 LAYERS_PATH = proposal_layer_array("")
@@ -33,7 +33,7 @@ def _histogram(labels: np.ndarray, n: int) -> np.ndarray:
         out[0], out[1] = labels.size - nnz, nnz
         return out
     if labels.dtype == np.uint16 and labels.ndim == 3:
-        hist = cpu_kernels.hist_u16(labels, n)  # compiled, strided: ~2x torch's, no copy
+        hist = label_loops.label_histogram(labels, n)  # compiled, strided: ~2x torch's, no copy
         if hist is not None:
             return hist
     if labels.dtype == np.uint16 and n <= 2**15:
@@ -154,8 +154,8 @@ class ProposalIndex:
                 if not hit:
                     continue
                 piece = chunk[src]
-                if cpu_kernels.lut_or_u16(piece, lut, out[dst]):  # compiled: one pass
-                    continue
+                label_loops.or_lookup(piece, lut, out[dst])  # compiled: one pass
+                continue
                 if binary and piece.dtype.kind in "ui" and piece.max(initial=0) <= 1:
                     out[dst] |= piece.astype(dtype, copy=False) * lut[1]
                 else:

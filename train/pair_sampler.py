@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.cpu_kernels import retain_freed_memory
 from train.crop_masks import LAYERS_PATH, ChunkCache, ProposalIndex, crop_pieces, pieces_min
+from train.memory_policy import retain_freed_memory
 from train.run_config import DataConfig
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python train/run.py`: make the repo root impor
 import torch
 import torch.distributed as dist
 
+from train.augment import NONE, PairAugmenter
 from train.checkpointing import (
     CheckpointError,
     check_resume,
@@ -50,11 +51,10 @@ from train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from train.cpu_kernels import retain_freed_memory
 from train.incontext_net import count_parameters
 from train.lamb_optim import Lamb
+from train.memory_policy import retain_freed_memory
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
-from train.paired_augment import NONE, PairAugmenter
 from train.pretext import Pretext, PretextError, PretextOutput, create_pretext
 from train.run_config import ConfigError, OptimConfig, TrainConfig, dump_config
 from train.weight_ema import WeightEMA
@@ -311,7 +311,7 @@ def checkpoint_to_resume(
         return None
     path = find_checkpoint(args.resume_from or "auto", Path(args.out))
     ckpt = load_checkpoint(path)
-    check_resume(path, ckpt, cfg.to_dict(), world)
+    check_resume(path, ckpt, cfg, world)
     return ckpt
 
 
