@@ -19,11 +19,14 @@ import hashlib
 import os
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from train.run_config import TrainConfig
 
 LAST = "last.pt"
 
@@ -240,23 +243,25 @@ RESUME_KEYS = (
 )
 
 
-def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
     node: Any = cfg
     for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
+        if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
     return node
 
 
 def resume_mismatches(
-    ckpt: dict[str, Any], cfg: dict[str, Any], world_size: int
+    ckpt: dict[str, Any], cfg: TrainConfig | Mapping[str, Any], world_size: int
 ) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint's value, this run's value)`` for each setting that differs.
 
-    Keys a checkpoint does not record (older checkpoints) are not compared, except the
-    pretext, which defaults to ``incontext``.
+    The checkpoint's config is the plain dict it was saved as. Keys a checkpoint does not
+    record (older checkpoints) are not compared, except the pretext, which defaults to
+    ``incontext``.
     """
+    cfg = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
     ck_cfg = ckpt.get("config") or {}
     out = []
     for key, default in RESUME_KEYS:
@@ -269,7 +274,9 @@ def resume_mismatches(
     return out
 
 
-def check_resume(path: str | Path, ckpt: dict[str, Any], cfg: dict[str, Any], world: int) -> None:
+def check_resume(
+    path: str | Path, ckpt: dict[str, Any], cfg: TrainConfig | Mapping[str, Any], world: int
+) -> None:
     """Refuse to resume ``ckpt`` under an incompatible config, naming every difference."""
     diffs = resume_mismatches(ckpt, cfg, world)
     if diffs:
@@ -287,7 +294,7 @@ def check_resume(path: str | Path, ckpt: dict[str, Any], cfg: dict[str, Any], wo
             f"{' and '.join(how)} to continue it, or start a new --out"
         )
     step = int(ckpt.get("step", 0))
-    max_steps = int(cfg["train"]["max_steps"])
+    max_steps = TrainConfig.coerce(cfg).train.max_steps
     if max_steps < step:
         raise CheckpointError(
             f"cannot resume {path}: it is at step {step}, past max_steps={max_steps}; "

@@ -352,8 +352,7 @@ class TrainConfig(_Section):
         """Defaults <- YAML preset or file (if any) <- dotted overrides, validated once."""
         raw = cls().to_dict()
         if name_or_path is not None:
-            with open(resolve_config_path(name_or_path), encoding="utf-8") as fh:
-                raw = deep_merge(raw, yaml.safe_load(fh) or {})
+            raw = deep_merge(raw, read_yaml(resolve_config_path(name_or_path)))
         return cls.from_dict(apply_overrides(raw, list(overrides)))
 
     @classmethod
@@ -398,12 +397,29 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> 
     return out
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"{where} is not valid YAML: {problem}") from exc
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's keys (a YAML mapping; an empty file changes nothing)."""
+    data = _yaml_value(path.read_text(encoding="utf-8"), f"config {path}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.max_steps=5"`` -> (["train", "max_steps"], 5); values are parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml_value(raw, f"override '{text}'") if raw.strip() else None
+    return key.strip().split("."), value
 
 
 # Short aliases the issue promises (``max_steps=N``) besides fully dotted keys.

@@ -19,7 +19,7 @@ from train.checkpointing import (
     set_rng_state,
 )
 from train.run import main
-from train.run_config import load_config
+from train.run_config import TrainConfig, load_config
 
 
 def test_rng_state_round_trips_through_a_safe_load(tmp_path):
@@ -118,3 +118,30 @@ def test_flipped_bits_in_the_weights_are_caught(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="do not match the checksum"):
         load_checkpoint(bad)
+
+
+def test_the_typed_config_is_checked_against_a_checkpoints_dict():
+    ckpt = {"step": 4, "world_size": 1, "config": load_config("tiny", ["data.k=5"])}
+    typed = TrainConfig.load("tiny")
+    assert resume_mismatches(ckpt, typed, 1) == [("data.k", 5, 13)]
+    with pytest.raises(CheckpointError, match="past max_steps=3"):
+        check_resume("ck.pt", {"step": 4}, TrainConfig.load("tiny", ["max_steps=3"]), 1)
+
+
+def test_a_checkpoint_with_an_older_config_dict_resumes(phantom_bank, tmp_path):
+    """Checkpoints keep the config as a plain dict; one written before keys were added (no
+    pretext, reconstruction or debug_nan; ints where floats are now) still resumes."""
+    quick = ["train.progress=false", "train.tensorboard=false", "train.ckpt_every=2"]
+    first = tmp_path / "first"
+    assert main(["--bank", phantom_bank, "--out", str(first), *quick, "max_steps=2"]) == 0
+    state = load_checkpoint(first / "checkpoints" / "last.pt")
+    assert state["config"] == TrainConfig.load("tiny", [*quick, "max_steps=2"]).to_dict()
+    older = {k: v for k, v in state["config"].items() if k not in ("pretext", "reconstruction")}
+    older["train"] = {k: v for k, v in older["train"].items() if k != "debug_nan"}
+    older["data"] = {**older["data"], "worker_timeout": 600}
+    save_checkpoint(tmp_path / "older", 2, {**state, "config": older})
+    older_ckpt = str(tmp_path / "older" / "last.pt")
+    argv = ["--bank", phantom_bank, "--out", str(tmp_path / "resumed"), "--resume-from"]
+    assert main([*argv, older_ckpt, *quick, "max_steps=3"]) == 0
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert resumed["step"] == 3 and resumed["config"]["pretext"] == "incontext"

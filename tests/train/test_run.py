@@ -73,6 +73,29 @@ def test_missing_bank_and_sparse_bank_give_clear_errors(tmp_path, sparse_bank, c
     assert "unknown config key 'train.max_stepz'" in capsys.readouterr().err
 
 
+def test_usage_errors_exit_2_in_one_line_and_bugs_keep_their_traceback(
+    tmp_path, phantom_bank, capsys
+):
+    quick = ["max_steps=1", "train.progress=false", "train.tensorboard=false"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    usage = [
+        (["--out", str(blocker / "run")], "cannot create --out"),  # a refused --out
+        (["--out", str(tmp_path / "r1"), "data.crop=36"], "multiple of 8"),
+        (["--out", str(tmp_path / "r2"), "optim.name=sgd"], "optim.name must be one of"),
+        (["--out", str(tmp_path / "r3"), "data.scans=[a"], "is not valid YAML"),
+    ]
+    for argv, message in usage:
+        assert main(["--bank", phantom_bank, *argv, *quick]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+    # Not a usage error (the augmentation generator cannot live on the meta device): it
+    # propagates with its traceback instead of being reported as exit 2.
+    meta = ["--out", str(tmp_path / "r4"), "augment.device=meta", *quick]
+    with pytest.raises(RuntimeError, match="META"):
+        main(["--bank", phantom_bank, *meta])
+
+
 STEPS = ["max_steps=10", "train.ckpt_every=3"]
 
 
