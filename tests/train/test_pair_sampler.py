@@ -4,7 +4,13 @@ import torch
 
 from bank import Bank
 from bank.proposals import ProposalReader
-from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
+from train.pair_sampler import (
+    MAX_SCANS_PER_PAIR,
+    PairStream,
+    SamplerConfig,
+    SamplerError,
+    make_loader,
+)
 
 CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2)
 
@@ -139,11 +145,17 @@ def test_cache_does_not_change_the_stream(phantom_bank):
 
 
 def test_compiled_label_loops_do_not_change_the_stream(phantom_bank, monkeypatch):
-    """Counts and bit fields through train.cpu_kernels equal the numpy/torch route."""
-    from train import cpu_kernels
+    """Counts and bit fields through train.kernels.labels equal the numpy route."""
+    from types import SimpleNamespace
+
+    from train import crop_masks
 
     fast = [PairStream(phantom_bank, CFG, seed=4).batch(b) for b in range(2)]
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    reference = SimpleNamespace(
+        label_histogram=lambda labels, n: np.bincount(labels.ravel(), minlength=n),
+        or_lookup=lambda src, lut, dst: np.bitwise_or(dst, lut[src], out=dst),
+    )
+    monkeypatch.setattr(crop_masks, "label_loops", reference)
     plain = [PairStream(phantom_bank, CFG, seed=4).batch(b) for b in range(2)]
     for x, y in zip(fast, plain, strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
@@ -213,6 +225,10 @@ def test_compact_stream_holds_the_same_values(phantom_bank):
             np.testing.assert_array_equal(batch_c[key][j, 0].numpy(), b[key])
         np.testing.assert_array_equal(a["proposal_ids"], b["proposal_ids"])
     assert batch_c["ref_bits"].dtype == torch.int16
+    # The batches' image type is the stream's, fixed when it opened the bank.
+    assert wide.image_dtype == np.float32 and batch_w["ref_image"].dtype == torch.float32
+    assert compact.image_dtype == (np.float16 if image_dtype == np.float16 else np.float32)
+    assert batch_c["ref_image"].numpy().dtype == compact.image_dtype
 
 
 def test_compact_padding_fills_bit_15(phantom_bank):
@@ -225,3 +241,13 @@ def test_compact_padding_fills_bit_15(phantom_bank):
     outside = np.ones(out.shape, bool)
     outside[dst] = False
     assert (out[outside] == 1 << 15).all()
+
+
+def test_a_pair_no_scan_can_serve_is_an_error_not_an_endless_search(phantom_bank):
+    """Proposals this large exist nowhere: each of MAX_SCANS_PER_PAIR scans is tried at
+    max_anchor_tries anchors, then the sampler says what to change."""
+    impossible = SamplerConfig(**{**CFG.__dict__, "min_mask_voxels": 10**9, "max_anchor_tries": 2})
+    stream = PairStream(phantom_bank, impossible, seed=1)
+    with pytest.raises(SamplerError, match=r"no crop of 32\^3 with k=13 proposals"):
+        stream.sample(0)
+    assert MAX_SCANS_PER_PAIR >= 1
