@@ -424,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds["pretrain"] = time.perf_counter() - t
         result.update(train)
-        from train.run_config import load_config
+        from train.run_config import TrainConfig
 
-        result["batch_size"] = load_config(preset, overrides)["data"]["batch_size"]
+        result["batch_size"] = TrainConfig.load(preset, overrides).data.batch_size
 
         device = "cuda" if cuda else "cpu"
         evals, eval_s = evaluations(bank, run_dir, ids, device, args.smoke, ft_steps, out)

@@ -18,7 +18,7 @@ import torch
 
 from train.checkpointing import CheckpointError, load_checkpoint
 from train.incontext_net import PRESETS, InContextSegNet, build_model
-from train.run_config import load_config
+from train.run_config import TrainConfig
 
 from .errors import EvaluationError
 
@@ -93,9 +93,9 @@ def _checkpoint_file(location: str) -> Path:
 
 def _preset_crop(preset: str) -> int:
     try:
-        return int(load_config(preset)["data"]["crop"])
+        return TrainConfig.load(preset).data.crop
     except FileNotFoundError:
-        return int(load_config(None)["data"]["crop"])
+        return TrainConfig.load(None).data.crop
 
 
 def untrained(preset: str, seed: int = 0, source: str = RANDOM) -> LoadedNetwork:
