@@ -6,8 +6,8 @@ result caching is off. Scans run as threads of one LocalCluster by default (nump
 scipy and zarr release the GIL in the heavy parts, and the threads share the flow's
 Prefect API connection), as processes with ``processes=True``, or on an existing
 cluster named by ``dask_address``. Every task returns a `ScanOutcome`; `run_per_scan`
-submits them, shows a progress bar and returns the outcomes in the order given, and
-`run_report` makes the report a flow stores in the bank.
+submits them, shows a progress bar and returns the outcomes in the order given;
+`run_scans` does that for a flow and stores the run's report in the bank.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
+from bank import Bank
 from pipeline.errors import ScanError
 
 TASK_RETRIES = 2
@@ -233,3 +234,28 @@ def run_report(
         "counts": count_statuses(rows),
         "scans": rows,
     }
+
+
+def run_scans(
+    flow: str,
+    scan_task: Any,
+    params: Mapping[str, dict],
+    store: Bank,
+    *,
+    bank_path: str,
+    cluster: Cluster,
+    settings: Mapping[str, Any],
+    clock: RunClock,
+    progress: bool = True,
+    crash_details: Mapping[str, dict] | None = None,
+    redact: Callable[[dict], dict] | None = None,
+) -> dict[str, Any]:
+    """`run_per_scan`, then index the bank and store the run's report in it (``redact``
+    first, when given); return the report, with its path as ``report["report_path"]``."""
+    outcomes = run_per_scan(scan_task, params, cluster, flow, progress, crash_details)
+    store.rebuild_index()  # single writer, after every task has finished
+    report = run_report(flow, bank_path, clock, settings, outcomes)
+    if redact is not None:
+        report = redact(report)
+    report["report_path"] = store.write_report(flow, report)
+    return report

@@ -17,15 +17,7 @@ from prefect import flow, get_run_logger
 
 from bank import Bank
 from flows.inputs import ScanInput, collect_inputs
-from flows.per_scan import (
-    Cluster,
-    RunClock,
-    ScanOutcome,
-    per_scan_task,
-    run_per_scan,
-    run_report,
-    seconds_since,
-)
+from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
 from pipeline.config import PrepareConfig
 from pipeline.errors import ScanError
 from pipeline.prepare import prepare_scan
@@ -244,18 +236,6 @@ def prepare_bank(
         }
         for s in scans
     }
-    crash_details = {
-        s.scan_id: {"image": s.image, "label": s.label, "file": s.image} for s in scans
-    }
-    outcomes = run_per_scan(
-        prepare_one,
-        params,
-        Cluster(workers, dask_address, processes),
-        desc="prepare",
-        progress=progress,
-        crash_details=crash_details,
-    )
-    store.rebuild_index()  # single writer, after every task has finished
     settings = {
         "config": cfg.to_dict(),
         "fingerprint": cfg.fingerprint(),
@@ -264,10 +244,22 @@ def prepare_bank(
         "dask_address": dask_address,
         "label_names": label_names,
     }
-    report = run_report("prepare", bank_path, clock, settings, outcomes)
-    if cfg.id_from == "hash":  # a shared report names no file or folder either
-        report = redact_names(report, scans)
-    report["report_path"] = store.write_report("prepare", report)
+    report = run_scans(
+        "prepare",
+        prepare_one,
+        params,
+        store,
+        bank_path=bank_path,
+        cluster=Cluster(workers, dask_address, processes),
+        settings=settings,
+        clock=clock,
+        progress=progress,
+        crash_details={
+            s.scan_id: {"image": s.image, "label": s.label, "file": s.image} for s in scans
+        },
+        # a shared report names no file or folder either
+        redact=(lambda r: redact_names(r, scans)) if cfg.id_from == "hash" else None,
+    )
     logger.info("prepare done: %s; report %s", report["counts"], report["report_path"])
     for r in report["scans"]:  # INFO: the CLI prints its own table; served runs log at INFO
         if r["status"] == "failed":

@@ -20,15 +20,7 @@ from prefect import flow, get_run_logger
 from bank import Bank
 from bank.errors import StaleScanError
 from bank.proposals import ProposalReader, write_proposals
-from flows.per_scan import (
-    Cluster,
-    RunClock,
-    ScanOutcome,
-    per_scan_task,
-    run_per_scan,
-    run_report,
-    seconds_since,
-)
+from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
 from pipeline.normalize import invert_normalization
 from pipeline.proposals.engine import ProposalConfig, generate_proposals
 
@@ -144,11 +136,16 @@ def propose_bank(
     params = {
         s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force} for s in ids
     }
-    cluster = Cluster(workers, dask_address, processes)
-    outcomes = run_per_scan(propose_one, params, cluster, desc="propose", progress=progress)
-    store.rebuild_index()
-    settings = {"config": cfg.to_dict(), "fingerprint": cfg.fingerprint()}
-    report = run_report("propose", bank_path, clock, settings, outcomes)
-    report["report_path"] = store.write_report("propose", report)
+    report = run_scans(
+        "propose",
+        propose_one,
+        params,
+        store,
+        bank_path=bank_path,
+        cluster=Cluster(workers, dask_address, processes),
+        settings={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint()},
+        clock=clock,
+        progress=progress,
+    )
     logger.info("propose done: %s", report["counts"])
     return report
