@@ -177,10 +177,13 @@ class ProposalSet:
         )
 
     def prune_layers(self) -> ProposalSet:
-        """Zero labels no proposal uses and renumber the rest densely (order kept).
+        """Coarsest layers that still rebuild every proposal exactly (order kept).
 
-        Unused labels cost bytes on disk; a monotone renumbering keeps every
-        member interval an interval, so proposals are unchanged.
+        Labels no proposal uses become 0, and each run of consecutive labels
+        that no interval boundary separates (the same proposals hold all of
+        them) becomes one label: only the cut points of the member intervals
+        matter.  Fewer distinct labels cost far fewer bytes on disk; a monotone
+        renumbering keeps every member interval an interval.
         """
         layers, starts, stops = {}, self.starts.copy(), self.stops.copy()
         row_layer = np.repeat(self.table["layer"], np.diff(self.indptr))
@@ -188,16 +191,21 @@ class ProposalSet:
             lay = self.layers[name]
             rows = row_layer == j
             top = max(int(lay.max(initial=0)), int(self.stops[rows].max(initial=1)))
-            cover = np.zeros(top + 2, np.int64)
-            np.add.at(cover, self.starts[rows], 1)
-            np.add.at(cover, self.stops[rows], -1)
-            used = np.cumsum(cover)[: top + 1] > 0
-            used[0] = False
-            newlab = np.cumsum(used) * used
+            cuts = np.unique(np.concatenate([self.starts[rows], self.stops[rows]]))
+            cover = np.zeros(len(cuts) + 1, np.int64)  # segment k = [cuts[k], cuts[k + 1])
+            np.add.at(cover, np.searchsorted(cuts, self.starts[rows]), 1)
+            np.add.at(cover, np.searchsorted(cuts, self.stops[rows]), -1)
+            covered = np.cumsum(cover)[: max(len(cuts) - 1, 0)] > 0
+            rank = np.cumsum(covered) * covered  # new label of each segment (0: unused)
+            seg = np.searchsorted(cuts, np.arange(top + 1), side="right") - 1
+            newlab = np.zeros(top + 1, np.int64)
+            inside = (seg >= 0) & (seg < len(rank))
+            newlab[inside] = rank[seg[inside]]
+            newlab[0] = 0
             dtype = np.uint16 if newlab.max(initial=0) < 65535 else np.int32
             layers[name] = newlab.astype(dtype)[lay]
-            starts[rows] = newlab[self.starts[rows]]
-            stops[rows] = newlab[self.stops[rows] - 1] + 1
+            starts[rows] = rank[np.searchsorted(cuts, self.starts[rows])]
+            stops[rows] = rank[np.searchsorted(cuts, self.stops[rows]) - 1] + 1
         return ProposalSet(
             self.shape, layers, self.indptr, starts, stops, self.table, dict(self.layer_info)
         )

@@ -70,6 +70,20 @@ def test_merge_subset_and_prune_keep_masks():
     assert pruned.layers[pruned.layer_names[1]].max() == 1  # only label 7 kept, renumbered
 
 
+def test_prune_merges_labels_no_interval_separates():
+    rng = np.random.default_rng(0)
+    lay = rng.integers(0, 41, size=(12, 10, 8)).astype(np.int32)
+    starts = np.array([3, 3, 10, 30, 31])
+    stops = np.array([9, 6, 20, 32, 41])
+    ps = ProposalSet.from_intervals(lay.shape, "l", lay, starts, stops, "x")
+    pruned = ps.prune_layers()
+    for i in range(ps.count):
+        np.testing.assert_array_equal(pruned.mask(i), ps.mask(i))
+    # runs [3,6) [6,9) [10,20) [30,31) [31,32) [32,41) are used; [9,10) and [20,30) are not
+    assert int(pruned.layers["l"].max()) == 6
+    assert len(np.unique(pruned.layers["l"])) == 7
+
+
 def test_validate_catches_inconsistency():
     with pytest.raises(ValueError):
         ProposalSet((4, 4, 4), {"x": np.zeros((4, 4, 4), np.int32)}, [0, 1], [0], [1], {})
