@@ -64,6 +64,7 @@ def add_phantom_scan(
     from pipeline.label_names import names_present
     from pipeline.phantom import make_phantom
     from pipeline.proposals.external import from_label_map
+    from pipeline.proposals.features import compute_features
     from pipeline.proposals.proposal_set import merge_sets
 
     ph = make_phantom(
@@ -89,7 +90,7 @@ def add_phantom_scan(
         qs = tuple(sorted(rng.uniform(0.2, 0.9, 3).round(3)))
         for j, lay in enumerate(threshold_components(image, qs)):
             sets.append(from_label_map(lay, source="threshold", layer_name=f"threshold{j}"))
-    return write_proposals(bank, scan_id, merge_sets(sets))
+    return write_proposals(bank, scan_id, compute_features(merge_sets(sets), None, None))
 
 
 def build_phantom_bank(
