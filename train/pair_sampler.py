@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.crop_masks import LAYERS_PATH, ChunkCache, ProposalIndex, crop_pieces, pieces_min
+from bank import ChunkCache
+from train.crop_masks import ProposalIndex, crop_pieces, pieces_min
 from train.memory_policy import retain_freed_memory
 from train.run_config import DataConfig
 
@@ -475,7 +476,7 @@ class PairStream(IterableDataset):
         # only the chosen proposals' layers are read in the whole union box.
         counts = index.counts_in_pieces(
             {
-                int(j): self.chunks.pieces(scan.view, LAYERS_PATH + index.layer_names[j], inner)
+                int(j): self.chunks.pieces(scan.view, index.layer_arrays[j], inner)
                 for j in np.unique(index.layer[cand])
             }
         )
@@ -509,7 +510,7 @@ class PairStream(IterableDataset):
         (bit k = proposal k, bit K = the all-ones global task, also set outside the scan)."""
         cfg, index = self.cfg, scan.index
         layers = {
-            int(j): self.chunks.pieces(scan.view, LAYERS_PATH + index.layer_names[j], boxes.union)
+            int(j): self.chunks.pieces(scan.view, index.layer_arrays[j], boxes.union)
             for j in np.unique(index.layer[ids])
         }
         # The field is built as uint16 when the K + 1 bits fit (cheaper lookups) and cast to
