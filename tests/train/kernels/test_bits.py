@@ -18,6 +18,18 @@ def test_unpack_equals_the_shifts(shape, dtype, k):
     assert torch.equal(out, unpack_bits_reference(field[None, None], k)[0])
 
 
+@pytest.mark.parametrize("offset", [0, 1, 7, 31])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_unpack_at_any_output_alignment(offset, dtype):
+    """The streaming stores need 32-byte aligned bytes: the head of each plane is peeled."""
+    shape, k = (9, 10, 70), 13
+    field = torch.randint(0, 2**k, shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    n = field.numel()
+    out = torch.empty(k * n + offset, dtype=torch.bool)[offset:].view(k, *shape)
+    unpack_into(field, out)
+    assert torch.equal(out, unpack_bits_reference(field[None, None], k)[0])
+
+
 def test_wrong_arguments_raise():
     field = torch.zeros(4, 4, 4, dtype=torch.int16)
     with pytest.raises(TypeError):
