@@ -56,7 +56,7 @@ def contrast(x: torch.Tensor, factor: torch.Tensor, gen: torch.Generator) -> tor
 
 
 def blur(x: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return gaussian_blur(x, sigma)
+    return gaussian_blur(x, sigma, inplace=True)
 
 
 def noise(x: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -23,3 +23,6 @@ def test_blur_matches_conv3d_with_replicate_padding():
         assert torch.allclose(gaussian_blur_reference(img, sigma)[j : j + 1], x, atol=1e-5)
         assert torch.allclose(gaussian_blur(img, sigma)[j : j + 1], x, atol=1e-5)
         assert torch.allclose(gaussian_blur(img[j : j + 1], sigma[j : j + 1]), x, atol=1e-5)
+        own = img[j : j + 1].clone()
+        assert gaussian_blur(own, sigma[j : j + 1], inplace=True) is own
+        assert torch.allclose(own, x, atol=1e-5)

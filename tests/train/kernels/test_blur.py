@@ -16,6 +16,18 @@ def test_compiled_filter_equals_the_shifted_views(shape, sigma):
     assert (got - gaussian_blur_reference(img, sig)[0, 0]).abs().max() < 1e-5
 
 
+def test_compiled_filter_in_place_and_into_out():
+    img = torch.randn(17, 12, 9, generator=torch.Generator().manual_seed(3))
+    sig = torch.tensor([0.7])
+    want = gaussian_blur_reference(img[None, None], sig)[0, 0]
+    out = torch.full_like(img, float("nan"))
+    assert filter_volume(img, gaussian_taps(sig)[0], out) is out
+    assert (out - want).abs().max() < 1e-5
+    vol = img.clone()
+    assert filter_volume(vol, gaussian_taps(sig)[0], vol) is vol
+    assert (vol - want).abs().max() < 1e-5
+
+
 def test_wrong_arguments_raise():
     vol, taps = torch.zeros(4, 4, 4), torch.ones(7) / 7
     with pytest.raises(TypeError):
@@ -26,3 +38,9 @@ def test_wrong_arguments_raise():
         filter_volume(vol, torch.ones(6) / 6)  # even taps
     with pytest.raises(ValueError):
         filter_volume(vol[0], taps)
+    with pytest.raises(TypeError):
+        filter_volume(vol, taps, torch.zeros(4, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        filter_volume(vol, taps, torch.zeros(4, 4, 8)[..., ::2])  # not contiguous
+    with pytest.raises(ValueError):
+        filter_volume(vol, taps, torch.zeros(4, 4, 5))
