@@ -22,12 +22,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from flows.commands.options import add_scan_selection, positive_int
+
     p.add_argument("bank", metavar="BANK", help="bank folder or URL")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html")
-    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    add_scan_selection(p)
     p.add_argument(
         "--montage-scans",
-        type=int,
+        type=positive_int,
         default=48,
         help="scans drawn in the montage; a larger bank shows a random sample (default 48)",
     )
@@ -44,16 +46,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands._bank_args import open_bank_scans
+    from flows.commands.options import open_bank_scans
     from flows.qa_report import ReportOptions, build_report
 
     opened = open_bank_scans("maskbank report", args.bank, args.scans)
     if opened is None:
         return 2
     bank, ids = opened
-    if args.montage_scans < 1 or args.min_proposals < 0:
-        print("maskbank report: error: --montage-scans must be >= 1 and --min-proposals >= 0",
-              file=sys.stderr)  # fmt: skip
+    if args.min_proposals < 0:
+        print("maskbank report: error: --min-proposals must be >= 0", file=sys.stderr)
         return 2
     options = ReportOptions(
         scan_ids=tuple(ids) if ids else None,
