@@ -34,7 +34,7 @@ def default_cache_dir() -> Path:
 
 def cached_bank(cache: Path, n_scans: int) -> str:
     """A bank of ``n_scans`` small phantoms with proposals, built once."""
-    from train.demo_bank import add_phantom_scan
+    from flows.demo_bank import add_phantom_scan
 
     path = cache / f"bank-{n_scans}"
     bank = Bank.create(path)

@@ -111,7 +111,7 @@ def build_bank(
 ) -> tuple[Any, list[str], dict[str, Any]]:
     """Phantoms (the evaluation set) plus prepared real scans; returns bank, phantom ids, info."""
     from bank import Bank
-    from train.demo_bank import add_phantom_scan
+    from flows.demo_bank import add_phantom_scan
 
     bank = Bank.create(str(path))
     phantoms = []

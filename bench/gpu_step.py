@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="maskbank-gpu-") as tmp:
         bank = args.bank
         if bank is None:
-            from train.demo_bank import build_phantom_bank
+            from flows.demo_bank import build_phantom_bank
 
             t = time.perf_counter()
             bank = str(Path(tmp) / "bank")

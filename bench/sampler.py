@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cache_dir or default_cache_dir(), source=tuple(args.realistic_source)
             )
         elif bank is None:
-            from train.demo_bank import build_phantom_bank
+            from flows.demo_bank import build_phantom_bank
 
             bank = str(tmp_path / "bank")
             t = time.perf_counter()

@@ -46,11 +46,8 @@ ALLOWED_PARTS = {"bank": ("dask.array",)}
 #: Known breaches, each with why it is still there; the test fails once one is gone, so the
 #: list only shrinks. (module path, imported top-level package)
 KNOWN_BREACHES = {
-    # The phantom-bank builder for demos and tests makes its proposals with pipeline code;
-    # it belongs with the other producers (flows/ or bench/).
-    ("train/demo_bank.py", "pipeline"),
     # write_proposals still fills missing feature columns for callers that pass a set
-    # without them (train/demo_bank.py, bench/proposals.py); goes once they compute them.
+    # without them (bench/proposals.py); goes once every caller computes them.
     ("bank/proposals.py", "pipeline"),
 }
 

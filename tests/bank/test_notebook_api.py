@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bank import Bank
-from train.demo_bank import build_phantom_bank
+from flows.demo_bank import build_phantom_bank
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from bank import Bank
 from flows.cli import main
-from train.demo_bank import build_phantom_bank
+from flows.demo_bank import build_phantom_bank
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.demo_bank import _normalise
+from flows.demo_bank import _normalise
 
 SHAPE = (48, 48, 40)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.cli import main
-from train.demo_bank import _normalise
+from flows.demo_bank import _normalise
 
 from .conftest import SHAPE, write_labelled_phantoms
 
