@@ -140,9 +140,6 @@ class ProposalIndex:
                 for r in range(self.indptr[i], self.indptr[i + 1]):
                     lut[self.starts[r] : self.stops[r]] |= dtype.type(1 << int(k))
             box = self.bbox[ids[chosen]]  # (m, 6): lo xyz, hi xyz (exclusive)
-            # Without the compiled lookup: a binary layer (labels 0/1) with label 0 in no chosen
-            # proposal gives bits = label * lut[1], a multiply instead of a table gather.
-            binary = 2 <= len(lut) <= 3 and lut[0] == 0 and not lut[2:].any()
             pieces = layer_pieces[int(j)]
             if not pieces:
                 continue
@@ -153,13 +150,7 @@ class ProposalIndex:
             for (chunk, src, dst), hit in zip(pieces, reach.any(1), strict=True):
                 if not hit:
                     continue
-                piece = chunk[src]
-                label_loops.or_lookup(piece, lut, out[dst])  # compiled: one pass
-                continue
-                if binary and piece.dtype.kind in "ui" and piece.max(initial=0) <= 1:
-                    out[dst] |= piece.astype(dtype, copy=False) * lut[1]
-                else:
-                    out[dst] |= lut[piece]
+                label_loops.or_lookup(chunk[src], lut, out[dst])  # compiled: one pass, no copy
         return out
 
 
