@@ -22,7 +22,9 @@ import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from . import object_store as _obj
 from . import publish as _publish
+from . import storage_options as _opts
 from .encoding import Encoding, write_array
 from .errors import (
     BankError,
@@ -50,11 +52,14 @@ from .layout import (
     LOCKS_DIR,
     PROPOSALS_PART,
     REPORTS_DIR,
+    ROWS_DIR,
     SCANS_DIR,
     STAGING_DIR,
     TRASH_DIR,
     check_array_name,
     check_scan_id,
+    new_version,
+    parse_versioned,
     part_path,
 )
 from .locks import file_lock, probe_filesystem
@@ -62,19 +67,7 @@ from .scan import ScanView
 from .store import StrictStore
 
 _PARTS = (None, PROPOSALS_PART)
-# Storage option keys that hold credentials: never pickled (re-read from the environment).
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
-def _without_secrets(options: Any) -> Any:
-    """storage_options minus credentials, at any depth (e.g. client_kwargs)."""
-    if isinstance(options, Mapping):
-        return {
-            k: _without_secrets(v)
-            for k, v in options.items()
-            if not any(w in str(k).lower() for w in _SECRET_WORDS)
-        }
-    return options
+_without_secrets = _opts.without_secrets
 
 
 def _local_path(location: str | os.PathLike) -> Path | None:
@@ -85,6 +78,18 @@ def _local_path(location: str | os.PathLike) -> Path | None:
     if "://" in text:
         return None
     return Path(text)
+
+
+def resolve_location(location: str | os.PathLike) -> str:
+    """A bank location as other processes should get it: local paths absolute, URLs as given."""
+    text = os.fspath(location)
+    local = _local_path(text)
+    return text if local is None else str(local.expanduser().resolve())
+
+
+def _writable_url(location: str) -> bool:
+    protocol = location.split("://", 1)[0].lower() if "://" in location else ""
+    return protocol in _obj.WRITABLE_PROTOCOLS
 
 
 class Bank:
@@ -115,17 +120,27 @@ class Bank:
         self._index_missing = False
         self._index_error: str | None = None
         self._strict_index = True
+        self._object = local_root is None  # an object store: versioned scans, rows/ commits
+        self._options_from_env = False
+        self._write_store: zarr.abc.store.Store | None = None
+        self._snapshot_lag = 0  # rows the last refresh fetched because index.json lacked them
 
     # ------------------------------------------------------------------ open/create
     @classmethod
-    def create(cls, path: str | os.PathLike, encoding: Encoding | None = None) -> Bank:
-        """Create a bank at a local path, or open an existing one for writing (and recover it)."""
+    def create(
+        cls,
+        path: str | os.PathLike,
+        encoding: Encoding | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Bank:
+        """Create a bank, or open an existing one for writing (and recover it).
+
+        ``path`` is a local path or an object-store URL (s3://bucket/bank; gs://, az://);
+        ``storage_options`` as for `open` (None: ``MASKBANK_STORAGE_OPTIONS``).
+        """
         root = _local_path(path)
         if root is None:
-            raise BankError(
-                f"cannot write to {path}: writing needs a local (or mounted) path; "
-                "copy the bank to object storage afterwards"
-            )
+            return cls._create_object(os.fspath(path), encoding, storage_options)
         if (root / "zarr.json").exists():
             bank = cls.open(root, mode="a", strict_index=False)  # recover() mends the index
             if encoding is not None and encoding != bank.encoding:
@@ -167,8 +182,12 @@ class Bank:
     ) -> Bank:
         """Open a bank: local path or any fsspec URL (s3://, gs://, file://, memory://) to read.
 
-        mode="a" opens a local bank for writing (prefer `Bank.create`, which also recovers);
-        it first checks that the file system has working locks and atomic renames.
+        mode="a" opens a bank for writing (prefer `Bank.create`, which also recovers): a
+        local one (after checking that its file system has working locks and atomic
+        renames) or one on an object store (s3://, gs://, az://; docs/bank-format.md,
+        "Object storage"). storage_options go to fsspec (e.g. an S3 endpoint); None reads
+        them from ``MASKBANK_STORAGE_OPTIONS`` (JSON). Credentials come the standard way
+        (AWS_* variables, profiles) and are never pickled with the bank.
         strict_index=False opens a bank whose index.json is corrupt (scans are then listed
         from storage; `verify()` reports it), for repairs.
         """
@@ -176,9 +195,12 @@ class Bank:
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         location = os.fspath(path_or_url)
         local = _local_path(location)
-        if mode == "a" and local is None:
-            raise BankError(f"cannot open {location} for writing: only local paths are writable")
-        options = dict(storage_options or {})
+        if mode == "a" and local is None and not _writable_url(location):
+            raise BankError(
+                f"cannot open {location} for writing: only local paths and object stores "
+                f"({', '.join(p + '://' for p in _obj.WRITABLE_PROTOCOLS)}) are writable"
+            )
+        options, from_env = _opts.resolve(storage_options)
         if local is not None:
             if not local.exists():
                 raise NotABankError(location, "path does not exist")
@@ -201,7 +223,7 @@ class Bank:
                 f"{location} has bank format {info['format_version']}, this maskbank reads up to "
                 f"{FORMAT_VERSION}; upgrade maskbank"
             )
-        if mode == "a":
+        if mode == "a" and local is not None:
             try:
                 probe_filesystem(local / LOCKS_DIR)  # type: ignore[operator]
             except PermissionError as exc:
@@ -211,6 +233,7 @@ class Bank:
                 ) from None
         bank = cls(location, store, fs, fs_root, attrs, local, writable=(mode == "a"))
         bank._storage_options = options
+        bank._options_from_env = from_env
         bank._strict_index = strict_index
         bank.refresh()
         return bank
@@ -225,6 +248,9 @@ class Bank:
         """
         strict = self._strict_index if strict is None else strict
         self._index_error = None
+        if self._object:
+            self._refresh_object(strict)
+            return
         try:
             text = self._read_text(INDEX_FILE)
             if text is None:
@@ -313,7 +339,8 @@ class Bank:
         by default (e.g. AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS).
         """
         mode = "a" if self.writable else "r"
-        return (Bank.open, (self.location, mode, _without_secrets(self._storage_options)))
+        options = None if self._options_from_env else _without_secrets(self._storage_options)
+        return (_reopen, (self.location, mode, options))
 
     def __repr__(self) -> str:
         return f"Bank({self.location!r}, scans={len(self)}, format_version={self.format_version})"
@@ -325,6 +352,8 @@ class Bank:
     def rebuild_index(self) -> list[dict]:
         """Rewrite index.json from the scan groups themselves (after crashes or manual edits)."""
         self._require_writable()
+        if self._object:
+            return self._rebuild_object_index()
         with file_lock(_publish.index_lock_path(self._local)):  # type: ignore[arg-type]
             rows = {sid: self._row_for(sid) for sid in self.scan_ids_on_storage()}
             atomic_write_text(self._local / INDEX_FILE, render_index(rows))  # type: ignore[operator]
@@ -361,23 +390,38 @@ class Bank:
         else:
             self._rows[scan_id] = row
 
-    def _row_for(self, scan_id: str) -> dict:
-        attrs = self._read_attrs(part_path(scan_id, None)) or {}
-        prop_attrs = self._read_attrs(part_path(scan_id, PROPOSALS_PART))
-        return make_row(
+    def _row_for(self, scan_id: str, version: str | None = None) -> dict:
+        """The index row of a scan from its group (of ``version``, on object stores)."""
+        attrs = self._read_attrs(part_path(scan_id, None, version)) or {}
+        prop_attrs = self._read_attrs(part_path(scan_id, PROPOSALS_PART, version))
+        row = make_row(
             scan_id,
             attrs,
             prop_attrs,
-            self.stored_nbytes(scan_id),
-            self.stored_nbytes(scan_id, PROPOSALS_PART) if prop_attrs else 0,
+            self._nbytes_at(part_path(scan_id, None, version)),
+            self._nbytes_at(part_path(scan_id, PROPOSALS_PART, version)) if prop_attrs else 0,
         )
+        if version is not None:
+            row["version"] = version
+        return row
+
+    def _nbytes_at(self, rel: str) -> int:
+        if self._local is not None:
+            return dir_nbytes(self._local / rel)
+        return _obj.storage_bytes(self._fs, self._url(rel))
+
+    def version_of(self, scan_id: str) -> str | None:
+        """The indexed version of a scan on an object store (None on local banks)."""
+        self._require(scan_id)
+        return self._rows[scan_id].get("version")
 
     # ------------------------------------------------------------------ reading
     def scan(self, scan_id: str) -> ScanView:
         """A read-only view of one scan (one zarr.json read)."""
         self._require(scan_id)
+        path = part_path(scan_id, None, self._rows[scan_id].get("version"))
         try:
-            group = zarr.open_group(self._store, path=part_path(scan_id, None), mode="r")
+            group = zarr.open_group(self._store, path=path, mode="r")
         except (FileNotFoundError, KeyError) as exc:
             raise BankError(
                 f"scan {scan_id!r} is in the index of {self.location} but its group is missing "
@@ -402,7 +446,10 @@ class Bank:
         """Scan ids whose groups exist on storage: a listing, for checks and rebuilds.
 
         Readers use ``scan_ids`` (the index); this is what the index is checked against.
+        On an object store: the scans whose indexed version (or plain folder) exists.
         """
+        if self._object:
+            return self._object_scans_on_storage()
         try:
             entries = self._fs.ls(self._url(SCANS_DIR), detail=True)
         except FileNotFoundError:
@@ -425,19 +472,17 @@ class Bank:
             raise ValueError(f"invalid scan id {scan_id!r}")
         if part not in _PARTS:
             raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
-        rel = part_path(scan_id, part)
-        if self._local is not None:
-            return dir_nbytes(self._local / rel)
-        try:
-            return int(self._fs.du(self._url(rel), total=True))
-        except FileNotFoundError:
-            return 0
+        version = self._rows.get(scan_id, {}).get("version") if self._object else None
+        return self._nbytes_at(part_path(scan_id, part, version))
 
     def leftovers(self) -> list[str]:
         """Names under .staging/ and .trash/: writes in flight or interrupted by a crash.
 
         ``recover()`` (on the writer side) finishes or undoes the interrupted ones.
+        On an object store: scan prefixes and rows no live row names (``object_leftovers``).
         """
+        if self._object:
+            return [f.path for f in self.object_leftovers()]
         found = []
         for sub in (STAGING_DIR, TRASH_DIR):
             with contextlib.suppress(FileNotFoundError):
@@ -465,8 +510,6 @@ class Bank:
         the scan was rewritten meanwhile. Array names may nest with '/'.
         """
         self._require_writable()
-        root = self._local
-        assert root is not None
         check_scan_id(scan_id)
         if part not in _PARTS:
             raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
@@ -475,6 +518,10 @@ class Bank:
         arrays = {check_array_name(k): np.asarray(v) for k, v in arrays.items()}
         user_attrs = to_jsonable(dict(attrs))
         grid = self._check_arrays(scan_id, arrays, part)
+        if self._object:
+            return self._write_scan_object(scan_id, arrays, user_attrs, part, scan_token, grid)
+        root = self._local
+        assert root is not None
         with file_lock(_publish.scan_lock_path(root, scan_id)):
             if part is not None and not (root / part_path(scan_id, None)).is_dir():
                 raise UnknownScanError(scan_id, len(self.scan_ids_on_storage()), self.location)
@@ -489,28 +536,40 @@ class Bank:
                     )
             with _publish.staging_folder(root, scan_id, part) as staged:
                 group = zarr.open_group(LocalStore(staged), mode="w-", zarr_format=3)
-                encoding = self.encoding.for_part(part)
-                records = {
-                    name: write_array(group, name, data, encoding, grid)
-                    for name, data in sorted(arrays.items())
-                }
-                info: dict[str, Any] = {
-                    "format_version": FORMAT_VERSION,
-                    "written_at": utc_now(),
-                    "part": part or "scan",
-                    "arrays": records,
-                }
-                if part is None:
-                    info["token"] = os.urandom(12).hex()
-                else:
-                    info["scan_token"] = current
-                if part == PROPOSALS_PART:
-                    info["n_proposals"] = _count_proposals(arrays, user_attrs)
-                # One metadata write (attrs.update writes zarr.json once per key).
-                group.update_attributes({**user_attrs, FORMAT_NAME: info})
+                self._fill_group(group, arrays, user_attrs, part, current, grid)
                 _publish.publish(root, staged, scan_id, part)
             self._update_index(scan_id)
         return self.row(scan_id)
+
+    def _fill_group(
+        self,
+        group: zarr.Group,
+        arrays: Mapping[str, np.ndarray],
+        user_attrs: dict,
+        part: str | None,
+        scan_token: str | None,
+        grid: tuple[int, ...],
+    ) -> None:
+        """Write a new scan (part) group's arrays, then its attributes (which mark it complete)."""
+        encoding = self.encoding.for_part(part)
+        records = {
+            name: write_array(group, name, data, encoding, grid)
+            for name, data in sorted(arrays.items())
+        }
+        info: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "written_at": utc_now(),
+            "part": part or "scan",
+            "arrays": records,
+        }
+        if part is None:
+            info["token"] = os.urandom(12).hex()
+        else:
+            info["scan_token"] = scan_token
+        if part == PROPOSALS_PART:
+            info["n_proposals"] = _count_proposals(arrays, user_attrs)
+        # One metadata write (attrs.update writes zarr.json once per key).
+        group.update_attributes({**user_attrs, FORMAT_NAME: info})
 
     @contextlib.contextmanager
     def scan_lock(self, scan_id: str) -> Iterator[None]:
@@ -518,17 +577,27 @@ class Bank:
 
         `write_scan` in the same thread re-enters it, so a caller can re-check what is
         stored (`read_scan_attrs`) and write without another writer slipping in between.
+        Object stores have no locks: there it holds nothing, and concurrent writers of one
+        scan resolve as docs/bank-format.md ("Object storage") says -- one version wins whole.
         """
         self._require_writable()
         check_scan_id(scan_id)
+        if self._object:
+            yield
+            return
         with file_lock(_publish.scan_lock_path(self._local, scan_id)):  # type: ignore[arg-type]
             yield
 
     def read_scan_attrs(self, scan_id: str) -> dict | None:
         """A scan's attributes as stored now, bypassing the index (None if there is no scan)."""
         check_scan_id(scan_id)
+        version = None
+        if self._object:
+            version = _obj.list_rows(self._fs, self._fs_root).live.get(scan_id)
+            if version is None and scan_id not in self._rows:
+                return None
         try:
-            return self._read_attrs(part_path(scan_id, None))
+            return self._read_attrs(part_path(scan_id, None, version))
         except ValueError:  # a zarr.json cut short: treated as no usable scan
             return None
 
@@ -558,8 +627,15 @@ class Bank:
         return grid
 
     def delete_scan(self, scan_id: str) -> None:
-        """Remove a scan (renamed to .trash first so readers never see half of it)."""
+        """Remove a scan (renamed to .trash first so readers never see half of it).
+
+        On an object store its rows are deleted (readers stop seeing it at once) and its
+        objects become leftovers, removed after the grace period.
+        """
         self._require_writable()
+        if self._object:
+            self._delete_scan_object(scan_id)
+            return
         root = self._local
         assert root is not None
         check_scan_id(scan_id)
@@ -578,10 +654,16 @@ class Bank:
         The timestamp looks like 20261128T043320.123456Z.
         """
         self._require_writable()
-        root = self._local
-        assert root is not None
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"invalid report name {name!r}")
+        if self._object:  # one PUT: readers see the whole report or none
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            rel = f"{REPORTS_DIR}/{name}-{stamp}-{os.urandom(3).hex()}.json"
+            text = json.dumps(to_jsonable(dict(report)), indent=1)
+            self._fs.pipe_file(self._url(rel), text.encode("utf-8"))
+            return f"{self.location.rstrip('/')}/{rel}"
+        root = self._local
+        assert root is not None
         folder = root / REPORTS_DIR
         folder.mkdir(exist_ok=True)
         while True:  # microsecond stamps sort by time and make collisions practically impossible
@@ -596,15 +678,22 @@ class Bank:
         """Report paths (oldest first), optionally only those of one flow name."""
         prefix = f"{name}-" if name else ""
         folder = f"{self._fs_root}/{REPORTS_DIR}"
+        self._fs.invalidate_cache(folder)
         try:
             paths = [p for p in self._fs.ls(folder, detail=False) if p.endswith(".json")]
         except FileNotFoundError:
             return []
         return sorted(p for p in paths if Path(p).name.startswith(prefix))
 
-    def recover(self) -> list[str]:
-        """Finish or undo writes interrupted by a crash; fix the index; return actions taken."""
+    def recover(self, grace_s: float | None = None) -> list[str]:
+        """Finish or undo writes interrupted by a crash; fix the index; return actions taken.
+
+        On an object store: remove leftovers (objects no live row names) older than
+        ``grace_s`` (default ``object_store.GRACE_S``) and refresh a lagging index.json.
+        """
         self._require_writable()
+        if self._object:
+            return self._recover_object(_obj.GRACE_S if grace_s is None else grace_s)
         root = self._local
         assert root is not None
         actions = _publish.recover(root)
@@ -614,6 +703,214 @@ class Bank:
             self.rebuild_index()
             actions.append(f"rebuilt index ({len(self._rows)} scans)")
         return actions
+
+    # ------------------------------------------------------------------ object stores
+    @classmethod
+    def _create_object(
+        cls, location: str, encoding: Encoding | None, storage_options: Mapping[str, Any] | None
+    ) -> Bank:
+        """`create` on an object store (an existing bank is opened and recovered)."""
+        if not _writable_url(location):
+            raise BankError(
+                f"cannot write to {location}: banks are written to local paths and object "
+                f"stores ({', '.join(p + '://' for p in _obj.WRITABLE_PROTOCOLS)})"
+            )
+        options, _ = _opts.resolve(storage_options)
+        fs, root = fsspec.core.url_to_fs(location, **options)
+        root = root.rstrip("/")
+        fs.invalidate_cache(root)
+        if not fs.exists(f"{root}/zarr.json"):
+            if _obj._ls(fs, root):
+                raise NotABankError(location, "prefix holds objects but no zarr.json")
+            store = FsspecStore.from_url(location, storage_options=options, read_only=False)
+            _build_empty_object_bank(store, fs, root, encoding or Encoding())
+        bank = cls.open(location, mode="a", storage_options=storage_options, strict_index=False)
+        if encoding is not None and encoding != bank.encoding:
+            raise BankError(
+                f"bank {location} already exists with encoding {bank.encoding}; "
+                f"cannot reopen it with {encoding}"
+            )
+        bank.recover()
+        bank._strict_index = True
+        return bank
+
+    def _writer(self) -> zarr.abc.store.Store:
+        """A writable zarr store on the object store (created on first write)."""
+        if self._write_store is None:
+            self._write_store = FsspecStore.from_url(
+                self.location, storage_options=self._storage_options, read_only=False
+            )
+        return self._write_store
+
+    def scan_path(self, scan_id: str) -> str:
+        """Path, relative to the bank root, of the scan group readers open (its live version)."""
+        row = self._rows.get(scan_id) or {}
+        return part_path(scan_id, None, row.get("version"))
+
+    def _refresh_object(self, strict: bool) -> None:
+        """Rows = index.json corrected by the ``rows/`` listing (docs: "Object storage")."""
+        for _attempt in range(3):
+            listing = _obj.list_rows(self._fs, self._fs_root)
+            snapshot: dict[str, dict] = {}
+            try:
+                text = self._read_text(INDEX_FILE)
+                self._index_missing = text is None
+                if text is not None:
+                    snapshot = parse_index(text, f"{self.location}/{INDEX_FILE}")
+            except CorruptIndexError as exc:
+                self._index_missing = False
+                if strict:
+                    raise
+                self._index_error = str(exc)
+                text = None
+            if text is None:  # plain scan folders (a bank copied from disk) listed from storage
+                snapshot = {
+                    name: self._row_for(name)
+                    for name in _obj.list_scan_folders(self._fs, self._fs_root)
+                    if parse_versioned(name) is None
+                }
+            rows, lag = _obj.merge_rows(self._fs, self._fs_root, snapshot, listing)
+            if set(listing.live) <= set(rows):
+                break  # else a row was replaced between listing and reading it: list again
+        self._rows = rows
+        self._snapshot_lag = lag + (1 if self._index_missing or self._index_error else 0)
+
+    def _object_scans_on_storage(self) -> list[str]:
+        folders = set(_obj.list_scan_folders(self._fs, self._fs_root))
+        found = {name for name in folders if parse_versioned(name) is None}
+        for sid, row in self._rows.items():
+            if row.get("version") and f"{sid}@{row['version']}" in folders:
+                found.add(sid)
+        return sorted(found)
+
+    def object_leftovers(self) -> list[_obj.Leftover]:
+        """Objects of an object-store bank that no live row names, with their ages."""
+        if not self._object:
+            return []
+        legacy = [sid for sid, row in self._rows.items() if row.get("version") is None]
+        listing = _obj.list_rows(self._fs, self._fs_root)
+        return _obj.find_leftovers(self._fs, self._fs_root, listing, legacy)
+
+    def _write_scan_object(
+        self,
+        scan_id: str,
+        arrays: Mapping[str, np.ndarray],
+        user_attrs: dict,
+        part: str | None,
+        scan_token: str | None,
+        grid: tuple[int, ...],
+    ) -> dict:
+        """Write a new version under its own prefix, then commit it with one row PUT."""
+        fs, root = self._fs, self._fs_root
+        base = _obj.list_rows(fs, root).live.get(scan_id)
+        # (no live row but an indexed scan: a plain folder copied from disk, which is the base)
+        if base is None and part is not None and scan_id not in self._rows:
+            raise UnknownScanError(scan_id, len(self._rows), self.location)
+        version = new_version()
+        target = part_path(scan_id, None, version)
+        current = None
+        if part is not None:
+            current = self._check_scan_token(scan_id, base, part, scan_token)
+        try:
+            if part is None:
+                group = zarr.open_group(self._writer(), path=target, mode="w-", zarr_format=3)
+                self._fill_group(group, arrays, user_attrs, None, None, grid)
+            else:
+                _obj.copy_prefix(fs, root, part_path(scan_id, None, base), target, skip=part)
+                path = part_path(scan_id, part, version)
+                group = zarr.open_group(self._writer(), path=path, mode="w-", zarr_format=3)
+                self._fill_group(group, arrays, user_attrs, part, current, grid)
+            row = self._row_for(scan_id, version)
+            if part is not None:  # the scan was rewritten meanwhile: refuse, as locally
+                live = _obj.list_rows(fs, root).live.get(scan_id)
+                if live != base:
+                    self._check_scan_token(scan_id, live, part, current)
+            _obj.put_row(fs, root, row)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a crash leaves it for recover()
+                _obj.remove(fs, root, target)
+            raise
+        self._after_commit(scan_id, version, row)
+        return self.row(scan_id)
+
+    def _check_scan_token(
+        self, scan_id: str, version: str | None, part: str, wanted: str | None
+    ) -> str | None:
+        """The token of a scan version; StaleScanError when it is not ``wanted`` (if given)."""
+        current = scan_token_of(self._read_attrs(part_path(scan_id, None, version)) or {})
+        if wanted is not None and wanted != current:
+            raise StaleScanError(
+                f"scan {scan_id!r} of {self.location} was rewritten after its {part} "
+                f"were computed (scan version {wanted}, now {current}); compute "
+                f"them again from the current scan (e.g. `maskbank propose BANK`)"
+            )
+        return current
+
+    def _after_commit(self, scan_id: str, version: str, row: dict) -> None:
+        """Drop this scan's replaced rows and old leftovers; rewrite a lagging index.json."""
+        fs, root = self._fs, self._fs_root
+        listing = _obj.list_rows(fs, root)
+        live = listing.live.get(scan_id)
+        self._rows[scan_id] = row if live == version else self._rows.get(scan_id, row)
+        if live is not None and live != version:  # a newer version of another writer won
+            self._rows.update(_obj.read_rows(fs, root, {scan_id: live}))
+        for sid, old in listing.superseded:
+            if sid == scan_id and old < (live or version):
+                _obj.remove(fs, root, _obj.row_key(sid, old))
+        legacy = [s for s, r in self._rows.items() if r.get("version") is None]
+        for left in _obj.find_leftovers(fs, root, listing, legacy):
+            if left.scan_id == scan_id and left.age_s >= _obj.GRACE_S:
+                _obj.remove(fs, root, left.path)
+        self._snapshot_lag += 1
+        if self._snapshot_lag >= _obj.SNAPSHOT_SLACK:
+            self._refresh_object(strict=False)
+            if self._snapshot_lag >= _obj.SNAPSHOT_SLACK:
+                self._put_snapshot()
+
+    def _put_snapshot(self) -> None:
+        _obj.put_snapshot(self._fs, self._fs_root, render_index(self._rows))
+        self._snapshot_lag = 0
+        self._index_missing = False
+        self._index_error = None
+
+    def _delete_scan_object(self, scan_id: str) -> None:
+        fs, root = self._fs, self._fs_root
+        listing = _obj.list_rows(fs, root)
+        for sid, old in sorted(listing.superseded, reverse=True):  # older rows first, live last
+            if sid == scan_id:
+                _obj.remove(fs, root, _obj.row_key(sid, old))
+        if scan_id in listing.live:
+            _obj.remove(fs, root, _obj.row_key(scan_id, listing.live[scan_id]))
+        self._refresh_object(strict=False)
+        legacy = scan_id in self._rows and self._rows[scan_id].get("version") is None
+        self._rows.pop(scan_id, None)
+        self._put_snapshot()
+        if legacy:  # a plain folder (copied from disk): unlisted now, so its objects can go
+            _obj.remove(fs, root, part_path(scan_id, None))
+
+    def _recover_object(self, grace_s: float) -> list[str]:
+        actions = []
+        self.refresh(strict=False)
+        for left in self.object_leftovers():
+            is_row = left.path.startswith(f"{ROWS_DIR}/")
+            if is_row or left.age_s >= grace_s:
+                _obj.remove(self._fs, self._fs_root, left.path)
+                what = "replaced row" if is_row else "objects no index row names"
+                actions.append(f"{left.scan_id}: removed {left.path} ({what})")
+        if self._index_missing or self._index_error or self._snapshot_lag:
+            self._put_snapshot()
+            actions.append(f"rewrote index.json ({len(self._rows)} scans)")
+        return actions
+
+    def _rebuild_object_index(self) -> list[dict]:
+        """index.json from the live rows (versions never change, so neither do their rows);
+        scans in plain folders (copied from disk) get their rows from their groups."""
+        self._refresh_object(strict=False)
+        for sid, row in list(self._rows.items()):
+            if row.get("version") is None:
+                self._rows[sid] = self._row_for(sid)
+        self._put_snapshot()
+        return self.index
 
     # ------------------------------------------------------------------ checks
     def verify(self, scan_ids: list[str] | None = None, deep: bool = True) -> list[str]:
@@ -640,7 +937,7 @@ class Bank:
 
     # ------------------------------------------------------------------ storage helpers
     def _require_writable(self) -> None:
-        if not self.writable or self._local is None:
+        if not self.writable:
             raise ReadOnlyBankError(
                 f"bank {self.location} is open read-only; use Bank.create(path) to write"
             )
@@ -678,7 +975,26 @@ def _build_empty_bank(root: Path, encoding: Encoding) -> None:
     root.mkdir()
     for sub in (SCANS_DIR, REPORTS_DIR, STAGING_DIR, TRASH_DIR, LOCKS_DIR):
         (root / sub).mkdir()
-    attrs = {
+    attrs = _root_attrs(encoding)
+    group = zarr.open_group(LocalStore(root), mode="w-", zarr_format=3, attributes=attrs)
+    group.create_group(SCANS_DIR)
+    atomic_write_text(root / INDEX_FILE, render_index({}))
+
+
+def _build_empty_object_bank(
+    store: zarr.abc.store.Store, fs: fsspec.AbstractFileSystem, root: str, encoding: Encoding
+) -> None:
+    """The empty bank on an object store, as `_build_empty_bank` makes it on disk.
+
+    A reader that comes between the root zarr.json and index.json lists the (no) rows.
+    """
+    group = zarr.open_group(store, mode="w-", zarr_format=3, attributes=_root_attrs(encoding))
+    group.create_group(SCANS_DIR)
+    _obj.put_snapshot(fs, root, render_index({}))
+
+
+def _root_attrs(encoding: Encoding) -> dict:
+    return {
         FORMAT_NAME: {
             "format_version": FORMAT_VERSION,
             "created_at": utc_now(),
@@ -686,9 +1002,13 @@ def _build_empty_bank(root: Path, encoding: Encoding) -> None:
             "layout": "docs/bank-format.md",
         }
     }
-    group = zarr.open_group(LocalStore(root), mode="w-", zarr_format=3, attributes=attrs)
-    group.create_group(SCANS_DIR)
-    atomic_write_text(root / INDEX_FILE, render_index({}))
+
+
+def _reopen(location: str, mode: str, options: Mapping[str, Any] | None) -> Bank:
+    """Unpickle a bank: its credential-free options, completed from this process's environment."""
+    if options is not None:
+        options = _opts.merged(_opts.from_environment(), options)
+    return Bank.open(location, mode, options)
 
 
 def scan_token_of(attrs: Mapping[str, Any]) -> str | None:

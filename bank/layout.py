@@ -5,7 +5,9 @@ See docs/bank-format.md for the format these names describe.
 
 from __future__ import annotations
 
+import os
 import re
+from datetime import UTC, datetime
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "maskbank"
@@ -18,6 +20,10 @@ TRASH_DIR = ".trash"
 LOCKS_DIR = ".locks"
 PROPOSALS_PART = "proposals"
 PROPOSAL_LAYERS_DIR = "layers"  # label-map layers, inside the proposals part
+# Object stores only (docs/bank-format.md, "Object storage"): one small row object per live
+# scan version, rows/<scan>@<version>.json; the scan's group is scans/<scan>@<version>/.
+ROWS_DIR = "rows"
+_VERSION = re.compile(r"[0-9]{8}T[0-9]{12}Z-[0-9a-f]{8}")
 
 # "@" separates scan id, part and a random token in staging/trash names, so it is
 # not allowed in scan ids; "/" would create nested groups. Always fullmatch: "$" also
@@ -44,14 +50,38 @@ def check_array_name(name: str) -> str:
     return name
 
 
-def scan_path(scan_id: str) -> str:
-    """Path of a scan group relative to the bank root."""
-    return f"{SCANS_DIR}/{scan_id}"
+def scan_path(scan_id: str, version: str | None = None) -> str:
+    """Path of a scan group relative to the bank root (of one version, on object stores)."""
+    return f"{SCANS_DIR}/{scan_id}" if version is None else f"{SCANS_DIR}/{scan_id}@{version}"
 
 
-def part_path(scan_id: str, part: str | None) -> str:
+def part_path(scan_id: str, part: str | None, version: str | None = None) -> str:
     """Path of a scan part (the whole scan when part is None) relative to the bank root."""
-    return scan_path(scan_id) if part is None else f"{scan_path(scan_id)}/{part}"
+    base = scan_path(scan_id, version)
+    return base if part is None else f"{base}/{part}"
+
+
+def new_version() -> str:
+    """A fresh scan version name: its UTC start time (sorts by time) and 32 random bits."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}Z-{os.urandom(4).hex()}"
+
+
+def version_time(version: str) -> float:
+    """POSIX time a version was started (its name says), for the leftovers' grace period."""
+    return datetime.strptime(version[:21], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC).timestamp()
+
+
+def row_key(scan_id: str, version: str) -> str:
+    """Key, relative to the bank root, of the row object that makes a scan version live."""
+    return f"{ROWS_DIR}/{scan_id}@{version}.json"
+
+
+def parse_versioned(name: str) -> tuple[str, str] | None:
+    """(scan id, version) of a name ``<scan>@<version>`` (a ``.json`` suffix allowed), else None."""
+    bits = name.removesuffix(".json").split("@")
+    if len(bits) != 2 or not _SCAN_ID.fullmatch(bits[0]) or not _VERSION.fullmatch(bits[1]):
+        return None
+    return bits[0], bits[1]
 
 
 def proposal_layer_array(layer_name: str) -> str:

@@ -10,7 +10,8 @@ import zarr
 
 from .encoding import iter_slabs
 from .index import ROW_KEYS, make_row, missing_attrs
-from .layout import FORMAT_NAME, FORMAT_VERSION, PROPOSALS_PART, part_path
+from .layout import FORMAT_NAME, FORMAT_VERSION, PROPOSALS_PART, ROWS_DIR, part_path
+from .object_store import GRACE_S
 from .publish import writer_alive
 
 if TYPE_CHECKING:
@@ -36,8 +37,10 @@ def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True
         problems.append(f"{sid}: listed in index.json but its group is missing")
     for sid in sorted(on_disk - indexed):
         problems.append(f"{sid}: group exists but index.json does not list it")
-    for name in bank.leftovers():
-        if bank.local_root is not None and writer_alive(bank.local_root, name.split("/")[-1]):
+    if bank.local_root is None:
+        problems += _object_leftovers(bank)
+    for name in bank.leftovers() if bank.local_root is not None else ():
+        if writer_alive(bank.local_root, name.split("/")[-1]):
             problems.append(f"write in progress: {name} (its writer holds the scan lock)")
         else:
             problems.append(f"leftover {name} (an interrupted write; bank.recover() cleans it)")
@@ -49,10 +52,25 @@ def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True
     return problems
 
 
+def _object_leftovers(bank: Bank) -> list[str]:
+    """On an object store, objects no live row names are findings once past the grace period.
+
+    Younger ones may be a write in progress or a replaced version a reader still reads
+    (docs/bank-format.md, "Object storage"), so they are not problems.
+    """
+    return [
+        f"leftover {left.path} (objects no index row names: an interrupted write or a replaced "
+        "version; `maskbank verify --repair BANK` removes it)"
+        for left in bank.object_leftovers()
+        if left.age_s >= GRACE_S and not left.path.startswith(f"{ROWS_DIR}/")
+    ]
+
+
 def verify_scan(bank: Bank, scan_id: str, indexed: bool, deep: bool = True) -> list[str]:
     """Problems of one scan: attributes, arrays vs their records, decodability, index row."""
+    path = bank.scan_path(scan_id) if indexed else part_path(scan_id, None)
     try:
-        group = zarr.open_group(bank.store, path=part_path(scan_id, None), mode="r")
+        group = zarr.open_group(bank.store, path=path, mode="r")
     except (FileNotFoundError, KeyError, ValueError) as exc:
         return [f"cannot open group: {exc}"]
     attrs = dict(group.attrs)

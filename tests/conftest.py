@@ -27,6 +27,9 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_API_KEY", None)
 
+# Fixtures `s3_endpoint` and `s3`: a real S3 server on loopback (moto), for object-store banks.
+pytest_plugins = ["tests.s3_server"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
