@@ -52,6 +52,7 @@ from pipeline.phantom import make_phantom  # noqa: E402
 from pipeline.prepare import prepare_scan  # noqa: E402
 from pipeline.proposals.baseline import SLIC_COMPACTNESS, slic_proposals  # noqa: E402
 from pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
+from pipeline.proposals.features import compute_features  # noqa: E402
 from pipeline.proposals.quality import RECALL_LEVELS, recall_key, score, summarise  # noqa: E402
 
 MIN_VOXELS = 27
@@ -93,7 +94,7 @@ def _scaled(path: Path, tmp: Path, scale: float) -> Path:
 
     img = nib.load(path)
     aff = img.affine.copy()
-    aff[:3, :3] *= scale
+    aff[:3] *= scale  # the origin too: the midline stays at world x = 0
     out = tmp / f"scaled_{path.name}"
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), out)
     return out
@@ -170,6 +171,8 @@ def stored_bytes(ps, case: Case) -> int:
 
 
 def measure(ps, case: Case, seconds: float) -> dict:
+    if not ps.has_features:
+        compute_features(ps, case.image.astype(np.float32), case.body, case.spacing)
     nbytes = stored_bytes(ps, case)
     out = {
         "proposals": ps.count,
@@ -248,7 +251,8 @@ def main() -> int:
                 case.raw, case.body, case.spacing, case.modality, ProposalConfig()
             )
             results[name] = {"ours": measure(ps, case, time.perf_counter() - t0)}
-            key = f"{name}:{args.slic_segments}:{SLIC_COMPACTNESS}"
+            sets = "+".join(s for s, _, _ in case.labels)
+            key = f"{name}:{sets}:{args.slic_segments}:{SLIC_COMPACTNESS}"
             if not args.no_slic:
                 if key not in cache:
                     t0 = time.perf_counter()

@@ -1,9 +1,10 @@
 """generate_proposals: the per-scan proposal engine (pure numpy; the flows call it).
 
-Pipeline: gradient -> supervoxels at each scale -> RAG hierarchy per scale
-(every merge node is a proposal) + intensity-window components -> optional
-external sets -> filters (size, inside body, not whole body, near-duplicates,
-count cap) -> features.  See ProposalConfig for the knobs and their defaults.
+Pipeline: sizes from the body and the grid (scaling.scale_plan) -> gradient ->
+supervoxels at each scale -> RAG merge trees, compact and appearance-driven
+(every node is a proposal) + intensity-window components -> optional external
+sets -> filters (size, inside body, not whole body, near-duplicates, count
+cap) -> features.  See ProposalConfig for the knobs and their defaults.
 """
 
 from __future__ import annotations
@@ -17,53 +18,75 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from pipeline.proposals.features import LayerStats, basic_stats, compute_features, layer_stats
-from pipeline.proposals.filters import basic_keep, cap_count, suppress_duplicates
+from pipeline.proposals.filters import basic_keep, select_diverse, suppress_duplicates
 from pipeline.proposals.hierarchy import hierarchy_layer
 from pipeline.proposals.proposal_set import ProposalSet, merge_sets
+from pipeline.proposals.scaling import ScalePlan, scale_plan
 from pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
 from pipeline.proposals.windows import CT_BANDS, CT_COARSE_BANDS, percentile_bands, window_layer
 
-PROPOSALS_VERSION = "1"
+PROPOSALS_VERSION = "2"  # 2: sizes follow the body; compact + appearance trees
 GENERATORS = ("hierarchy", "supervoxels", "windows")
+#: Candidate-only column used to rank proposals (not stored with them).
+STABILITY = "stability"
 
 
 @dataclass(frozen=True)
 class ProposalConfig:
     """Knobs of the proposal engine; saved with the proposals and hashed into a fingerprint.
 
+    Sizes are voxels of the scan's grid or fractions of the body's volume (see
+    pipeline.proposals.scaling), so a small body gets as rich a set as a large one.
+
     Attributes:
         generators: any of ``hierarchy`` (merge-tree nodes over supervoxels),
             ``supervoxels`` (the supervoxels themselves) and ``windows``
             (intensity-band connected components).
-        scales: supervoxels per scan for each scale (one hierarchy per scale).
+        trees: one merge hierarchy per ``(leaf_voxels, compactness,
+            spatial_weight)``: supervoxels of that mean size in voxels (their count
+            follows the body's volume, clamped to ``leaf_count_range``), flooding
+            compactness, and the weight of centroid distance in the merge cost.
+            A high spatial weight gives compact nodes (structures the image barely
+            outlines: parcels, tracts, lesions within an organ); zero follows
+            appearance only (organs, tissue classes).  Trees that share leaves
+            reuse them.
+        leaf_count_range: fewest and most supervoxels per tree.
+        scales: explicit supervoxel counts per scan, one plain hierarchy each
+            (no spatial term); when given they replace ``trees``.
+        compactness: flooding compactness of the ``scales`` hierarchies.
         gradient_sigma_mm: Gaussian scale of the gradient that supervoxels follow.
         supervoxel_factor: flood supervoxels on a grid subsampled by this factor
-            (2: 8x less flooding and ~2.5x smaller layers on disk, blockier
-            boundaries); 0 = auto: 2 when the body has >= 2 M voxels (a body CT at
-            1.5 mm), else 1 (small scans keep full-resolution boundaries).
-        compactness: 0..1 weight of the distance-to-seed term in supervoxel flooding.
+            (2: 8x less flooding, blockier boundaries); 0 = auto: 2 when the body
+            has >= 2 M voxels (a body CT at 1.5 mm), else 1.
         boundary_weight: weight of the boundary-gradient term in the merge cost.
         size_exponent: merge cost x (harmonic size of the pair)^size_exponent; larger
             values merge small regions first (balanced trees, more distinct nodes).
         percentiles, coarse_percentiles: two band sets (percentiles inside the
-            body) for MR/PET windows, one layer each; CT uses two fixed HU band sets
-            (fine: air/lung, fat, water, soft tissue, contrast, bone; coarse:
-            air/lung, denser than lung, dense).
-        window_smooth_mm: Gaussian smoothing before thresholding (fewer, smoother
-            components that also compress better).
-        split_min_mm3: window components larger than this are also split by a
-            distance-transform watershed (0 disables).
-        min_volume_mm3: minimum proposal volume per modality.  The published
-            500-3,000 voxels at ~1 mm native resolution are 500-3,000 mm^3; we use
-            the lower end (small lesions matter): 500 mm^3 = 148 voxels at 1.5 mm.
+            body) for MR/PET windows, one layer each; CT uses two fixed HU band sets.
+        window_smooth_mm: Gaussian smoothing before thresholding.
+        split_body_fraction: window components larger than this fraction of the
+            body are also split by a distance-transform watershed (0 disables),
+            with peaks at least ``split_distance_fraction`` x the body's
+            characteristic length (cube root of its volume) apart.
+        min_voxels, min_body_fraction: a proposal has at least
+            max(min_voxels, min_body_fraction x body voxels) voxels.
+        min_volume_mm3: explicit minimum volume per modality in mm^3 (replaces the
+            two above when given).
         min_inside_body: minimum fraction of a proposal inside the body mask.
         max_body_fraction: proposals covering more of the body than this are dropped.
         dedup_iou: a proposal whose IoU with a kept one exceeds this is dropped.
-        max_proposals: cap per scan after filtering (quota per source, spread over sizes).
+        max_proposals: cap per scan after filtering: equal shares of log-size bins,
+            the most stable proposals (longest-lived tree nodes) of each bin first.
     """
 
     generators: tuple[str, ...] = ("hierarchy", "supervoxels", "windows")
-    scales: tuple[int, ...] = (3000,)
+    trees: tuple[tuple[float, float, float], ...] = (
+        (50.0, 0.3, 10.0),
+        (50.0, 0.3, 0.0),
+        (150.0, 0.8, 3.0),
+    )
+    leaf_count_range: tuple[int, int] = (2000, 20000)
+    scales: tuple[int, ...] = ()
     compactness: float = 0.3
     supervoxel_factor: int = 0
     gradient_sigma_mm: float = 1.5
@@ -72,17 +95,21 @@ class ProposalConfig:
     percentiles: tuple[float, ...] = (0, 10, 25, 40, 55, 70, 85, 95, 100)
     coarse_percentiles: tuple[float, ...] = (0, 35, 65, 100)
     window_smooth_mm: float = 1.0
-    split_min_mm3: float = 50_000.0
-    split_distance_mm: float = 15.0
-    min_volume_mm3: tuple[tuple[str, float], ...] = (("ct", 500.0), ("mr", 500.0), ("pet", 800.0))
+    split_body_fraction: float = 0.005
+    split_distance_fraction: float = 0.07
+    min_voxels: int = 20
+    min_body_fraction: float = 1e-5
+    min_volume_mm3: tuple[tuple[str, float], ...] = ()
     min_inside_body: float = 0.9
     max_body_fraction: float = 0.9
     dedup_iou: float = 0.95
-    max_proposals: int = 5000
+    max_proposals: int = 10000
     version: str = field(default=PROPOSALS_VERSION)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "generators", tuple(self.generators))
+        object.__setattr__(self, "trees", tuple(tuple(float(v) for v in t) for t in self.trees))
+        object.__setattr__(self, "leaf_count_range", tuple(int(v) for v in self.leaf_count_range))
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
         object.__setattr__(
@@ -96,12 +123,22 @@ class ProposalConfig:
             raise ValueError(f"unknown proposal generators {sorted(bad)}; use {GENERATORS}")
         if any(s < 2 for s in self.scales):
             raise ValueError(f"scales must be >= 2 supervoxels, got {self.scales}")
-        if not 0 < self.dedup_iou <= 1 or self.max_proposals < 1:
-            raise ValueError("need 0 < dedup_iou <= 1 and max_proposals >= 1")
+        if any(len(t) != 3 or t[0] < 1 for t in self.trees):
+            raise ValueError(
+                f"trees are (leaf_voxels >= 1, compactness, spatial_weight): {self.trees}"
+            )
+        lo, hi = self.leaf_count_range
+        if len(self.leaf_count_range) != 2 or not 2 <= lo <= hi:
+            raise ValueError(
+                f"leaf_count_range must be (lo, hi) with 2 <= lo <= hi, got {(lo, hi)}"
+            )
+        if not 0 < self.dedup_iou <= 1 or self.max_proposals < 1 or self.min_voxels < 1:
+            raise ValueError("need 0 < dedup_iou <= 1, max_proposals >= 1 and min_voxels >= 1")
 
     def min_volume(self, modality: str) -> float:
+        """The explicit minimum volume (mm^3) for a modality; 0 when none is set."""
         table = dict(self.min_volume_mm3)
-        return table.get(modality, table.get("mr", 500.0))
+        return table.get(modality, table.get("mr", 0.0))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -121,48 +158,83 @@ class ProposalConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _tree_sets(
+    image: np.ndarray,
+    body: np.ndarray,
+    spacing,
+    config: ProposalConfig,
+    plan: ScalePlan,
+) -> tuple[list[ProposalSet], dict[str, LayerStats]]:
+    """One layer per merge tree: its nodes (and, once per leaf set, the leaves) as proposals."""
+    sets: list[ProposalSet] = []
+    stats: dict[str, LayerStats] = {}
+    grad = gradient_magnitude(image, spacing, config.gradient_sigma_mm)
+    leaves: dict[tuple[int, float], tuple[np.ndarray, int]] = {}
+    for t, spec in enumerate(plan.trees):
+        key = (spec.n_leaves, spec.compactness)
+        first = key not in leaves
+        if first:
+            leaves[key] = supervoxels(
+                image, body, spacing, spec.n_leaves, spec.compactness, grad, plan.flood_factor
+            )
+        sv, k = leaves[key]
+        if k == 0:
+            continue
+        name = f"tree{t + 1}"
+        info = {
+            "kind": "supervoxels",
+            "n_segments": spec.n_leaves,
+            "count": k,
+            "spatial_weight": spec.spatial_weight,
+        }
+        with_leaves = "supervoxels" in config.generators and first
+        if "hierarchy" in config.generators and k > 1:
+            lay, lo, hi, height, st, leaf_life, node_life = hierarchy_layer(
+                sv,
+                k,
+                image,
+                grad,
+                spacing,
+                config.boundary_weight,
+                config.size_exponent,
+                spec.spatial_weight,
+            )
+            starts = np.concatenate([np.arange(1, k + 1), lo]) if with_leaves else lo
+            stops = np.concatenate([np.arange(2, k + 2), hi]) if with_leaves else hi
+            level = np.concatenate([np.zeros(k), height]) if with_leaves else height
+            life = np.concatenate([leaf_life, node_life]) if with_leaves else node_life
+            ps = ProposalSet.from_intervals(
+                body.shape, name, lay, starts, stops, "hierarchy", np.minimum(level, 32000), info
+            )
+            ps.table[STABILITY] = life.astype(np.float32)
+            if with_leaves:  # the supervoxels themselves: same layer, zero extra storage
+                ps.table["source"] = np.where(np.arange(ps.count) < k, "supervoxels", "hierarchy")
+            st.body = np.bincount(lay.reshape(-1), weights=body.reshape(-1), minlength=k + 1)
+        elif first and "supervoxels" in config.generators:
+            lab = np.arange(1, k + 1)
+            ps = ProposalSet.from_intervals(
+                body.shape, name, sv, lab, lab + 1, "supervoxels", 0, info
+            )
+            st = layer_stats(sv, image, body, spacing)
+        else:
+            continue
+        sets.append(ps)
+        stats[name] = st
+    return sets, stats
+
+
 def _candidates(
     image: np.ndarray,
     body: np.ndarray,
     spacing,
     modality: str,
     config: ProposalConfig,
-    min_vox: int,
+    plan: ScalePlan,
 ) -> tuple[list[ProposalSet], dict[str, LayerStats]]:
     sets: list[ProposalSet] = []
     stats: dict[str, LayerStats] = {}
-    grad = None
     if {"hierarchy", "supervoxels"} & set(config.generators):
-        grad = gradient_magnitude(image, spacing, config.gradient_sigma_mm)
-    for n in config.scales if grad is not None else ():
-        factor = config.supervoxel_factor or (2 if body.sum() >= 2_000_000 else 1)
-        sv, k = supervoxels(image, body, spacing, n, config.compactness, grad, factor)
-        if k == 0:
-            continue
-        name = f"sv{n}"
-        info = {"kind": "supervoxels", "n_segments": n, "count": k}
-        if "hierarchy" in config.generators and k > 1:
-            lay, lo, hi, height, st = hierarchy_layer(
-                sv, k, image, grad, spacing, config.boundary_weight, config.size_exponent
-            )
-            with_leaves = "supervoxels" in config.generators
-            starts = np.concatenate([np.arange(1, k + 1), lo]) if with_leaves else lo
-            stops = np.concatenate([np.arange(2, k + 2), hi]) if with_leaves else hi
-            level = np.concatenate([np.zeros(k), height]) if with_leaves else height
-            ps = ProposalSet.from_intervals(
-                body.shape, name, lay, starts, stops, "hierarchy", np.minimum(level, 32000), info
-            )
-            if with_leaves:  # the supervoxels themselves: same layer, zero extra storage
-                ps.table["source"] = np.where(np.arange(ps.count) < k, "supervoxels", "hierarchy")
-            st.body = np.bincount(lay.reshape(-1), weights=body.reshape(-1), minlength=k + 1)
-        else:
-            lab = np.arange(1, k + 1)
-            ps = ProposalSet.from_intervals(
-                body.shape, name, sv, lab, lab + 1, "supervoxels", 0, info
-            )
-            st = layer_stats(sv, image, body, spacing)
-        sets.append(ps)
-        stats[name] = st
+        sets, stats = _tree_sets(image, body, spacing, config, plan)
     if "windows" in config.generators:
         if modality == "ct":
             band_sets = [CT_BANDS, CT_COARSE_BANDS]
@@ -171,18 +243,16 @@ def _candidates(
                 percentile_bands(image, body, config.percentiles),
                 percentile_bands(image, body, config.coarse_percentiles),
             ]
-        vox_mm3 = float(np.prod(spacing))
-        split = int(config.split_min_mm3 / vox_mm3) if config.split_min_mm3 > 0 else None
         for b, bands in enumerate(band_sets):
             lay, iv = window_layer(
                 image,
                 body,
                 spacing,
                 bands,
-                min_vox,
+                plan.min_voxels,
                 smooth_mm=config.window_smooth_mm,
-                split_min_voxels=split,
-                split_distance_mm=config.split_distance_mm,
+                split_min_voxels=plan.split_min_voxels,
+                split_distance_mm=plan.split_distance_mm,
             )
             if not iv:
                 continue
@@ -224,8 +294,9 @@ def generate_proposals(
     t = {"start": time.perf_counter()}
     if not body.any():
         return ProposalSet.empty(image.shape)
-    min_vox = max(1, int(np.ceil(config.min_volume(modality) / float(np.prod(spacing)))))
-    sets, stats = _candidates(image, body, spacing, modality, config, min_vox)
+    plan = scale_plan(config, int(body.sum()), spacing, modality)
+    min_vox = plan.min_voxels
+    sets, stats = _candidates(image, body, spacing, modality, config, plan)
     t["generate"] = time.perf_counter()
     for ex in extra:
         for name in ex.layer_names:
@@ -233,6 +304,13 @@ def generate_proposals(
     sets = [*extra, *sets]
     if not sets:
         return ProposalSet.empty(image.shape)
+    n_extra = sum(s.count for s in extra)
+    # merge-tree nodes rank by their lifetime; window components (few, intensity-defined)
+    # and imported masks come first within their size bin
+    stability = np.concatenate(
+        [np.asarray(s.table.pop(STABILITY, np.full(s.count, 1e6)), np.float64) for s in sets]
+    )
+    stability[:n_extra] = np.inf
     allps = merge_sets(sets)
     # merge_sets may rename clashing layers; map stats to the merged names
     merged_stats: dict[str, LayerStats] = {}
@@ -250,12 +328,13 @@ def generate_proposals(
         config.max_body_fraction,
     )
     ids = np.flatnonzero(keep)
-    n_extra = sum(s.count for s in extra)
+    # a margin over the cap for the duplicates that suppression will drop
+    ids = select_diverse(ids, base["voxels"], stability, int(config.max_proposals * 1.2) + 8)
     priority = np.arange(allps.count) >= n_extra  # extra (imported) masks first
     ids = suppress_duplicates(
         allps, base["voxels"], base["bbox"], ids, config.dedup_iou, priority.astype(int)
     )
-    ids = cap_count(ids, allps.table["source"], base["voxels"], config.max_proposals)
+    ids = select_diverse(ids, base["voxels"], stability, config.max_proposals)
     t["filter"] = time.perf_counter()
     out = allps.subset(ids).prune_layers()
     compute_features(out, image, body, spacing)

@@ -1,5 +1,9 @@
 """Proposal filters: size, inside-body fraction, not-the-whole-body, near-duplicates, count cap.
 
+The cap keeps a diverse set rather than the first proposals: equal shares of
+log-size bins (structures come at every scale), the most stable proposals of
+each bin first.
+
 All work on per-label statistics and label-interval arithmetic; masks are
 never decoded.  Duplicate search only compares proposals whose sizes are
 within the IoU threshold of each other (IoU > t needs |a|/|b| > t) and whose
@@ -126,4 +130,44 @@ def cap_count(ids: np.ndarray, sources: np.ndarray, voxels: np.ndarray, limit: i
         sel = sel[np.argsort(voxels[sel], kind="stable")]
         pick = np.unique(np.linspace(0, len(sel) - 1, quota).round().astype(int))
         keep.append(sel[pick])
+    return np.sort(np.concatenate(keep))
+
+
+def _water_fill(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Equal shares of ``limit`` over bins; what a bin cannot use goes to the others."""
+    quota = np.zeros(len(counts))
+    active = counts > 0
+    while active.any():
+        left = limit - quota.sum()
+        if left < 0.5:
+            break
+        quota[active] += left / active.sum()
+        quota = np.minimum(quota, counts)
+        active = quota < counts
+    return np.floor(quota).astype(np.int64)
+
+
+def select_diverse(
+    ids: np.ndarray,
+    voxels: np.ndarray,
+    score: np.ndarray,
+    limit: int,
+    n_bins: int = 16,
+) -> np.ndarray:
+    """At most ``limit`` ids: equal quotas over log-size bins, highest ``score`` first in each.
+
+    Sorted ids.  Size bins span the candidates' own size range, so the rule is
+    the same for a macaque brain and an adult torso.
+    """
+    ids = np.asarray(ids, np.int64)
+    if len(ids) <= limit:
+        return np.sort(ids)
+    logv = np.log(np.maximum(voxels[ids], 1).astype(np.float64))
+    edges = np.linspace(logv.min(), logv.max() + 1e-9, n_bins + 1)
+    bins = np.clip(np.digitize(logv, edges) - 1, 0, n_bins - 1)
+    quota = _water_fill(np.bincount(bins, minlength=n_bins), limit)
+    keep = []
+    for b in np.flatnonzero(quota):
+        sel = ids[bins == b]
+        keep.append(sel[np.argsort(-score[sel], kind="stable")[: quota[b]]])
     return np.sort(np.concatenate(keep))

@@ -59,6 +59,28 @@ class MergeTree:
                     stack += [(node, True), (int(b), False), (int(a), False)]
         return rank, lo[n:], hi[n:], height[n:]
 
+    def stability(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per leaf, per merge node) log of parent merge cost over the node's own.
+
+        A node that forms cheaply and survives long before its next merge is a
+        region the image supports (the lifetime criterion of hierarchical
+        segmentation); leaves count their own cost as the median first merge
+        cost.  Roots (never merged again) get the largest value.
+        """
+        n, m = self.n_leaves, len(self.children)
+        own = np.zeros(n + m)
+        own[n:] = self.cost
+        floor = max(float(np.median(self.cost)) if m else 1.0, 1e-12) * 1e-3
+        own[:n] = float(np.median(self.cost)) if m else 1.0
+        parent_cost = np.full(n + m, np.inf)
+        if m:
+            parent_cost[self.children[:, 0]] = self.cost
+            parent_cost[self.children[:, 1]] = self.cost
+        life = np.log(np.maximum(parent_cost, floor) / np.maximum(own, floor))
+        finite = np.isfinite(life)
+        life[~finite] = life[finite].max(initial=0.0) + 1.0
+        return life[:n], life[n:]
+
 
 def build_rag(
     labels: np.ndarray, image: np.ndarray, gradient: np.ndarray, spacing
@@ -181,8 +203,9 @@ def hierarchy_layer(
     boundary_weight: float = 1.0,
     size_exponent: float = 0.5,
     spatial_weight: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LayerStats]:
-    """(relabelled layer, starts, stops, heights, its stats): one interval per merge node."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LayerStats, np.ndarray, np.ndarray]:
+    """One interval per merge node: (relabelled layer, starts, stops, heights, its stats,
+    stability of each leaf in label order, stability of each merge node)."""
     data, st = build_rag(labels, image, gradient, spacing)
     x = data.x.numpy()
     gb = data.edge_attr.numpy()
@@ -196,7 +219,10 @@ def hierarchy_layer(
         sx = float(np.median(np.linalg.norm(cm[ei[0]] - cm[ei[1]], axis=1)))
     tree = agglomerate(data, si, sg, boundary_weight, size_exponent, spatial_weight, sx)
     rank, lo, hi, height = tree.leaf_order_and_intervals()
+    leaf_life, node_life = tree.stability()
     lut = np.zeros(n_labels + 1, np.int64)
     lut[1:] = rank + 1
     dtype = np.uint16 if n_labels < 65535 else np.int32
-    return lut.astype(dtype)[labels], lo + 1, hi + 1, height, st.relabel(lut)
+    life = np.zeros(n_labels)
+    life[rank] = leaf_life  # leaves in layer-label order
+    return lut.astype(dtype)[labels], lo + 1, hi + 1, height, st.relabel(lut), life, node_life
