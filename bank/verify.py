@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from . import object_store
 from .encoding import iter_slabs
 from .index import ROW_KEYS, make_row, missing_attrs
 from .layout import FORMAT_NAME, FORMAT_VERSION, PROPOSALS_PART, ROWS_DIR, part_path
-from .object_store import GRACE_S
 from .publish import writer_alive
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def _object_leftovers(bank: Bank) -> list[str]:
         f"leftover {left.path} (objects no index row names: an interrupted write or a replaced "
         "version; `maskbank verify --repair BANK` removes it)"
         for left in bank.object_leftovers()
-        if left.age_s >= GRACE_S and not left.path.startswith(f"{ROWS_DIR}/")
+        if left.age_s >= object_store.GRACE_S and not left.path.startswith(f"{ROWS_DIR}/")
     ]
 
 

@@ -8,6 +8,7 @@ environment and the endpoint in storage options (or ``MASKBANK_STORAGE_OPTIONS``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ def s3_endpoint() -> Iterator[str]:
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
