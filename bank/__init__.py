@@ -6,7 +6,7 @@ proposals' writer and reader, the chunk cache for crops -- plus the modules
 on-disk layout and are the bank's own. See docs/bank-format.md.
 """
 
-from .bank import Bank
+from .bank import Bank, resolve_location
 from .chunk_cache import ChunkCache, Piece
 from .encoding import Encoding
 from .errors import (
@@ -35,5 +35,6 @@ __all__ = [
     "UnknownScanError",
     "UnsupportedFormatError",
     "proposal_layer_array",
+    "resolve_location",
     "write_proposals",
 ]
