@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from flows.commands.options import apply_storage_options, redacted_argv
+
 # Order = order in `maskbank --help`. Modules owned by other parts of the project may
 # be absent in a given checkout; a missing one is skipped, not fatal.
 COMMANDS = (
@@ -58,7 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv  # the exact command, for results that record how they were made
+    # The command, for results that record how they were made (credentials redacted).
+    args.argv = redacted_argv(argv)
+    problem = apply_storage_options(args)
+    if problem is not None:
+        print(f"maskbank {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from bank import Bank
+from bank import Bank, resolve_location
 from flows.inputs import ScanInput, collect_inputs
 from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
 from pipeline.config import PrepareConfig
@@ -224,7 +224,7 @@ def prepare_bank(
     cfg = PrepareConfig.from_dict(config or {})
     scans = collect_inputs(list(inputs), dataset, label_names, cfg.id_from)
     store = Bank.create(bank)  # also finishes/undoes writes a killed run left behind
-    bank_path = str(Path(bank).expanduser().resolve())
+    bank_path = resolve_location(bank)  # a URL stays as it is
     logger.info("preparing %d scans into %s", len(scans), bank_path)
     params = {
         s.scan_id: {

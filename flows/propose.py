@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger
 
-from bank import Bank
+from bank import Bank, resolve_location
 from bank.errors import StaleScanError
 from bank.proposals import ProposalReader, write_proposals
 from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
@@ -132,7 +131,7 @@ def propose_bank(
     missing = [s for s in ids if s not in store]
     if missing:
         raise ValueError(f"scans not in the bank: {missing}")
-    bank_path = str(Path(bank).expanduser().resolve())
+    bank_path = resolve_location(bank)  # a URL stays as it is
     params = {
         s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force} for s in ids
     }

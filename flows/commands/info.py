@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from flows.commands.options import add_storage_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -15,6 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "and fsspec URLs (s3://...). Exit status 2 if BANK is not a bank.",
     )
     p.add_argument("bank", metavar="BANK", help="bank path or URL")
+    add_storage_options(p)
     p.add_argument("--json", action="store_true", help="print bank.summary() as JSON")
     return p
 

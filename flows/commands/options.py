@@ -113,3 +113,56 @@ def open_bank_scans(prog: str, bank: str, scans: str | None = None):
         print(f"{prog}: error: scans not in the bank: {unknown}", file=sys.stderr)
         return None
     return store, ids
+
+
+STORAGE_OPTIONS_FLAG = "--storage-options"
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """``--storage-options JSON``: fsspec options of a bank on object storage (e.g. S3)."""
+    p.add_argument(
+        STORAGE_OPTIONS_FLAG,
+        dest="storage_options",
+        default=None,
+        metavar="JSON",
+        help='fsspec options for a bank URL, e.g. \'{"client_kwargs": {"endpoint_url": '
+        '"http://127.0.0.1:9000"}}\' (default: $MASKBANK_STORAGE_OPTIONS); credentials '
+        "best come from AWS_* variables or a profile (docs/bank-format.md, 'Object storage')",
+    )
+
+
+def apply_storage_options(args: argparse.Namespace) -> str | None:
+    """Export ``--storage-options`` as MASKBANK_STORAGE_OPTIONS, which every bank opened in
+    this process, its Dask worker processes and the trainer's workers read; an error
+    message (the value is never echoed: it may hold keys) or None."""
+    text = getattr(args, "storage_options", None)
+    if text is None:
+        return None
+    from bank.errors import BankError
+    from bank.storage_options import ENV_VAR, parse
+
+    try:
+        parse(text)
+    except BankError as exc:
+        return str(exc)
+    os.environ[ENV_VAR] = text
+    return None
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """argv fit for a report: ``--storage-options`` values with their credentials replaced."""
+    from bank.storage_options import redacted_json
+
+    out, redact_next = [], False
+    for arg in argv:
+        if redact_next:
+            out.append(redacted_json(arg))
+            redact_next = False
+        elif arg == STORAGE_OPTIONS_FLAG:
+            out.append(arg)
+            redact_next = True
+        elif arg.startswith(STORAGE_OPTIONS_FLAG + "="):
+            out.append(f"{STORAGE_OPTIONS_FLAG}={redacted_json(arg.split('=', 1)[1])}")
+        else:
+            out.append(arg)
+    return out

@@ -11,6 +11,7 @@ from flows.commands._prefect_env import apply_cli_defaults
 from flows.commands.options import (
     add_cluster_options,
     add_run_output_options,
+    add_storage_options,
     cluster_kwargs,
     prefect_for_workers,
 )
@@ -62,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="scan file, folder or manifest")
-    p.add_argument("--bank", required=True, help="bank folder (created when missing)")
+    p.add_argument("--bank", required=True, help="bank folder or s3:// URL (created when missing)")
+    add_storage_options(p)
     p.add_argument(
         "--spacing",
         default="1.5",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.commands.options import add_storage_options
+
 DESCRIPTION = """\
 Pretrain the in-context segmentation network on reference/query pairs streamed from
 BANK (scans with mask proposals). `pretext=reconstruction` trains the same encoder by
@@ -35,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bank", metavar="BANK", help="bank path or fsspec URL (needs proposals)")
+    add_storage_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument(
         "--config", default="tiny", help="preset (tiny, small, base) or YAML file (default: tiny)"

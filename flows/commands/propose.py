@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from flows.commands._prefect_env import apply_cli_defaults
@@ -12,6 +11,7 @@ from flows.commands.options import (
     add_cluster_options,
     add_run_output_options,
     add_scan_selection,
+    add_storage_options,
     cluster_kwargs,
     open_bank_scans,
 )
@@ -81,7 +81,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("bank", metavar="BANK", help="bank folder")
+    p.add_argument("bank", metavar="BANK", help="bank folder or s3:// URL")
+    add_storage_options(p)
     add_scan_selection(p)
     add_proposal_options(p)
     add_cluster_options(p, processes=False)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.propose import propose_bank
 
     report = propose_bank(
-        bank=os.path.abspath(args.bank),
+        bank=args.bank,  # the flow resolves a local path
         config=cfg.to_dict(),
         scan_ids=ids,
         force=args.force,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands.options import add_storage_options
+
 DESCRIPTION = """\
 Write DIR/index.html: the scan table, intensity histograms after normalisation per
 modality, proposal counts and sizes per scan, a montage of each scan with a sample of
@@ -25,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     from flows.commands.options import add_scan_selection, positive_int
 
     p.add_argument("bank", metavar="BANK", help="bank folder or URL")
+    add_storage_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html")
     add_scan_selection(p)
     p.add_argument(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands.options import add_storage_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -17,6 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Exit status: 0 healthy, 1 problems found (listed one per line), 2 not a bank.",
     )
     p.add_argument("bank", metavar="BANK", help="bank path or URL")
+    add_storage_options(p)
     p.add_argument(
         "--repair",
         action="store_true",
