@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.incontext_net import build_model, count_parameters  # noqa: E402
-from train.run import build_optimizer  # noqa: E402
+from train.optimizer_setup import build_optimizer  # noqa: E402
 from train.run import main as run_main
 from train.run_config import load_config  # noqa: E402
 from train.seg_loss import segmentation_loss  # noqa: E402

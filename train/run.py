@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import math
 import os
 import re
 import signal
 import sys
-import threading
 import time
-import weakref
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +47,18 @@ from train.checkpointing import (
     set_rng_state,
 )
 from train.incontext_net import count_parameters
-from train.lamb_optim import Lamb
+from train.loader_watchdog import (
+    LoaderWatchdog,
+    is_loader_failure,
+    kill_workers,
+    loader_failure_message,
+)
 from train.memory_policy import retain_freed_memory
+from train.optimizer_setup import build_optimizer, build_scheduler
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
-from train.pretext import Pretext, PretextError, PretextOutput, create_pretext
-from train.run_config import ConfigError, OptimConfig, TrainConfig, dump_config
+from train.pretext import PretextError, create_pretext
+from train.run_config import ConfigError, TrainConfig, dump_config
+from train.run_log import RunLog, StepOutcome
 from train.weight_ema import WeightEMA
 
 
@@ -117,101 +119,6 @@ def check_out_dir(out: str) -> None:
         )
 
 
-def _finite_or_none(value: float) -> float | None:
-    """metrics.jsonl stays strict JSON: NaN and inf are written as null."""
-    return value if math.isfinite(value) else None
-
-
-def _loader_failure(exc: BaseException) -> bool:
-    """torch reports a dead or timed-out DataLoader worker as a plain RuntimeError (a worker's
-    own exception is re-raised as itself, starting "Caught ...", and left alone)."""
-    msg = str(exc)
-    return type(exc) is RuntimeError and msg.startswith(
-        ("DataLoader worker (pid", "DataLoader timed out")
-    )
-
-
-def _kill_workers(batches: Any) -> None:
-    """A hung worker ignores SIGTERM (see ``make_loader``), and Python's exit would join it
-    forever: kill what is left of the loader's workers.
-
-    torch's SIGCHLD handler would then raise "worker killed" into the main thread at some
-    later moment (a traceback and exit 1 after our message), so the loader's workers are
-    first taken off its watch list, as torch's own shutdown does.
-    """
-    from torch.utils.data._utils import signal_handling
-
-    if getattr(batches, "_worker_pids_set", False):
-        signal_handling._remove_worker_pids(id(batches))
-        batches._worker_pids_set = False
-    for w in getattr(batches, "_workers", ()):
-        if w.is_alive():
-            w.kill()
-
-
-class LoaderWatchdog:
-    """Kills the loader's workers when the trainer has waited for a batch far past the timeout.
-
-    torch's own ``timeout`` cannot fire while the main thread is blocked reading a batch
-    that a worker stopped half-way through writing (a SIGSTOP'd or wedged worker): the
-    read never returns. Killing the workers ends that read, and the run stops with the
-    timed-out message instead of hanging.
-    """
-
-    def __init__(self, batches: Any, timeout: float) -> None:
-        # A weak reference: the iterator must be collected when training ends, which is
-        # what shuts its workers down (they ignore SIGTERM, so nothing else would).
-        self._batches = weakref.ref(batches)
-        self.limit = 2 * timeout + 5
-        self.waiting_since: float | None = None
-        self.fired = False
-        self._stop = threading.Event()
-        if timeout > 0 and getattr(batches, "_workers", None):
-            threading.Thread(target=self._watch, daemon=True, name="loader-watchdog").start()
-
-    def next(self) -> Any:
-        self.waiting_since = time.monotonic()
-        try:
-            return next(self._batches())
-        except (OSError, EOFError) as exc:
-            # A worker killed half-way through handing over a batch (by this watchdog or
-            # by the OOM killer) breaks the shared-memory hand-over itself: report that as
-            # the loader failure it is, not as a socket error. A worker's own OSError (a
-            # missing chunk, say) comes here too, with every worker alive: left alone.
-            why = self._describe(exc)
-            if why is None:
-                raise
-            raise RuntimeError(why) from exc
-        finally:
-            self.waiting_since = None
-
-    def _describe(self, exc: BaseException) -> str | None:
-        err = f"{type(exc).__name__}: {exc}"
-        if self.fired:
-            return f"DataLoader timed out after {self.limit:g} s ({err})"
-        batches = self._batches()
-        dead = [w.pid for w in getattr(batches, "_workers", ()) if not w.is_alive()]
-        if not dead:
-            return None
-        pids = ", ".join(map(str, dead))
-        return f"DataLoader worker (pid(s) {pids}) exited unexpectedly ({err})"
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.5):
-            since = self.waiting_since
-            batches = self._batches()
-            if batches is None:
-                return
-            if since is not None and time.monotonic() - since > self.limit:
-                self.fired = True
-                _kill_workers(batches)
-                return
-            del batches
-
-
 @dataclass(frozen=True)
 class Placement:
     """Where this process trains: its rank among ``world`` ranks and its device."""
@@ -239,58 +146,11 @@ def setup_distributed() -> Placement:
     return Placement(rank, world, device)
 
 
-def build_optimizer(
-    model: torch.nn.Module, opt: OptimConfig | Mapping[str, Any]
-) -> torch.optim.Optimizer:
-    """AdamW or LAMB; ``opt`` is the typed ``optim`` section or its dict form."""
-    opt = opt if isinstance(opt, OptimConfig) else OptimConfig.from_dict(opt)
-    # No weight decay on norms, biases and tokens (1-D tensors).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": opt.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = {"adamw": torch.optim.AdamW, "lamb": Lamb}[opt.name]
-    return optimizer(groups, lr=opt.lr, betas=opt.betas)
-
-
-def one_cycle(step: int, max_steps: int, warmup_frac: float, floor: float = 0.01) -> float:
-    """LR factor: linear warm-up to 1, then cosine down to ``floor`` (a one-cycle policy).
-
-    Written out instead of OneCycleLR, which divides by zero for very short runs.
-    """
-    warm = max(1, round(warmup_frac * max_steps))
-    if step < warm:
-        return (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, max_steps - warm))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, opt: OptimConfig, max_steps: int):
-    frac = opt.warmup_frac
-    # A lambda, not a callable object: LambdaLR then keeps nothing of it in its state dict.
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: one_cycle(step, max_steps, frac)
-    )
-
-
 def augment_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """Per-step generator: augmentations depend only on (seed, step, rank) -> exact resume."""
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1))
     return gen
-
-
-def log_images(
-    writer, step: int, pretext: Pretext, aug: dict[str, torch.Tensor], out: PretextOutput
-) -> None:
-    """The pretext's mid-slice tiles of the first pair, side by side (in-context: reference /
-    reference mask / query / target / prediction; reconstruction: masked / mask / output /
-    target)."""
-    tag, tiles = pretext.image_tiles(aug, out)
-    grid = torch.cat([t.detach().float().cpu() for t in tiles], dim=1)
-    writer.add_image(tag, grid[None], step)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -334,18 +194,6 @@ class Progress:
         )
 
 
-@dataclass
-class StepOutcome:
-    """What one optimisation step produced (for the log) and decided (skip, stop)."""
-
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    result: PretextOutput
-    aug: dict[str, torch.Tensor]
-    skipped: bool
-    preempted: bool
-
-
 def prepare_run_dir(out: Path, cfg: TrainConfig) -> None:
     """Create the run directory and write the resolved config.yaml."""
     try:
@@ -353,118 +201,6 @@ def prepare_run_dir(out: Path, cfg: TrainConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot create --out {out}: {exc}; choose a writable path") from exc
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-
-
-class RunLog:
-    """The main rank's record of a run: metrics.jsonl, TensorBoard and the progress bar.
-
-    Throughput and data wait are averaged over the steps since the last record.
-    """
-
-    def __init__(
-        self,
-        out: Path,
-        cfg: TrainConfig,
-        pretext: Pretext,
-        device: torch.device,
-        start_step: int,
-        pairs_per_step: int,
-        resumed: bool,
-    ) -> None:
-        self.tcfg, self.pretext, self.device = cfg.train, pretext, device
-        self.pairs_per_step = pairs_per_step
-        self.acc_data = self.acc_dt = 0.0  # accumulated since the last record
-        self.acc_steps = 0
-        self.metrics = open(out / "metrics.jsonl", "a" if resumed else "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
-        self.writer = None
-        self.bar = None
-        if self.tcfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tb"))
-        if self.tcfg.progress and start_step < self.tcfg.max_steps:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=self.tcfg.max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True
-            )
-
-    def after_step(
-        self, step: int, outcome: StepOutcome, t_data: float, t_step: float, lr: float, skipped: int
-    ) -> None:
-        """Account for the step just taken; record it when due (and every skipped step)."""
-        self.acc_data += t_data
-        self.acc_dt += t_step
-        self.acc_steps += 1
-        due = step % self.tcfg.log_every == 0 or step == self.tcfg.max_steps
-        if due or outcome.skipped:
-            self._record(step, outcome, lr, skipped)
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def _record(self, step: int, outcome: StepOutcome, lr: float, skipped: int) -> None:
-        parts = outcome.result.parts
-        rec = {
-            "step": step,
-            "loss": _finite_or_none(float(outcome.loss.detach())),
-            **parts,
-            "lr": lr,
-            "grad_norm": _finite_or_none(float(outcome.grad_norm)),
-            "pairs_per_s": self.pairs_per_step * self.acc_steps / self.acc_dt,
-            "data_wait": self.acc_data / self.acc_dt,
-            "step_s": self.acc_dt / self.acc_steps,
-            "skipped_steps": skipped,  # so far, on all ranks together
-        }
-        rec.update({k: _finite_or_none(float(v)) for k, v in parts.items()})
-        self.acc_data = self.acc_dt = 0.0
-        self.acc_steps = 0
-        if self.device.type == "cuda":
-            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        if self.writer is not None:
-            self._write_tensorboard(step, rec, outcome)
-        if self.bar is not None:
-            shown = "nan" if rec["loss"] is None else f"{rec['loss']:.3f}"
-            self.bar.set_postfix(loss=shown, wait=f"{rec['data_wait']:.0%}", skipped=skipped)
-
-    def _write_tensorboard(self, step: int, rec: dict[str, Any], outcome: StepOutcome) -> None:
-        parts = outcome.result.parts
-        keys = ("loss", *parts, "lr", "pairs_per_s", "data_wait", "grad_norm", "skipped_steps")
-        for key in keys:
-            if rec[key] is not None:
-                self.writer.add_scalar(f"train/{key}", rec[key], step)
-        if "gpu_mem_gb" in rec:
-            self.writer.add_scalar("train/gpu_mem_gb", rec["gpu_mem_gb"], step)
-        if step % self.tcfg.image_every == 0:
-            log_images(self.writer, step, self.pretext, outcome.aug, outcome.result)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.metrics.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def loader_failure_error(exc: RuntimeError, step: int, timeout: float, timed_out: bool):
-    """The TrainingError for a dead or hung DataLoader worker, saying what to do."""
-    if timed_out or "timed out" in str(exc):
-        what = (
-            f"a DataLoader worker timed out: no batch for data.worker_timeout={timeout:g} s "
-            "(hung, e.g. on the bank's storage); check the storage, or raise "
-            "data.worker_timeout (0 waits forever)"
-        )
-    else:
-        what = (
-            "a DataLoader worker died (often the out-of-memory killer: lower "
-            "data.num_workers or data.prefetch_factor; data.num_workers=0 shows a "
-            "worker's own error in the main process)"
-        )
-    return TrainingError(
-        f"data loading failed at step {step}: {str(exc).splitlines()[0]}: {what}; "
-        "resume with --resume"
-    )
 
 
 class Trainer:
@@ -683,11 +419,11 @@ class Trainer:
         try:
             return self._loop(watchdog, log)
         except RuntimeError as exc:
-            if not _loader_failure(exc):
+            if not is_loader_failure(exc):
                 raise
-            _kill_workers(batches)
+            kill_workers(batches)
             timeout, step = self.cfg.data.worker_timeout, self.progress.step
-            raise loader_failure_error(exc, step, timeout, watchdog.fired) from exc
+            raise TrainingError(loader_failure_message(exc, step, timeout, watchdog.fired)) from exc
         finally:
             if log is not None:
                 log.close()

@@ -1,7 +1,7 @@
 import torch
 
 from train.lamb_optim import Lamb
-from train.run import one_cycle
+from train.optimizer_setup import one_cycle
 from train.weight_ema import WeightEMA
 
 

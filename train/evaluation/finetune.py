@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from train.incontext_net import InContextSegNet, TaskEmbedding
-from train.run import one_cycle
+from train.optimizer_setup import one_cycle
 from train.run_config import load_config
 from train.seg_loss import segmentation_loss
 
