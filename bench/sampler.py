@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bank", help="bank path/URL (default: build a phantom bank in a temp dir)")
     p.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options for a --bank URL, e.g. an S3 endpoint (as MASKBANK_STORAGE_OPTIONS)",
+    )
+    p.add_argument(
         "--realistic",
         action="store_true",
         help="bank of 2 synthetic 512x512x300 CTs (0.7x0.7x1 mm) through prepare + propose, "
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = p.parse_args(argv)
+    if args.storage_options is not None:  # every Bank.open of this process reads it
+        os.environ["MASKBANK_STORAGE_OPTIONS"] = args.storage_options
     torch.set_num_threads(1)
     # As in a DataLoader worker and the trainer (``make_loader``, ``train.run``): freed
     # buffers stay in the heap. Process-wide, so the baseline below gets it too.
