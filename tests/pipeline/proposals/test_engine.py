@@ -6,6 +6,7 @@ import pytest
 from pipeline.phantom import make_phantom
 from pipeline.proposals.engine import ProposalConfig, generate_proposals
 from pipeline.proposals.quality import best_dice, score
+from pipeline.proposals.scaling import scale_plan
 
 ORGANS = (
     "lung_right",
@@ -43,7 +44,9 @@ def test_filters_hold(ct_phantom, ct_proposals):
     ph, ps = ct_phantom, ct_proposals
     assert ps.count > 500
     vox = ps.table["voxels"]
-    assert vox.min() >= int(np.ceil(500 / 1.5**3))
+    plan = scale_plan(ProposalConfig(), int(ph.body.sum()), ph.spacing, "ct")
+    assert plan.min_voxels == max(20, int(np.ceil(1e-5 * ph.body.sum())))
+    assert vox.min() >= plan.min_voxels
     assert vox.max() <= 0.9 * ph.body.sum()
     ids = np.random.default_rng(0).choice(ps.count, 25, replace=False)
     for i in ids:

@@ -23,6 +23,18 @@ def _need(*names: str) -> list[Path]:
     return paths
 
 
+def _bytes_per_proposal(p, ps, tmp_path) -> float:
+    """As stored in a real bank on disk (the proposals part only)."""
+    from bank import Bank
+    from bank.proposals import ProposalReader, write_proposals
+
+    bank = Bank.create(tmp_path / "bank")
+    bank.write_scan("s", p.arrays(), p.attrs)
+    write_proposals(bank, "s", ps)
+    pr = ProposalReader(bank.scan("s"))
+    return pr.nbytes_stored() / max(pr.count, 1)
+
+
 def _proposals(image, label, modality, tmp_path=None, spacing=2.0):
     p = prepare_scan(image, label, config=PrepareConfig(spacing=spacing, modality=modality))
     raw = invert_normalization(p.image, p.attrs["normalization"])
@@ -47,11 +59,13 @@ def test_mni152_grey_and_white_matter(tmp_path):
     assert ps.count > 200
     assert sc["structures"]["white_matter"] >= 0.8, sc["structures"]
     assert sc["structures"]["grey_matter"] >= 0.55, sc["structures"]
+    assert _bytes_per_proposal(p, ps, tmp_path) <= 200
 
 
-def test_chest_ct_nodule_is_found():
+def test_chest_ct_nodule_is_found(tmp_path):
     img, lab = _need("ct_chest_lung1.nii.gz", "ct_chest_lung1_nodule_label.nii.gz")
     p, ps = _proposals(img, lab, "ct")
     sc = score(ps, p.label, {1: "nodule"})
     assert ps.count > 300
     assert sc["structures"]["nodule"] >= 0.6, sc["structures"]
+    assert _bytes_per_proposal(p, ps, tmp_path) <= 200

@@ -1,0 +1,59 @@
+"""Sizes follow the body: a small body gets as rich a set as a large one, at <= 200 B each."""
+
+import numpy as np
+import pytest
+
+from bank import Bank
+from bank.proposals import ProposalReader, write_proposals
+from pipeline.phantom import make_phantom
+from pipeline.proposals.engine import ProposalConfig, generate_proposals
+from pipeline.proposals.scaling import scale_plan
+
+MAX_BYTES_PER_PROPOSAL = 200
+
+
+def test_plan_scales_with_body_volume():
+    cfg = ProposalConfig()
+    small = scale_plan(cfg, 60_000, (1.5, 1.5, 1.5), "mr")
+    large = scale_plan(cfg, 3_000_000, (1.5, 1.5, 1.5), "ct")
+    assert small.min_voxels == cfg.min_voxels  # the grid floor, not 500 mm^3
+    assert large.min_voxels == int(np.ceil(cfg.min_body_fraction * 3_000_000))
+    # leaves: the count follows the volume within the clamp, never below the floor
+    lo, hi = cfg.leaf_count_range
+    assert [t.n_leaves for t in small.trees] == [lo, lo, lo]
+    assert [t.n_leaves for t in large.trees] == [hi, hi, hi]
+    mid = scale_plan(cfg, 450_000, (1.5, 1.5, 1.5), "mr")
+    assert [t.n_leaves for t in mid.trees] == [9000, 9000, 3000]
+    assert small.split_distance_mm < large.split_distance_mm
+    assert small.split_min_voxels < large.split_min_voxels
+    # explicit legacy options still win
+    legacy = scale_plan(ProposalConfig(scales=(800,), min_volume_mm3={"ct": 500.0}), 60_000,
+                        (1.5, 1.5, 1.5), "ct")  # fmt: skip
+    assert legacy.min_voxels == 149 and [t.n_leaves for t in legacy.trees] == [800]
+
+
+def _stored_bytes(ps, ph, tmp_path, name) -> int:
+    bank = Bank.create(tmp_path / name)
+    bank.write_scan("s", {"image": ph.image, "body": ph.body}, {"spacing": list(ph.spacing)})
+    write_proposals(bank, "s", ps)
+    pr = ProposalReader(bank.scan("s"))
+    i = int(np.argmax(pr.table["voxels"]))
+    assert pr.mask(i).sum() == pr.table["voxels"][i]  # exact rebuild from the bank
+    return pr.nbytes_stored()
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_small_body_gets_a_comparable_set(modality, tmp_path):
+    large = make_phantom(modality, shape=(80, 80, 64), spacing=(1.5, 1.5, 1.5), seed=0)
+    small = make_phantom(modality, shape=(40, 40, 32), spacing=(1.5, 1.5, 1.5), seed=0)
+    assert small.body.sum() < large.body.sum() / 6
+    counts = {}
+    for name, ph in (("large", large), ("small", small)):
+        ps = generate_proposals(ph.image, ph.body, ph.spacing, modality)
+        counts[name] = ps.count
+        nbytes = _stored_bytes(ps, ph, tmp_path, name)
+        assert nbytes / ps.count <= MAX_BYTES_PER_PROPOSAL, (name, nbytes / ps.count)
+    # an 8x smaller body (~25 k voxels) still gets thousands: leaves and minimum size
+    # follow the grid, not a fixed number of millimetres
+    assert counts["small"] >= 0.4 * counts["large"], counts
+    assert counts["small"] >= 2000, counts
