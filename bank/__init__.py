@@ -19,6 +19,9 @@ from .errors import (
 from .layout import FORMAT_VERSION, proposal_layer_array
 from .proposals import NoProposalsError, ProposalReader, write_proposals
 from .scan import ScanView
+from .storage_options import ENV_VAR as STORAGE_OPTIONS_ENV
+from .storage_options import parse as parse_storage_options
+from .storage_options import redacted_json as redacted_storage_options
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,10 +34,13 @@ __all__ = [
     "Piece",
     "ProposalReader",
     "ReadOnlyBankError",
+    "STORAGE_OPTIONS_ENV",
     "ScanView",
     "UnknownScanError",
     "UnsupportedFormatError",
+    "parse_storage_options",
     "proposal_layer_array",
+    "redacted_storage_options",
     "resolve_location",
     "write_proposals",
 ]
