@@ -138,20 +138,22 @@ def apply_storage_options(args: argparse.Namespace) -> str | None:
     text = getattr(args, "storage_options", None)
     if text is None:
         return None
+    from bank import STORAGE_OPTIONS_ENV, parse_storage_options
     from bank.errors import BankError
-    from bank.storage_options import ENV_VAR, parse
 
     try:
-        parse(text)
+        parse_storage_options(text)
     except BankError as exc:
         return str(exc)
-    os.environ[ENV_VAR] = text
+    os.environ[STORAGE_OPTIONS_ENV] = text
     return None
 
 
 def redacted_argv(argv: list[str]) -> list[str]:
     """argv fit for a report: ``--storage-options`` values with their credentials replaced."""
-    from bank.storage_options import redacted_json
+    if not any(a.startswith(STORAGE_OPTIONS_FLAG) for a in argv):
+        return list(argv)  # no bank import for commands without the option
+    from bank import redacted_storage_options as redacted_json
 
     out, redact_next = [], False
     for arg in argv:
