@@ -82,7 +82,7 @@ class ProposalConfig:
     generators: tuple[str, ...] = ("hierarchy", "supervoxels", "windows")
     trees: tuple[tuple[float, float, float], ...] = (
         (50.0, 0.3, 10.0),
-        (50.0, 0.3, 0.0),
+        (150.0, 0.3, 0.0),
         (150.0, 0.8, 3.0),
     )
     leaf_count_range: tuple[int, int] = (2000, 20000)
