@@ -29,6 +29,8 @@ PROPOSALS_VERSION = "2"  # 2: sizes follow the body; compact + appearance trees
 GENERATORS = ("hierarchy", "supervoxels", "windows")
 #: Candidate-only column used to rank proposals (not stored with them).
 STABILITY = "stability"
+#: Rank of plain-partition segments among tree nodes of their size (tree lifetimes ~0..3).
+PARTITION_STABILITY = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class ProposalConfig:
             appearance only (organs, tissue classes).  Trees that share leaves
             reuse them.
         leaf_count_range: fewest and most supervoxels per tree.
+        partitions: plain compact supervoxel partitions, one per ``(segment_voxels,
+            compactness)``, every segment a proposal: blobs of each scale
+            at every position, for structures no image border outlines.
         scales: explicit supervoxel counts per scan, one plain hierarchy each
             (no spatial term); when given they replace ``trees``.
         compactness: flooding compactness of the ``scales`` hierarchies.
@@ -86,6 +91,12 @@ class ProposalConfig:
         (150.0, 0.8, 3.0),
     )
     leaf_count_range: tuple[int, int] = (2000, 20000)
+    partitions: tuple[tuple[float, float], ...] = (
+        (200.0, 0.8),
+        (500.0, 0.8),
+        (1200.0, 0.8),
+        (3000.0, 0.8),
+    )
     scales: tuple[int, ...] = ()
     compactness: float = 0.3
     supervoxel_factor: int = 0
@@ -220,6 +231,20 @@ def _tree_sets(
             continue
         sets.append(ps)
         stats[name] = st
+    if "supervoxels" in config.generators:
+        for j, (n, comp) in enumerate(plan.partitions):
+            sv, k = supervoxels(image, body, spacing, n, comp, grad, plan.flood_factor)
+            if k == 0:
+                continue
+            name = f"partition{j + 1}"
+            lab = np.arange(1, k + 1)
+            info = {"kind": "supervoxels", "n_segments": n, "count": k}
+            ps = ProposalSet.from_intervals(
+                body.shape, name, sv, lab, lab + 1, "supervoxels", 0, info
+            )
+            ps.table[STABILITY] = np.full(k, PARTITION_STABILITY, np.float32)
+            sets.append(ps)
+            stats[name] = layer_stats(sv, image, body, spacing)
     return sets, stats
 
 

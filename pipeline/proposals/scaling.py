@@ -28,6 +28,7 @@ class ScalePlan:
 
     min_voxels: int
     trees: tuple[TreeSpec, ...]
+    partitions: tuple[tuple[int, float], ...]  # (segments, compactness) per plain partition
     split_min_voxels: int | None
     split_distance_mm: float
     flood_factor: int
@@ -59,6 +60,10 @@ def scale_plan(config, body_voxels: int, spacing, modality: str) -> ScalePlan:
             TreeSpec(n_leaves(body_voxels, leaf, lo, hi), comp, ws)
             for leaf, comp, ws in config.trees
         )
+    partitions = tuple(
+        (max(2, min(int(round(body_voxels / max(size, 1.0))), body_voxels // 8)), comp)
+        for size, comp in config.partitions
+    )
     split = None
     if config.split_body_fraction > 0:
         split = max(min_voxels, int(config.split_body_fraction * body_voxels))
@@ -66,6 +71,7 @@ def scale_plan(config, body_voxels: int, spacing, modality: str) -> ScalePlan:
     return ScalePlan(
         min_voxels=min_voxels,
         trees=trees,
+        partitions=partitions,
         split_min_voxels=split,
         split_distance_mm=config.split_distance_fraction * body_length_mm(body_voxels, spacing),
         flood_factor=factor,

@@ -24,6 +24,8 @@ def test_plan_scales_with_body_volume():
     assert [t.n_leaves for t in large.trees] == [hi, hi, hi]
     mid = scale_plan(cfg, 450_000, (1.5, 1.5, 1.5), "mr")
     assert [t.n_leaves for t in mid.trees] == [9000, 3000, 3000]
+    # plain partitions keep their segment size in voxels: their count follows the body
+    assert [n for n, _ in mid.partitions] == [round(450_000 / v) for v, _ in cfg.partitions]
     assert small.split_distance_mm < large.split_distance_mm
     assert small.split_min_voxels < large.split_min_voxels
     # explicit legacy options still win
