@@ -851,6 +851,8 @@ class Bank:
         fs, root = self._fs, self._fs_root
         listing = _obj.list_rows(fs, root)
         live = listing.live.get(scan_id)
+        if live is None or live < version:  # listed before our row landed: ours is live
+            live = listing.live[scan_id] = version
         self._rows[scan_id] = row if live == version else self._rows.get(scan_id, row)
         if live is not None and live != version:  # a newer version of another writer won
             self._rows.update(_obj.read_rows(fs, root, {scan_id: live}))

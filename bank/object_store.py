@@ -51,10 +51,14 @@ class Listing:
 
 
 def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Base names under a prefix, read afresh (s3fs caches listings per instance)."""
-    fs.invalidate_cache(path)
+    """Base names under a prefix, listed afresh.
+
+    s3fs caches listings per (shared) instance: ``refresh=True`` makes this one call
+    bypass the cache, where invalidating first would let another thread's listing
+    slip in between.
+    """
     try:
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True)]
     except FileNotFoundError:
         return []
 
