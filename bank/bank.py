@@ -593,7 +593,7 @@ class Bank:
         check_scan_id(scan_id)
         version = None
         if self._object:
-            version = _obj.list_rows(self._fs, self._fs_root).live.get(scan_id)
+            version = _obj.list_rows(self._fs, self._fs_root, scan_id).live.get(scan_id)
             if version is None and scan_id not in self._rows:
                 return None
         try:
@@ -802,7 +802,7 @@ class Bank:
     ) -> dict:
         """Write a new version under its own prefix, then commit it with one row PUT."""
         fs, root = self._fs, self._fs_root
-        base = _obj.list_rows(fs, root).live.get(scan_id)
+        base = _obj.list_rows(fs, root, scan_id).live.get(scan_id)
         # (no live row but an indexed scan: a plain folder copied from disk, which is the base)
         if base is None and part is not None and scan_id not in self._rows:
             raise UnknownScanError(scan_id, len(self._rows), self.location)
@@ -822,7 +822,7 @@ class Bank:
                 self._fill_group(group, arrays, user_attrs, part, current, grid)
             row = self._row_for(scan_id, version)
             if part is not None:  # the scan was rewritten meanwhile: refuse, as locally
-                live = _obj.list_rows(fs, root).live.get(scan_id)
+                live = _obj.list_rows(fs, root, scan_id).live.get(scan_id)
                 if live != base:
                     self._check_scan_token(scan_id, live, part, current)
             _obj.put_row(fs, root, row)
@@ -849,7 +849,7 @@ class Bank:
     def _after_commit(self, scan_id: str, version: str, row: dict) -> None:
         """Drop this scan's replaced rows and old leftovers; rewrite a lagging index.json."""
         fs, root = self._fs, self._fs_root
-        listing = _obj.list_rows(fs, root)
+        listing = _obj.list_rows(fs, root, scan_id)
         live = listing.live.get(scan_id)
         if live is None or live < version:  # listed before our row landed: ours is live
             live = listing.live[scan_id] = version
@@ -860,8 +860,8 @@ class Bank:
             if sid == scan_id and old < (live or version):
                 _obj.remove(fs, root, _obj.row_key(sid, old))
         legacy = [s for s, r in self._rows.items() if r.get("version") is None]
-        for left in _obj.find_leftovers(fs, root, listing, legacy):
-            if left.scan_id == scan_id and left.age_s >= _obj.GRACE_S:
+        for left in _obj.find_leftovers(fs, root, listing, legacy, scan_id=scan_id):
+            if left.age_s >= _obj.GRACE_S:
                 _obj.remove(fs, root, left.path)
         self._snapshot_lag += 1
         if self._snapshot_lag >= _obj.SNAPSHOT_SLACK:
@@ -877,7 +877,7 @@ class Bank:
 
     def _delete_scan_object(self, scan_id: str) -> None:
         fs, root = self._fs, self._fs_root
-        listing = _obj.list_rows(fs, root)
+        listing = _obj.list_rows(fs, root, scan_id)
         for sid, old in sorted(listing.superseded, reverse=True):  # older rows first, live last
             if sid == scan_id:
                 _obj.remove(fs, root, _obj.row_key(sid, old))

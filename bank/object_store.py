@@ -63,12 +63,30 @@ def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
-def list_rows(fs: fsspec.AbstractFileSystem, root: str) -> Listing:
-    """The ``rows/`` listing: newest version per scan is live, older ones are superseded."""
+def _names(fs: fsspec.AbstractFileSystem, folder: str, scan_id: str | None) -> list[str]:
+    """Names directly under ``folder``; with ``scan_id``, at least those of that scan.
+
+    Why: a writer needs only its scan's versions, and on S3 and GCS a listing by key
+    prefix (``<scan_id>@``) costs one request however many scans the bank holds, where
+    the whole folder takes one request per 1,000 scans.
+    """
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if scan_id is None or not set(protocols) & {"s3", "s3a", "gs", "gcs"}:
+        return _ls(fs, folder)
+    base = fs._strip_protocol(folder).rstrip("/") + "/"
+    keys = fs.find(folder, prefix=f"{scan_id}@")  # a fresh listing (no delimiter: no cache)
+    return sorted({k[len(base) :].split("/", 1)[0] for k in keys if k.startswith(base)})
+
+
+def list_rows(fs: fsspec.AbstractFileSystem, root: str, scan_id: str | None = None) -> Listing:
+    """The ``rows/`` listing: newest version per scan is live, older ones are superseded.
+
+    With ``scan_id``, only that scan's rows (one request on S3).
+    """
     by_scan: dict[str, list[str]] = {}
-    for name in _ls(fs, f"{root}/{ROWS_DIR}"):
+    for name in _names(fs, f"{root}/{ROWS_DIR}", scan_id):
         parsed = parse_versioned(name) if name.endswith(".json") else None
-        if parsed is not None:
+        if parsed is not None and scan_id in (None, parsed[0]):
             by_scan.setdefault(parsed[0], []).append(parsed[1])
     out = Listing()
     for sid, versions in by_scan.items():
@@ -78,9 +96,12 @@ def list_rows(fs: fsspec.AbstractFileSystem, root: str) -> Listing:
     return out
 
 
-def list_scan_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Names under ``scans/``: ``<id>@<version>`` prefixes and plain ``<id>`` folders."""
-    return sorted(n for n in _ls(fs, f"{root}/{SCANS_DIR}") if n != "zarr.json")
+def list_scan_folders(
+    fs: fsspec.AbstractFileSystem, root: str, scan_id: str | None = None
+) -> list[str]:
+    """Names under ``scans/``: ``<id>@<version>`` prefixes and plain ``<id>`` folders
+    (with ``scan_id``: at least that scan's versions)."""
+    return sorted(n for n in _names(fs, f"{root}/{SCANS_DIR}", scan_id) if n != "zarr.json")
 
 
 def read_rows(
@@ -161,26 +182,29 @@ def find_leftovers(
     listing: Listing,
     legacy: Iterable[str] = (),
     now: float | None = None,
+    scan_id: str | None = None,
 ) -> list[Leftover]:
     """Every scan prefix and row object that no live row names, with its age in seconds.
 
     ``legacy`` are the plain ``scans/<id>`` folders the index still serves (scans copied
     from a local bank); such a folder whose scan was rewritten here is a leftover too.
+    With ``scan_id``, only that scan's (``listing`` must cover it).
     """
     now = time.time() if now is None else now
     keep = set(legacy)
     found = []
-    for name in list_scan_folders(fs, root):
+    for name in list_scan_folders(fs, root, scan_id):
         parsed = parse_versioned(name)
         if parsed is None:
-            if name not in keep and name in listing.live:
+            if name not in keep and name in listing.live and scan_id in (None, name):
                 found.append(Leftover(scan_path(name), name, float("inf")))
             continue
         sid, version = parsed
-        if listing.live.get(sid) != version:
+        if listing.live.get(sid) != version and scan_id in (None, sid):
             found.append(Leftover(f"{SCANS_DIR}/{name}", sid, now - version_time(version)))
     for sid, version in listing.superseded:
-        found.append(Leftover(row_key(sid, version), sid, now - version_time(version)))
+        if scan_id in (None, sid):
+            found.append(Leftover(row_key(sid, version), sid, now - version_time(version)))
     return sorted(found, key=lambda f: f.path)
 
 
