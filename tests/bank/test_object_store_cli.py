@@ -55,6 +55,8 @@ def test_cli_prepares_proposes_verifies_and_summarises_a_bank_on_s3(
     # options from the environment, as on a cluster's workers
     out = _maskbank("verify", url, env={"MASKBANK_STORAGE_OPTIONS": s3.options_json})
     assert out.returncode == 0 and "ok: 2 scans" in out.stdout, out.stdout + out.stderr
+    out = _maskbank("verify", url, *opts, "--repair")  # writes: rewrites index.json
+    assert out.returncode == 0 and "ok: 2 scans" in out.stdout, out.stdout + out.stderr
     out = _maskbank("info", url, *opts, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["scans"] == 2
