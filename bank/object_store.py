@@ -33,9 +33,17 @@ from .layout import (
     version_time,
 )
 
+
+def _grace_from_environment(default: float = 3600.0) -> float:
+    try:
+        return max(0.0, float(os.environ.get("MASKBANK_LEFTOVER_GRACE_S", default)))
+    except ValueError:
+        return default  # a typo must not make cleanup delete in-progress writes
+
+
 #: Seconds an unindexed or replaced version is kept before cleanup may remove it: a writer
 #: must finish a scan, and a reader finish reading the version it opened, within this time.
-GRACE_S = float(os.environ.get("MASKBANK_LEFTOVER_GRACE_S", 3600))
+GRACE_S = _grace_from_environment()
 #: Rows the snapshot may lag behind before a writer rewrites it (readers GET those rows).
 SNAPSHOT_SLACK = 32
 #: Object-store protocols a bank may be written to (they list and read after write consistently).
