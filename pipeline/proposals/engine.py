@@ -80,8 +80,11 @@ class ProposalConfig:
         min_inside_body: minimum fraction of a proposal inside the body mask.
         max_body_fraction: proposals covering more of the body than this are dropped.
         dedup_iou: a proposal whose IoU with a kept one exceeds this is dropped.
-        max_proposals: cap per scan after filtering: equal shares of log-size bins,
+        max_proposals: cap per scan after filtering: shares of 16 log-size bins,
             the most stable proposals (longest-lived tree nodes) of each bin first.
+        cap_size_exponent: a bin's share is proportional to its size to this power;
+            1 gives every scale about the same covered volume (the smallest, most
+            numerous fragments go first), 0 the same count.
     """
 
     generators: tuple[str, ...] = ("hierarchy", "supervoxels", "windows")
@@ -115,6 +118,7 @@ class ProposalConfig:
     max_body_fraction: float = 0.9
     dedup_iou: float = 0.95
     max_proposals: int = 10000
+    cap_size_exponent: float = 1.0
     version: str = field(default=PROPOSALS_VERSION)
 
     def __post_init__(self) -> None:
@@ -353,13 +357,17 @@ def generate_proposals(
         config.max_body_fraction,
     )
     ids = np.flatnonzero(keep)
-    # a margin over the cap for the duplicates that suppression will drop
-    ids = select_diverse(ids, base["voxels"], stability, int(config.max_proposals * 1.2) + 8)
+    cap_margin = int(config.max_proposals * 1.2) + 8  # room for the duplicates dropped next
+    ids = select_diverse(
+        ids, base["voxels"], stability, cap_margin, size_prior=config.cap_size_exponent
+    )
     priority = np.arange(allps.count) >= n_extra  # extra (imported) masks first
     ids = suppress_duplicates(
         allps, base["voxels"], base["bbox"], ids, config.dedup_iou, priority.astype(int)
     )
-    ids = select_diverse(ids, base["voxels"], stability, config.max_proposals)
+    ids = select_diverse(
+        ids, base["voxels"], stability, config.max_proposals, size_prior=config.cap_size_exponent
+    )
     t["filter"] = time.perf_counter()
     out = allps.subset(ids).prune_layers()
     compute_features(out, image, body, spacing)

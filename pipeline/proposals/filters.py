@@ -133,15 +133,17 @@ def cap_count(ids: np.ndarray, sources: np.ndarray, voxels: np.ndarray, limit: i
     return np.sort(np.concatenate(keep))
 
 
-def _water_fill(counts: np.ndarray, limit: int) -> np.ndarray:
-    """Equal shares of ``limit`` over bins; what a bin cannot use goes to the others."""
+def _water_fill(counts: np.ndarray, limit: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Shares of ``limit`` over bins in proportion to ``weights`` (equal by default);
+    what a bin cannot use goes to the others."""
+    w = np.ones(len(counts)) if weights is None else np.asarray(weights, float)
     quota = np.zeros(len(counts))
     active = counts > 0
     while active.any():
         left = limit - quota.sum()
         if left < 0.5:
             break
-        quota[active] += left / active.sum()
+        quota[active] += left * w[active] / w[active].sum()
         quota = np.minimum(quota, counts)
         active = quota < counts
     return np.floor(quota).astype(np.int64)
@@ -153,11 +155,14 @@ def select_diverse(
     score: np.ndarray,
     limit: int,
     n_bins: int = 16,
+    size_prior: float = 0.0,
 ) -> np.ndarray:
-    """At most ``limit`` ids: equal quotas over log-size bins, highest ``score`` first in each.
+    """At most ``limit`` ids: quotas over log-size bins, highest ``score`` first in each.
 
-    Sorted ids.  Size bins span the candidates' own size range, so the rule is
-    the same for a macaque brain and an adult torso.
+    Bin quotas are proportional to (bin's size)^size_prior: 0 gives every scale the
+    same share, a negative value favours small proposals (anatomy has more small
+    structures than large ones).  Sorted ids.  Size bins span the candidates' own
+    size range, so the rule is the same for a macaque brain and an adult torso.
     """
     ids = np.asarray(ids, np.int64)
     if len(ids) <= limit:
@@ -165,7 +170,9 @@ def select_diverse(
     logv = np.log(np.maximum(voxels[ids], 1).astype(np.float64))
     edges = np.linspace(logv.min(), logv.max() + 1e-9, n_bins + 1)
     bins = np.clip(np.digitize(logv, edges) - 1, 0, n_bins - 1)
-    quota = _water_fill(np.bincount(bins, minlength=n_bins), limit)
+    centres = np.exp((edges[:-1] + edges[1:]) / 2)
+    weights = (centres / centres[0]) ** size_prior
+    quota = _water_fill(np.bincount(bins, minlength=n_bins), limit, weights)
     keep = []
     for b in np.flatnonzero(quota):
         sel = ids[bins == b]

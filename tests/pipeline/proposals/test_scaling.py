@@ -59,3 +59,25 @@ def test_small_body_gets_a_comparable_set(modality, tmp_path):
     # follow the grid, not a fixed number of millimetres
     assert counts["small"] >= 0.4 * counts["large"], counts
     assert counts["small"] >= 2000, counts
+
+
+def test_cap_keeps_every_scale_and_the_most_stable():
+    from pipeline.proposals.filters import select_diverse
+
+    rng = np.random.default_rng(0)
+    voxels = np.round(np.exp(rng.uniform(np.log(20), np.log(200_000), 5000))).astype(np.int64)
+    voxels[:3000] = rng.integers(20, 60, 3000)  # a flood of tiny fragments
+    score = rng.normal(size=5000)
+    ids = np.arange(5000)
+    same_count = select_diverse(ids, voxels, score, 1000, size_prior=0.0)
+    same_volume = select_diverse(ids, voxels, score, 1000, size_prior=1.0)
+    for keep in (same_count, same_volume):
+        assert len(keep) <= 1000 and len(np.unique(keep)) == len(keep)
+        assert voxels[keep].max() > 50_000  # the large scales keep their share
+    # tiny fragments do not crowd out the rest; with size_prior 1 even less so
+    assert (voxels[same_volume] < 60).mean() < (voxels[same_count] < 60).mean() < 0.5
+    # within a size range the most stable are the ones kept
+    tiny = ids[voxels < 60]
+    kept = np.intersect1d(tiny, same_count)
+    dropped = np.setdiff1d(tiny, same_count)
+    assert score[kept].mean() > score[dropped].mean() + 1
