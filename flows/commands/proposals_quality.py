@@ -182,7 +182,8 @@ def _recall_keys(q: dict) -> list[str]:
 def format_table(q: dict, sort: str = "size") -> str:
     keys = ["abo", *_recall_keys(q)]
     has_base = "baseline" in q
-    head = f"{'scan':<32} " + " ".join(f"{k.replace('recall_', 'R@.'):>7}" for k in keys)
+    titles = ["ABO" if k == "abo" else k.replace("recall_", "R@.") for k in keys]
+    head = f"{'scan':<32} " + " ".join(f"{t:>7}" for t in titles)
     lines = [head + f" {'props':>7} {'B/prop':>8}"]
 
     def vals(d: dict) -> str:

@@ -72,6 +72,7 @@ def test_min_voxels_and_sort(phantom_bank, capsys):
     assert dice == sorted(dice)  # worst covered first
     rc, out = _run(capsys, phantom_bank, "--sort", "name")
     assert rc == 0 and "best Dice" in out and "overall" in out
+    assert "ABO" in out.splitlines()[0] and "R@.90" in out.splitlines()[0]
 
 
 @pytest.mark.parametrize(
