@@ -38,36 +38,47 @@ def add_proposal_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("proposal options")
     g.add_argument(
         "--generators",
-        default="hierarchy,supervoxels,windows",
-        help="comma list of hierarchy, supervoxels, windows (default: hierarchy,supervoxels,windows)",
+        default=None,
+        help="comma list of hierarchy, supervoxels, windows (default: all three)",
     )
     g.add_argument(
         "--scales",
-        default="3000",
-        help="supervoxels per scan, one hierarchy per value, comma list (default: 3000)",
+        default=None,
+        help="supervoxels per scan, one hierarchy per value, comma list (default: automatic, "
+        "from the body's volume and the grid)",
     )
-    g.add_argument("--max-proposals", type=int, default=5000, help="cap per scan (default: 5000)")
+    g.add_argument(
+        "--max-proposals",
+        type=int,
+        default=None,
+        help="cap per scan (default: the engine's, ProposalConfig.max_proposals)",
+    )
     g.add_argument(
         "--min-volume",
         type=float,
         default=None,
         metavar="MM3",
-        help="minimum proposal volume in mm^3 for every modality (default: 500 CT/MR, 800 PET)",
+        help="minimum proposal volume in mm^3 for every modality (default: relative to the "
+        "body, at least 20 voxels)",
     )
     g.add_argument(
-        "--dedup-iou", type=float, default=0.95, help="near-duplicate IoU (default: 0.95)"
+        "--dedup-iou", type=float, default=None, help="near-duplicate IoU (default: 0.95)"
     )
 
 
 def config_from_args(args: argparse.Namespace):
+    """The engine's defaults (``ProposalConfig``) with the options that were given."""
     from pipeline.proposals.engine import ProposalConfig
 
-    kw: dict = {
-        "generators": tuple(g.strip() for g in args.generators.split(",") if g.strip()),
-        "scales": tuple(int(s) for s in args.scales.split(",") if s.strip()),
-        "max_proposals": args.max_proposals,
-        "dedup_iou": args.dedup_iou,
-    }
+    kw: dict = {}
+    if args.generators is not None:
+        kw["generators"] = tuple(g.strip() for g in args.generators.split(",") if g.strip())
+    if args.scales is not None:
+        kw["scales"] = tuple(int(s) for s in args.scales.split(",") if s.strip())
+    if args.max_proposals is not None:
+        kw["max_proposals"] = args.max_proposals
+    if args.dedup_iou is not None:
+        kw["dedup_iou"] = args.dedup_iou
     if args.min_volume is not None:
         kw["min_volume_mm3"] = {m: args.min_volume for m in ("ct", "mr", "pet")}
     return ProposalConfig(**kw)
