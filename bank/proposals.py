@@ -60,7 +60,11 @@ def write_proposals(
     """
     ps = proposal_set
     if not ps.has_features:
-        ps = _features_for_old_callers(ps)
+        raise ValueError(
+            "write_proposals stores the features it is given and this set has none: compute "
+            "them first with pipeline.proposals.features.compute_features(ps, image, body, "
+            "spacing) (generate_proposals does so)"
+        )
     ps = ps.prune_layers()
     sources = sorted(set(ps.table["source"].tolist()))
     codes = {s: i for i, s in enumerate(sources)}
@@ -95,25 +99,6 @@ def write_proposals(
     meta.update(attrs or {})
     bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART, scan_token=scan_token)
     return meta
-
-
-def _features_for_old_callers(ps: Any) -> Any:
-    """Fill the feature columns of a set written without them (no image-based contrast).
-
-    Transitional, for callers that do not compute them yet: the bank is not the place
-    that computes features, and this goes once every caller passes them.
-    """
-    import warnings
-
-    from pipeline.proposals.features import compute_features
-
-    warnings.warn(
-        "write_proposals was given proposals without feature columns; compute them first "
-        "with pipeline.proposals.features.compute_features (the bank will stop filling them)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return compute_features(ps, None, None)
 
 
 def _norm_roi(roi, shape) -> tuple[slice, slice, slice]:

@@ -40,6 +40,7 @@ from pipeline.phantom import make_phantom  # noqa: E402
 from pipeline.prepare import prepare_scan  # noqa: E402
 from pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
 from pipeline.proposals.external import from_label_map  # noqa: E402
+from pipeline.proposals.features import compute_features  # noqa: E402
 from pipeline.proposals.quality import score  # noqa: E402
 
 
@@ -116,6 +117,8 @@ def stored_bytes(ps, image, body, spacing, encoding: Encoding | None = None) -> 
     with tempfile.TemporaryDirectory() as tmp:
         bank = Bank.create(Path(tmp) / "bank", encoding=encoding)
         bank.write_scan("s", {"image": image, "body": body}, {"spacing": list(spacing)})
+        if not ps.has_features:  # a baseline's plain segments: the bank stores features too
+            compute_features(ps, image, body, spacing)
         write_proposals(bank, "s", ps)
         return ProposalReader(bank.scan("s")).nbytes_stored()
 

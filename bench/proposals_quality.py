@@ -166,6 +166,8 @@ def stored_bytes(ps, case: Case) -> int:
         bank.write_scan(
             "s", {"image": case.image, "body": case.body}, {"spacing": list(case.spacing)}
         )
+        if not ps.has_features:  # a baseline's plain segments: the bank stores features too
+            compute_features(ps, case.image, case.body, case.spacing)
         write_proposals(bank, "s", ps)
         return ProposalReader(bank.scan("s")).nbytes_stored()
 

@@ -68,15 +68,14 @@ def test_write_proposals_stores_the_features_it_is_given(tmp_path: Path) -> None
     assert np.abs(table["contrast"]).max() > 0  # image-based: only the caller could compute it
 
 
-def test_a_set_without_features_is_still_written_with_a_warning(tmp_path: Path) -> None:
+def test_a_set_without_features_is_refused_and_nothing_written(tmp_path: Path) -> None:
     bank = Bank.create(tmp_path / "bank")
     arrays = make_arrays(5, shape=(40, 36, 30))
     bank.write_scan("s", arrays, make_attrs("s"))
-    with pytest.warns(DeprecationWarning, match="compute_features"):
+    with pytest.raises(ValueError, match="compute_features"):
         write_proposals(bank, "s", from_label_map(arrays["label"], "expert"))
-    reader = ProposalReader(bank.scan("s"))
-    assert reader.count == 1  # label 3 (label 7 lies outside this smaller grid)
-    assert reader.table["bbox"].tolist() == [[20, 20, 10, 40, 30, 30]]
+    assert bank.row("s")["n_proposals"] == 0
+    assert not bank.scan("s").has("proposals")
 
 
 def test_index_rows_is_a_read_only_view_of_the_index(filled: Bank) -> None:
