@@ -28,6 +28,8 @@ SORTS = ("size", "abo", "name")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from flows.commands.options import add_scan_selection
+
     p = subparsers.add_parser(
         "proposals-quality",
         help="best-Dice coverage of labelled structures by the proposals (ABO, recall)",
@@ -36,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bank", metavar="BANK", help="bank folder or URL")
-    p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
+    add_scan_selection(p)
     p.add_argument(
         "--baseline",
         default=None,
@@ -225,7 +227,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands._bank_args import open_bank_scans
+    from flows.commands.options import open_bank_scans
     from pipeline.proposals.baseline import parse_baseline
 
     prog = "maskbank proposals-quality"
