@@ -422,7 +422,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-# Short aliases the issue promises (``max_steps=N``) besides fully dotted keys.
+# Short aliases (``max_steps=N``) besides fully dotted keys.
 ALIASES = {
     "max_steps": "train.max_steps",
     "batch_size": "data.batch_size",
