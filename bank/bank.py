@@ -142,15 +142,7 @@ class Bank:
         if root is None:
             return cls._create_object(os.fspath(path), encoding, storage_options)
         if (root / "zarr.json").exists():
-            bank = cls.open(root, mode="a", strict_index=False)  # recover() mends the index
-            if encoding is not None and encoding != bank.encoding:
-                raise BankError(
-                    f"bank {root} already exists with encoding {bank.encoding}; "
-                    f"cannot reopen it with {encoding}"
-                )
-            bank.recover()
-            bank._strict_index = True
-            return bank
+            return cls._reopen_for_writing(root, encoding)
         if root.exists() and any(root.iterdir()):
             if (root / "zarr.json").exists():  # a concurrent creator's rename landed meanwhile
                 return cls.create(root, encoding)
@@ -170,6 +162,24 @@ class Bank:
         finally:
             shutil.rmtree(building, ignore_errors=True)
         return cls.create(root, encoding)
+
+    @classmethod
+    def _reopen_for_writing(
+        cls,
+        location: str | os.PathLike,
+        encoding: Encoding | None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Bank:
+        """An existing bank opened for writing and recovered (recover() mends the index)."""
+        bank = cls.open(location, mode="a", storage_options=storage_options, strict_index=False)
+        if encoding is not None and encoding != bank.encoding:
+            raise BankError(
+                f"bank {location} already exists with encoding {bank.encoding}; "
+                f"cannot reopen it with {encoding}"
+            )
+        bank.recover()
+        bank._strict_index = True
+        return bank
 
     @classmethod
     def open(
@@ -724,15 +734,7 @@ class Bank:
                 raise NotABankError(location, "prefix holds objects but no zarr.json")
             store = FsspecStore.from_url(location, storage_options=options, read_only=False)
             _build_empty_object_bank(store, fs, root, encoding or Encoding())
-        bank = cls.open(location, mode="a", storage_options=storage_options, strict_index=False)
-        if encoding is not None and encoding != bank.encoding:
-            raise BankError(
-                f"bank {location} already exists with encoding {bank.encoding}; "
-                f"cannot reopen it with {encoding}"
-            )
-        bank.recover()
-        bank._strict_index = True
-        return bank
+        return cls._reopen_for_writing(location, encoding, storage_options)
 
     def _writer(self) -> zarr.abc.store.Store:
         """A writable zarr store on the object store (created on first write)."""

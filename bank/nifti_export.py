@@ -12,23 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .proposals import _norm_roi
+
 if TYPE_CHECKING:
     from .scan import ScanView
-
-
-def region(roi: Any, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
-    """``roi`` (None or three slices, step 1) as three absolute slices inside ``shape``."""
-    if roi is None:
-        return tuple(slice(0, n) for n in shape)  # type: ignore[return-value]
-    if len(roi) != 3:
-        raise ValueError(f"roi must be three slices, got {roi!r}")
-    out = []
-    for s, n in zip(roi, shape, strict=True):
-        a, b, step = s.indices(n)
-        if step != 1:
-            raise ValueError("roi slices must have step 1")
-        out.append(slice(a, max(a, b)))
-    return tuple(out)  # type: ignore[return-value]
 
 
 def shifted_affine(affine: np.ndarray, roi: tuple[slice, slice, slice]) -> np.ndarray:
@@ -65,7 +52,7 @@ def to_nifti(
     import nibabel as nib
 
     image_path, masks_path = nifti_paths(path)
-    box = region(roi, scan.shape)
+    box = _norm_roi(roi, scan.shape)
     affine = scan.affine
     if affine is None:
         affine = np.diag([*scan.spacing, 1.0])
