@@ -60,4 +60,6 @@ def record(section: str, figures: dict[str, object], path: Path = RESULTS) -> st
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) + ")"
     return str(value)
