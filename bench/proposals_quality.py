@@ -42,7 +42,10 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO.parent / "shared" / "data"
+
+from proposals import _mni_label  # noqa: E402  (bench/proposals.py: grey/white matter labels)
 
 from bank import Bank  # noqa: E402
 from bank.proposals import ProposalReader, write_proposals  # noqa: E402
@@ -72,20 +75,6 @@ class Case:
 
 def _names(path: Path) -> dict[int, str]:
     return {int(k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-
-
-def _gm_wm(tmp: Path, scale: float = 1.0) -> Path:
-    import nibabel as nib
-
-    t1 = nib.load(DATA / "mr_brain_mni152_t1_1mm.nii.gz")
-    gm = np.asarray(nib.load(DATA / "mr_brain_mni152_gm_prob_1mm.nii.gz").dataobj)
-    wm = np.asarray(nib.load(DATA / "mr_brain_mni152_wm_prob_1mm.nii.gz").dataobj)
-    lab = np.zeros(gm.shape, np.uint8)
-    lab[gm >= 128] = 1
-    lab[wm >= 128] = 2
-    path = tmp / "mni_gm_wm.nii.gz"
-    nib.save(nib.Nifti1Image(lab, t1.affine), path)
-    return path
 
 
 def _scaled(path: Path, tmp: Path, scale: float) -> Path:
@@ -151,7 +140,7 @@ def load_case(name: str, tmp: Path, spacing: float = 1.5) -> Case | None:
         labels.append(("aicha_lr", *split_hemispheres(p.label, p.affine, aicha_names)))
         for set_name, path, names in (
             ("jhu", jhu, _names(DATA / "mr_brain_mni152_jhu_wm_labels_1mm.json")),
-            ("gm_wm", _gm_wm(tmp), {1: "grey_matter", 2: "white_matter"}),
+            ("gm_wm", _mni_label(tmp), {1: "grey_matter", 2: "white_matter"}),
         ):
             q, _ = _prepared(t1, path, "mr", spacing)
             assert q.label.shape == p.label.shape
