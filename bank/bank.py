@@ -46,6 +46,7 @@ from .index import (
 )
 from .jsonable import to_jsonable
 from .layout import (
+    DEFAULT_SET,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -58,15 +59,16 @@ from .layout import (
     TRASH_DIR,
     check_array_name,
     check_scan_id,
+    is_part,
     new_version,
     parse_versioned,
     part_path,
+    set_of_part,
 )
 from .locks import file_lock, probe_filesystem
 from .scan import ScanView
 from .store import StrictStore
 
-_PARTS = (None, PROPOSALS_PART)
 _without_secrets = _opts.without_secrets
 
 
@@ -319,17 +321,17 @@ class Bank:
 
         return scan_table(self.index)
 
-    def proposals(self, scan_id: str) -> Any:
-        """A pandas DataFrame, one row a proposal of ``scan_id`` (its table; no mask read).
+    def proposals(self, scan_id: str, name: str = DEFAULT_SET) -> Any:
+        """A pandas DataFrame, one row a proposal of ``scan_id``'s set ``name`` (no mask read).
 
         Columns: source, level, layer, voxels, volume_ml, bounding box, centroid and every
-        feature column stored; raises ``NoProposalsError`` when the scan has none.
+        feature column stored; raises ``NoProposalsError`` when the scan lacks that set.
         """
         from .proposals import ProposalReader
         from .tables import proposal_table
 
         scan = self.scan(scan_id)
-        return proposal_table(ProposalReader(scan), tuple(scan.spacing))
+        return proposal_table(ProposalReader(scan, name), tuple(scan.spacing))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -403,17 +405,39 @@ class Bank:
     def _row_for(self, scan_id: str, version: str | None = None) -> dict:
         """The index row of a scan from its group (of ``version``, on object stores)."""
         attrs = self._read_attrs(part_path(scan_id, None, version)) or {}
-        prop_attrs = self._read_attrs(part_path(scan_id, PROPOSALS_PART, version))
-        row = make_row(
-            scan_id,
-            attrs,
-            prop_attrs,
-            self._nbytes_at(part_path(scan_id, None, version)),
-            self._nbytes_at(part_path(scan_id, PROPOSALS_PART, version)) if prop_attrs else 0,
-        )
+        sets = self._proposal_sets_at(scan_id, version)
+        default_attrs, default_bytes = sets.get(DEFAULT_SET, (None, 0))
+        nbytes = self._nbytes_at(part_path(scan_id, None, version))
+        row = make_row(scan_id, attrs, default_attrs, nbytes, default_bytes, sets)
         if version is not None:
             row["version"] = version
         return row
+
+    def proposal_set_parts(self, scan_id: str, version: str | None = None) -> list[str]:
+        """Proposal set parts stored in a scan's group (of ``version`` on object stores)."""
+        rel = part_path(scan_id, None, version)
+        try:
+            if self._local is not None:
+                names = [e.name for e in os.scandir(self._local / rel) if e.is_dir()]
+            else:
+                self._fs.invalidate_cache(self._url(rel))
+                entries = self._fs.ls(self._url(rel), detail=True)
+                names = [Path(e["name"]).name for e in entries if e.get("type") == "directory"]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if set_of_part(n) is not None)
+
+    def _proposal_sets_at(
+        self, scan_id: str, version: str | None = None
+    ) -> dict[str, tuple[dict, int]]:
+        """Set name -> (part attributes, bytes stored) of every complete proposal set."""
+        sets = {}
+        for part in self.proposal_set_parts(scan_id, version):
+            attrs = self._read_attrs(part_path(scan_id, part, version))
+            if attrs is not None:
+                nbytes = self._nbytes_at(part_path(scan_id, part, version))
+                sets[set_of_part(part)] = (attrs, nbytes)
+        return sets
 
     def _nbytes_at(self, rel: str) -> int:
         if self._local is not None:
@@ -480,8 +504,8 @@ class Bank:
             or scan_id in (".", "..")
         ):
             raise ValueError(f"invalid scan id {scan_id!r}")
-        if part not in _PARTS:
-            raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
+        if not is_part(part):
+            raise ValueError(f"unknown part {part!r}; use None, {PROPOSALS_PART!r} or a set's")
         version = self._rows.get(scan_id, {}).get("version") if self._object else None
         return self._nbytes_at(part_path(scan_id, part, version))
 
@@ -521,8 +545,8 @@ class Bank:
         """
         self._require_writable()
         check_scan_id(scan_id)
-        if part not in _PARTS:
-            raise ValueError(f"unknown part {part!r}; use one of {_PARTS}")
+        if not is_part(part):
+            raise ValueError(f"unknown part {part!r}; use None, {PROPOSALS_PART!r} or a set's")
         if FORMAT_NAME in attrs:
             raise ValueError(f"attribute key {FORMAT_NAME!r} is reserved for the bank")
         arrays = {check_array_name(k): np.asarray(v) for k, v in arrays.items()}
@@ -576,7 +600,7 @@ class Bank:
             info["token"] = os.urandom(12).hex()
         else:
             info["scan_token"] = scan_token
-        if part == PROPOSALS_PART:
+        if set_of_part(part) is not None:
             info["n_proposals"] = _count_proposals(arrays, user_attrs)
         # One metadata write (attrs.update writes zarr.json once per key).
         group.update_attributes({**user_attrs, FORMAT_NAME: info})

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from .layout import PROPOSALS_PART
+from .layout import set_of_part
 from .shard_writer import write_shards
 
 TABLE_CHUNK_BYTES = 4 << 20  # ~4 MiB of a 1-D/2-D table per chunk
@@ -57,7 +57,7 @@ class Encoding:
 
     def for_part(self, part: str | None) -> Encoding:
         """The encoding one part of a scan is written with (see ``proposals_clevel``)."""
-        if part == PROPOSALS_PART and self.proposals_clevel != self.clevel:
+        if set_of_part(part) is not None and self.proposals_clevel != self.clevel:
             return replace(self, clevel=self.proposals_clevel)
         return self
 

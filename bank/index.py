@@ -41,6 +41,7 @@ ROW_KEYS = (
     "n_proposals",
     "nbytes",
     "proposals_nbytes",
+    "proposal_sets",
     "normalization",
     "written_at",
 )
@@ -69,8 +70,15 @@ def make_row(
     proposals_attrs: dict | None,
     nbytes: int,
     proposals_nbytes: int,
+    sets: dict[str, tuple[dict, int]] | None = None,
 ) -> dict:
-    """Index row for one scan from its group attributes (and its proposals group's, if any)."""
+    """Index row for one scan from its group attributes (and its proposals group's, if any).
+
+    ``sets`` (name -> (part attributes, bytes)) lists every proposal set; without it the
+    default set alone is described from ``proposals_attrs``.
+    """
+    if sets is None:
+        sets = {"default": (proposals_attrs, proposals_nbytes)} if proposals_attrs else {}
     info = attrs.get("maskbank", {})
     arrays = info.get("arrays", {})
     row = {key: lookup(attrs, key) for key in ATTR_KEYS}
@@ -78,15 +86,36 @@ def make_row(
         scan_id=scan_id,
         shape=arrays.get("image", {}).get("shape"),
         has_label="label" in arrays,
-        n_proposals=int(proposals_attrs.get("maskbank", {}).get("n_proposals", 0))
-        if proposals_attrs
-        else 0,
+        n_proposals=_n_proposals(proposals_attrs),
         nbytes=int(nbytes),
         proposals_nbytes=int(proposals_nbytes),
+        proposal_sets={
+            name: {"n": _n_proposals(a), "bytes": int(b)} for name, (a, b) in sorted(sets.items())
+        },
         normalization=_normalization(attrs.get("normalization")),
         written_at=info.get("written_at"),
     )
     return {key: row.get(key) for key in ROW_KEYS}
+
+
+def _n_proposals(part_attrs: dict | None) -> int:
+    return int((part_attrs or {}).get("maskbank", {}).get("n_proposals", 0))
+
+
+def set_counts(row: dict) -> dict[str, dict]:
+    """Proposal sets of an index row (name -> {"n", "bytes"}); rows written before named
+    sets existed describe only the default set, by ``n_proposals``/``proposals_nbytes``."""
+    sets = row.get("proposal_sets")
+    if isinstance(sets, dict):
+        return sets
+    if row.get("n_proposals"):
+        return {
+            "default": {
+                "n": int(row["n_proposals"]),
+                "bytes": int(row.get("proposals_nbytes") or 0),
+            }
+        }
+    return {}
 
 
 def _normalization(norm: Any) -> dict | None:

@@ -30,7 +30,44 @@ _VERSION = re.compile(r"[0-9]{8}T[0-9]{12}Z-[0-9a-f]{8}")
 # matches before a trailing newline.
 _SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
-PARTS = (None, PROPOSALS_PART)
+PARTS = (None, PROPOSALS_PART)  # the scan and its default proposal set
+DEFAULT_SET = "default"
+# Named proposal sets live in parts "proposals-<name>"; "-" never occurs in a set name,
+# so the part name alone says which set it holds.
+_SET_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
+_SET_PART_PREFIX = f"{PROPOSALS_PART}-"
+
+
+def check_set_name(name: str) -> str:
+    """Reject proposal set names that are not short lowercase identifiers."""
+    if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid proposal set name {name!r}: use 1-32 characters from [a-z0-9_], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def proposals_part(name: str = DEFAULT_SET) -> str:
+    """Part holding proposal set ``name``: the default set stays where it always was."""
+    check_set_name(name)
+    return PROPOSALS_PART if name == DEFAULT_SET else f"{_SET_PART_PREFIX}{name}"
+
+
+def set_of_part(part: str | None) -> str | None:
+    """Proposal set name a part holds, None for the scan itself or any other name."""
+    if part == PROPOSALS_PART:
+        return DEFAULT_SET
+    if isinstance(part, str) and part.startswith(_SET_PART_PREFIX):
+        name = part[len(_SET_PART_PREFIX) :]
+        if _SET_NAME.fullmatch(name) and name != DEFAULT_SET:
+            return name
+    return None
+
+
+def is_part(part: str | None) -> bool:
+    """True for the parts a scan may have: None (the scan) or one proposal set."""
+    return part is None or set_of_part(part) is not None
 
 
 def check_scan_id(scan_id: str) -> str:
@@ -84,9 +121,9 @@ def parse_versioned(name: str) -> tuple[str, str] | None:
     return bits[0], bits[1]
 
 
-def proposal_layer_array(layer_name: str) -> str:
+def proposal_layer_array(layer_name: str, name: str = DEFAULT_SET) -> str:
     """Name, relative to its scan, of a proposals layer's array (as ScanView.read takes it)."""
-    return f"{PROPOSALS_PART}/{PROPOSAL_LAYERS_DIR}/{layer_name}"
+    return f"{proposals_part(name)}/{PROPOSAL_LAYERS_DIR}/{layer_name}"
 
 
 def temp_name(scan_id: str, part: str | None, token: str) -> str:
@@ -100,6 +137,6 @@ def parse_temp_name(name: str) -> tuple[str, str | None, str] | None:
     if len(bits) != 3 or not _SCAN_ID.fullmatch(bits[0]):
         return None
     part = None if bits[1] == "scan" else bits[1]
-    if part not in PARTS:
+    if not is_part(part):
         return None
     return bits[0], part, bits[2]

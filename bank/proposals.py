@@ -15,9 +15,23 @@ from typing import Any
 import numpy as np
 
 from .errors import BankError
-from .layout import PROPOSAL_LAYERS_DIR, PROPOSALS_PART, proposal_layer_array
+from .layout import (
+    DEFAULT_SET,
+    PROPOSAL_LAYERS_DIR,
+    PROPOSALS_PART,
+    check_set_name,
+    proposal_layer_array,
+    proposals_part,
+)
 
 PROPOSALS_FORMAT = "maskbank-proposals/1"
+__all__ = [
+    "DEFAULT_SET",
+    "NoProposalsError",
+    "ProposalReader",
+    "check_set_name",
+    "write_proposals",
+]
 _TABLE_DTYPES = {
     "layer": np.int16,
     "level": np.int16,
@@ -32,7 +46,7 @@ _WIDTHS = {"bbox": 6, "centroid": 3}
 
 
 class NoProposalsError(BankError, KeyError):
-    """The scan has no proposals part yet."""
+    """The scan has no proposals part (of the set asked for) yet."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -44,8 +58,12 @@ def write_proposals(
     proposal_set: Any,
     attrs: dict | None = None,
     scan_token: str | None = None,
+    name: str = DEFAULT_SET,
 ) -> dict:
-    """Write ``proposal_set`` (a pipeline ProposalSet) as the scan's proposals part, atomically.
+    """Write ``proposal_set`` (a pipeline ProposalSet) as the scan's proposal set ``name``.
+
+    Each named set is a part of its own (``proposals`` for the default set,
+    ``proposals-<name>`` otherwise), written atomically without touching the others.
 
     The bank stores what it is given: the set carries its feature columns
     (``voxels``, ``bbox``, ``centroid``, ``compactness``, ``contrast``), computed by
@@ -58,6 +76,7 @@ def write_proposals(
     Layers are pruned to the labels some proposal uses and renumbered densely
     (uint16 when possible) so they compress well. Returns the attrs.
     """
+    part = proposals_part(name)
     ps = proposal_set
     if not ps.has_features:
         raise ValueError(
@@ -74,8 +93,8 @@ def write_proposals(
         "members_stop": ps.stops.astype(np.int32),
         "table/source": np.array([codes[s] for s in ps.table["source"]], np.uint8).reshape(-1),
     }
-    for name, lay in ps.layers.items():
-        arrays[f"{PROPOSAL_LAYERS_DIR}/{name}"] = lay
+    for layer_name, lay in ps.layers.items():
+        arrays[f"{PROPOSAL_LAYERS_DIR}/{layer_name}"] = lay
     for col, values in ps.table.items():
         if col == "source":
             continue
@@ -97,7 +116,8 @@ def write_proposals(
         "columns": [c for c in ps.table if c == "source" or f"table/{c}" in arrays],
     }
     meta.update(attrs or {})
-    bank.write_scan(scan_id, arrays, meta, part=PROPOSALS_PART, scan_token=scan_token)
+    meta["proposal_set"] = name
+    bank.write_scan(scan_id, arrays, meta, part=part, scan_token=scan_token)
     return meta
 
 
@@ -121,7 +141,9 @@ def _member_names(attrs: dict) -> list[str]:
     ]
 
 
-def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
+def _read_part_local(
+    group: Any, part: str = PROPOSALS_PART
+) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(attrs, members and table columns) read straight from a local store, or None.
 
     None (the caller then reads through zarr) for any other store, a missing part or
@@ -131,7 +153,7 @@ def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
 
     from .chunk_reader import local_member, read_whole_local
 
-    where = local_member(group, PROPOSALS_PART)
+    where = local_member(group, part)
     if where is None:
         return None
     root, part = where
@@ -150,7 +172,7 @@ def _read_part_local(group: Any) -> tuple[dict, dict[str, np.ndarray]] | None:
     return attrs, got
 
 
-async def _read_part(group: Any) -> tuple[dict | None, dict[str, np.ndarray | None]]:
+async def _read_part(group: Any, part: str) -> tuple[dict | None, dict[str, np.ndarray | None]]:
     """(attrs or None without a proposals part, members and table columns or {}).
 
     Everything is opened and read concurrently in one event-loop round trip (each
@@ -159,7 +181,7 @@ async def _read_part(group: Any) -> tuple[dict | None, dict[str, np.ndarray | No
     import asyncio
 
     try:
-        g = await group.getitem(PROPOSALS_PART)
+        g = await group.getitem(part)
     except KeyError:
         return None, {}
     attrs = dict(g.attrs)
@@ -185,18 +207,27 @@ class ProposalReader:
     async API in one round trip. Layers are opened when first read.
     """
 
-    def __init__(self, scan: Any) -> None:
+    def __init__(self, scan: Any, name: str = DEFAULT_SET) -> None:
         from zarr.core.sync import sync
 
         scan_id = getattr(scan, "scan_id", None) or getattr(scan, "id", "?")
+        self.name = name
+        self._part = proposals_part(name)
         self._scan_group = scan.group
         self._part_group: Any = None
-        fast = _read_part_local(scan.group)
-        attrs, got = fast if fast is not None else sync(_read_part(scan.group._async_group))
+        fast = _read_part_local(scan.group, self._part)
+        attrs, got = (
+            fast if fast is not None else sync(_read_part(scan.group._async_group, self._part))
+        )
         if attrs is None or got.get("members_indptr") is None:
+            if name == DEFAULT_SET:
+                how = "`maskbank propose BANK` or `maskbank prepare --proposals ...`"
+            else:
+                how = f"`maskbank propose BANK --name {name}`"
+            has = sorted(getattr(scan, "proposal_sets", None) or [])
             raise NoProposalsError(
-                f"scan {scan_id!r} has no proposals; make them with `maskbank propose BANK` "
-                "or `maskbank prepare --proposals ...`"
+                f"scan {scan_id!r} has no proposals in set {name!r} (its sets: "
+                f"{', '.join(map(repr, has)) or 'none'}); make them with {how}"
             )
         self.attrs: dict = attrs
         if self.attrs.get("format") != PROPOSALS_FORMAT:
@@ -231,7 +262,7 @@ class ProposalReader:
     def _group(self) -> Any:
         """The proposals zarr group (opened on first use)."""
         if self._part_group is None:
-            self._part_group = self._scan_group[PROPOSALS_PART]
+            self._part_group = self._scan_group[self._part]
         return self._part_group
 
     @property
@@ -261,7 +292,7 @@ class ProposalReader:
     def layer_array_name(self, j: int) -> str:
         """Name of layer ``j``'s array relative to the scan, for ``ScanView.read`` and
         ``ChunkCache`` (which read any region of it without this reader)."""
-        return proposal_layer_array(self.layer_names[j])
+        return proposal_layer_array(self.layer_names[j], self.name)
 
     def layer(self, j: int) -> Any:
         """Label-map layer ``j`` as a lazy zarr array (opened on first use)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from .layout import PROPOSALS_PART, check_array_name
+from .layout import PROPOSALS_PART, check_array_name, proposals_part, set_of_part
 
 if TYPE_CHECKING:
     from .bank import Bank
@@ -105,6 +105,19 @@ class ScanView:
             return None
         return dict(self._group[PROPOSALS_PART].attrs)
 
+    def proposal_set_attrs(self, name: str = "default") -> dict[str, Any] | None:
+        """Attributes of proposal set ``name``, or None when the scan lacks it."""
+        if name == "default":
+            return self.proposals_attrs
+        part = proposals_part(name)
+        return dict(self._group[part].attrs) if self.has(part) else None
+
+    @cached_property
+    def proposal_sets(self) -> list[str]:
+        """Names of the proposal sets the scan holds (read from its group, not the index)."""
+        names = (set_of_part(key) for key, _ in self._group.groups())
+        return sorted(n for n in names if n is not None)
+
     def has(self, name: str) -> bool:
         """True if an array or part (e.g. 'label', 'proposals', 'proposals/labels') exists."""
         try:
@@ -167,11 +180,11 @@ class ScanView:
         """The evaluation label map, lazily; None when the scan has none."""
         return self.lazy("label") if self.has("label") else None
 
-    def proposals(self, ids, roi: Roi = None) -> np.ndarray:
-        """Boolean masks of proposals ``ids`` inside ``roi``, shape (K, *roi shape)."""
+    def proposals(self, ids, roi: Roi = None, name: str = "default") -> np.ndarray:
+        """Boolean masks of proposals ``ids`` of set ``name`` inside ``roi``, (K, *roi shape)."""
         from .proposals import ProposalReader
 
-        return ProposalReader(self).masks(ids, roi)
+        return ProposalReader(self, name).masks(ids, roi)
 
     def proposal(self, i: int) -> np.ndarray:
         """The whole-scan boolean mask of proposal ``i``."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from .index import set_counts
+
 if TYPE_CHECKING:
     from .bank import Bank
 
@@ -25,6 +27,7 @@ def summarise(bank: Bank) -> dict:
     by_modality: dict[str, dict] = {}
     by_dataset: dict[str, dict] = {}
     n_with_props = n_props = prop_bytes = labelled = 0
+    sets: dict[str, dict] = {}
     for row in bank.index_rows.values():  # no copies: summary must stay fast at 10,000 scans
         voxels = math.prod(row["shape"]) if row.get("shape") else 0
         nbytes = int(row.get("nbytes") or 0)
@@ -36,6 +39,11 @@ def summarise(bank: Bank) -> dict:
             n_with_props += 1
             n_props += int(row["n_proposals"])
             prop_bytes += int(row.get("proposals_nbytes") or 0)
+        for name, got in set_counts(row).items():
+            bucket = sets.setdefault(name, {"scans": 0, "proposals": 0, "bytes": 0})
+            bucket["scans"] += 1
+            bucket["proposals"] += int(got.get("n") or 0)
+            bucket["bytes"] += int(got.get("bytes") or 0)
     return {
         "location": bank.location,
         "format_version": bank.format_version,
@@ -55,4 +63,5 @@ def summarise(bank: Bank) -> dict:
             "bytes": prop_bytes,
             "bytes_per_proposal": prop_bytes / n_props if n_props else 0.0,
         },
+        "proposal_sets": dict(sorted(sets.items())),
     }

@@ -44,9 +44,9 @@ def raw_image(scan: Any) -> np.ndarray:
 
 
 def propose_scan(
-    store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = False
+    store: Bank, scan_id: str, cfg: ProposalConfig, force: bool = False, name: str = "default"
 ) -> ScanOutcome:
-    """Make and store one scan's proposals (or skip them when up to date).
+    """Make and store one scan's proposals as set ``name`` (or skip them when up to date).
 
     The write names the scan version the proposals were made from; when a concurrent
     prepare rewrote the scan meanwhile they are made again from the new version.
@@ -54,7 +54,7 @@ def propose_scan(
     t0 = time.perf_counter()
     for attempt in range(STALE_RETRIES + 1):
         try:
-            outcome = _propose_once(store, scan_id, cfg, force)
+            outcome = _propose_once(store, scan_id, cfg, force, name)
         except StaleScanError as exc:
             if attempt == STALE_RETRIES:
                 outcome = ScanOutcome(scan_id, "failed", str(exc))
@@ -65,10 +65,12 @@ def propose_scan(
     return replace(outcome, seconds=seconds_since(t0))
 
 
-def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -> ScanOutcome:
+def _propose_once(
+    store: Bank, scan_id: str, cfg: ProposalConfig, force: bool, name: str
+) -> ScanOutcome:
     scan = store.scan(scan_id)
     version = scan_version(scan)
-    old = scan.proposals_attrs
+    old = scan.proposal_set_attrs(name)
     if (
         not force
         and old
@@ -98,17 +100,20 @@ def _propose_once(store: Bank, scan_id: str, cfg: ProposalConfig, force: bool) -
             "timings": {k: round(float(v), 3) for k, v in timings.items()},
         },
         scan_token=scan.token,
+        name=name,
     )
-    nbytes = ProposalReader(store.scan(scan_id)).nbytes_stored()
+    nbytes = ProposalReader(store.scan(scan_id), name).nbytes_stored()
     details = {"n_proposals": ps.count, "bytes_per_proposal": round(nbytes / max(ps.count, 1), 1)}
     return ScanOutcome(scan_id, "ok", details=details)
 
 
 @per_scan_task("propose")
-def propose_one(scan_id: str, bank: str, config: dict, force: bool = False) -> ScanOutcome:
+def propose_one(
+    scan_id: str, bank: str, config: dict, force: bool = False, name: str = "default"
+) -> ScanOutcome:
     """One Dask task: proposals for one scan."""
     store = Bank.open(bank, mode="a")
-    return propose_scan(store, scan_id, ProposalConfig.from_dict(config), force)
+    return propose_scan(store, scan_id, ProposalConfig.from_dict(config), force, name)
 
 
 @flow(name="propose-bank", validate_parameters=True)
@@ -121,8 +126,9 @@ def propose_bank(
     processes: bool = False,
     force: bool = False,
     progress: bool = True,
+    name: str = "default",
 ) -> dict:
-    """Make proposals for the scans of an existing bank; return (and store) the run report."""
+    """Make proposals (set ``name``) for the scans of a bank; return (and store) the report."""
     logger = get_run_logger()
     clock = RunClock()
     cfg = ProposalConfig.from_dict(config or {})
@@ -133,7 +139,8 @@ def propose_bank(
         raise ValueError(f"scans not in the bank: {missing}")
     bank_path = resolve_location(bank)  # a URL stays as it is
     params = {
-        s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force} for s in ids
+        s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force, "name": name}
+        for s in ids
     }
     report = run_scans(
         "propose",
@@ -142,7 +149,7 @@ def propose_bank(
         store,
         bank_path=bank_path,
         cluster=Cluster(workers, dask_address, processes),
-        settings={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint()},
+        settings={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "name": name},
         clock=clock,
         progress=progress,
     )

@@ -76,6 +76,7 @@ class SamplerConfig:
     dataset_weights: dict[str, float] = field(default_factory=dict)
     modality_weights: dict[str, float] = field(default_factory=dict)
     scans: tuple[str, ...] | None = None
+    proposals: str = "default"  # the proposal set drawn from
     max_anchor_tries: int = 20
     pairs_per_scan_visit: int = 1
 
@@ -99,12 +100,24 @@ class SamplerConfig:
         return cls(**kw)
 
 
-def bank_fingerprint(bank) -> str:
+def set_count(row: dict, name: str) -> int | None:
+    """Proposals of set ``name`` in an index row, None when the scan lacks the set (rows
+    written before named sets existed describe the default set by ``n_proposals`` alone)."""
+    sets = row.get("proposal_sets")
+    if isinstance(sets, dict):
+        got = sets.get(name)
+        return None if got is None else int(got.get("n") or 0)
+    return int(row.get("n_proposals") or 0) if name == "default" else None
+
+
+def bank_fingerprint(bank, proposals: str = "default") -> str:
     """Hash of the index rows that define the data (ids, sources, shapes, proposal counts)."""
     rows = [
         [r["scan_id"], r.get("source_sha256"), r.get("shape"), r.get("n_proposals")]
         for r in bank.index
     ]
+    if proposals != "default":  # a named set's counts too (default fingerprints stay as they were)
+        rows.append([proposals, [set_count(r, proposals) for r in bank.index]])
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,7 +157,17 @@ def eligible_rows(bank, cfg: SamplerConfig) -> list[dict]:
         rows = [r for r in rows if r["scan_id"] in set(cfg.scans)]
     if not rows:
         raise SamplerError(f"bank {bank.location!r} has no scans to sample from")
-    few = [(r["scan_id"], int(r.get("n_proposals") or 0)) for r in rows]
+    if cfg.proposals != "default":  # a named set: the scans that have it
+        having = [r for r in rows if set_count(r, cfg.proposals) is not None]
+        if not having:
+            names = sorted({n for r in rows for n in (r.get("proposal_sets") or {})})
+            raise SamplerError(
+                f"no scan in {bank.location!r} has proposal set {cfg.proposals!r} "
+                f"(sets there: {', '.join(names) or 'none'}); make it with `maskbank propose "
+                f"BANK --name {cfg.proposals}` or `--import DIR --name {cfg.proposals}`"
+            )
+        rows = having
+    few = [(r["scan_id"], set_count(r, cfg.proposals) or 0) for r in rows]
     few = [(s, n) for s, n in few if n < cfg.k]
     if few:
         listed = ", ".join(f"{s} ({n})" for s, n in few[:10])
@@ -305,7 +328,7 @@ class PairStream(IterableDataset):
         rows = eligible_rows(b, cfg)
         self.scan_ids = [r["scan_id"] for r in rows]
         self.probs = scan_weights(rows, cfg)
-        self.fingerprint = bank_fingerprint(b)
+        self.fingerprint = bank_fingerprint(b, cfg.proposals)
         # The image type of this stream's batches, set once here: float32, or (compact) the
         # crops' type of the bank's first scan -- prepared banks store one type throughout;
         # a pair from a scan of another type is restacked in ``batch``.
@@ -343,7 +366,8 @@ class PairStream(IterableDataset):
         from bank.proposals import ProposalReader
 
         view = self._bank.scan(scan_id)
-        entry = OpenScan(view, ProposalIndex(ProposalReader(view)), stored_image_dtype(view))
+        reader = ProposalReader(view, self.cfg.proposals)
+        entry = OpenScan(view, ProposalIndex(reader), stored_image_dtype(view))
         self._scans[scan_id] = entry
         if len(self._scans) > self.cache_scans:
             self._scans.popitem(last=False)

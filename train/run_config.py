@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -190,8 +191,14 @@ class DataConfig(_Section):
     # an error naming the hung worker (num_workers > 0 only; 0 = wait forever).
     worker_timeout: float = 600.0
     scans: tuple[str, ...] | None = None  # optional list of scan ids to restrict to
+    proposals: str = "default"  # the proposal set pairs are drawn from (`maskbank propose --name`)
 
     def validate(self) -> None:
+        _require(
+            isinstance(self.proposals, str)
+            and re.fullmatch(r"[a-z0-9][a-z0-9_]{0,31}", self.proposals) is not None,
+            f"data.proposals={self.proposals!r}: a proposal set name ([a-z0-9_], <= 32 chars)",
+        )
         for name, low in (("crop", 1), ("margin", 0), ("k", 1), ("min_mask_voxels", 0)):
             _require(getattr(self, name) >= low, f"data.{name} must be >= {low}")
         for name, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):

@@ -48,6 +48,15 @@ def format_summary(summary: dict) -> str:
             f"({props['per_scan']:.0f}/scan, {human_bytes(props['bytes'])}, "
             f"{props['bytes_per_proposal']:.0f} bytes/proposal)",
         ]
+    sets = summary.get("proposal_sets") or {}
+    if sets:
+        rows = [
+            [name, g["scans"], g["proposals"], human_bytes(g["bytes"])] for name, g in sets.items()
+        ]
+        lines += [
+            "",
+            table(["proposal set", "scans", "proposals", "on disk"], rows, right={1, 2, 3}),
+        ]
     return "\n".join(lines)
 
 

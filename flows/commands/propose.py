@@ -23,6 +23,12 @@ components, filtered by size / inside-body / not-whole-body / near-duplicates, a
 stored compactly in each scan's proposals part (see docs/bank-format.md).
 
 Scans whose proposals were made with the same options from the same scan are skipped.
+
+A bank may hold several named proposal sets per scan: --name NAME stores them as set NAME
+(default: "default", the one training uses unless data.proposals says otherwise).
+--import DIR|MANIFEST --name NAME turns existing masks (label maps or binary masks on the
+source scan's grid, e.g. TotalSegmentator output) into set NAME: DIR holds <scan_id>/
+(mask files) or <scan_id>.nii.gz per scan; a .csv/.jsonl MANIFEST has columns scan_id,path.
 """
 
 EPILOG = """\
@@ -30,6 +36,8 @@ examples:
   maskbank propose bank/
   maskbank propose bank/ --generators hierarchy --scales 2000,6000 --max-proposals 3000
   maskbank propose bank/ --scans scan-a,scan-b --force --json
+  maskbank propose bank/ --name slic --generators supervoxels
+  maskbank propose bank/ --import totalseg/ --name totalseg
 """
 
 
@@ -97,14 +105,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_scan_selection(p)
     add_proposal_options(p)
     add_cluster_options(p, processes=False)
-    p.add_argument("--force", action="store_true", help="redo scans that are up to date")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="proposal set to write (default: 'default'; required with --import)",
+    )
+    p.add_argument(
+        "--import",
+        dest="import_from",
+        default=None,
+        metavar="DIR|MANIFEST",
+        help="import existing masks as set --name instead of making proposals",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo scans that are up to date (with --import: allow --name default)",
+    )
     add_run_output_options(p)
     return p
+
+
+def _set_name(args: argparse.Namespace) -> str:
+    """The set to write; ValueError for a bad name or an import without a safe one."""
+    from bank.proposals import DEFAULT_SET, check_set_name
+
+    if args.import_from is not None:
+        if args.name is None:
+            raise ValueError("--import needs --name NAME (the proposal set to create)")
+        if args.name == DEFAULT_SET and not args.force:
+            raise ValueError(
+                "--import --name default would replace the engine's proposals; "
+                "pick another name or add --force"
+            )
+    return check_set_name(args.name or DEFAULT_SET)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        name = _set_name(args)
     except ValueError as exc:
         print(f"maskbank propose: error: {exc}", file=sys.stderr)
         return 2
@@ -113,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _store, ids = opened
     apply_cli_defaults(args.verbose)
+    from flows.report import format_propose_report
+
+    if args.import_from is not None:
+        return _run_import(args, ids, name)
     from flows.propose import propose_bank
 
     report = propose_bank(
@@ -121,9 +165,29 @@ def run(args: argparse.Namespace) -> int:
         scan_ids=ids,
         force=args.force,
         progress=not args.no_progress,
+        name=name,
         **cluster_kwargs(args),
     )
+    print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
+    return 1 if report["counts"].get("failed") else 0
+
+
+def _run_import(args: argparse.Namespace, ids: list[str] | None, name: str) -> int:
+    from flows.import_masks import import_masks, mask_sources
     from flows.report import format_propose_report
 
+    try:
+        mask_sources(args.import_from)  # a bad source is a usage error, before any task
+    except (OSError, ValueError) as exc:
+        print(f"maskbank propose: error: {exc}", file=sys.stderr)
+        return 2
+    report = import_masks(
+        bank=args.bank,
+        source=str(args.import_from),
+        name=name,
+        scan_ids=ids,
+        progress=not args.no_progress,
+        **cluster_kwargs(args),
+    )
     print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
     return 1 if report["counts"].get("failed") else 0

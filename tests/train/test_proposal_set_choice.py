@@ -1,0 +1,70 @@
+"""data.proposals: the pair stream draws from the named proposal set, and only scans that have it."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bank import Bank
+from bank.proposals import ProposalReader, write_proposals
+from pipeline.proposals.external import from_masks
+from pipeline.proposals.features import compute_features
+from train.pair_sampler import PairStream, SamplerConfig, SamplerError
+from train.run_config import ConfigError, DataConfig
+
+CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2, proposals="mirror")
+
+
+@pytest.fixture(scope="module")
+def mirrored(phantom_bank, tmp_path_factory) -> tuple[str, str]:
+    """A copy of the phantom bank whose second scan also has set 'mirror': its default
+    proposals flipped along x (masks no default proposal has)."""
+    path = tmp_path_factory.mktemp("sets") / "bank"
+    shutil.copytree(phantom_bank, path)
+    bank = Bank.open(path, mode="a")
+    scan_id = bank.scan_ids[1]
+    reader = ProposalReader(bank.scan(scan_id))
+    masks = [np.flip(reader.mask(i), 0) for i in range(reader.count)]
+    write_proposals(
+        bank, scan_id, compute_features(from_masks(masks, "mirror"), None, None), name="mirror"
+    )
+    return str(path), scan_id
+
+
+def test_stream_reads_the_named_set(mirrored):
+    path, scan_id = mirrored
+    stream = PairStream(path, CFG, seed=3)
+    assert stream.scan_ids == [scan_id]
+    assert (
+        stream.fingerprint
+        != PairStream(path, SamplerConfig(**{**CFG.__dict__, "proposals": "default"})).fingerprint
+    )
+    reader = ProposalReader(Bank.open(path).scan(scan_id), "mirror")
+    size = CFG.read_size
+    batch = stream.batch(0)
+    for j in range(CFG.batch_size):
+        full = reader.masks(batch["proposal_ids"][j].numpy())
+        start = batch["ref_start"][j].numpy()
+        bits = batch["ref_bits"][j, 0].numpy()
+        lo = np.maximum(start, 0)
+        hi = np.minimum(start + size, full.shape[1:])
+        inner = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        for k in range(CFG.k):
+            np.testing.assert_array_equal((bits[inner] >> k) & 1, full[k][box].astype(np.int32))
+
+
+def test_missing_set_names_the_sets_there(mirrored):
+    path, _ = mirrored
+    cfg = SamplerConfig(**{**CFG.__dict__, "proposals": "totalseg"})
+    with pytest.raises(SamplerError, match=r"'totalseg'.*default, mirror"):
+        PairStream(path, cfg)
+
+
+def test_data_config_takes_the_set_name():
+    assert SamplerConfig.from_config({"proposals": "slic"}).proposals == "slic"
+    assert DataConfig().proposals == "default"
+    with pytest.raises(ConfigError, match="data.proposals"):
+        DataConfig(proposals="Bad-Name").validate()
