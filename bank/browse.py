@@ -103,13 +103,9 @@ def _overlay_slice(
     if isinstance(overlay, str):
         return scan.read(overlay, roi).astype(np.int32)
     ids = [overlay] if isinstance(overlay, (int, np.integer)) else list(overlay)
-    from .proposals import ProposalReader  # owned by the proposals code; imported lazily
+    from .proposals import ProposalReader, masks_to_labels  # imported lazily
 
-    masks = ProposalReader(scan).masks(ids, roi)  # (K, *roi_shape) bool
-    out = np.zeros(masks.shape[1:], dtype=np.int32)
-    for k, mask in enumerate(masks, start=1):
-        out[mask] = k
-    return out
+    return masks_to_labels(ProposalReader(scan).masks(ids, roi), np.int32)
 
 
 def show_scan(

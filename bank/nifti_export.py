@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .proposals import _norm_roi
+from .proposals import _norm_roi, masks_to_labels
 
 if TYPE_CHECKING:
     from .scan import ScanView
@@ -69,11 +69,7 @@ def to_nifti(
         if isinstance(proposals, str):
             labels = np.asarray(scan.read(proposals, box))
         else:
-            masks = scan.proposals(list(proposals), roi=box)
-            dtype = np.uint8 if len(masks) < 256 else np.uint16
-            labels = np.zeros(masks.shape[1:], dtype)
-            for k, mask in enumerate(masks, start=1):
-                labels[mask] = k
+            labels = masks_to_labels(scan.proposals(list(proposals), roi=box))
         nib.save(nib.Nifti1Image(labels, affine), masks_path)
         written["masks"] = masks_path
     return written

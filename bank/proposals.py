@@ -121,6 +121,20 @@ def write_proposals(
     return meta
 
 
+def masks_to_labels(masks: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """K boolean masks as one label map 1..K in their order (a later mask wins an overlap).
+
+    For overlays and exports, which show several proposals in one volume. ``dtype``
+    defaults to the smallest unsigned type that holds K.
+    """
+    if dtype is None:
+        dtype = np.uint8 if len(masks) < 256 else np.uint16
+    out = np.zeros(masks.shape[1:], dtype=dtype)
+    for k, mask in enumerate(masks, start=1):
+        out[mask] = k
+    return out
+
+
 def _norm_roi(roi, shape) -> tuple[slice, slice, slice]:
     if roi is None:
         return tuple(slice(0, n) for n in shape)

@@ -40,11 +40,9 @@ def overlay_labels(scan: ScanView, proposals: Any) -> np.ndarray | None:
     if isinstance(proposals, str):
         return np.asarray(scan.read(proposals)).astype(np.uint16)
     ids = [proposals] if isinstance(proposals, (int, np.integer)) else list(proposals)
-    masks = scan.proposals(ids)
-    out = np.zeros(scan.shape, np.uint16)
-    for k, mask in enumerate(masks, start=1):
-        out[mask] = k
-    return out
+    from .proposals import masks_to_labels
+
+    return masks_to_labels(scan.proposals(ids), np.uint16)
 
 
 def niivue_widget(scan: ScanView, proposals: Any = None) -> Any:

@@ -111,7 +111,7 @@ def _montage(bank, scans: Sequence[str], opt: ReportOptions, columns: int = 4) -
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from bank.proposals import NoProposalsError, ProposalReader
+    from bank.proposals import NoProposalsError, ProposalReader, masks_to_labels
 
     rows = max(1, math.ceil(len(scans) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
@@ -141,10 +141,7 @@ def _montage(bank, scans: Sequence[str], opt: ReportOptions, columns: int = 4) -
             cuts = np.flatnonzero(cuts & small) if (cuts & small).any() else np.flatnonzero(cuts)
             if cuts.size:
                 ids = np.sort(rng.choice(cuts, min(opt.proposals_per_scan, cuts.size), False))
-                masks = reader.masks(ids, roi)[:, :, :, 0]
-                over = np.zeros(image.shape, np.int32)
-                for k, mask in enumerate(masks, start=1):
-                    over[mask] = k
+                over = masks_to_labels(reader.masks(ids, roi)[:, :, :, 0], np.int32)
                 layer = np.ma.masked_equal(over.T, 0)
                 ax.imshow(layer % 20, cmap=cmap, vmin=0, vmax=19, alpha=0.45, origin="lower",
                           aspect=sy / sx, interpolation="nearest")  # fmt: skip
