@@ -315,7 +315,8 @@ class Bank:
         """A pandas DataFrame, one row a scan, from the index alone (no scan is opened).
 
         Columns: ``bank.tables.SCAN_COLUMNS`` (id, dataset, modality, shape, spacing,
-        volume, label, proposals, bytes, normalisation, source).
+        volume, label, proposals, bytes, normalisation, source); ``n_proposals`` counts
+        the default set, ``proposal_sets`` every set by name (``{"default": 40, "slic": 300}``).
         """
         from .tables import scan_table
 
@@ -327,11 +328,7 @@ class Bank:
         Columns: source, level, layer, voxels, volume_ml, bounding box, centroid and every
         feature column stored; raises ``NoProposalsError`` when the scan lacks that set.
         """
-        from .proposals import ProposalReader
-        from .tables import proposal_table
-
-        scan = self.scan(scan_id)
-        return proposal_table(ProposalReader(scan, name), tuple(scan.spacing))
+        return self.scan(scan_id).proposal_table(name)
 
     def __len__(self) -> int:
         return len(self._rows)

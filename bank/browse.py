@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .index import set_counts
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -22,6 +24,7 @@ _COLUMNS = (
     "spacing",
     "has_label",
     "n_proposals",
+    "proposal_sets",
     "nbytes",
 )
 
@@ -39,7 +42,14 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _sets_text(sets: dict) -> str:
+    """Index ``proposal_sets`` ({name: {"n", "bytes"}}) as ``default 40, slic 300``."""
+    return ", ".join(f"{name} {int((got or {}).get('n') or 0)}" for name, got in sets.items())
+
+
 def _cell(key: str, value: object) -> str:
+    if key == "proposal_sets" and isinstance(value, dict):
+        return _esc(_sets_text(value))
     if key == "nbytes" and isinstance(value, int):
         return _esc(_human(value))
     if key == "spacing" and isinstance(value, list):
@@ -55,7 +65,13 @@ def bank_html(bank: Bank, max_rows: int = MAX_ROWS) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in _COLUMNS)
     rows = [bank.index_rows[sid] for sid in bank.scan_ids[:max_rows]]  # no copy of 10,000 rows
     body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(c, r.get(c))}</td>" for c in _COLUMNS) + "</tr>" for r in rows
+        "<tr>"
+        + "".join(
+            f"<td>{_cell(c, set_counts(r) if c == 'proposal_sets' else r.get(c))}</td>"
+            for c in _COLUMNS
+        )
+        + "</tr>"
+        for r in rows
     )
     more = f"<p>… and {len(bank) - max_rows} more</p>" if len(bank) > max_rows else ""
     voxels, n_props = f"{s['voxels']:,}", f"{s['proposals']['total']:,}"
@@ -75,12 +91,11 @@ def scan_html(scan: ScanView) -> str:
         f"<td>{_esc(r.get('dtype'))}</td><td>{_cell('shape', r.get('chunks'))}</td></tr>"
         for n, r in sorted(arrays.items())
     )
-    props = scan.proposals_attrs
-    prop_line = (
-        f"<p>proposals: {_esc(props.get('maskbank', {}).get('n_proposals', 0))}</p>"
-        if props
-        else ""
-    )
+    sets = {
+        name: {"n": (scan.proposal_set_attrs(name) or {}).get("maskbank", {}).get("n_proposals")}
+        for name in scan.proposal_sets
+    }  # every set, not only 'default': each is browsed by its name
+    prop_line = f"<p>proposals: {_esc(_sets_text(sets))}</p>" if sets else ""
     attr_rows = "".join(
         f"<tr><td>{_esc(k)}</td><td>{_esc(str(v)[:200])}</td></tr>"
         for k, v in sorted(scan.attrs.items())
@@ -95,17 +110,14 @@ def scan_html(scan: ScanView) -> str:
 
 
 def _overlay_slice(
-    scan: ScanView, overlay: str | int | list | tuple | None, roi: tuple[slice, ...]
+    scan: ScanView,
+    overlay: str | int | list | tuple | None,
+    roi: tuple[slice, ...],
+    proposal_set: str = "default",
 ) -> np.ndarray | None:
     """Integer labels inside roi to draw on top: an array (body/label) or proposal ids (1..K)."""
-    if overlay is None:
-        return None
-    if isinstance(overlay, str):
-        return scan.read(overlay, roi).astype(np.int32)
-    ids = [overlay] if isinstance(overlay, (int, np.integer)) else list(overlay)
-    from .proposals import ProposalReader, masks_to_labels  # imported lazily
-
-    return masks_to_labels(ProposalReader(scan).masks(ids, roi), np.int32)
+    labels = scan.overlay(overlay, roi, proposal_set, np.int32)
+    return None if labels is None else np.asarray(labels).astype(np.int32, copy=False)
 
 
 def show_scan(
@@ -113,10 +125,12 @@ def show_scan(
     scan_id: str,
     overlay: str | int | list | tuple | None = "body",
     ax=None,
+    proposal_set: str = "default",
 ) -> Figure:
     """Three orthogonal mid slices of the image, with an overlay drawn as coloured contours/fill.
 
-    overlay: an array name ("body", "label", ...), a proposal id or a list of them, or None.
+    overlay: an array name ("body", "label", ...), a proposal id or a list of them (of set
+    ``proposal_set``), or None.
     ax: optional sequence of three matplotlib axes to draw into.
     """
     import matplotlib.pyplot as plt
@@ -145,7 +159,7 @@ def show_scan(
     for i, (axis, (title, roi, px, py)) in enumerate(zip(axes, views, strict=True)):
         aspect = py / px
         axis.imshow(slices[i].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
-        over = _overlay_slice(scan, overlay, roi)
+        over = _overlay_slice(scan, overlay, roi, proposal_set)
         if over is not None:
             layer = np.ma.masked_equal(np.squeeze(over, axis=i).T, 0)
             axis.imshow(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .proposals import _norm_roi, masks_to_labels
+from .proposals import _norm_roi
 
 if TYPE_CHECKING:
     from .scan import ScanView
@@ -41,13 +41,15 @@ def to_nifti(
     roi: Any = None,
     proposals: Any = None,
     array: str = "image",
+    proposal_set: str = "default",
 ) -> dict[str, Path]:
     """Write ``array`` inside ``roi`` to ``path``; with ``proposals`` also a label map.
 
-    ``proposals``: a list of proposal ids (written as labels 1..K in that order, a later
-    id winning where two overlap) or the name of a stored label array (e.g. ``"label"``,
-    written as stored). The label map goes to ``<path stem>_masks.nii.gz``, on the same
-    grid. Returns the written paths by role (``image``, ``masks``).
+    ``proposals``: a list of proposal ids of set ``proposal_set`` (written as labels 1..K
+    in that order, a later id winning where two overlap) or the name of a stored label
+    array (e.g. ``"label"``, written as stored). The label map goes to
+    ``<path stem>_masks.nii.gz``, on the same grid. Returns the written paths by role
+    (``image``, ``masks``).
     """
     import nibabel as nib
 
@@ -66,10 +68,7 @@ def to_nifti(
     image_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), image_path)
     if proposals is not None:
-        if isinstance(proposals, str):
-            labels = np.asarray(scan.read(proposals, box))
-        else:
-            labels = masks_to_labels(scan.proposals(list(proposals), roi=box))
+        labels = np.asarray(scan.overlay(proposals, box, proposal_set))
         nib.save(nib.Nifti1Image(labels, affine), masks_path)
         written["masks"] = masks_path
     return written

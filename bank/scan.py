@@ -186,25 +186,70 @@ class ScanView:
 
         return ProposalReader(self, name).masks(ids, roi)
 
-    def proposal(self, i: int) -> np.ndarray:
-        """The whole-scan boolean mask of proposal ``i``."""
-        return self.proposals([i])[0]
+    def proposal_table(self, name: str = "default") -> Any:
+        """``bank.proposals(scan_id, name)`` of a scan already opened (no mask read): a
+        pandas DataFrame, one row a proposal of set ``name``; ``NoProposalsError`` when
+        the scan lacks the set."""
+        from .proposals import ProposalReader
+        from .tables import proposal_table
 
-    def to_nifti(self, path, roi: Roi = None, proposals=None, array: str = "image") -> dict:
+        return proposal_table(ProposalReader(self, name), tuple(self.spacing))
+
+    def proposal(self, i: int, name: str = "default") -> np.ndarray:
+        """The whole-scan boolean mask of proposal ``i`` of set ``name``."""
+        return self.proposals([i], name=name)[0]
+
+    def overlay(
+        self, what: Any, roi: Roi = None, proposal_set: str = "default", dtype: Any = None
+    ) -> np.ndarray | None:
+        """``what`` as one label map inside ``roi``, for overlays and exports (None -> None).
+
+        An array name (``"label"``, ``"body"``) is read as stored; proposal ids (one or a
+        list) of set ``proposal_set`` become labels 1..K in their order, a later id winning
+        an overlap (``dtype`` as in ``masks_to_labels``). The viewer, the static figure and
+        the NIfTI export all draw through here, so each reaches every proposal set.
+        """
+        if what is None:
+            return None
+        if isinstance(what, str):
+            if not self.has(what) and what in self.proposal_sets:
+                raise ValueError(
+                    f"{what!r} is a proposal set of scan {self.scan_id!r}, not an array: pass "
+                    f"proposal ids with proposal_set={what!r} (a table of them: "
+                    f"bank.proposals({self.scan_id!r}, {what!r}))"
+                )
+            return self.read(what, roi)
+        from .proposals import masks_to_labels
+
+        ids = [what] if isinstance(what, (int, np.integer)) else list(what)
+        return masks_to_labels(self.proposals(ids, roi, proposal_set), dtype)
+
+    def to_nifti(
+        self,
+        path,
+        roi: Roi = None,
+        proposals=None,
+        array: str = "image",
+        proposal_set: str = "default",
+    ) -> dict:
         """Write the scan (inside ``roi``) as NIfTI with the bank's affine, for Slicer/ITK-SNAP.
 
-        ``proposals`` (ids, or an array name like ``"label"``) also writes a label map
-        beside it (``<stem>_masks.nii.gz``). Returns the written paths by role.
+        ``proposals`` (ids of set ``proposal_set``, or an array name like ``"label"``) also
+        writes a label map beside it (``<stem>_masks.nii.gz``). Returns the written paths
+        by role.
         """
         from .nifti_export import to_nifti
 
-        return to_nifti(self, path, roi=roi, proposals=proposals, array=array)
+        return to_nifti(
+            self, path, roi=roi, proposals=proposals, array=array, proposal_set=proposal_set
+        )
 
-    def show(self, proposals=None, viewer: str = "auto"):
-        """NiiVue in the notebook when ``ipyniivue`` is installed, else a static figure."""
+    def show(self, proposals=None, viewer: str = "auto", proposal_set: str = "default"):
+        """NiiVue in the notebook when ``ipyniivue`` is installed, else a static figure;
+        ``proposals`` are ids of set ``proposal_set`` (or an array name)."""
         from .viewer import show
 
-        return show(self, proposals=proposals, viewer=viewer)
+        return show(self, proposals=proposals, viewer=viewer, proposal_set=proposal_set)
 
     def _repr_html_(self) -> str:
         from .browse import scan_html

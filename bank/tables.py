@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .index import set_counts
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -28,6 +30,7 @@ SCAN_COLUMNS = (
     "volume_ml",
     "has_label",
     "n_proposals",
+    "proposal_sets",
     "bytes",
     "proposals_bytes",
     "clip_low",
@@ -64,7 +67,10 @@ def scan_row(row: dict[str, Any]) -> dict[str, Any]:
         "voxels": voxels,
         "volume_ml": voxels * math.prod(spacing) / 1000.0 if spacing else math.nan,
         "has_label": bool(row.get("has_label")),
-        "n_proposals": int(row.get("n_proposals") or 0),
+        "n_proposals": int(row.get("n_proposals") or 0),  # the default set's
+        # Every set by name -> count (``"slic" in sets`` filters, ``sets["slic"]`` counts):
+        # a scan's other sets are as browsable as 'default'.
+        "proposal_sets": {name: int(got.get("n") or 0) for name, got in set_counts(row).items()},
         "bytes": int(row.get("nbytes") or 0),
         "proposals_bytes": int(row.get("proposals_nbytes") or 0),
         **_norm(row),

@@ -33,19 +33,16 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def overlay_labels(scan: ScanView, proposals: Any) -> np.ndarray | None:
-    """Proposal ids -> labels 1..K (later ids win); an array name -> that array; None -> None."""
-    if proposals is None:
-        return None
-    if isinstance(proposals, str):
-        return np.asarray(scan.read(proposals)).astype(np.uint16)
-    ids = [proposals] if isinstance(proposals, (int, np.integer)) else list(proposals)
-    from .proposals import masks_to_labels
-
-    return masks_to_labels(scan.proposals(ids), np.uint16)
+def overlay_labels(
+    scan: ScanView, proposals: Any, proposal_set: str = "default"
+) -> np.ndarray | None:
+    """Proposal ids of ``proposal_set`` -> labels 1..K (later ids win); an array name -> that
+    array; None -> None (uint16, as NiiVue takes it)."""
+    labels = scan.overlay(proposals, None, proposal_set, np.uint16)
+    return None if labels is None else np.asarray(labels).astype(np.uint16, copy=False)
 
 
-def niivue_widget(scan: ScanView, proposals: Any = None) -> Any:
+def niivue_widget(scan: ScanView, proposals: Any = None, proposal_set: str = "default") -> Any:
     """An ``ipyniivue.NiiVue`` widget with the image and, as an overlay, the chosen masks."""
     from ipyniivue import NiiVue, Volume
 
@@ -54,7 +51,7 @@ def niivue_widget(scan: ScanView, proposals: Any = None) -> Any:
     volumes = [
         Volume(data=_nifti_bytes(image, affine), name=f"{scan.scan_id}.nii", colormap="gray")
     ]
-    labels = overlay_labels(scan, proposals)
+    labels = overlay_labels(scan, proposals, proposal_set)
     if labels is not None:
         volumes.append(
             Volume(
@@ -71,10 +68,13 @@ def niivue_widget(scan: ScanView, proposals: Any = None) -> Any:
     return viewer
 
 
-def show(scan: ScanView, proposals: Any = None, viewer: str = "auto") -> Any:
+def show(
+    scan: ScanView, proposals: Any = None, viewer: str = "auto", proposal_set: str = "default"
+) -> Any:
     """NiiVue when available (``viewer="auto"`` or ``"niivue"``), else a static figure.
 
-    ``proposals``: proposal ids, or an array name such as ``"label"`` or ``"body"``.
+    ``proposals``: proposal ids of set ``proposal_set`` (``scan.proposal_sets`` lists the
+    scan's sets), or an array name such as ``"label"`` or ``"body"``.
     ``viewer="static"`` always draws the matplotlib figure.
     """
     if viewer not in ("auto", "niivue", "static"):
@@ -85,9 +85,8 @@ def show(scan: ScanView, proposals: Any = None, viewer: str = "auto") -> Any:
             "(or viewer='static' for the matplotlib figure)"
         )
     if viewer != "static" and niivue_available():
-        return niivue_widget(scan, proposals)
+        return niivue_widget(scan, proposals, proposal_set)
     from .browse import show_scan
 
-    return show_scan(
-        scan.bank, scan.scan_id, overlay=proposals if proposals is not None else "body"
-    )
+    overlay = proposals if proposals is not None else "body"
+    return show_scan(scan.bank, scan.scan_id, overlay=overlay, proposal_set=proposal_set)

@@ -54,6 +54,9 @@ class ScanFacts:
     body_std: float = math.nan
     proposal_volumes_ml: np.ndarray = field(default_factory=lambda: np.zeros(0))
     reasons: list[str] = field(default_factory=list)
+    # The scan as opened here (attributes only, arrays lazy): the montage and the quality
+    # table read it again without opening it again, one zarr.json read per scan in all.
+    scan: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -106,8 +109,9 @@ def _robust_outliers(values: dict[str, float], z: float) -> dict[str, float]:
     return {k: (v - med) / scale for k, v in finite.items() if abs(v - med) / scale > z}
 
 
-def _montage(bank, scans: Sequence[str], opt: ReportOptions, columns: int = 4) -> bytes:
-    """Mid axial slices, each with a sample of its proposals as coloured overlays."""
+def _montage(scans: Sequence[Any], opt: ReportOptions, columns: int = 4) -> bytes:
+    """Mid axial slices of ``scans`` (opened views), each with a sample of its proposals
+    as coloured overlays."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
@@ -119,8 +123,8 @@ def _montage(bank, scans: Sequence[str], opt: ReportOptions, columns: int = 4) -
     rng = np.random.default_rng(opt.seed)
     for ax in axes.ravel():
         ax.set_axis_off()
-    for ax, sid in zip(axes.ravel(), scans, strict=False):
-        scan = bank.scan(sid)
+    for ax, scan in zip(axes.ravel(), scans, strict=False):
+        sid = scan.scan_id
         z = scan.shape[2] // 2
         roi = (slice(None), slice(None), slice(z, z + 1))
         image = np.asarray(scan.read("image", roi))[:, :, 0].astype(np.float32)
@@ -191,10 +195,10 @@ def _proposal_plots(table, facts: dict[str, ScanFacts]) -> bytes:
     return _png(fig)
 
 
-def _quality_rows(bank, scan_ids: list[str]) -> list[dict]:
+def _quality_rows(bank, facts: dict[str, ScanFacts], scan_ids: list[str]) -> list[dict]:
     from flows.commands.proposals_quality import bank_quality
 
-    report = bank_quality(bank, scan_ids)
+    report = bank_quality(bank, scan_ids, opened={sid: facts[sid].scan for sid in scan_ids})
     return [
         {
             "scan_id": s["scan_id"],
@@ -236,7 +240,7 @@ def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[s
     for row in _progress(table.itertuples(index=False), len(table), opt.progress, "report"):
         sid = row.scan_id
         scan = bank.scan(sid)
-        f = ScanFacts(sid, str(row.modality))
+        f = ScanFacts(sid, str(row.modality), scan=scan)
         image = np.asarray(scan.read("image"))
         body = np.asarray(scan.read("body")).astype(bool) if scan.has("body") else None
         if body is None:
@@ -253,7 +257,7 @@ def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[s
             f.reasons.append("non-finite voxels in the image")
         f.reasons += _geometry_reasons(row, opt)
         try:
-            props = bank.proposals(sid)
+            props = scan.proposal_table()  # bank.proposals(sid) would open the scan again
             f.proposal_volumes_ml = props["volume_ml"].to_numpy() if len(props) else np.zeros(0)
         except NoProposalsError:
             pass
@@ -375,10 +379,10 @@ def build_report(bank, out: str | Path, options: ReportOptions | None = None) ->
         title = f"Montage: mid axial slice with up to {opt.proposals_per_scan} proposals"
         if len(sample) < len(ids):
             title += f" ({len(sample)} of {len(ids)} scans, chosen at random)"
-        figures.append(Figure("montage", title, _montage(bank, sample, opt)))
+        figures.append(Figure("montage", title, _montage([facts[s].scan for s in sample], opt)))
     labelled = [s for s in ids if table.loc[s, "has_label"] and table.loc[s, "n_proposals"]]
     if opt.quality and labelled:
-        extra["quality"] = _quality_rows(bank, labelled)
+        extra["quality"] = _quality_rows(bank, facts, labelled)
     for fig in figures:
         (out / "figures" / f"{fig.name}.png").write_bytes(fig.png)
     page = out / "index.html"

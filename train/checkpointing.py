@@ -240,6 +240,7 @@ RESUME_KEYS = (
     ("data.batch_size", None),
     ("data.k", None),
     ("data.crop", None),
+    ("data.proposals", "default"),  # another set is another stream (older runs drew 'default')
 )
 
 

@@ -166,7 +166,7 @@ def checkpoint_to_resume(
     args: argparse.Namespace, cfg: TrainConfig, world: int
 ) -> dict[str, Any] | None:
     """The checkpoint ``--resume``/``--resume-from`` names, checked against this run's config
-    (same pretext, preset, batch, K, crop and ranks); None for a fresh run."""
+    (same pretext, preset, batch, K, crop, proposal set and ranks); None for a fresh run."""
     if not (args.resume or args.resume_from):
         return None
     path = find_checkpoint(args.resume_from or "auto", Path(args.out))
@@ -215,8 +215,9 @@ class Trainer:
         self.ckpt = checkpoint_to_resume(args, cfg, place.world)
         self.progress = Progress.of(self.ckpt)
         self.nan_steps = cfg.train.debug_nan.applies_to(place.rank)
-        self.model = self._build_model()
+        # The bank first: a missing bank, proposal set or scan fails before the model is built.
         self.stream = self._open_stream()
+        self.model = self._build_model()
         self.loader = make_loader(
             self.stream,
             cfg.data.num_workers,

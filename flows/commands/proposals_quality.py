@@ -6,6 +6,8 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 DESCRIPTION = """\
 For every scan with an evaluation label map and proposals, and every labelled structure
@@ -94,11 +96,13 @@ def bank_quality(
     baseline: str | None = None,
     min_voxels: int = 1,
     levels=(0.5, 0.7, 0.9),
+    opened: Mapping[str, Any] | None = None,
 ) -> dict:
     """Quality report of a bank: abo, recall_* and per-scan rows (with per-structure rows).
 
     With ``baseline`` (``slic`` or ``slic:N``) each scan and the overall summary
-    also carry a ``baseline`` entry scored the same way.
+    also carry a ``baseline`` entry scored the same way. ``opened``: scans a caller
+    already opened (id -> ``ScanView``), used instead of opening them again.
     """
     import numpy as np
 
@@ -108,8 +112,9 @@ def bank_quality(
 
     base_spec = parse_baseline(baseline)
     scans, best_all, base_all, counts, nbytes, rows = [], [], [], [], 0, []
+    opened = opened or {}
     for sid in scan_ids or bank.scan_ids:
-        scan = bank.scan(sid)
+        scan = opened[sid] if sid in opened else bank.scan(sid)
         try:
             pr = ProposalReader(scan)
         except NoProposalsError:
@@ -185,7 +190,8 @@ def format_table(q: dict, sort: str = "size") -> str:
     keys = ["abo", *_recall_keys(q)]
     has_base = "baseline" in q
     titles = ["ABO" if k == "abo" else k.replace("recall_", "R@.") for k in keys]
-    head = f"{'scan':<32} " + " ".join(f"{t:>7}" for t in titles)
+    sw = max([32, *(len(s["scan_id"]) for s in q["scans"])])  # long ids keep columns aligned
+    head = f"{'scan':<{sw}} " + " ".join(f"{t:>7}" for t in titles)
     lines = [head + f" {'props':>7} {'B/prop':>8}"]
 
     def vals(d: dict) -> str:
@@ -193,24 +199,25 @@ def format_table(q: dict, sort: str = "size") -> str:
 
     for s in q["scans"]:
         lines.append(
-            f"{s['scan_id']:<32} {vals(s)} {s['proposals']:>7} {s['bytes_per_proposal']:>8.1f}"
+            f"{s['scan_id']:<{sw}} {vals(s)} {s['proposals']:>7} {s['bytes_per_proposal']:>8.1f}"
         )
         if "baseline" in s:
             b = s["baseline"]
-            lines.append(f"{'  ' + q['baseline']['method']:<32} {vals(b)} {b['proposals']:>7}")
-    lines.append(
-        f"{'overall':<32} {vals(q)} {q['proposals_per_scan']:>7.0f} {q['bytes_per_proposal']:>8.1f}"
-    )
+            lines.append(f"{'  ' + q['baseline']['method']:<{sw}} {vals(b)} {b['proposals']:>7}")
+    per_scan, per_prop = q["proposals_per_scan"], q["bytes_per_proposal"]
+    lines.append(f"{'overall':<{sw}} {vals(q)} {per_scan:>7.0f} {per_prop:>8.1f}")
     if has_base:
-        lines.append(f"{'  ' + q['baseline']['method']:<32} {vals(q['baseline'])}")
+        lines.append(f"{'  ' + q['baseline']['method']:<{sw}} {vals(q['baseline'])}")
     if q["rows"]:
         lines.append("")
         extra = f" {'baseline':>9}" if has_base else ""
-        lines.append(f"{'scan':<20} {'structure':<36} {'voxels':>8} {'best Dice':>9}{extra}")
+        # As wide as the longest id: a cut id cannot be told from another or looked up.
+        w = max([len("scan"), *(len(r["scan_id"]) for r in q["rows"])])
+        lines.append(f"{'scan':<{w}} {'structure':<36} {'voxels':>8} {'best Dice':>9}{extra}")
         for r in sort_rows(q["rows"], sort):
             b = f" {r['baseline_dice']:>9.3f}" if "baseline_dice" in r else ""
             lines.append(
-                f"{r['scan_id'][:20]:<20} {r['structure'][:36]:<36} {r['voxels']:>8} "
+                f"{r['scan_id']:<{w}} {r['structure'][:36]:<36} {r['voxels']:>8} "
                 f"{r['best_dice']:>9.3f}{b}"
             )
     return "\n".join(lines)

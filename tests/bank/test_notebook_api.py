@@ -6,16 +6,32 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bank import Bank
+from bank import Bank, NoProposalsError, ProposalReader
+from bank.proposals import write_proposals
 from flows.demo_bank import build_phantom_bank
+from pipeline.proposals.external import from_masks
+from pipeline.proposals.features import compute_features
 
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
+    """One phantom scan with its default proposals and a second set 'boxes': two boxes
+    (the second inside the first) that no default proposal matches."""
     root = tmp_path_factory.mktemp("nb") / "bank"
     build_phantom_bank(str(root), n_scans=1, shape=(48, 40, 32))
-    bank = Bank.open(str(root))
-    return bank.scan(bank.scan_ids[0])
+    bank = Bank.create(str(root))  # opens the existing bank for writing
+    sid = bank.scan_ids[0]
+    big, small = np.zeros((48, 40, 32), bool), np.zeros((48, 40, 32), bool)
+    big[2:30, 3:33, 1:20] = True
+    small[10:20, 10:20, 10:20] = True
+    boxes = compute_features(from_masks([big, small], "boxes"), None, None)
+    write_proposals(bank, sid, boxes, name="boxes")
+    return Bank.open(str(root)).scan(sid)
+
+
+def _boxes(scan) -> np.ndarray:
+    """The 'boxes' set's two masks, in id order."""
+    return ProposalReader(scan, "boxes").masks([0, 1])
 
 
 def test_lazy_arrays_slice_like_numpy(scan):
@@ -79,3 +95,36 @@ def test_show_opens_niivue_with_an_overlay(scan):
     names = [v.name for v in widget.volumes]
     assert names == [f"{scan.scan_id}.nii", f"{scan.scan_id}_masks.nii"]
     assert widget.volumes[0].data[:4] == (348).to_bytes(4, "little")  # a NIfTI-1 header
+
+
+def test_every_view_draws_from_the_named_set(scan, tmp_path):
+    from matplotlib.figure import Figure
+
+    assert scan.proposal_sets == ["boxes", "default"]
+    boxes = _boxes(scan)
+    assert sorted(int(m.sum()) for m in boxes) == [10 * 10 * 10, 28 * 30 * 19]
+    assert not np.array_equal(scan.proposals([0, 1]), boxes)  # another set, other masks
+    assert np.array_equal(scan.proposal(1, "boxes"), boxes[1])
+    labels = scan.overlay([0, 1], proposal_set="boxes")
+    assert np.array_equal(labels == 2, boxes[1])
+    assert np.array_equal(labels == 1, boxes[0] & ~boxes[1])
+    roi = (slice(8, 24), slice(None), slice(4, 16))
+    paths = scan.to_nifti(tmp_path / "b.nii.gz", roi=roi, proposals=[0, 1], proposal_set="boxes")
+    assert np.array_equal(np.asarray(nib.load(paths["masks"]).dataobj), labels[roi])
+    fig = scan.show(proposals=[0, 1], viewer="static", proposal_set="boxes")
+    assert isinstance(fig, Figure)
+    axial = fig.axes[2].images[1].get_array()  # the mid axial slice, z = 16, cuts both boxes
+    expect = labels[:, :, 16].T
+    assert set(np.unique(expect)) == {0, 1, 2}
+    assert np.array_equal(np.ma.getmaskarray(axial), expect == 0)
+    assert np.array_equal(axial.filled(0), expect)
+    with pytest.raises(NoProposalsError, match=r"'slic'.*its sets: 'boxes', 'default'"):
+        scan.show(proposals=[0], viewer="static", proposal_set="slic")
+    with pytest.raises(ValueError, match=r"proposal_set='boxes'"):
+        scan.show(proposals="boxes", viewer="static")  # a set is not an array to overlay
+
+
+def test_scan_and_bank_pages_count_every_set(scan):
+    n_default = scan.bank.row(scan.scan_id)["n_proposals"]
+    assert f"proposals: boxes 2, default {n_default}" in scan._repr_html_()
+    assert f"<td>boxes 2, default {n_default}</td>" in scan.bank._repr_html_()

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from bank import Bank, NoProposalsError
+from bank.proposals import write_proposals
 from flows.demo_bank import build_phantom_bank
+from pipeline.proposals.external import from_masks
+from pipeline.proposals.features import compute_features
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,10 @@ def small_bank(tmp_path_factory):
         "normalization": {"modality": "mr", "clip": [1.0, 9.0], "mean": 4.0, "std": 2.0},
     }  # fmt: skip
     bank.write_scan("raw-000", {"image": np.ones((10, 10, 10), np.float32)}, attrs)
+    box = np.zeros(bank.scan("phantom-ct-000").shape, bool)
+    box[4:20, 6:30, 2:12] = True
+    boxes = compute_features(from_masks([box], "boxes"), None, None)
+    write_proposals(bank, "phantom-ct-000", boxes, name="boxes")
     return Bank.open(str(root))
 
 
@@ -56,3 +63,20 @@ def test_proposal_table_has_one_row_per_proposal(small_bank):
     assert (row["x1"], row["y1"], row["z1"]) == (xs.max() + 1, ys.max() + 1, zs.max() + 1)
     with pytest.raises(NoProposalsError):
         small_bank.proposals("raw-000")
+
+
+def test_scan_table_and_proposal_table_show_every_set(small_bank):
+    table = small_bank.scans
+    ct = table.loc["phantom-ct-000"]
+    assert ct["proposal_sets"] == {"boxes": 1, "default": ct["n_proposals"]}
+    mr = table.loc["phantom-mr-001"]
+    assert mr["proposal_sets"] == {"default": mr["n_proposals"]} and mr["n_proposals"] > 0
+    assert table.loc["raw-000"]["proposal_sets"] == {}
+    with_boxes = table[table["proposal_sets"].map(lambda sets: "boxes" in sets)]
+    assert list(with_boxes.index) == ["phantom-ct-000"]
+    boxes = small_bank.proposals("phantom-ct-000", "boxes")
+    assert list(boxes["source"]) == ["boxes"] and list(boxes["voxels"]) == [16 * 24 * 10]
+    assert (boxes.loc[0, "x0"], boxes.loc[0, "z1"]) == (4, 12)
+    assert small_bank.scan("phantom-ct-000").proposal_table("boxes").equals(boxes)
+    with pytest.raises(NoProposalsError, match=r"'boxes'.*its sets: 'default'"):
+        small_bank.proposals("phantom-mr-001", "boxes")

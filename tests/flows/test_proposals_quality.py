@@ -81,3 +81,24 @@ def test_min_voxels_and_sort(phantom_bank, capsys):
 def test_bad_options_exit_2(phantom_bank, capsys, argv):
     assert main(["proposals-quality", str(phantom_bank), *argv]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_structure_table_shows_whole_scan_ids():
+    from flows.commands.proposals_quality import format_table
+
+    ids = ["BraTS2021_00000-t1ce-a", "BraTS2021_00000-t1ce-b"]  # alike in their first 20
+    scans = [{"scan_id": s, "abo": 0.8, "proposals": 9, "bytes_per_proposal": 10.0} for s in ids]
+    rows = [
+        {"scan_id": s, "structure": "tumour", "voxels": 100 + i, "best_dice": 0.5}
+        for i, s in enumerate(ids)
+    ]
+    q = {"abo": 0.8, "proposals_per_scan": 9, "bytes_per_proposal": 10.0,
+         "scans": scans, "rows": rows}  # fmt: skip
+    lines = format_table(q).splitlines()
+    table = lines[lines.index("") + 1 :]
+    assert [line.split()[0] for line in table] == ["scan", *ids]
+    assert len({line.index("tumour") for line in table[1:]}) == 1  # one column, aligned
+    assert table[0].index("structure") == table[1].index("tumour")
+    longer = {**q, "scans": [{**scans[0], "scan_id": "x" * 40}]}
+    head, first = format_table(longer).splitlines()[:2]
+    assert head.index("ABO") + 3 == first.index("0.800") + 5  # values under their title

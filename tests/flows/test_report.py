@@ -53,6 +53,25 @@ def test_report_lists_suspicious_scans_with_reasons(report_bank, tmp_path, capsy
     assert "Proposal quality against the labels" in page and "phantom-ct-000" in page
 
 
+class CountingBank(Bank):
+    """A real bank that counts how often each scan is opened."""
+
+    def scan(self, scan_id: str):
+        self.opened[scan_id] = self.opened.get(scan_id, 0) + 1
+        return super().scan(scan_id)
+
+
+def test_report_opens_each_scan_once(report_bank, tmp_path):
+    from flows.qa_report import ReportOptions, build_report
+
+    bank = CountingBank.open(str(report_bank))
+    bank.opened = {}
+    page = build_report(bank, tmp_path / "report", ReportOptions(progress=False))
+    text = page.read_text(encoding="utf-8")
+    assert "Proposal quality against the labels" in text and "Montage" in text
+    assert bank.opened == dict.fromkeys(bank.scan_ids, 1)
+
+
 def test_report_refuses_unknown_scans(report_bank, tmp_path, capsys):
     rc = main(["report", str(report_bank), "--out", str(tmp_path), "--scans", "nope"])
     assert rc == 2 and "scans not in the bank" in capsys.readouterr().err

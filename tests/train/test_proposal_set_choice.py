@@ -11,7 +11,9 @@ from bank import Bank
 from bank.proposals import ProposalReader, write_proposals
 from pipeline.proposals.external import from_masks
 from pipeline.proposals.features import compute_features
+from train.checkpointing import load_checkpoint
 from train.pair_sampler import PairStream, SamplerConfig, SamplerError
+from train.run import main
 from train.run_config import ConfigError, DataConfig
 
 CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2, proposals="mirror")
@@ -61,6 +63,35 @@ def test_missing_set_names_the_sets_there(mirrored):
     cfg = SamplerConfig(**{**CFG.__dict__, "proposals": "totalseg"})
     with pytest.raises(SamplerError, match=r"'totalseg'.*default, mirror"):
         PairStream(path, cfg)
+
+
+def _train(bank: str, out, *keys: str, resume: bool = False) -> int:
+    flags = ["--config", "tiny", "--bank", bank, "--out", str(out), *(["--resume"] * resume)]
+    return main([*flags, "train.progress=false", "train.tensorboard=false", "max_steps=2", *keys])
+
+
+def test_trainer_trains_on_the_named_set_and_resumes_only_on_it(mirrored, tmp_path, capsys):
+    path, _ = mirrored
+    out = tmp_path / "run"
+    assert _train(path, out, "data.proposals=mirror") == 0, capsys.readouterr().err
+    assert "; 1 scans;" in capsys.readouterr().err  # only the scan that has 'mirror'
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    assert state["config"]["data"]["proposals"] == "mirror"
+    assert state["sampler"]["config"]["proposals"] == "mirror"
+    assert state["bank_fingerprint"] == PairStream(path, CFG).fingerprint
+    # Resuming on the default set would continue another stream: refused, naming the set.
+    assert _train(path, out, "max_steps=3", resume=True) == 2
+    assert "data.proposals=mirror" in capsys.readouterr().err
+
+
+def test_trainer_refuses_an_unknown_set_before_writing_anything(mirrored, tmp_path, capsys):
+    path, _ = mirrored
+    out = tmp_path / "run"
+    assert _train(path, out, "data.proposals=totalseg") == 2
+    err = capsys.readouterr().err
+    assert "'totalseg'" in err and "(sets there: default, mirror)" in err
+    assert not out.exists()
 
 
 def test_data_config_takes_the_set_name():
