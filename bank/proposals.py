@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import zarr
 
+from .encoding import Encoding, write_array
 from .errors import BankError
 from .layout import (
     DEFAULT_SET,
@@ -30,6 +32,7 @@ __all__ = [
     "NoProposalsError",
     "ProposalReader",
     "check_set_name",
+    "proposal_nbytes",
     "write_proposals",
 ]
 _TABLE_DTYPES = {
@@ -85,6 +88,26 @@ def write_proposals(
             "spacing) (generate_proposals does so)"
         )
     ps = ps.prune_layers()
+    arrays, sources = _proposal_arrays(ps)
+    meta = {
+        "format": PROPOSALS_FORMAT,
+        "count": ps.count,
+        "n_proposals": ps.count,
+        "shape": list(ps.shape),
+        "layers": ps.layer_names,
+        "layer_sizes": [int(lay.max(initial=0)) + 1 for lay in ps.layers.values()],
+        "layer_info": {k: dict(v) for k, v in ps.layer_info.items()},
+        "sources": sources,
+        "columns": [c for c in ps.table if c == "source" or f"table/{c}" in arrays],
+    }
+    meta.update(attrs or {})
+    meta["proposal_set"] = name
+    bank.write_scan(scan_id, arrays, meta, part=part, scan_token=scan_token)
+    return meta
+
+
+def _proposal_arrays(ps: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays a (pruned) proposal set is stored as, and its source names."""
     sources = sorted(set(ps.table["source"].tolist()))
     codes = {s: i for i, s in enumerate(sources)}
     arrays: dict[str, np.ndarray] = {
@@ -104,21 +127,28 @@ def write_proposals(
         arr = arr.astype(_TABLE_DTYPES.get(col, arr.dtype))
         # zero-row 2-D arrays are stored flat (the reader restores the width)
         arrays[f"table/{col}"] = arr.reshape(-1) if arr.size == 0 else arr
-    meta = {
-        "format": PROPOSALS_FORMAT,
-        "count": ps.count,
-        "n_proposals": ps.count,
-        "shape": list(ps.shape),
-        "layers": ps.layer_names,
-        "layer_sizes": [int(lay.max(initial=0)) + 1 for lay in ps.layers.values()],
-        "layer_info": {k: dict(v) for k, v in ps.layer_info.items()},
-        "sources": sources,
-        "columns": [c for c in ps.table if c == "source" or f"table/{c}" in arrays],
-    }
-    meta.update(attrs or {})
-    meta["proposal_set"] = name
-    bank.write_scan(scan_id, arrays, meta, part=part, scan_token=scan_token)
-    return meta
+    return arrays, sources
+
+
+def proposal_nbytes(proposal_set: Any, encoding: Encoding | None = None) -> dict[str, int]:
+    """Bytes the set would take in a bank: ``{layer name: bytes}`` plus ``"": the rest``.
+
+    The arrays are encoded exactly as ``write_proposals`` stores them (same pruning,
+    dtypes, chunks and codecs; ``encoding`` is the bank's, default ``Encoding()``),
+    in memory, so a writer can hold a per-proposal byte budget before it publishes.
+    """
+    ps = proposal_set.prune_layers()
+    arrays, _ = _proposal_arrays(ps)
+    enc = (encoding or Encoding()).for_part(PROPOSALS_PART)
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    out = dict.fromkeys(ps.layer_names, 0) | {"": 0}
+    prefix = f"{PROPOSAL_LAYERS_DIR}/"
+    for name, data in arrays.items():
+        write_array(group, name, data, enc, tuple(ps.shape))
+        nbytes = int(group[name].nbytes_stored())
+        key = name[len(prefix) :] if name.startswith(prefix) else ""
+        out[key] += nbytes
+    return out
 
 
 def masks_to_labels(masks: np.ndarray, dtype: Any = None) -> np.ndarray:

@@ -48,12 +48,13 @@ DATA = REPO.parent / "shared" / "data"
 from proposals import _mni_label  # noqa: E402  (bench/proposals.py: grey/white matter labels)
 
 from bank import Bank  # noqa: E402
-from bank.proposals import ProposalReader, write_proposals  # noqa: E402
+from bank.proposals import ProposalReader, proposal_nbytes, write_proposals  # noqa: E402
 from pipeline.config import PrepareConfig  # noqa: E402
 from pipeline.normalize import invert_normalization  # noqa: E402
 from pipeline.phantom import make_phantom  # noqa: E402
 from pipeline.prepare import prepare_scan  # noqa: E402
 from pipeline.proposals.baseline import SLIC_COMPACTNESS, slic_proposals  # noqa: E402
+from pipeline.proposals.budget import fit_byte_budget  # noqa: E402
 from pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
 from pipeline.proposals.features import compute_features  # noqa: E402
 from pipeline.proposals.quality import RECALL_LEVELS, recall_key, score, summarise  # noqa: E402
@@ -238,9 +239,9 @@ def main() -> int:
             if case is None:
                 continue
             t0 = time.perf_counter()
-            ps = generate_proposals(
-                case.raw, case.body, case.spacing, case.modality, ProposalConfig()
-            )
+            cfg = ProposalConfig()
+            ps = generate_proposals(case.raw, case.body, case.spacing, case.modality, cfg)
+            ps, _ = fit_byte_budget(ps, proposal_nbytes, cfg.max_bytes_per_proposal)  # as stored
             results[name] = {"ours": measure(ps, case, time.perf_counter() - t0)}
             sets = "+".join(s for s, _, _ in case.labels)
             key = f"{name}:{sets}:{args.slic_segments}:{SLIC_COMPACTNESS}"

@@ -18,9 +18,10 @@ from prefect import flow, get_run_logger
 
 from bank import Bank, resolve_location
 from bank.errors import StaleScanError
-from bank.proposals import ProposalReader, write_proposals
+from bank.proposals import ProposalReader, proposal_nbytes, write_proposals
 from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
 from pipeline.normalize import invert_normalization
+from pipeline.proposals.budget import fit_byte_budget
 from pipeline.proposals.engine import ProposalConfig, generate_proposals
 
 # A scan rewritten while its proposals were made: make them again from the new version.
@@ -88,6 +89,9 @@ def _propose_once(
     modality = scan.modality or "mr"
     timings: dict = {}
     ps = generate_proposals(image, body, scan.spacing, modality, cfg, timings=timings)
+    ps, budget = fit_byte_budget(
+        ps, lambda p: proposal_nbytes(p, store.encoding), cfg.max_bytes_per_proposal
+    )
     write_proposals(
         store,
         scan_id,
@@ -98,6 +102,7 @@ def _propose_once(
             "scan_version": version,
             "modality": modality,
             "timings": {k: round(float(v), 3) for k, v in timings.items()},
+            "byte_budget": budget,
         },
         scan_token=scan.token,
         name=name,

@@ -25,7 +25,9 @@ from pipeline.proposals.scaling import ScalePlan, scale_plan
 from pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
 from pipeline.proposals.windows import CT_BANDS, CT_COARSE_BANDS, percentile_bands, window_layer
 
-PROPOSALS_VERSION = "2"  # 2: sizes follow the body; compact + appearance trees
+#: 2: sizes follow the body; compact + appearance trees.  3: partitions are segment
+#: counts per body, cut from shifted seed grids; the coarse ones flooded at half resolution.
+PROPOSALS_VERSION = "3"
 GENERATORS = ("hierarchy", "supervoxels", "windows")
 #: Candidate-only column used to rank proposals (not stored with them).
 STABILITY = "stability"
@@ -53,9 +55,14 @@ class ProposalConfig:
             appearance only (organs, tissue classes).  Trees that share leaves
             reuse them.
         leaf_count_range: fewest and most supervoxels per tree.
-        partitions: plain compact supervoxel partitions, one per ``(segment_voxels,
-            compactness)``, every segment a proposal: blobs of each scale
-            at every position, for structures no image border outlines.
+        partitions: plain compact supervoxel partitions, ``copies`` of each
+            ``(segments, compactness, copies)`` with their seed grids shifted
+            against each other (a low-discrepancy sequence of offsets), every
+            segment a proposal: blobs of each scale cut at several places, for
+            structures no image border outlines (a second cut of one size finds
+            more of them than a cut of another size).  ``segments`` is a count
+            per body, so a small body (a macaque, a child) is cut as finely,
+            relative to its anatomy, as an adult's.
         scales: explicit supervoxel counts per scan, one plain hierarchy each
             (no spatial term); when given they replace ``trees``.
         compactness: flooding compactness of the ``scales`` hierarchies.
@@ -63,6 +70,13 @@ class ProposalConfig:
         supervoxel_factor: flood supervoxels on a grid subsampled by this factor
             (2: 8x less flooding, blockier boundaries); 0 = auto: 2 when the body
             has >= 2 M voxels (a body CT at 1.5 mm), else 1.
+        coarse_flood_voxels: partitions whose segments average at least this many
+            voxels are flooded on a 2x subsampled grid (same proposals for all
+            practical purposes, a third fewer stored bytes on noisy CT).
+        max_bytes_per_proposal: the stored size a scan's set must fit, per proposal
+            (layers + table, as the bank encodes them); a writer that can measure it
+            drops the finest cuts of the costliest layers until it fits
+            (``pipeline.proposals.budget``).  0 disables.
         boundary_weight: weight of the boundary-gradient term in the merge cost.
         size_exponent: merge cost x (harmonic size of the pair)^size_exponent; larger
             values merge small regions first (balanced trees, more distinct nodes).
@@ -94,15 +108,17 @@ class ProposalConfig:
         (150.0, 0.8, 3.0),
     )
     leaf_count_range: tuple[int, int] = (2000, 20000)
-    partitions: tuple[tuple[float, float], ...] = (
-        (200.0, 0.8),
-        (500.0, 0.8),
-        (1200.0, 0.8),
-        (3000.0, 0.8),
+    partitions: tuple[tuple[int, float, int], ...] = (
+        (2200, 0.8, 3),
+        (1100, 0.8, 3),
+        (550, 0.8, 3),
+        (275, 0.8, 3),
+        (110, 0.8, 2),
     )
     scales: tuple[int, ...] = ()
     compactness: float = 0.3
     supervoxel_factor: int = 0
+    coarse_flood_voxels: float = 1000.0
     gradient_sigma_mm: float = 1.5
     boundary_weight: float = 1.0
     size_exponent: float = 1.0
@@ -117,13 +133,21 @@ class ProposalConfig:
     min_inside_body: float = 0.9
     max_body_fraction: float = 0.9
     dedup_iou: float = 0.95
-    max_proposals: int = 10000
+    max_proposals: int = 16000
+    max_bytes_per_proposal: float = 200.0
     cap_size_exponent: float = 1.0
     version: str = field(default=PROPOSALS_VERSION)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "generators", tuple(self.generators))
         object.__setattr__(self, "trees", tuple(tuple(float(v) for v in t) for t in self.trees))
+        object.__setattr__(
+            self,
+            "partitions",
+            tuple(
+                (int(p[0]), float(p[1]), int(p[2]) if len(p) > 2 else 1) for p in self.partitions
+            ),
+        )
         object.__setattr__(self, "leaf_count_range", tuple(int(v) for v in self.leaf_count_range))
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
@@ -236,8 +260,8 @@ def _tree_sets(
         sets.append(ps)
         stats[name] = st
     if "supervoxels" in config.generators:
-        for j, (n, comp) in enumerate(plan.partitions):
-            sv, k = supervoxels(image, body, spacing, n, comp, grad, plan.flood_factor)
+        for j, (n, comp, offset, factor) in enumerate(plan.partitions):
+            sv, k = supervoxels(image, body, spacing, n, comp, grad, factor, offset)
             if k == 0:
                 continue
             name = f"partition{j + 1}"

@@ -13,7 +13,6 @@ bounding boxes intersect.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
 
 from pipeline.proposals.proposal_set import ProposalSet
 
@@ -35,18 +34,63 @@ def basic_keep(
     )
 
 
-def _joint_counts(a: np.ndarray, b: np.ndarray) -> sparse.csr_matrix:
-    """Contingency table of two label layers (rows: labels of a, cols: labels of b)."""
-    na, nb = int(a.max(initial=0)) + 1, int(b.max(initial=0)) + 1
-    key = a.reshape(-1).astype(np.int64) * nb + b.reshape(-1)
-    uk, cnt = np.unique(key, return_counts=True)
-    return sparse.csr_matrix((cnt, (uk // nb, uk % nb)), shape=(na, nb))
+def _joint_keys(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """Contingency table of two label layers as the sorted keys ``row * nb + col`` of
+    their voxels (rows: labels of a, cols: labels of b): the number of voxels in
+    rows < r, or in row r with cols < c, is a binary search.  Label 0 belongs to no
+    proposal, so only voxels labelled in both layers are kept."""
+    nb = int(b.max(initial=0)) + 1
+    both = (a != 0) & (b != 0)
+    key = a[both].astype(np.int64) * nb + b[both]
+    key.sort()
+    return key, nb
+
+
+def _expand(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(entry index, value) for every integer in each ``[start, stop)``."""
+    n = np.maximum(stops - starts, 0)
+    owner = np.repeat(np.arange(len(n)), n)
+    first = np.cumsum(n) - n
+    return owner, starts[owner] + (np.arange(int(n.sum())) - first[owner])
+
+
+def _block_sums(
+    joint: tuple[np.ndarray, np.ndarray, int],
+    rows: tuple[np.ndarray, np.ndarray],
+    cols: tuple[np.ndarray, np.ndarray],
+    chunk: int = 1 << 21,
+) -> np.ndarray:
+    """Sum of the contingency table over rows [r0, r1) x cols [c0, c1), per block."""
+    keys, nb = joint
+    (r0, r1), (c0, c1) = rows, cols
+    out = np.zeros(len(r0), np.int64)
+    lengths = np.maximum(r1 - r0, 0)
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(chunk, lengths.sum() + chunk, chunk))
+    lo = 0
+    for hi in np.unique(np.append(bounds + 1, len(r0))):  # blocks in chunks of ~chunk rows
+        hi = min(int(hi), len(r0))
+        if hi <= lo:
+            continue
+        owner, r = _expand(r0[lo:hi], r1[lo:hi])
+        owner += lo
+        base = r * nb
+        inside = np.searchsorted(keys, base + c1[owner])
+        inside -= np.searchsorted(keys, base + c0[owner])
+        out += np.bincount(owner, weights=inside, minlength=len(r0)).astype(np.int64)
+        lo = hi
+    return out
 
 
 def duplicate_pairs(
     ps: ProposalSet, voxels: np.ndarray, bbox: np.ndarray, ids: np.ndarray, iou: float
 ) -> list[tuple[int, int]]:
-    """Pairs (i, j) among ``ids`` whose mask IoU exceeds ``iou`` (exact)."""
+    """Pairs (i, j) among ``ids`` whose mask IoU exceeds ``iou`` (exact).
+
+    Candidates are pairs of similar size whose boxes touch; their intersections
+    come from label-interval arithmetic: prefix sums of label counts within a
+    layer, and range sums of the two layers' contingency table across layers
+    (summed over the shorter of the two label intervals), all vectorised.
+    """
     ids = np.asarray(ids)
     order = ids[np.argsort(voxels[ids], kind="stable")]
     v = voxels[order].astype(np.float64)
@@ -58,34 +102,51 @@ def duplicate_pairs(
     bp, bq = bbox[p], bbox[q]
     touch = np.all((bp[:, :3] < bq[:, 3:]) & (bq[:, :3] < bp[:, 3:]), axis=1)
     p, q = p[touch], q[touch]
-    layer = ps.table["layer"]
-    counts = {
-        j: np.bincount(ps.layers[n].reshape(-1).astype(np.intp))
-        for j, n in enumerate(ps.layer_names)
-    }
-    prefix = {j: np.concatenate([[0], np.cumsum(c)]) for j, c in counts.items()}
-    joints: dict[tuple[int, int], sparse.csr_matrix] = {}
-    out = []
-    for a, b in zip(p.tolist(), q.tolist(), strict=True):
-        la, lb = int(layer[a]), int(layer[b])
-        inter = 0
-        for s1, e1 in ps.members(a):
-            for s2, e2 in ps.members(b):
-                if la == lb:
-                    s, e = max(s1, s2), min(e1, e2, len(counts[la]))
-                    inter += int(prefix[la][e] - prefix[la][s]) if e > s else 0
-                else:
-                    key = (la, lb)
-                    if key not in joints:
-                        joints[key] = _joint_counts(
-                            ps.layers[ps.layer_names[la]], ps.layers[ps.layer_names[lb]]
-                        )
-                    jm = joints[key]
-                    inter += int(jm[s1:e1, s2:e2].sum())
-        union = voxels[a] + voxels[b] - inter
-        if union > 0 and inter / union > iou:
-            out.append((a, b))
-    return out
+    if len(p) == 0:
+        return []
+    layer = np.asarray(ps.table["layer"], np.int64)
+    indptr = np.asarray(ps.indptr, np.int64)
+    starts, stops = np.asarray(ps.starts, np.int64), np.asarray(ps.stops, np.int64)
+    # every (member interval of p) x (member interval of q), tagged with its pair
+    pair, m_a = _expand(indptr[p], indptr[p + 1])
+    o, m_b = _expand(indptr[q[pair]], indptr[q[pair] + 1])
+    pair, m_a = pair[o], m_a[o]
+    s1, e1, s2, e2 = starts[m_a], stops[m_a], starts[m_b], stops[m_b]
+    la, lb = layer[p][pair], layer[q][pair]
+    inter = np.zeros(len(p), np.int64)
+    same = la == lb
+    if same.any():
+        counts = [np.bincount(ps.layers[n].reshape(-1).astype(np.intp)) for n in ps.layer_names]
+        offs = np.concatenate([[0], np.cumsum([len(c) + 1 for c in counts])])
+        prefix = np.concatenate([np.concatenate([[0], np.cumsum(c)]) for c in counts])
+        sizes = np.array([len(c) for c in counts], np.int64)
+        lay = la[same]
+        s = np.maximum(s1[same], s2[same])
+        e = np.minimum(np.minimum(e1[same], e2[same]), sizes[lay])
+        e = np.maximum(e, s)
+        inter += np.bincount(
+            pair[same], weights=prefix[offs[lay] + e] - prefix[offs[lay] + s], minlength=len(p)
+        ).astype(np.int64)
+    cross = np.flatnonzero(~same)
+    if len(cross):
+        swap = (e1[cross] - s1[cross]) > (e2[cross] - s2[cross])  # sum over the shorter side
+        ka = np.where(swap, lb[cross], la[cross])
+        kb = np.where(swap, la[cross], lb[cross])
+        r0 = np.where(swap, s2[cross], s1[cross])
+        r1 = np.where(swap, e2[cross], e1[cross])
+        c0 = np.where(swap, s1[cross], s2[cross])
+        c1 = np.where(swap, e1[cross], e2[cross])
+        group = ka * len(ps.layer_names) + kb
+        for g in np.unique(group):
+            sel = np.flatnonzero(group == g)
+            a_name = ps.layer_names[int(ka[sel[0]])]
+            b_name = ps.layer_names[int(kb[sel[0]])]
+            joint = _joint_keys(ps.layers[a_name], ps.layers[b_name])
+            sums = _block_sums(joint, (r0[sel], r1[sel]), (c0[sel], c1[sel]))
+            inter += np.bincount(pair[cross[sel]], weights=sums, minlength=len(p)).astype(np.int64)
+    union = voxels[p] + voxels[q] - inter
+    hit = (union > 0) & (inter > iou * np.maximum(union, 1))
+    return list(zip(p[hit].tolist(), q[hit].tolist(), strict=True))
 
 
 def suppress_duplicates(

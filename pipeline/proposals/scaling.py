@@ -28,7 +28,9 @@ class ScalePlan:
 
     min_voxels: int
     trees: tuple[TreeSpec, ...]
-    partitions: tuple[tuple[int, float], ...]  # (segments, compactness) per plain partition
+    #: (segments, compactness, seed offset in cells, flood factor) per plain partition,
+    #: copies expanded
+    partitions: tuple[tuple[int, float, tuple[float, float, float], int], ...]
     split_min_voxels: int | None
     split_distance_mm: float
     flood_factor: int
@@ -43,6 +45,17 @@ def n_leaves(body_voxels: int, leaf_voxels: float, lo: int, hi: int) -> int:
     """Supervoxels for a mean size of ``leaf_voxels``, clamped to [lo, hi] and to >= 8 voxels each."""
     n = int(round(body_voxels / max(leaf_voxels, 1.0)))
     return max(2, min(max(lo, min(n, hi)), body_voxels // 8))
+
+
+#: Offsets of the k-th shifted seed grid: the R3 low-discrepancy sequence (the
+#: generalised golden ratio in 3-D), so any number of copies spreads evenly.
+_R3 = 1.2207440846057596
+
+
+def seed_offsets(copies: int) -> list[tuple[float, float, float]]:
+    """Seed positions within a grid cell (fractions per axis) for ``copies`` shifted grids."""
+    alpha = [1 / _R3 ** (d + 1) for d in range(3)]
+    return [tuple((0.5 + k * a) % 1.0 for a in alpha) for k in range(max(1, int(copies)))]
 
 
 def scale_plan(config, body_voxels: int, spacing, modality: str) -> ScalePlan:
@@ -60,18 +73,21 @@ def scale_plan(config, body_voxels: int, spacing, modality: str) -> ScalePlan:
             TreeSpec(n_leaves(body_voxels, leaf, lo, hi), comp, ws)
             for leaf, comp, ws in config.trees
         )
-    partitions = tuple(
-        (max(2, min(int(round(body_voxels / max(size, 1.0))), body_voxels // 8)), comp)
-        for size, comp in config.partitions
-    )
+    factor = config.supervoxel_factor or (2 if body_voxels >= 2_000_000 else 1)
+    partitions = []
+    for segments, comp, copies in config.partitions:
+        n = max(2, min(int(segments), body_voxels // 8))
+        # segments of >= coarse_flood_voxels lose little on a 2x grid, and their ragged
+        # full-resolution boundaries cost more bytes than the fine partitions' ones
+        f = max(factor, 2) if body_voxels / n >= config.coarse_flood_voxels else factor
+        partitions += [(n, comp, off, f) for off in seed_offsets(copies)]
     split = None
     if config.split_body_fraction > 0:
         split = max(min_voxels, int(config.split_body_fraction * body_voxels))
-    factor = config.supervoxel_factor or (2 if body_voxels >= 2_000_000 else 1)
     return ScalePlan(
         min_voxels=min_voxels,
         trees=trees,
-        partitions=partitions,
+        partitions=tuple(partitions),
         split_min_voxels=split,
         split_distance_mm=config.split_distance_fraction * body_length_mm(body_voxels, spacing),
         flood_factor=factor,

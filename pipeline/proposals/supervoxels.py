@@ -8,6 +8,8 @@ Segments are restricted to the body mask (label 0 outside).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
@@ -33,15 +35,22 @@ def _steps(body: np.ndarray, spacing, n_segments: int) -> list[float]:
     return [max(1.0, step_mm / s) for s in spacing]
 
 
-def _seed_coords(n: int, step: float) -> np.ndarray:
-    return np.unique(np.minimum(np.arange(step / 2, n, step).astype(np.int64), n - 1))
+def _seed_coords(n: int, step: float, offset: float = 0.5) -> np.ndarray:
+    return np.unique(np.minimum(np.arange(step * offset, n, step).astype(np.int64), n - 1))
 
 
-def grid_seeds(body: np.ndarray, spacing, n_segments: int) -> np.ndarray:
-    """Int32 marker volume: one seed per cell of a grid sized for ~n_segments in the body."""
+def grid_seeds(
+    body: np.ndarray, spacing, n_segments: int, offset: Sequence[float] = (0.5, 0.5, 0.5)
+) -> np.ndarray:
+    """Int32 marker volume: one seed per cell of a grid sized for ~n_segments in the body.
+
+    ``offset`` places the seeds within their cells (fractions of a step per axis):
+    partitions of one size from different offsets cut the body at different places.
+    """
     steps = _steps(body, spacing, n_segments)
     markers = np.zeros(body.shape, np.int32)
-    ix = np.ix_(*[_seed_coords(n, st) for n, st in zip(body.shape, steps, strict=True)])
+    coords = [_seed_coords(n, st, o) for n, st, o in zip(body.shape, steps, offset, strict=True)]
+    ix = np.ix_(*coords)
     seeds = body[ix]
     sub = markers[ix]
     sub[seeds] = np.arange(1, int(seeds.sum()) + 1, dtype=np.int32)
@@ -49,13 +58,13 @@ def grid_seeds(body: np.ndarray, spacing, n_segments: int) -> np.ndarray:
     return markers
 
 
-def seed_distance(shape, steps) -> np.ndarray:
+def seed_distance(shape, steps, offset: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
     """Normalised distance (0 at a seed, ~1 at a cell corner) to the nearest grid seed."""
     d2 = np.zeros(shape, np.float32)
-    for ax, (n, st) in enumerate(zip(shape, steps, strict=True)):
-        i = np.arange(n, dtype=np.float32)
+    for ax, (n, st, o) in enumerate(zip(shape, steps, offset, strict=True)):
+        i = np.arange(n, dtype=np.float32) - np.float32(st * o)
         half = st / 2
-        dist = np.minimum(np.abs((i - half) - np.round((i - half) / st) * st), half) / max(half, 1)
+        dist = np.minimum(np.abs(i - np.round(i / st) * st), half) / max(half, 1)
         d2 += (dist**2).reshape([-1 if k == ax else 1 for k in range(3)])
     return np.sqrt(d2 / 3)
 
@@ -79,6 +88,7 @@ def supervoxels(
     compactness: float = 0.0,
     gradient: np.ndarray | None = None,
     factor: int = 1,
+    offset: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> tuple[np.ndarray, int]:
     """(int32 label map, count): ~n_segments watershed regions inside the body.
 
@@ -108,6 +118,7 @@ def supervoxels(
             compactness,
             gradient[sub],
             1,
+            offset,
         )
         up = coarse
         for ax in range(3):
@@ -116,7 +127,7 @@ def supervoxels(
         up = np.pad(up, pad, mode="edge")[: body.shape[0], : body.shape[1], : body.shape[2]]
         labels = np.where(body, up, 0).astype(np.int32)
         return _cover_body(labels, body)
-    markers = grid_seeds(body, spacing, n_segments)
+    markers = grid_seeds(body, spacing, n_segments, offset)
     if markers.max() == 0:
         return np.zeros(body.shape, np.int32), 0
     steps = _steps(body, spacing, n_segments)
@@ -124,7 +135,7 @@ def supervoxels(
     # rank instead of being quantised away next to lung and bone edges.
     qs = np.percentile(gradient[body], np.linspace(0, 100, 257)[1:-1])
     prio = np.searchsorted(qs, gradient).astype(np.float32) / 255.0 * (1 - compactness)
-    prio += compactness * seed_distance(body.shape, steps)
+    prio += compactness * seed_distance(body.shape, steps, offset)
     prio = (prio * 255).astype(np.uint8)
     markers = _seeds_to_minima(markers, prio, body, radius=max(1, int(min(steps) // 4)))
     labels = watershed(prio, markers, mask=body)

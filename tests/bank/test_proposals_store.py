@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bank import Bank
-from bank.proposals import NoProposalsError, ProposalReader, write_proposals
+from bank.proposals import NoProposalsError, ProposalReader, proposal_nbytes, write_proposals
 from pipeline.proposals import merge_sets
 from pipeline.proposals.external import from_label_map, from_masks
 from pipeline.proposals.features import compute_features
@@ -148,3 +148,14 @@ def test_a_missing_member_array_is_a_clear_error(tmp_path):
     shutil.rmtree(part / "members_stop")
     with pytest.raises(BankError, match="'members_stop' is missing"):
         ProposalReader(bank.scan("s1"))
+
+
+def test_proposal_nbytes_measures_what_the_bank_stores(tmp_path):
+    bank, img, body = _bank_with_scan(tmp_path)
+    ps = _proposals(img, body)
+    measured = proposal_nbytes(ps, bank.encoding)
+    assert set(measured) == {*ps.prune_layers().layer_names, ""}
+    assert all(v > 0 for v in measured.values())
+    write_proposals(bank, "s1", ps)
+    stored = ProposalReader(Bank.open(tmp_path / "bank").scan("s1")).nbytes_stored()
+    assert abs(sum(measured.values()) - stored) <= 0.02 * stored, (measured, stored)

@@ -24,8 +24,19 @@ def test_plan_scales_with_body_volume():
     assert [t.n_leaves for t in large.trees] == [hi, hi, hi]
     mid = scale_plan(cfg, 450_000, (1.5, 1.5, 1.5), "mr")
     assert [t.n_leaves for t in mid.trees] == [9000, 3000, 3000]
-    # plain partitions keep their segment size in voxels: their count follows the body
-    assert [n for n, _ in mid.partitions] == [round(450_000 / v) for v, _ in cfg.partitions]
+    # plain partitions: a segment count per body (same anatomy, any body size), each
+    # size cut ``copies`` times from seed grids shifted against each other
+    expected = [n for n, _, c in cfg.partitions for _ in range(c)]
+    assert [p[0] for p in mid.partitions] == expected
+    assert [p[0] for p in small.partitions] == expected
+    offsets = [p[2] for p in mid.partitions if p[0] == cfg.partitions[0][0]]
+    assert len(set(offsets)) == cfg.partitions[0][2] and offsets[0] == (0.5, 0.5, 0.5)
+    assert all(0 <= v < 1 for o in offsets for v in o)
+    tiny = scale_plan(cfg, 4_000, (1.5, 1.5, 1.5), "mr")  # never below 8 voxels a segment
+    assert max(p[0] for p in tiny.partitions) == 4_000 // 8
+    # coarse partitions flood a 2x grid; fine ones keep the body's own factor
+    for n, _, _, factor in mid.partitions:
+        assert factor == (2 if 450_000 / n >= cfg.coarse_flood_voxels else 1)
     assert small.split_distance_mm < large.split_distance_mm
     assert small.split_min_voxels < large.split_min_voxels
     # explicit legacy options still win

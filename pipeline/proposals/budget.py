@@ -1,0 +1,54 @@
+"""Hold a scan's proposal set to a stored-bytes budget per proposal.
+
+Bytes are the label layers (their size grows with how many and how ragged the
+cuts are, which differs a lot between layers and scans) plus a small table per
+proposal.  The budget is held per scan, not on average: while the set is over
+it, the layer that costs the most bytes per proposal it carries is dropped
+whole.  Dropping such a layer always lowers the average (its cost is above it),
+so the loop ends after a few layers at most; dropping only some proposals of a
+layer would not do, because the layer's cuts stay for the proposals left.
+
+The measuring is the bank's (``bank.proposals.proposal_nbytes``): this module
+only decides what to drop, so it stays free of the on-disk layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from pipeline.proposals.proposal_set import ProposalSet
+
+
+def fit_byte_budget(
+    ps: ProposalSet,
+    measure: Callable[[ProposalSet], dict[str, int]],
+    max_bytes_per_proposal: float,
+) -> tuple[ProposalSet, dict]:
+    """(the set within ``max_bytes_per_proposal``, a report of what was dropped).
+
+    ``measure(ps)`` returns stored bytes per layer name plus ``""`` for the rest.
+    ``max_bytes_per_proposal <= 0`` disables the budget.  A set that cannot fit
+    (one layer left, or fixed metadata dominating a tiny set) is returned at its
+    cheapest with ``fits`` False.
+    """
+    report: dict = {"bytes_per_proposal": None, "dropped": 0, "dropped_layers": [], "fits": True}
+    if max_bytes_per_proposal <= 0 or ps.count == 0:
+        return ps, report
+    start = ps.count
+    while True:
+        nbytes = measure(ps)
+        per = sum(nbytes.values()) / max(ps.count, 1)
+        layer = np.asarray(ps.table["layer"])
+        carried = np.bincount(layer, minlength=len(ps.layer_names))
+        cost = np.array([nbytes.get(n, 0) for n in ps.layer_names], np.float64)
+        cost = np.where(carried > 0, cost / np.maximum(carried, 1), -np.inf)
+        j = int(np.argmax(cost))
+        if per <= max_bytes_per_proposal or (carried > 0).sum() <= 1 or cost[j] <= per:
+            report["fits"] = per <= max_bytes_per_proposal
+            break
+        report["dropped_layers"].append(ps.layer_names[j])
+        ps = ps.subset(np.flatnonzero(layer != j)).prune_layers()
+    report.update(bytes_per_proposal=round(per, 1), dropped=start - ps.count)
+    return ps, report
