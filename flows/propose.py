@@ -109,7 +109,11 @@ def _propose_once(
     )
     nbytes = ProposalReader(store.scan(scan_id), name).nbytes_stored()
     details = {"n_proposals": ps.count, "bytes_per_proposal": round(nbytes / max(ps.count, 1), 1)}
-    return ScanOutcome(scan_id, "ok", details=details)
+    note = None
+    if budget["dropped"]:  # say what the byte budget cost, so a user can raise it
+        layers = ", ".join(budget["dropped_layers"])
+        note = f"byte budget: dropped layer(s) {layers} ({budget['dropped']} proposals)"
+    return ScanOutcome(scan_id, "ok", note, details=details)
 
 
 @per_scan_task("propose")

@@ -72,6 +72,14 @@ def add_proposal_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dedup-iou", type=float, default=None, help="near-duplicate IoU (default: 0.95)"
     )
+    g.add_argument(
+        "--max-bytes-per-proposal",
+        type=float,
+        default=None,
+        metavar="B",
+        help="stored bytes per proposal each scan's set must fit: the layers costing most per "
+        "proposal are dropped until it does; 0 = no budget (default: 200)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -87,6 +95,8 @@ def config_from_args(args: argparse.Namespace):
         kw["max_proposals"] = args.max_proposals
     if args.dedup_iou is not None:
         kw["dedup_iou"] = args.dedup_iou
+    if getattr(args, "max_bytes_per_proposal", None) is not None:
+        kw["max_bytes_per_proposal"] = args.max_bytes_per_proposal
     if args.min_volume is not None:
         kw["min_volume_mm3"] = {m: args.min_volume for m in ("ct", "mr", "pet")}
     return ProposalConfig(**kw)

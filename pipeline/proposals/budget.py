@@ -3,10 +3,12 @@
 Bytes are the label layers (their size grows with how many and how ragged the
 cuts are, which differs a lot between layers and scans) plus a small table per
 proposal.  The budget is held per scan, not on average: while the set is over
-it, the layer that costs the most bytes per proposal it carries is dropped
-whole.  Dropping such a layer always lowers the average (its cost is above it),
-so the loop ends after a few layers at most; dropping only some proposals of a
-layer would not do, because the layer's cuts stay for the proposals left.
+it, whole generated layers are dropped, fewest proposals lost first: the
+smallest layer whose removal alone brings the set within budget, else the one
+that saves the most bytes per proposal lost.  Dropping only some proposals of a
+layer would not do: the layer's cuts stay for the proposals left.  Intensity
+windows (few proposals that hold the lesions) and imported masks are never
+dropped.
 
 The measuring is the bank's (``bank.proposals.proposal_nbytes``): this module
 only decides what to drop, so it stays free of the on-disk layout.
@@ -19,6 +21,9 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.proposals.proposal_set import ProposalSet
+
+#: Layer kinds (``layer_info[name]["kind"]``) the budget never drops.
+PROTECTED_KINDS = frozenset({"windows", "external"})
 
 
 def fit_byte_budget(
@@ -42,12 +47,22 @@ def fit_byte_budget(
         per = sum(nbytes.values()) / max(ps.count, 1)
         layer = np.asarray(ps.table["layer"])
         carried = np.bincount(layer, minlength=len(ps.layer_names))
-        cost = np.array([nbytes.get(n, 0) for n in ps.layer_names], np.float64)
-        cost = np.where(carried > 0, cost / np.maximum(carried, 1), -np.inf)
-        j = int(np.argmax(cost))
-        if per <= max_bytes_per_proposal or (carried > 0).sum() <= 1 or cost[j] <= per:
+        total = sum(nbytes.values())
+        size = np.array([nbytes.get(n, 0) for n in ps.layer_names], np.float64)
+        droppable = (carried > 0) & (carried < ps.count)
+        droppable &= [
+            ps.layer_info.get(n, {}).get("kind") not in PROTECTED_KINDS for n in ps.layer_names
+        ]
+        saving = size - max_bytes_per_proposal * carried  # bytes over budget a layer removes
+        excess = total - max_bytes_per_proposal * ps.count
+        if per <= max_bytes_per_proposal or not (droppable & (saving > 0)).any():
             report["fits"] = per <= max_bytes_per_proposal
             break
+        enough = droppable & (saving >= excess)
+        if enough.any():
+            j = int(np.argmin(np.where(enough, carried, np.iinfo(np.int64).max)))
+        else:
+            j = int(np.argmax(np.where(droppable, size / np.maximum(carried, 1), -np.inf)))
         report["dropped_layers"].append(ps.layer_names[j])
         ps = ps.subset(np.flatnonzero(layer != j)).prune_layers()
     report.update(bytes_per_proposal=round(per, 1), dropped=start - ps.count)

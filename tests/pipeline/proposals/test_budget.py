@@ -61,3 +61,5 @@ def test_an_impossible_budget_ends_at_the_cheapest_set_it_can_reach():
     out, report = fit_byte_budget(ps, proposal_nbytes, 1.0)
     assert not report["fits"] and 0 < out.count < ps.count
     assert report["bytes_per_proposal"] < _bytes_per_proposal(ps)
+    # imported masks (like intensity windows) are never dropped, whatever they cost
+    assert set(out.table["source"]) == {"blocks", "slabs"}

@@ -59,6 +59,15 @@ def test_propose_then_skip_then_quality(phantom_bank, prefect_api, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["counts"]["ok"] == 1 and rep["scans"][0]["n_proposals"] <= 300
 
+    # a byte budget below what the scan's set costs drops generated layers, and says so
+    argv = ["propose", str(phantom_bank), "--json", "--no-progress", "--scans", "ct0"]
+    assert main([*argv, "--max-bytes-per-proposal", "35"]) == 0
+    row = json.loads(capsys.readouterr().out)["scans"][0]
+    budget = Bank.open(phantom_bank).scan("ct0").proposals_attrs["byte_budget"]
+    assert budget["dropped"] > 0 and budget["dropped_layers"]
+    assert row["reason"].startswith("byte budget: dropped layer(s) ")
+    assert row["bytes_per_proposal"] <= 35 or not budget["fits"]
+
     assert main(["proposals-quality", str(phantom_bank), "--json"]) == 0
     q = json.loads(capsys.readouterr().out)
     assert {"abo", "recall_50", "recall_70", "proposals_per_scan", "bytes_per_proposal"} <= set(q)
