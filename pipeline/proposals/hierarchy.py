@@ -12,7 +12,6 @@ storage.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from torch_geometric.data import Data
 
 from pipeline.proposals.features import LayerStats, adjacency, layer_stats
+from pipeline.proposals.merge_kernel import agglomerate_loop
 
 
 @dataclass
@@ -130,68 +130,30 @@ def agglomerate(
     boundary strengths of merged regions are exact (sums are carried).
     """
     n = int(data.num_nodes)
-    counts = data.counts.numpy().astype(np.float64).tolist()
-    sums = data.sums.numpy().astype(np.float64).tolist()
+    counts = data.counts.numpy().astype(np.float64)
+    sums = data.sums.numpy().astype(np.float64)
     cents = data.x.numpy()[:, 3:6].astype(np.float64) * np.asarray(data.spacing, np.float64)
-    csum = (cents * np.asarray(counts)[:, None]).tolist() if n else []
-    ei = data.edge_index.numpy()
+    ei = data.edge_index.numpy().astype(np.int64)
     attr = data.edge_attr.numpy().astype(np.float64)
     half = ei.shape[1] // 2
-    nbrs: list[dict[int, list[float]]] = [dict() for _ in range(n)]
-    for (a, b), (_, f, g) in zip(ei[:, :half].T.tolist(), attr[:half].tolist(), strict=True):
-        nbrs[a][b] = [f, g]
-        nbrs[b][a] = [f, g]
-    alive = [True] * n
-    si = max(intensity_scale, 1e-9)
-    sg = max(gradient_scale, 1e-9)
-    ref = float(np.median(counts)) if counts else 1.0
-    sx = max(spatial_scale, 1e-9)
-
-    def cost(a: int, b: int, fg: list[float]) -> float:
-        na, nb = counts[a], counts[b]
-        d = abs(sums[a] / na - sums[b] / nb) / si + boundary_weight * (fg[1] / fg[0]) / sg
-        if spatial_weight:
-            ca, cb = csum[a], csum[b]
-            dx = (ca[0] / na - cb[0] / nb, ca[1] / na - cb[1] / nb, ca[2] / na - cb[2] / nb)
-            d += spatial_weight * (dx[0] ** 2 + dx[1] ** 2 + dx[2] ** 2) ** 0.5 / sx
-        return d * ((na * nb / (na + nb)) / ref) ** size_exponent
-
-    heap = [(cost(a, b, fg), a, b) for a in range(n) for b, fg in nbrs[a].items() if a < b]
-    heapq.heapify(heap)
-    children: list[tuple[int, int]] = []
-    costs: list[float] = []
-    while heap:
-        c, a, b = heapq.heappop(heap)
-        if not (alive[a] and alive[b]) or b not in nbrs[a]:
-            continue
-        new = len(counts)
-        children.append((a, b))
-        costs.append(c)
-        alive[a] = alive[b] = False
-        counts.append(counts[a] + counts[b])
-        sums.append(sums[a] + sums[b])
-        if spatial_weight:
-            csum.append([csum[a][i] + csum[b][i] for i in range(3)])
-        alive.append(True)
-        merged: dict[int, list[float]] = {}
-        for old in (a, b):
-            for k, fg in nbrs[old].items():
-                if k in (a, b):
-                    continue
-                acc = merged.setdefault(k, [0.0, 0.0])
-                acc[0] += fg[0]
-                acc[1] += fg[1]
-                del nbrs[k][old]
-            nbrs[old] = {}
-        nbrs.append(merged)
-        for k, fg in merged.items():
-            nbrs[k][new] = fg
-            heapq.heappush(heap, (cost(k, new, fg), k, new))
-    return MergeTree(
+    children, costs = agglomerate_loop(
         n,
-        np.asarray(children, np.int64).reshape(-1, 2),
-        np.asarray(costs, np.float64),
+        np.ascontiguousarray(ei[0, :half]),
+        np.ascontiguousarray(ei[1, :half]),
+        np.ascontiguousarray(attr[:half, 1]),
+        np.ascontiguousarray(attr[:half, 2]),
+        counts,
+        sums,
+        np.ascontiguousarray(cents * counts[:, None]),
+        max(intensity_scale, 1e-9),
+        max(gradient_scale, 1e-9),
+        max(spatial_scale, 1e-9),
+        float(np.median(counts)) if n else 1.0,
+        float(boundary_weight),
+        float(size_exponent),
+        float(spatial_weight),
     )
+    return MergeTree(n, children.reshape(-1, 2), costs)
 
 
 def hierarchy_layer(

@@ -120,7 +120,9 @@ def supervoxels(
             1,
             offset,
         )
-        up = coarse
+        # grow the labels a voxel into the coarse grid's background first: body voxels
+        # the subsampling missed (its fringe) are then covered at 1/f^3 of the cost
+        up = _grow_into_background(coarse, 1)
         for ax in range(3):
             up = np.repeat(up, f, axis=ax)
         pad = [(f // 2, max(0, n - u - f // 2)) for n, u in zip(body.shape, up.shape, strict=True)]
@@ -163,6 +165,18 @@ def _seeds_to_minima(
     best = cand[np.arange(len(pos)), np.argmin(cost, axis=1)]
     out = np.zeros_like(markers)
     out[tuple(best.T)] = ids  # two seeds landing on one voxel: one survives (harmless)
+    return out
+
+
+def _grow_into_background(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Labels grown ``steps`` voxels into the unlabelled voxels (largest neighbour wins)."""
+    out = labels.copy()
+    for _ in range(steps):
+        missing = out == 0
+        if not missing.any():
+            break
+        grown = ndimage.maximum_filter(out, size=3)
+        out[missing] = grown[missing]
     return out
 
 
