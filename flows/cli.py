@@ -56,10 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command's arguments. A command with ``KEY=VALUE`` overrides (``pretrain``) takes
+    them anywhere, also after its options (argparse alone would refuse
+    ``BANK --out DIR max_steps=10``: its positionals are consumed together, before ``--out``)."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    if extra and takes_overrides and not any(a.startswith("-") or "=" not in a for a in extra):
+        args.overrides.extend(extra)
+        extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     # The command, for results that record how they were made (credentials redacted).
     args.argv = redacted_argv(argv)
     problem = apply_storage_options(args)

@@ -25,11 +25,25 @@ from pipeline.mask_import import MASK_SUFFIXES, imported_set, mask_files
 from pipeline.proposals.features import compute_features
 
 
-def _manifest_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a .csv (header scan_id,path; a spreadsheet's BOM and spaces
+    around names and values are fine) or .jsonl manifest (one object per line)."""
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return list(csv.DictReader(text.splitlines()))
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {n} is not a JSON object: {line.strip()[:80]}")
+            rows.append((n, row))
+        return rows
+    reader = csv.DictReader(text.splitlines(), skipinitialspace=True)
+    return [
+        (reader.line_num, {str(k).strip(): (v or "").strip() for k, v in row.items() if k})
+        for row in reader
+    ]
 
 
 def mask_sources(source: str | Path) -> dict[str, str]:
@@ -37,16 +51,25 @@ def mask_sources(source: str | Path) -> dict[str, str]:
 
     A folder holds ``<scan_id>/`` (mask files inside) or ``<scan_id>.nii.gz`` (one
     file) per scan; a manifest has columns ``scan_id,path`` (relative paths are taken
-    from the manifest's folder).
+    from the manifest's folder), one row per scan: a scan with several mask files
+    points at the folder holding them. Paths come back absolute (they are recorded in
+    the bank and may be read by workers started elsewhere).
     """
-    src = Path(source)
+    src = Path(source).absolute()
     if src.is_file() and src.suffix.lower() in (".csv", ".jsonl"):
-        out = {}
-        for row in _manifest_rows(src):
-            if not row.get("scan_id") or not row.get("path"):
-                raise ValueError(f"{src}: every row needs scan_id and path, got {row}")
-            path = Path(row["path"])
-            out[str(row["scan_id"])] = str(path if path.is_absolute() else src.parent / path)
+        out: dict[str, str] = {}
+        first: dict[str, int] = {}
+        for line, row in _manifest_rows(src):
+            scan_id, path = str(row.get("scan_id") or "").strip(), str(row.get("path") or "")
+            if not scan_id or not path.strip():
+                raise ValueError(f"{src}: line {line}: every row needs scan_id and path, got {row}")
+            if scan_id in out:
+                raise ValueError(
+                    f"{src}: scan {scan_id!r} on lines {first[scan_id]} and {line}; give one "
+                    "row per scan (a folder holding all its mask files when there are several)"
+                )
+            first[scan_id] = line
+            out[scan_id] = str(src.parent / Path(path.strip()).expanduser())
         return out
     if not src.is_dir():
         raise ValueError(f"{src}: not a folder or a .csv/.jsonl manifest")

@@ -87,13 +87,15 @@ def format_propose_report(report: dict) -> str:
         for r in report["scans"]
     ]
     header = ["scan", "status", "proposals", "B/prop", "s", "note"]
-    return "\n".join(
-        [
-            table(header, rows, right={2, 3, 4}),
-            "",
-            f"{counts_line(report)}; report: {report['report_path']}",
-        ]
-    )
+    lines = [table(header, rows, right={2, 3, 4}), ""]
+    unknown = report.get("unknown_scans") or []
+    if unknown:  # an import source naming scans the bank does not hold (a typo, another bank)
+        shown = ", ".join(unknown[:10]) + (
+            f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        )
+        lines.append(f"not in the bank, ignored: {shown}")
+    lines.append(f"{counts_line(report)}; report: {report['report_path']}")
+    return "\n".join(lines)
 
 
 def counts_line(report: dict) -> str:

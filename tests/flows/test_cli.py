@@ -162,3 +162,26 @@ def test_a_missing_command_module_is_skipped(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "not_written_yet"))
     parser = cli.build_parser()
     assert "prepare" in parser.format_help() and "not_written_yet" not in parser.format_help()
+
+
+def test_pretrain_overrides_may_follow_the_options() -> None:
+    """`maskbank pretrain BANK --out DIR max_steps=10` (README's form) used to stop with
+    'unrecognized arguments': argparse had given BANK's neighbour KEY=VALUE list nothing."""
+    from flows import cli
+
+    parser = cli.build_parser()
+    args = cli.parse(
+        parser,
+        ["pretrain", "--config", "tiny", "bank", "a=1", "--out", "run", "max_steps=10", "b.c=x"],
+    )
+    assert (args.bank, args.out, args.config) == ("bank", "run", "tiny")
+    assert args.overrides == ["a=1", "max_steps=10", "b.c=x"]
+    assert cli.parse(parser, ["pretrain", "bank", "--out", "run"]).overrides == []
+    for argv in (
+        ["pretrain", "bank", "--out", "run", "--bogus"],
+        ["pretrain", "bank", "--out", "run", "notakeyvalue"],
+        ["info", "bank", "a=1"],  # only a command with overrides takes them
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse(parser, argv)
+        assert exc.value.code == 2
