@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bank import Bank
+import numpy as np
+import pytest
+
+from bank import Bank, ProposalReader
 from flows.commands.options import redacted_argv
+from pipeline.mask_import import on_bank_grid
 from tests.conftest import REPO
 from tests.flows.scans import write_phantom
 from tests.s3_server import S3
@@ -68,3 +72,51 @@ def test_cli_prepares_proposes_verifies_and_summarises_a_bank_on_s3(
     fs = s3.filesystem()
     for key in fs.find(s3.bucket):  # no object of the bank holds the secret
         assert SECRET.encode() not in fs.cat_file(key), key
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: prepare (~9 s) and the import flow (~15 s)
+def test_cli_imports_label_maps_from_a_manifest_onto_a_bank_on_s3(
+    prefect_api: str, s3: S3, tmp_path: Path
+) -> None:
+    """`maskbank propose s3://... --import manifest.csv --name labels`: each scan's label map
+    (source grid, a local NIfTI) becomes a proposal set in the bank on S3, one proposal per
+    label value, voxel for voxel the region `prepare` stored as the scan's label."""
+    labels = {}
+    for i, name in enumerate(("ct-a", "ct-b")):
+        _, labels[name] = write_phantom(tmp_path / "in", name, seed=i)
+    url = s3.url()
+    opts = ("--storage-options", s3.options_json)
+    out = _maskbank(
+        "prepare", str(tmp_path / "in"), "--bank", url, *opts, "--spacing", "3", "--no-progress"
+    )
+    assert out.returncode == 0 and "2 ok" in out.stdout, out.stdout + out.stderr
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "scan_id,path\n" + "".join(f"{s},{p}\n" for s, p in labels.items()), encoding="utf-8"
+    )
+    out = _maskbank(
+        "propose", url, *opts, "--import", str(manifest), "--name", "labels", "--json",
+        "--no-progress",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["scan_id"]: r for r in json.loads(out.stdout)["scans"]}
+    assert {s: r["status"] for s, r in rows.items()} == {"ct-a": "ok", "ct-b": "ok"}
+
+    bank = Bank.open(url, storage_options=s3.options)
+    for scan_id, label_file in labels.items():
+        scan = bank.scan(scan_id)
+        assert "labels" in scan.proposal_sets
+        label = np.asarray(scan.read("label"))
+        assert np.array_equal(label, on_bank_grid(label_file, scan.attrs))
+        values = np.unique(label[label > 0])
+        assert len(values) > 1
+        reader = ProposalReader(scan, name="labels")
+        assert reader.count == len(values) == rows[scan_id]["n_proposals"]
+        found = set()
+        for i in range(reader.count):
+            mask = reader.mask(i)
+            (value,) = np.unique(label[mask])  # one label region per proposal...
+            assert np.array_equal(mask, label == value)  # ...all of it, nothing else
+            found.add(int(value))
+        assert found == {int(v) for v in values}
+        assert Path(reader.attrs["imported_from"]) == label_file.absolute()
