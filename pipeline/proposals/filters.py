@@ -1,13 +1,14 @@
 """Proposal filters: size, inside-body fraction, not-the-whole-body, near-duplicates, count cap.
 
-The cap keeps a diverse set rather than the first proposals: equal shares of
+The cap keeps a diverse set rather than the first proposals: shares of
 log-size bins (structures come at every scale), the most stable proposals of
 each bin first.
 
 All work on per-label statistics and label-interval arithmetic; masks are
 never decoded.  Duplicate search only compares proposals whose sizes are
 within the IoU threshold of each other (IoU > t needs |a|/|b| > t) and whose
-bounding boxes intersect.
+bounding boxes overlap by more than t x the larger size (a ∩ b lies in the
+boxes' intersection).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _expand(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _block_sums(
-    joint: tuple[np.ndarray, np.ndarray, int],
+    joint: tuple[np.ndarray, int],
     rows: tuple[np.ndarray, np.ndarray],
     cols: tuple[np.ndarray, np.ndarray],
     chunk: int = 1 << 21,
@@ -64,20 +65,18 @@ def _block_sums(
     keys, nb = joint
     (r0, r1), (c0, c1) = rows, cols
     out = np.zeros(len(r0), np.int64)
-    lengths = np.maximum(r1 - r0, 0)
-    bounds = np.searchsorted(np.cumsum(lengths), np.arange(chunk, lengths.sum() + chunk, chunk))
-    lo = 0
-    for hi in np.unique(np.append(bounds + 1, len(r0))):  # blocks in chunks of ~chunk rows
-        hi = min(int(hi), len(r0))
-        if hi <= lo:
-            continue
+    cum = np.cumsum(np.maximum(r1 - r0, 0))
+    if len(cum) == 0:
+        return out
+    cuts = np.searchsorted(cum, np.arange(chunk, cum[-1], chunk), side="right")
+    edges = np.unique(np.concatenate([[0], cuts, [len(r0)]]))
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):  # ~chunk rows each
         owner, r = _expand(r0[lo:hi], r1[lo:hi])
         owner += lo
         base = r * nb
         inside = np.searchsorted(keys, base + c1[owner])
         inside -= np.searchsorted(keys, base + c0[owner])
         out += np.bincount(owner, weights=inside, minlength=len(r0)).astype(np.int64)
-        lo = hi
     return out
 
 
@@ -86,7 +85,7 @@ def duplicate_pairs(
 ) -> list[tuple[int, int]]:
     """Pairs (i, j) among ``ids`` whose mask IoU exceeds ``iou`` (exact).
 
-    Candidates are pairs of similar size whose boxes touch; their intersections
+    Candidates are pairs of similar size whose boxes overlap enough; their intersections
     come from label-interval arithmetic: prefix sums of label counts within a
     layer, and range sums of the two layers' contingency table across layers
     (summed over the shorter of the two label intervals), all vectorised.
@@ -100,8 +99,13 @@ def duplicate_pairs(
     jj = ii + 1 + (np.arange(len(ii)) - np.repeat(np.cumsum(n_each) - n_each, n_each))
     p, q = order[ii], order[jj]
     bp, bq = bbox[p], bbox[q]
-    touch = np.all((bp[:, :3] < bq[:, 3:]) & (bq[:, :3] < bp[:, 3:]), axis=1)
-    p, q = p[touch], q[touch]
+    box = np.prod(
+        np.clip(np.minimum(bp[:, 3:], bq[:, 3:]) - np.maximum(bp[:, :3], bq[:, :3]), 0, None),
+        axis=1,
+    )
+    # IoU > t needs |a ∩ b| > t max(|a|, |b|), and a ∩ b lies in the boxes' intersection
+    near = box > iou * np.maximum(voxels[p], voxels[q])
+    p, q = p[near], q[near]
     if len(p) == 0:
         return []
     layer = np.asarray(ps.table["layer"], np.int64)
