@@ -264,6 +264,8 @@ def _tree_sets(
             sv, k = supervoxels(image, body, spacing, n, comp, grad, factor, offset)
             if k == 0:
                 continue
+            if k < 65535:  # 14 partitions of a body CT: half the memory as uint16
+                sv = sv.astype(np.uint16)
             name = f"partition{j + 1}"
             lab = np.arange(1, k + 1)
             info = {"kind": "supervoxels", "n_segments": n, "count": k}

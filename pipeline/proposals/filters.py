@@ -80,6 +80,35 @@ def _block_sums(
     return out
 
 
+def _overlapping_pairs(
+    voxels: np.ndarray, bbox: np.ndarray, ids: np.ndarray, iou: float, chunk: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs among ``ids`` that can have IoU > ``iou``: sizes within the ratio, and boxes
+    overlapping by more than ``iou`` x the larger size.  Size pairs are walked in chunks
+    of ``chunk``: 50,000 candidates make millions of them (a few hundred MB at once)."""
+    order = ids[np.argsort(voxels[ids], kind="stable")]
+    v = voxels[order].astype(np.float64)
+    n_each = np.searchsorted(v, v / iou, side="right") - np.arange(len(v)) - 1
+    cum = np.cumsum(n_each)
+    if len(cum) == 0 or cum[-1] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cuts = np.searchsorted(cum, np.arange(chunk, cum[-1], chunk), side="right")
+    edges = np.unique(np.concatenate([[0], cuts, [len(v)]]))
+    ps, qs = [], []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        first = np.arange(lo, hi) + 1  # partners of i: the next n_each[i] in size order
+        i, k = _expand(first, first + n_each[lo:hi])
+        p, q = order[lo + i], order[k]
+        bp, bq = bbox[p], bbox[q]
+        ext = np.minimum(bp[:, 3:], bq[:, 3:]) - np.maximum(bp[:, :3], bq[:, :3])
+        box = np.prod(np.clip(ext, 0, None), axis=1)
+        # IoU > t needs |a ∩ b| > t max(|a|, |b|), and a ∩ b lies in the boxes' intersection
+        near = box > iou * np.maximum(voxels[p], voxels[q])
+        ps.append(p[near])
+        qs.append(q[near])
+    return np.concatenate(ps), np.concatenate(qs)
+
+
 def duplicate_pairs(
     ps: ProposalSet, voxels: np.ndarray, bbox: np.ndarray, ids: np.ndarray, iou: float
 ) -> list[tuple[int, int]]:
@@ -90,22 +119,7 @@ def duplicate_pairs(
     layer, and range sums of the two layers' contingency table across layers
     (summed over the shorter of the two label intervals), all vectorised.
     """
-    ids = np.asarray(ids)
-    order = ids[np.argsort(voxels[ids], kind="stable")]
-    v = voxels[order].astype(np.float64)
-    top = np.searchsorted(v, v / iou, side="right")
-    n_each = top - np.arange(len(v)) - 1
-    ii = np.repeat(np.arange(len(v)), n_each)
-    jj = ii + 1 + (np.arange(len(ii)) - np.repeat(np.cumsum(n_each) - n_each, n_each))
-    p, q = order[ii], order[jj]
-    bp, bq = bbox[p], bbox[q]
-    box = np.prod(
-        np.clip(np.minimum(bp[:, 3:], bq[:, 3:]) - np.maximum(bp[:, :3], bq[:, :3]), 0, None),
-        axis=1,
-    )
-    # IoU > t needs |a ∩ b| > t max(|a|, |b|), and a ∩ b lies in the boxes' intersection
-    near = box > iou * np.maximum(voxels[p], voxels[q])
-    p, q = p[near], q[near]
+    p, q = _overlapping_pairs(voxels, bbox, np.asarray(ids), iou)
     if len(p) == 0:
         return []
     layer = np.asarray(ps.table["layer"], np.int64)

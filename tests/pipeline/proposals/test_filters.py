@@ -4,7 +4,7 @@ import numpy as np
 
 from pipeline.proposals import ProposalSet, merge_sets
 from pipeline.proposals.features import compute_features
-from pipeline.proposals.filters import duplicate_pairs, suppress_duplicates
+from pipeline.proposals.filters import _overlapping_pairs, duplicate_pairs, suppress_duplicates
 
 SHAPE = (24, 22, 20)
 
@@ -54,6 +54,16 @@ def test_duplicate_pairs_equal_brute_force_iou():
             got = {tuple(sorted(p)) for p in duplicate_pairs(ps, vox, ps.table["bbox"], ids, t)}
             want = {(i, j) for i, j in zip(*np.nonzero(np.triu(iou > t, 1)), strict=True)}
             assert got == want and (t > 0.9 or want), (seed, t)
+
+
+def test_candidate_pairs_do_not_depend_on_the_chunk_size():
+    ps = _nested_set(1)
+    vox, bbox, ids = ps.table["voxels"], ps.table["bbox"], np.arange(ps.count)
+    whole = _overlapping_pairs(vox, bbox, ids, 0.3)
+    assert len(whole[0]) > 50
+    for chunk in (1, 7, 100):
+        parts = _overlapping_pairs(vox, bbox, ids, 0.3, chunk=chunk)
+        assert sorted(zip(*parts, strict=True)) == sorted(zip(*whole, strict=True))
 
 
 def test_suppress_duplicates_keeps_one_of_each_pair():
