@@ -145,13 +145,18 @@ def agglomerate(
         counts,
         sums,
         np.ascontiguousarray(cents * counts[:, None]),
-        max(intensity_scale, 1e-9),
-        max(gradient_scale, 1e-9),
-        max(spatial_scale, 1e-9),
-        float(np.median(counts)) if n else 1.0,
-        float(boundary_weight),
-        float(size_exponent),
-        float(spatial_weight),
+        np.array(
+            [
+                max(intensity_scale, 1e-9),
+                max(gradient_scale, 1e-9),
+                max(spatial_scale, 1e-9),
+                float(np.median(counts)) if n else 1.0,
+                boundary_weight,
+                size_exponent,
+                spatial_weight,
+            ],
+            np.float64,
+        ),
     )
     return MergeTree(n, children.reshape(-1, 2), costs)
 

@@ -23,31 +23,18 @@ _PAIR = types.UniTuple(types.float64, 2)
 
 
 @njit(cache=True, nogil=True)
-def _cost(
-    a: int,
-    b: int,
-    face: float,
-    grad: float,
-    counts,
-    sums,
-    csum,
-    si: float,
-    sg: float,
-    sx: float,
-    ref: float,
-    boundary_weight: float,
-    size_exponent: float,
-    spatial_weight: float,
-) -> float:
+def _cost(a: int, b: int, face: float, grad: float, counts, sums, csum, w) -> float:
+    """Merge cost of regions a and b; ``w`` = (s_i, s_g, s_x, ref size, boundary weight,
+    size exponent, spatial weight), see ``hierarchy.agglomerate``."""
     na = counts[a]
     nb = counts[b]
-    d = abs(sums[a] / na - sums[b] / nb) / si + boundary_weight * (grad / face) / sg
-    if spatial_weight != 0.0:
+    d = abs(sums[a] / na - sums[b] / nb) / w[0] + w[4] * (grad / face) / w[1]
+    if w[6] != 0.0:
         dx0 = csum[a, 0] / na - csum[b, 0] / nb
         dx1 = csum[a, 1] / na - csum[b, 1] / nb
         dx2 = csum[a, 2] / na - csum[b, 2] / nb
-        d += spatial_weight * (dx0**2 + dx1**2 + dx2**2) ** 0.5 / sx
-    return d * ((na * nb / (na + nb)) / ref) ** size_exponent
+        d += w[6] * (dx0**2 + dx1**2 + dx2**2) ** 0.5 / w[2]
+    return d * ((na * nb / (na + nb)) / w[3]) ** w[5]
 
 
 @njit(cache=True, nogil=True)
@@ -60,19 +47,14 @@ def agglomerate_loop(
     counts0: np.ndarray,
     sums0: np.ndarray,
     csum0: np.ndarray,
-    si: float,
-    sg: float,
-    sx: float,
-    ref: float,
-    boundary_weight: float,
-    size_exponent: float,
-    spatial_weight: float,
+    weights: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(children (m, 2), costs (m,)) of the greedy merge forest over ``n`` regions.
 
     Edges ``src[i] < dst[i]`` carry the shared face count and summed boundary
     strength; ``counts0``/``sums0``/``csum0`` are per-region voxel counts,
-    intensity sums and (mm) centroid sums.
+    intensity sums and (mm) centroid sums; ``weights`` = (s_i, s_g, s_x, ref size,
+    boundary weight, size exponent, spatial weight).
     """
     total = 2 * n
     counts = np.empty(total)
@@ -94,8 +76,7 @@ def agglomerate_loop(
     for a in range(n):
         for b, fg in nbrs[a].items():
             if a < b:
-                c = _cost(a, b, fg[0], fg[1], counts, sums, csum, si, sg, sx, ref,
-                          boundary_weight, size_exponent, spatial_weight)  # fmt: skip
+                c = _cost(a, b, fg[0], fg[1], counts, sums, csum, weights)
                 heap.append((c, np.int64(a), b))
     heapq.heapify(heap)
     children = np.empty((max(n - 1, 0), 2), np.int64)
@@ -131,8 +112,7 @@ def agglomerate_loop(
         nbrs.append(merged)
         for k, fg in merged.items():
             nbrs[k][new] = fg
-            c = _cost(k, new, fg[0], fg[1], counts, sums, csum, si, sg, sx, ref,
-                      boundary_weight, size_exponent, spatial_weight)  # fmt: skip
+            c = _cost(k, new, fg[0], fg[1], counts, sums, csum, weights)
             heapq.heappush(heap, (c, k, np.int64(new)))
         new += 1
     return children[:m], costs[:m]

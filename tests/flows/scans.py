@@ -9,7 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bank import Bank
+from pipeline.config import PrepareConfig
 from pipeline.phantom import make_phantom
+from pipeline.prepare import prepare_scan
 
 SMALL = (48, 48, 40)
 SMALL_SPACING = (3.0, 3.0, 3.0)
@@ -21,6 +24,18 @@ def write_phantom(
     """A ~48^3 torso phantom and its label, as `<name>.nii.gz` and `<name>_label.nii.gz`."""
     ph = make_phantom(modality, shape=SMALL, spacing=SMALL_SPACING, seed=seed)
     return ph.save_nifti(folder, name)
+
+
+def phantom_bank(root: Path, inputs: str, dataset: str, names=("a", "b", "c")) -> Path:
+    """A bank at ``root/bank`` of phantom scans prepared at 3 mm (seed = position in
+    ``names``); their source NIfTI files, images and label maps, in ``root/inputs``."""
+    bank = Bank.create(root / "bank")
+    config = PrepareConfig(spacing=(3.0, 3.0, 3.0))
+    for i, name in enumerate(names):
+        img, lab = write_phantom(root / inputs, name, seed=i)
+        prepared = prepare_scan(img, lab, config=config, dataset=dataset)
+        bank.write_scan(name, prepared.arrays(), prepared.attrs)
+    return root / "bank"
 
 
 def write_bad_inputs(folder: Path) -> dict[str, Path]:

@@ -12,23 +12,15 @@ import pytest
 from bank import Bank, ProposalReader
 from flows.import_masks import mask_sources
 from flows.report import format_propose_report
-from pipeline.config import PrepareConfig
-from pipeline.prepare import prepare_scan
 from tests.flows.cli_run import maskbank
-from tests.flows.scans import write_phantom
+from tests.flows.scans import phantom_bank
 
 
 @pytest.fixture(scope="module")
 def bank_and_labels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Scans a, b, c prepared from phantoms; their source-grid label maps in inputs/."""
     root = tmp_path_factory.mktemp("manifest")
-    bank = Bank.create(root / "bank")
-    config = PrepareConfig(spacing=(3.0, 3.0, 3.0))
-    for i, name in enumerate(("a", "b", "c")):
-        img, lab = write_phantom(root / "inputs", name, seed=i)
-        prepared = prepare_scan(img, lab, config=config, dataset="manifest")
-        bank.write_scan(name, prepared.arrays(), prepared.attrs)
-    return root / "bank", root / "inputs"
+    return phantom_bank(root, "inputs", "manifest"), root / "inputs"
 
 
 def _import(bank: Path, manifest: Path, name: str) -> dict:

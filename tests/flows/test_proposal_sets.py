@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 
 from bank import Bank, ProposalReader
-from pipeline.config import PrepareConfig
-from pipeline.prepare import prepare_scan
 from tests.flows.cli_run import maskbank
-from tests.flows.scans import write_phantom
+from tests.flows.scans import phantom_bank
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +19,7 @@ def bank_and_masks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     """Scans a, b, c; masks/a/ holds one binary NIfTI per organ of a's label, masks/b.nii.gz
     is on the wrong grid, c has no masks."""
     root = tmp_path_factory.mktemp("sets")
-    bank = Bank.create(root / "bank")
-    config = PrepareConfig(spacing=(3.0, 3.0, 3.0))
-    for i, name in enumerate(("a", "b", "c")):
-        img, lab = write_phantom(root / "in", name, seed=i)
-        prepared = prepare_scan(img, lab, config=config, dataset="sets")
-        bank.write_scan(name, prepared.arrays(), prepared.attrs)
+    phantom_bank(root, "in", "sets")
     label = nib.load(root / "in" / "a_label.nii.gz")
     values = np.asarray(label.dataobj)
     organs = root / "masks" / "a"
