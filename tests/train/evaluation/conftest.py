@@ -52,4 +52,3 @@ def tiny_checkpoint(phantom_bank, tmp_path_factory) -> Path:
     path = out / "checkpoints" / "last.pt"
     assert path.exists()
     return path
-
