@@ -47,6 +47,36 @@ def _joint_keys(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
     return key, nb
 
 
+def _binned_block_sums(
+    a: np.ndarray,
+    b: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray],
+    cols: tuple[np.ndarray, np.ndarray],
+    max_cells: int = 1 << 22,
+) -> np.ndarray | None:
+    """Block sums of the contingency table of layers a (rows) and b (cols), from a table
+    of only the label ranges the blocks' bounds cut out: one bincount over the voxels
+    and a summed-area table, no sort.  None when that table would exceed ``max_cells``.
+
+    Blocks start at label >= 1, so label 0 (no label) falls in a bin no block covers.
+    """
+    (r0, r1), (c0, c1) = rows, cols
+    rcut, ccut = np.unique(np.concatenate([r0, r1])), np.unique(np.concatenate([c0, c1]))
+    nr, nc = len(rcut) + 1, len(ccut) + 1
+    if nr * nc > max_cells:
+        return None
+    dtype = np.int32 if nr * nc < 2**31 else np.int64
+    lut_a = np.searchsorted(rcut, np.arange(int(a.max(initial=0)) + 1), side="right") * nc
+    lut_b = np.searchsorted(ccut, np.arange(int(b.max(initial=0)) + 1), side="right")
+    key = lut_a.astype(dtype)[a.reshape(-1)] + lut_b.astype(dtype)[b.reshape(-1)]
+    table = np.bincount(key, minlength=nr * nc).reshape(nr, nc)
+    sat = np.zeros((nr + 1, nc + 1), np.int64)
+    sat[1:, 1:] = table.cumsum(0).cumsum(1)
+    i0, i1 = np.searchsorted(rcut, r0) + 1, np.searchsorted(rcut, r1) + 1
+    j0, j1 = np.searchsorted(ccut, c0) + 1, np.searchsorted(ccut, c1) + 1
+    return sat[i1, j1] - sat[i0, j1] - sat[i1, j0] + sat[i0, j0]
+
+
 def _expand(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(entry index, value) for every integer in each ``[start, stop)``."""
     n = np.maximum(stops - starts, 0)
@@ -64,6 +94,7 @@ def _block_sums(
     """Sum of the contingency table over rows [r0, r1) x cols [c0, c1), per block."""
     keys, nb = joint
     (r0, r1), (c0, c1) = rows, cols
+    c0, c1 = np.minimum(c0, nb), np.minimum(c1, nb)  # a bound past b's labels: not the next row
     out = np.zeros(len(r0), np.int64)
     cum = np.cumsum(np.maximum(r1 - r0, 0))
     if len(cum) == 0:
@@ -159,8 +190,15 @@ def duplicate_pairs(
             sel = np.flatnonzero(group == g)
             a_name = ps.layer_names[int(ka[sel[0]])]
             b_name = ps.layer_names[int(kb[sel[0]])]
-            joint = _joint_keys(ps.layers[a_name], ps.layers[b_name])
-            sums = _block_sums(joint, (r0[sel], r1[sel]), (c0[sel], c1[sel]))
+            # every voxel the group's blocks count lies in the union of its proposals' boxes
+            owners = np.concatenate([p[pair[cross[sel]]], q[pair[cross[sel]]]])
+            lo, hi = bbox[owners, :3].min(0), bbox[owners, 3:].max(0)
+            box = tuple(slice(int(x0), int(x1)) for x0, x1 in zip(lo, hi, strict=True))
+            la_, lb_ = ps.layers[a_name][box], ps.layers[b_name][box]
+            rows, cols = (r0[sel], r1[sel]), (c0[sel], c1[sel])
+            sums = _binned_block_sums(la_, lb_, rows, cols)
+            if sums is None:  # too many distinct bounds: the sorted-keys route
+                sums = _block_sums(_joint_keys(la_, lb_), rows, cols)
             inter += np.bincount(pair[cross[sel]], weights=sums, minlength=len(p)).astype(np.int64)
     union = voxels[p] + voxels[q] - inter
     hit = (union > 0) & (inter > iou * np.maximum(union, 1))

@@ -4,7 +4,14 @@ import numpy as np
 
 from pipeline.proposals import ProposalSet, merge_sets
 from pipeline.proposals.features import compute_features
-from pipeline.proposals.filters import _overlapping_pairs, duplicate_pairs, suppress_duplicates
+from pipeline.proposals.filters import (
+    _binned_block_sums,
+    _block_sums,
+    _joint_keys,
+    _overlapping_pairs,
+    duplicate_pairs,
+    suppress_duplicates,
+)
 
 SHAPE = (24, 22, 20)
 
@@ -54,6 +61,23 @@ def test_duplicate_pairs_equal_brute_force_iou():
             got = {tuple(sorted(p)) for p in duplicate_pairs(ps, vox, ps.table["bbox"], ids, t)}
             want = {(i, j) for i, j in zip(*np.nonzero(np.triu(iou > t, 1)), strict=True)}
             assert got == want and (t > 0.9 or want), (seed, t)
+
+
+def test_both_contingency_routes_give_the_brute_force_block_sums():
+    ps = _nested_set(2)
+    a, b = ps.layers["l0"], ps.layers["l2"]
+    rng = np.random.default_rng(0)
+    r0 = rng.integers(1, a.max(), 40)
+    c0 = rng.integers(1, b.max(), 40)
+    rows, cols = (r0, r0 + rng.integers(1, 30, 40)), (c0, c0 + rng.integers(1, 30, 40))
+    want = [
+        int(((a >= x0) & (a < x1) & (b >= y0) & (b < y1)).sum())
+        for x0, x1, y0, y1 in zip(*rows, *cols, strict=True)
+    ]
+    assert sum(want) > 0
+    np.testing.assert_array_equal(_binned_block_sums(a, b, rows, cols), want)
+    np.testing.assert_array_equal(_block_sums(_joint_keys(a, b), rows, cols, chunk=16), want)
+    assert _binned_block_sums(a, b, rows, cols, max_cells=100) is None  # too many bounds
 
 
 def test_candidate_pairs_do_not_depend_on_the_chunk_size():
