@@ -44,10 +44,10 @@ def fit_byte_budget(
     start = ps.count
     while True:
         nbytes = measure(ps)
-        per = sum(nbytes.values()) / max(ps.count, 1)
+        total = sum(nbytes.values())
+        per = total / max(ps.count, 1)
         layer = np.asarray(ps.table["layer"])
         carried = np.bincount(layer, minlength=len(ps.layer_names))
-        total = sum(nbytes.values())
         size = np.array([nbytes.get(n, 0) for n in ps.layer_names], np.float64)
         droppable = (carried > 0) & (carried < ps.count)
         droppable &= [

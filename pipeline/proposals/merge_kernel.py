@@ -72,7 +72,7 @@ def agglomerate_loop(
         a, b = src[i], dst[i]
         nbrs[a][b] = (faces[i], grads[i])
         nbrs[b][a] = (faces[i], grads[i])
-    heap = [(0.0, np.int64(0), np.int64(0)) for _ in range(0)]
+    heap = [(0.0, np.int64(0), np.int64(0)) for _ in range(0)]  # empty, typed for numba
     for a in range(n):
         for b, fg in nbrs[a].items():
             if a < b:

@@ -122,7 +122,7 @@ def supervoxels(
         )
         # grow the labels a voxel into the coarse grid's background first: body voxels
         # the subsampling missed (its fringe) are then covered at 1/f^3 of the cost
-        up = _grow_into_background(coarse, 1)
+        up = grow_labels(coarse, steps=1)
         for ax in range(3):
             up = np.repeat(up, f, axis=ax)
         pad = [(f // 2, max(0, n - u - f // 2)) for n, u in zip(body.shape, up.shape, strict=True)]
@@ -168,29 +168,25 @@ def _seeds_to_minima(
     return out
 
 
-def _grow_into_background(labels: np.ndarray, steps: int) -> np.ndarray:
-    """Labels grown ``steps`` voxels into the unlabelled voxels (largest neighbour wins)."""
-    out = labels.copy()
-    for _ in range(steps):
-        missing = out == 0
-        if not missing.any():
-            break
-        grown = ndimage.maximum_filter(out, size=3)
-        out[missing] = grown[missing]
-    return out
-
-
-def _cover_body(labels: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, int]:
-    """Give unlabelled body voxels a neighbour's label (or their own component's); relabel."""
+def grow_labels(labels: np.ndarray, into: np.ndarray | None = None, steps: int = 16) -> np.ndarray:
+    """Grow ``labels`` in place into their unlabelled voxels (those of ``into`` only, when
+    given), the largest neighbouring label winning, at most ``steps`` voxels: until every
+    such voxel is labelled or a step labels none.  Returns ``labels``."""
     before = -1
-    for _ in range(16):  # grow labels into reachable gaps (a few voxels wide at most)
-        missing = body & (labels == 0)
+    for _ in range(steps):
+        missing = labels == 0 if into is None else into & (labels == 0)
         n_missing = int(missing.sum())
         if n_missing == 0 or n_missing == before:
             break
         before = n_missing
         grown = ndimage.maximum_filter(labels, size=3)
         labels[missing] = grown[missing]
+    return labels
+
+
+def _cover_body(labels: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, int]:
+    """Give unlabelled body voxels a neighbour's label (or their own component's); relabel."""
+    grow_labels(labels, body)  # into reachable gaps (a few voxels wide at most)
     missing = body & (labels == 0)
     if missing.any():
         cc, _ = ndimage.label(missing)

@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from pipeline.proposals.supervoxels import grow_labels
+
 #: Disjoint CT bands in HU: air/lung, fat, soft tissue, contrast/vessels and
 #: bone.  Edges sit in the gaps between tissue classes (-30 between fat and
 #: water, 120 between soft tissue and enhanced blood): an edge through a
@@ -65,12 +67,7 @@ def _split(component: np.ndarray, spacing, min_distance_mm: float) -> tuple[np.n
         pieces = np.repeat(pieces, f, axis=ax)
     pieces = pieces[: component.shape[0], : component.shape[1], : component.shape[2]]
     pieces[~component] = 0
-    for _ in range(2 * f):
-        hole = component & (pieces == 0)
-        if not hole.any():
-            break
-        grown = ndimage.maximum_filter(pieces, size=3)
-        pieces[hole] = grown[hole]
+    grow_labels(pieces, component, steps=2 * f)
     pieces[component & (pieces == 0)] = 1
     return pieces, int(k)
 
