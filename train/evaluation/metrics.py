@@ -1,9 +1,10 @@
-"""Per-structure segmentation metrics at the bank's voxel spacing: Dice, HD95 and NSD.
+"""Per-structure segmentation metrics at the bank's voxel spacing: Dice, HD95, ASD and NSD.
 
 Masks are 3D arrays in the bank's ``[x, y, z]`` order (nonzero = foreground) and
 ``spacing[i]`` is the voxel size in mm along array axis ``i``, so anisotropic voxels
 give distances in mm, not in voxels. The distance metrics are MONAI's
-(``compute_hausdorff_distance``, ``compute_surface_dice``) so the numbers match what
+(``compute_hausdorff_distance``, ``compute_average_surface_distance``,
+``compute_surface_dice``) so the numbers match what
 the literature reports; surfaces are the voxels of a mask that touch its background
 (6-neighbourhood erosion), and voxels outside the array count as background, so a
 structure cut by the volume border has a surface along that border.
@@ -11,17 +12,25 @@ structure cut by the volume border has a surface along that border.
 * **Dice**: ``2 |P ∩ G| / (|P| + |G|)``.
 * **HD95** (mm): MONAI's symmetric 95th-percentile Hausdorff distance, i.e. the larger
   of the two directed 95th percentiles of surface-to-surface distances.
+* **ASD** (mm): MONAI's average symmetric surface distance, the mean of the distances
+  of every surface voxel of either mask to the other mask's surface.
 * **NSD** at ``tolerance_mm``: the fraction of surface voxels of both masks lying
   within the tolerance of the other mask's surface (no sub-voxel areas).
 
 Empty masks, where MONAI gives nan/inf, are defined here so that means stay finite:
 
-* gt and pred both empty: Dice 1, HD95 0, NSD 1 (nothing to find, nothing found);
+* gt and pred both empty: Dice 1, HD95 0, ASD 0, NSD 1 (nothing to find, nothing
+  found). The in-context evaluation keeps such rows (a class absent from the query
+  and not predicted) out of its means and scores absent classes by their false
+  positives instead;
 * exactly one empty (a missed structure, or a structure predicted where there is
-  none): Dice 0, NSD 0 and HD95 = the diagonal of the whole volume in mm,
-  ``sqrt(sum((shape * spacing) ** 2))``, which exceeds any distance between two voxels
-  of that image, so a miss scores worse than any hit. The evaluation normally skips
-  queries whose gt is empty (listed as "class absent"), but the metric is defined.
+  none): Dice 0, NSD 0 and HD95 = ASD = ``MISS_PENALTY_MM`` (500 mm), the fixed
+  penalty of the published evaluation code. A fixed number, unlike the volume's
+  diagonal, does not grow with the image size, so a miss weighs the same in every
+  dataset. Every finite distance is clipped at the same 500 mm, so a miss never scores
+  better than a hit. ``is_miss`` tells callers to count misses beside the means.
+
+Predictions are probabilities thresholded at ``>= THRESHOLD`` (0.5) everywhere.
 
 Speed: the distance computations run on the bounding box of ``pred | gt`` padded by
 ``ceil(tolerance / spacing) + 2`` voxels per axis (clipped to the volume). Everything
@@ -42,16 +51,24 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_hausdorff_distance,
+    compute_surface_dice,
+)
+
+MISS_PENALTY_MM = 500.0  # HD95 / ASD of a miss, and the clip of every distance
+THRESHOLD = 0.5  # probability >= THRESHOLD is foreground
 
 
 @dataclass(frozen=True)
 class SegScores:
-    """The three metrics of one binary structure in one scan."""
+    """The four metrics of one binary structure in one scan."""
 
     dice: float
     hd95: float  # mm
     nsd: float  # at the tolerance passed to ``score``
+    asd: float  # mm
 
     def to_dict(self) -> dict[str, float]:
         """Plain floats, for JSON reports and tables."""
@@ -89,10 +106,20 @@ def _bounding_box(mask: np.ndarray, margin: tuple[int, ...]) -> tuple[slice, ...
     return tuple(box)
 
 
+def is_miss(pred: np.ndarray, gt: np.ndarray) -> bool:
+    """Exactly one of the two masks is empty (scored with ``MISS_PENALTY_MM``)."""
+    return bool(np.any(pred)) != bool(np.any(gt))
+
+
+def binarise(prob: np.ndarray) -> np.ndarray:
+    """Foreground where the probability is ``>= THRESHOLD``."""
+    return np.asarray(prob) >= THRESHOLD
+
+
 def _distance_metrics(
     pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], tolerance_mm: float
-) -> tuple[float, float]:
-    """MONAI's HD95 and NSD on non-empty masks, as one-channel ``[B, C, x, y, z]`` tensors."""
+) -> tuple[float, float, float]:
+    """MONAI's HD95, NSD and ASD on non-empty masks, as one-channel ``[B,C,x,y,z]`` tensors."""
     y_pred = torch.from_numpy(np.ascontiguousarray(pred))[None, None]
     y = torch.from_numpy(np.ascontiguousarray(gt))[None, None]
     with warnings.catch_warnings():
@@ -109,7 +136,10 @@ def _distance_metrics(
             include_background=True,
             spacing=list(spacing),
         )
-    return float(hd95.item()), float(nsd.item())
+        asd = compute_average_surface_distance(
+            y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)
+        )
+    return float(hd95.item()), float(nsd.item()), float(asd.item())
 
 
 def score(
@@ -118,7 +148,7 @@ def score(
     spacing: tuple[float, float, float],
     tolerance_mm: float = 2.0,
 ) -> SegScores:
-    """Dice, HD95 (mm) and NSD at ``tolerance_mm`` of one structure; empty cases as documented."""
+    """Dice, HD95 (mm), NSD at ``tolerance_mm`` and ASD (mm); empty cases as documented."""
     pred, gt = _as_masks(pred, gt)
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
         raise ValueError(f"spacing must be three positive voxel sizes in mm, got {spacing}")
@@ -126,15 +156,19 @@ def score(
         raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
-        return SegScores(dice=1.0, hd95=0.0, nsd=1.0)
+        return SegScores(dice=1.0, hd95=0.0, nsd=1.0, asd=0.0)
     if has_pred != has_gt:
-        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing, strict=True)))
-        return SegScores(dice=0.0, hd95=diagonal, nsd=0.0)
+        return SegScores(dice=0.0, hd95=MISS_PENALTY_MM, nsd=0.0, asd=MISS_PENALTY_MM)
     margin = tuple(math.ceil(tolerance_mm / s) + 2 for s in spacing)
     box = _bounding_box(pred | gt, margin)
     pred, gt = pred[box], gt[box]
-    hd95, nsd = _distance_metrics(pred, gt, tuple(float(s) for s in spacing), tolerance_mm)
-    return SegScores(dice=dice(pred, gt), hd95=hd95, nsd=nsd)
+    hd95, nsd, asd = _distance_metrics(pred, gt, tuple(float(s) for s in spacing), tolerance_mm)
+    return SegScores(
+        dice=dice(pred, gt),
+        hd95=min(hd95, MISS_PENALTY_MM),
+        nsd=nsd,
+        asd=min(asd, MISS_PENALTY_MM),
+    )
 
 
 def mean_scores(scores: list[SegScores]) -> dict[str, float]:

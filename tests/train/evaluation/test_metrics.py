@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_hausdorff_distance,
+    compute_surface_dice,
+)
 from scipy import ndimage
 
-from train.evaluation.metrics import SegScores, dice, mean_scores, score
+from train.evaluation.metrics import (
+    MISS_PENALTY_MM,
+    SegScores,
+    binarise,
+    dice,
+    is_miss,
+    mean_scores,
+    score,
+)
 
 
 def _cube(shape: tuple[int, int, int], start: tuple[int, int, int], size: tuple[int, int, int]):
@@ -51,6 +62,9 @@ def test_cubes_shifted_within_tolerance():
     scores = score(B_Z, A, spacing=(1.0, 1.0, 1.5), tolerance_mm=2.0)
     assert scores.dice == pytest.approx(2 * 48 / 128)
     assert scores.hd95 == pytest.approx(1.5)
+    # Of each cube's 56 surface voxels, the 16 of its outer z face lie 1.5 mm off the other
+    # surface, the 4 face-centre voxels inside the other cube 1 mm (its side), the rest on it.
+    assert scores.asd == pytest.approx(2 * (16 * 1.5 + 4 * 1.0) / 112)
     assert scores.nsd == pytest.approx(1.0)
 
 
@@ -87,24 +101,37 @@ def test_anisotropic_spacing_distinguishes_axes():
 
 def test_identical_masks():
     mask = _blob((24, 20, 18), seed=3)
-    assert score(mask, mask.copy(), spacing=(0.7, 0.7, 2.5)) == SegScores(1.0, 0.0, 1.0)
+    assert score(mask, mask.copy(), spacing=(0.7, 0.7, 2.5)) == SegScores(1.0, 0.0, 1.0, 0.0)
 
 
 def test_both_empty():
     empty = np.zeros((10, 20, 30), dtype=bool)
-    assert score(empty, empty, spacing=(1.0, 2.0, 0.5)) == SegScores(1.0, 0.0, 1.0)
+    assert score(empty, empty, spacing=(1.0, 2.0, 0.5)) == SegScores(1.0, 0.0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("missing", ["pred", "gt"])
-def test_one_empty_scores_the_volume_diagonal(missing: str):
-    shape = (10, 20, 30)
-    present = _cube(shape, (2, 2, 2), (3, 3, 3))
-    empty = np.zeros(shape, dtype=bool)
-    pred, gt = (empty, present) if missing == "pred" else (present, empty)
-    scores = score(pred, gt, spacing=(1.0, 2.0, 0.5))
-    assert scores.dice == 0.0
-    assert scores.nsd == 0.0
-    assert scores.hd95 == pytest.approx(math.sqrt(10.0**2 + 40.0**2 + 15.0**2))
+def test_a_miss_takes_the_fixed_penalty_whatever_the_image_size(missing: str):
+    for shape in ((10, 20, 30), (200, 200, 200)):
+        present = _cube(shape, (2, 2, 2), (3, 3, 3))
+        empty = np.zeros(shape, dtype=bool)
+        pred, gt = (empty, present) if missing == "pred" else (present, empty)
+        scores = score(pred, gt, spacing=(1.0, 2.0, 0.5))
+        assert is_miss(pred, gt) and not is_miss(present, present)
+        assert scores == SegScores(0.0, MISS_PENALTY_MM, 0.0, MISS_PENALTY_MM)
+    assert MISS_PENALTY_MM == 500.0
+
+
+def test_distances_are_clipped_at_the_penalty():
+    # Two voxels 600 mm apart: a far false hit never scores worse than a miss.
+    shape = (4, 4, 4)
+    pred, gt = _cube(shape, (0, 0, 0), (1, 1, 1)), _cube(shape, (3, 0, 0), (1, 1, 1))
+    scores = score(pred, gt, spacing=(200.0, 1.0, 1.0))
+    assert scores.hd95 == MISS_PENALTY_MM and scores.asd == MISS_PENALTY_MM
+
+
+def test_threshold_is_inclusive():
+    prob = np.array([0.49, 0.5, 0.51])
+    assert binarise(prob).tolist() == [False, True, True]
 
 
 @pytest.mark.parametrize("case", ["touching_border", "irregular_interior"])
@@ -120,6 +147,14 @@ def test_cropping_matches_uncropped_monai(case: str):
     assert pred.any() and gt.any() and (pred != gt).any()
     scores = score(pred, gt, spacing=spacing, tolerance_mm=tol)
     hd95, nsd = _monai_uncropped(pred, gt, spacing, tol)
+    asd = compute_average_surface_distance(
+        torch.from_numpy(pred)[None, None],
+        torch.from_numpy(gt)[None, None],
+        include_background=True,
+        symmetric=True,
+        spacing=list(spacing),
+    )
+    assert scores.asd == pytest.approx(float(asd.item()), rel=1e-6)
     assert scores.hd95 == pytest.approx(hd95, rel=1e-6)
     assert scores.nsd == pytest.approx(nsd, rel=1e-6)
     assert 0.0 < scores.nsd < 1.0
@@ -157,9 +192,9 @@ def test_score_raises_no_monai_warnings_and_leaves_filters_alone():
 
 
 def test_mean_scores():
-    scores = [SegScores(1.0, 0.0, 1.0), SegScores(0.5, 3.0, 0.25)]
-    assert mean_scores(scores) == {"dice": 0.75, "hd95": 1.5, "nsd": 0.625}
-    assert scores[1].to_dict() == {"dice": 0.5, "hd95": 3.0, "nsd": 0.25}
+    scores = [SegScores(1.0, 0.0, 1.0, 0.0), SegScores(0.5, 3.0, 0.25, 1.0)]
+    assert mean_scores(scores) == {"dice": 0.75, "hd95": 1.5, "nsd": 0.625, "asd": 0.5}
+    assert scores[1].to_dict() == {"dice": 0.5, "hd95": 3.0, "nsd": 0.25, "asd": 1.0}
     with pytest.raises(ValueError, match="at least one"):
         mean_scores([])
 
