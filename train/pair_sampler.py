@@ -79,6 +79,9 @@ class SamplerConfig:
     proposals: str = "default"  # the proposal set drawn from
     max_anchor_tries: int = 20
     pairs_per_scan_visit: int = 1
+    disjoint_frac: float = 0.0  # share of pairs whose query box does not overlap the reference
+    absent_frac: float = 0.0  # share of tasks drawn among proposals whose box misses the query
+    max_ref_fill: float = 1.0  # proposals filling more of the reference crop: drawn last
 
     @property
     def read_size(self) -> int:
@@ -200,6 +203,38 @@ def crop_starts(
     shift = rng.integers(-max_shift, max_shift + 1, size=3)
     query = place(ref + shift)
     return ref, query
+
+
+def disjoint_query_start(
+    rng: np.random.Generator, shape: tuple[int, ...], ref: np.ndarray, cfg: SamplerConfig
+) -> np.ndarray:
+    """Start of a query box beside the reference box, not overlapping it where the scan has room.
+
+    Inference slides windows over whole scans, most of them away from the structure; this
+    box sits past one face of the reference (a gap of up to ``crop // 2``), on the first axis
+    (in a random order) with room for a whole crop on a random side, and is shifted as an
+    overlapping query would be on the others. Without room anywhere (a scan under two crops
+    per axis), it lies as far from the reference as the scan allows on a random axis.
+    """
+    c = cfg.crop
+    shape_a = np.asarray(shape)
+    max_shift = int(math.floor(c * (1 - cfg.min_overlap) + 1e-9))
+    start = ref + rng.integers(-max_shift, max_shift + 1, size=3)
+    start = np.where(shape_a >= c, np.clip(start, 0, np.maximum(shape_a - c, 0)), start)
+    gap = int(rng.integers(0, c // 2 + 1))
+    axes = rng.permutation(3)
+    sides = rng.permutation([-1, 1])
+    for axis in axes:
+        for side in sides:
+            if side > 0 and shape_a[axis] - (ref[axis] + c) >= c:
+                start[axis] = min(ref[axis] + c + gap, shape_a[axis] - c)
+                return start
+            if side < 0 and ref[axis] >= c:
+                start[axis] = max(ref[axis] - c - gap, 0)
+                return start
+    axis = axes[0]
+    start[axis] = max(shape_a[axis] - c, 0) if 2 * ref[axis] < shape_a[axis] - c else 0
+    return start
 
 
 def padded_roi(start: np.ndarray, size: int, shape: tuple[int, ...]):
@@ -471,7 +506,7 @@ class PairStream(IterableDataset):
         shape = tuple(scan.view.shape)
         for _ in range(self.cfg.max_anchor_tries):
             ref0, q0 = self._choose_crop_pair(rng, shape, scan.index)
-            ids = self._choose_visible_proposals(rng, scan, ref0, shape)
+            ids = self._choose_visible_proposals(rng, scan, ref0, q0, shape)
             if ids is not None:
                 return PairBoxes.around(ref0, q0, self.cfg, shape), ids
         return None
@@ -483,13 +518,22 @@ class PairStream(IterableDataset):
         cfg = self.cfg
         anchor = index.centroid[rng.integers(index.count)]
         anchor = anchor + rng.uniform(-cfg.crop / 4, cfg.crop / 4, size=3)
-        return crop_starts(rng, shape, anchor, cfg)
+        ref0, q0 = crop_starts(rng, shape, anchor, cfg)
+        # Only drawn when asked for: streams without disjoint pairs stay as they were.
+        if cfg.disjoint_frac > 0 and rng.random() < cfg.disjoint_frac:
+            q0 = disjoint_query_start(rng, shape, ref0, cfg)
+        return ref0, q0
 
     def _choose_visible_proposals(
-        self, rng: np.random.Generator, scan: OpenScan, ref0: np.ndarray, shape: tuple[int, ...]
+        self,
+        rng: np.random.Generator,
+        scan: OpenScan,
+        ref0: np.ndarray,
+        q0: np.ndarray,
+        shape: tuple[int, ...],
     ) -> np.ndarray | None:
         """K proposals (sorted ids) with >= min_mask_voxels voxels in the reference crop, or
-        None when fewer than K have that many."""
+        None when fewer than K have that many (preferences: ``_prefer``)."""
         cfg, index = self.cfg, scan.index
         inner, _ = padded_roi(ref0, cfg.crop, shape)
         # Cheap necessary condition from the bounding boxes before any read.
@@ -507,7 +551,39 @@ class PairStream(IterableDataset):
         ok = np.flatnonzero(counts >= cfg.min_mask_voxels)
         if len(ok) < cfg.k:
             return None
-        return np.sort(rng.choice(ok, size=cfg.k, replace=False))
+        if cfg.max_ref_fill >= 1 and cfg.absent_frac <= 0:
+            return np.sort(rng.choice(ok, size=cfg.k, replace=False))
+        return self._prefer(rng, index, ok, counts[ok], inner, q0, shape)
+
+    def _prefer(
+        self,
+        rng: np.random.Generator,
+        index: ProposalIndex,
+        ok: np.ndarray,
+        counts: np.ndarray,
+        inner: tuple[slice, ...],
+        q0: np.ndarray,
+        shape: tuple[int, ...],
+    ) -> np.ndarray:
+        """K of the visible proposals ``ok``: Binomial(K, absent_frac) of them among those whose
+        box misses the query crop (as many as there are), the rest among the others first;
+        within each, proposals that leave the reference a boundary (cover at most
+        ``max_ref_fill`` of the crop, box not holding it) before those that fill it."""
+        cfg = self.cfg
+        vol = math.prod(s.stop - s.start for s in inner)
+        fills = (counts > cfg.max_ref_fill * cfg.crop**3) | (index.bbox_overlap(inner)[ok] >= vol)
+        q_inner, _ = padded_roi(q0, cfg.crop, shape)
+        absent = index.bbox_overlap(q_inner)[ok] == 0
+        n_abs = int(rng.binomial(cfg.k, cfg.absent_frac)) if cfg.absent_frac > 0 else 0
+        perm = rng.permutation(len(ok))
+        # Stable sorts of a random order: ties stay random.
+        by_fill = perm[np.argsort(fills[perm], kind="stable")]
+        picked = [i for i in by_fill if absent[i]][:n_abs]
+        rest = np.setdiff1d(by_fill, picked, assume_unique=True)
+        rest = by_fill[np.isin(by_fill, rest)]  # back in preference order
+        rest = rest[np.argsort(2 * fills[rest] + absent[rest], kind="stable")]
+        chosen = np.concatenate([np.asarray(picked, np.int64), rest[: cfg.k - len(picked)]])
+        return np.sort(ok[chosen])
 
     def _read_images(
         self, scan: OpenScan, boxes: PairBoxes, out: dict[str, np.ndarray]

@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from train.evaluation.provenance import pretraining_scans
 from train.incontext_net import count_parameters
 from train.loader_watchdog import (
     LoaderWatchdog,
@@ -59,6 +60,7 @@ from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loa
 from train.pretext import PretextError, create_pretext
 from train.run_config import ConfigError, TrainConfig, dump_config
 from train.run_log import RunLog, StepOutcome
+from train.validation import PairValidator, resolve_validation, write_record
 from train.weight_ema import WeightEMA
 
 
@@ -215,6 +217,8 @@ class Trainer:
         self.ckpt = checkpoint_to_resume(args, cfg, place.world)
         self.progress = Progress.of(self.ckpt)
         self.nan_steps = cfg.train.debug_nan.applies_to(place.rank)
+        # Validation scans are held out of the stream (data.val_scans / data.val_fraction).
+        self.train_scans, self.val_scans = resolve_validation(self.bank, cfg.data)
         # The bank first: a missing bank, proposal set or scan fails before the model is built.
         self.stream = self._open_stream()
         self.model = self._build_model()
@@ -239,6 +243,10 @@ class Trainer:
             PairAugmenter(crop) if cfg.augment.enabled else PairAugmenter(crop, NONE, NONE)
         )
         self.use_bf16 = cfg.train.bf16 and place.device.type == "cuda"
+        self.validator = None
+        if self.val_scans and place.is_main:
+            self.validator = PairValidator(self.bank, cfg, self.val_scans, place.device)
+            self.val_model = self.pretext.build_model(cfg.model.preset).to(place.device)
 
     # ------------------------------------------------------------------ building
     def _build_model(self) -> torch.nn.Module:
@@ -252,9 +260,12 @@ class Trainer:
         return model
 
     def _open_stream(self) -> PairStream:
+        sampler_cfg = SamplerConfig.from_config(self.cfg.data)
+        if self.val_scans:
+            sampler_cfg = replace(sampler_cfg, scans=self.train_scans)
         stream = PairStream(
             self.bank,
-            SamplerConfig.from_config(self.cfg.data),
+            sampler_cfg,
             seed=self.cfg.seed,
             rank=self.place.rank,
             world_size=self.place.world,
@@ -375,6 +386,7 @@ class Trainer:
             "rng": rngs if world > 1 else rng_state(),
             "bank_fingerprint": self.stream.fingerprint,
             "bank": self.bank,
+            "pretraining_scans": pretraining_scans(self.bank, self.stream.scan_ids),
             "config": self.cfg.to_dict(),
             "world_size": world,
             "rank_weight_hashes": hashes,  # one per rank; DDP keeps them identical
@@ -430,6 +442,18 @@ class Trainer:
                 log.close()
             watchdog.stop()
 
+    def _validate(self, step: int, log: RunLog) -> None:
+        """Score the EMA weights (what evaluation loads) on the held-out pairs; rank 0 only."""
+        self.ema.copy_to(self.val_model)
+        numbers, _ = self.validator.score(self.val_model)
+        write_record(log.metrics, log.writer, step, numbers)
+        self.validator.figure(self.val_model, self.out / "val" / f"step_{step:08d}.png")
+        if log.bar is not None:
+            log.bar.write(
+                f"step {step}: held-out pair Dice {numbers['val_dice']:.3f}, volume ratio "
+                f"{numbers['val_vol_ratio']:.2f}, absent clean {numbers['val_absent_clean']:.2f}"
+            )
+
     def _loop(self, watchdog: LoaderWatchdog, log: RunLog | None) -> bool:
         p, tcfg = self.progress, self.cfg.train
         while p.step < tcfg.max_steps:
@@ -446,6 +470,9 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 log.after_step(p.step, outcome, t_data, time.perf_counter() - t0, lr, p.skipped)
             self._stop_if_diverged()
+            due = p.step % tcfg.val_every == 0 or p.step == tcfg.max_steps
+            if self.validator is not None and log is not None and due:
+                self._validate(p.step, log)
             if outcome.preempted:
                 self._checkpoint(p.step)
                 return True

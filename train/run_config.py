@@ -192,6 +192,20 @@ class DataConfig(_Section):
     worker_timeout: float = 600.0
     scans: tuple[str, ...] | None = None  # optional list of scan ids to restrict to
     proposals: str = "default"  # the proposal set pairs are drawn from (`maskbank propose --name`)
+    # "Not here": inference shows the network mostly windows where a structure is absent, so
+    # the pretext must practise empty targets. Share of pairs whose query crop does not
+    # overlap the reference (adjacent to it), and share of the K tasks drawn, in the other
+    # pairs, among reference proposals whose box misses the query crop (as far as any do).
+    disjoint_frac: float = 0.0
+    absent_frac: float = 0.0
+    # A reference mask filling the crop carries no boundary: proposals covering more than
+    # this fraction of the reference crop, or whose box holds the whole crop, are drawn only
+    # when fewer than K others are in view (1 = no preference).
+    max_ref_fill: float = 1.0
+    # Held-out pair validation: scans kept out of the stream and scored every
+    # train.val_every steps; an explicit list, or a fraction of the scans (by id hash).
+    val_scans: tuple[str, ...] | None = None
+    val_fraction: float = 0.0
 
     def validate(self) -> None:
         _require(
@@ -208,6 +222,11 @@ class DataConfig(_Section):
             0 < self.min_overlap <= 1, f"data.min_overlap={self.min_overlap} must lie in (0, 1]"
         )
         _require(self.worker_timeout >= 0, "data.worker_timeout must be >= 0 (0 = forever)")
+        for name in ("disjoint_frac", "absent_frac", "val_fraction"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"data.{name}={value} must lie in [0, 1]")
+        _require(0 < self.max_ref_fill <= 1, f"data.max_ref_fill={self.max_ref_fill}: (0, 1]")
+        _require(self.val_fraction < 1, "data.val_fraction must be < 1 (scans must remain)")
         for table in ("dataset_weights", "modality_weights"):
             for key, weight in getattr(self, table).items():
                 _require(weight >= 0, f"data.{table}.{key}={weight} must be >= 0")
@@ -244,6 +263,22 @@ class ReconstructionConfig(_Section):
             0 < self.mask_ratio < 1,
             f"reconstruction.mask_ratio={self.mask_ratio} must lie in (0, 1)",
         )
+
+
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    """Weights of the in-context loss: a region term on tasks present in the query and a
+    voxel term on every task (the only one that can teach an empty target)."""
+
+    PATH: ClassVar[str] = "loss"
+    tversky_weight: float = 1.0  # adaptive Tversky, over tasks whose target is not empty
+    bce_weight: float = 1.0  # binary cross-entropy (focal with focal_gamma > 0), all tasks
+    focal_gamma: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("tversky_weight", "bce_weight", "focal_gamma"):
+            _require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+        _require(self.tversky_weight + self.bce_weight > 0, "loss: some weight must be > 0")
 
 
 @dataclass(frozen=True)
@@ -313,6 +348,8 @@ class TrainLoopConfig(_Section):
     # metrics.jsonl as skipped_steps); this many in a row stop the run (exit 2; 0 = never).
     max_skipped_steps: int = 20
     keep_last: int = 3  # step_*.pt checkpoints kept (last.pt links the newest); 0 = all
+    val_every: int = 100  # held-out pair validation every this many steps (and at the end)
+    val_pairs: int = 32  # fixed pairs scored at each validation
     debug_nan: DebugNanConfig = field(default_factory=DebugNanConfig)
 
     def validate(self) -> None:
@@ -322,6 +359,8 @@ class TrainLoopConfig(_Section):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps must be >= 0 (0 = never)")
         _require(self.keep_last >= 0, "train.keep_last must be >= 0 (0 = all)")
+        _require(self.val_every >= 1, "train.val_every must be >= 1")
+        _require(self.val_pairs >= 1, "train.val_pairs must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -336,6 +375,7 @@ class TrainConfig(_Section):
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 

@@ -251,3 +251,69 @@ def test_a_pair_no_scan_can_serve_is_an_error_not_an_endless_search(phantom_bank
     with pytest.raises(SamplerError, match=r"no crop of 32\^3 with k=13 proposals"):
         stream.sample(0)
     assert MAX_SCANS_PER_PAIR >= 1
+
+
+ABSENT = SamplerConfig(**{**CFG.__dict__, "disjoint_frac": 0.3, "absent_frac": 0.3})
+
+
+def _query_presence(batch, j: int, cfg: SamplerConfig) -> np.ndarray:
+    """(K,) whether each task has a voxel in the query's inner crop (margin stripped)."""
+    m = cfg.margin
+    bits = batch["query_bits"][j, 0].numpy()[m:-m, m:-m, m:-m]
+    return np.array([bool(((bits >> k) & 1).any()) for k in range(cfg.k)])
+
+
+def test_absent_tasks_and_disjoint_queries_are_drawn_deterministically(phantom_bank):
+    stream = PairStream(phantom_bank, ABSENT, seed=3)
+    absent, disjoint, pairs = 0, 0, 0
+    for b in range(6):
+        batch = stream.batch(b)
+        for j in range(ABSENT.batch_size):
+            pairs += 1
+            absent += int((~_query_presence(batch, j, ABSENT)).sum())
+            shift = (batch["ref_start"][j] - batch["query_start"][j]).abs().numpy()
+            disjoint += bool(np.any(shift >= ABSENT.crop))
+    # Without absence the sampler (nearly) always shows every task in the query; with it
+    # a real share of tasks has an empty target and some queries lie beside the reference.
+    share = absent / (pairs * ABSENT.k)
+    assert 0.15 < share < 0.9, share
+    assert disjoint >= 1
+    plain = PairStream(phantom_bank, CFG, seed=3)
+    base = sum(
+        int((~_query_presence(plain.batch(b), j, CFG)).sum()) for b in range(6) for j in range(2)
+    )
+    assert base / (pairs * CFG.k) < share / 2
+    again = PairStream(phantom_bank, ABSENT, seed=3).batch(4)
+    first = stream.batch(4)
+    for key in ("query_bits", "ref_bits", "proposal_ids", "query_start"):
+        assert torch.equal(first[key], again[key])
+
+
+def test_absent_choice_keeps_every_task_visible_in_the_reference(phantom_bank):
+    stream = PairStream(phantom_bank, ABSENT, seed=8)
+    m = ABSENT.margin
+    for b in range(3):
+        batch = stream.batch(b)
+        bits = batch["ref_bits"][:, 0].numpy()[:, m:-m, m:-m, m:-m]
+        for j in range(ABSENT.batch_size):
+            for k in range(ABSENT.k):
+                assert ((bits[j] >> k) & 1).sum() >= ABSENT.min_mask_voxels
+
+
+def test_max_ref_fill_prefers_proposals_that_leave_a_boundary(phantom_bank):
+    def fill_share(cfg: SamplerConfig) -> float:
+        stream = PairStream(phantom_bank, cfg, seed=2)
+        m, shares = cfg.margin, []
+        for b in range(6):
+            bits = stream.batch(b)["ref_bits"][:, 0].numpy()[:, m:-m, m:-m, m:-m]
+            for k in range(cfg.k):
+                shares.append(((bits >> k) & 1).reshape(len(bits), -1).mean(-1) > 0.5)
+        return float(np.mean(shares))
+
+    few = {**CFG.__dict__, "k": 5}  # K the crops can serve without filling masks
+    natural = fill_share(SamplerConfig(**few))
+    preferred = fill_share(SamplerConfig(**{**few, "max_ref_fill": 0.5}))
+    assert natural > 0.05  # the phantoms' large organs and body fill some reference crops
+    assert preferred < natural / 3, (natural, preferred)
+    # With K = 13 filling masks make up the numbers where too few others are in view.
+    assert fill_share(SamplerConfig(**{**CFG.__dict__, "max_ref_fill": 0.5})) < fill_share(CFG)

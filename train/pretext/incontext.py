@@ -8,10 +8,16 @@ from torch import nn
 from train.incontext_net import build_model
 from train.pretext.base import Pretext, PretextOutput, normalise
 from train.seg_loss import segmentation_loss
+from train.validation import fills_crop
 
 
 class InContextPretext(Pretext):
-    """``model(ref_image, ref_masks, query_image)`` + adaptive Tversky/BCE on the query masks."""
+    """``model(ref_image, ref_masks, query_image)`` + adaptive Tversky/BCE on the query masks.
+
+    Logs, besides the loss parts, what the pairs asked of the network: ``absent_share``, the
+    share of proposal tasks (the global task aside) whose structure is absent from the
+    augmented query, and ``ref_fill``, the share whose reference mask fills its crop.
+    """
 
     name = "incontext"
 
@@ -27,7 +33,14 @@ class InContextPretext(Pretext):
     ) -> PretextOutput:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits = net(aug["ref_image"], aug["ref_masks"], aug["query_image"])
-        loss, parts = segmentation_loss(logits, aug["query_masks"])  # in float32
+        w = self.cfg.loss
+        loss, parts = segmentation_loss(  # in float32
+            logits, aug["query_masks"], None, w.tversky_weight, w.bce_weight, w.focal_gamma
+        )
+        with torch.no_grad():
+            tasks = aug["query_masks"][:, :-1]  # the last task is the all-ones global one
+            parts["absent_share"] = float((~tasks.flatten(2).any(-1)).float().mean())
+            parts["ref_fill"] = float(fills_crop(aug["ref_masks"][:, :-1]).float().mean())
         return PretextOutput(loss, parts, {"logits": logits})
 
     def image_tiles(
