@@ -40,6 +40,9 @@ class LoadedNetwork:
     sha256: str | None = None
     step: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # [{"scan_id", "source_sha256"}] of the pretraining bank's scans it sampled from, as the
+    # checkpoint records them (None: an untrained network, or a checkpoint that does not say)
+    pretraining_scans: list[dict[str, Any]] | None = None
 
     @property
     def label(self) -> str:
@@ -61,6 +64,9 @@ class LoadedNetwork:
             "weights": self.weights,
             "pretext": self.pretext,
             "config": self.config,
+            "pretraining_scans": (
+                len(self.pretraining_scans) if self.pretraining_scans is not None else None
+            ),
         }
 
 
@@ -161,6 +167,7 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
     model.load_state_dict(merged)
     crop = int(config.get("data", {}).get("crop", net.crop))
     step = payload.get("step")
+    record = payload.get("pretraining_scans")
     return LoadedNetwork(
         model,
         ck_preset,
@@ -171,4 +178,5 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
         _sha256(path),
         int(step) if step is not None else None,
         config,
+        [dict(r) for r in record] if isinstance(record, list) else None,
     )

@@ -8,6 +8,7 @@ folders side by side (e.g. MASS-pretrained vs reconstruction vs scratch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -36,16 +37,55 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_record(argv: Sequence[str] | None, bank, networks: Sequence) -> dict[str, Any]:
-    """The provenance block: command, time, bank fingerprint, each network's description."""
+def evaluation_fingerprint(bank) -> str:
+    """The bank's data fingerprint plus every scan's label map (stored CRC) and label names.
+
+    Two evaluations are comparable only on the same labels: the pretraining fingerprint
+    (ids, sources, shapes, proposal counts) does not see a relabelled or renamed bank.
+    """
     from train.pair_sampler import bank_fingerprint
 
+    labels = []
+    for row in bank.index:
+        if not row.get("has_label"):
+            continue
+        attrs = bank.scan(row["scan_id"]).attrs
+        arrays = (attrs.get("maskbank") or {}).get("arrays") or {}
+        labels.append(
+            [
+                row["scan_id"],
+                (arrays.get("label") or {}).get("crc32"),
+                attrs.get("label_names"),
+                row.get("dataset"),
+            ]
+        )
+    text = json.dumps([bank_fingerprint(bank), labels], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(runner: Any) -> dict[str, Any]:
+    """A network's description, or a baseline's (its label and settings)."""
+    if hasattr(runner, "describe"):
+        return runner.describe()
+    return {
+        "checkpoint": None,
+        "label": runner.label,
+        "sha256": None,
+        "preset": "–",
+        "weights": "–",
+        "pretext": "baseline",
+        "config": getattr(runner, "config", {}),
+    }
+
+
+def run_record(argv: Sequence[str] | None, bank, networks: Sequence) -> dict[str, Any]:
+    """The provenance block: command, time, bank fingerprint, each network's description."""
     return {
         "command": list(argv) if argv is not None else list(sys.argv),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "bank": {"location": str(bank.location), "fingerprint": bank_fingerprint(bank)},
-        "networks": [n.describe() for n in networks],
+        "bank": {"location": str(bank.location), "fingerprint": evaluation_fingerprint(bank)},
+        "networks": [describe(n) for n in networks],
     }
 
 

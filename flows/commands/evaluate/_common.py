@@ -10,14 +10,23 @@ from pathlib import Path
 from flows.commands.options import add_scan_selection, open_bank_scans
 
 
-def add_common(p: argparse.ArgumentParser, baseline: str = "random") -> None:
-    """--checkpoint, --bank, --preset, --seed, --scans, --out, --json, --device, --no-progress."""
+def add_common(
+    p: argparse.ArgumentParser,
+    baseline: str = "random",
+    multiple: bool = False,
+    extra_help: str = "",
+) -> None:
+    """--checkpoint, --bank, --preset, --seed, --scans, --out, --json, --device, --no-progress.
+
+    ``multiple``: --checkpoint may be repeated (a list in ``args.checkpoint``).
+    """
     p.add_argument(
         "--checkpoint",
         required=True,
+        action="append" if multiple else "store",
         metavar=f"CKPT|{baseline}",
         help="checkpoint file or run directory of `maskbank pretrain` (EMA weights when "
-        f"present), or '{baseline}' for the seeded untrained network of --preset",
+        f"present), or '{baseline}' for the seeded untrained network of --preset" + extra_help,
     )
     p.add_argument("--bank", required=True, help="labelled bank (path or fsspec URL)")
     p.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,17 @@ from flows.demo_bank import _normalise
 SHAPE = (48, 48, 40)
 
 
-def write_labelled_phantoms(path: Path, n: int = 4, dataset: str = "phantom-ct") -> str:
-    """``n`` CT phantoms (seeds 0..n-1) with organ labels, names and a 'lesion' metadata."""
+def write_labelled_phantoms(
+    path: Path,
+    n: int = 4,
+    dataset: str = "phantom-ct",
+    edit: Callable[[int, dict, dict], None] | None = None,
+) -> str:
+    """``n`` CT phantoms (seeds 0..n-1) with organ labels, names and a 'lesion' metadata.
+
+    ``edit(seed, arrays, attrs)`` may change a scan before it is written (another label
+    map, names, source hash or a ``subject`` in its metadata).
+    """
     from bank import Bank
     from pipeline.phantom import NAMES, make_phantom
 
@@ -32,6 +42,8 @@ def write_labelled_phantoms(path: Path, n: int = 4, dataset: str = "phantom-ct")
             "metadata": {"lesion": "yes" if lesions else "no"},
         }
         arrays = {"image": _normalise(ph.image, ph.body), "body": ph.body, "label": ph.labels}
+        if edit is not None:
+            edit(seed, arrays, attrs)
         bank.write_scan(f"ct-{seed:02d}", arrays, attrs)
     return str(path)
 
