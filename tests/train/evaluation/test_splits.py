@@ -60,3 +60,24 @@ def test_too_few_scans_and_bad_fractions_are_clear_errors() -> None:
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(EvaluationError, match=r"outside \(0, 1\]"):
             check_fraction(bad)
+
+
+def test_a_subject_is_never_split_between_parts() -> None:
+    scans = _scans({"a": 30})
+    subjects = {s: f"p{i // 3}" for i, s in enumerate(sorted(scans))}  # 10 subjects of 3
+    for seed in range(20):
+        split = make_split(scans, seed, subjects)
+        parts = [split.train_ids, split.validation_ids, split.test_ids]
+        owners = [{subjects[s] for s in ids} for ids in parts]
+        assert not owners[0] & owners[1] and not owners[0] & owners[2]
+        assert not owners[1] & owners[2]
+        assert len(owners[2]) == 2 and len(split.test_ids) == 6  # 20 % of 10 subjects
+        for f in (0.1, 0.5):
+            ids = split.fraction(f)
+            assert len(ids) % 3 == 0 and {subjects[s] for s in ids} <= owners[0]
+        assert split.to_dict()["by"] == "subject, per dataset"
+    # Without subjects (or one subject per scan) the split is the per-scan one.
+    own = {s: s for s in scans}
+    assert make_split(scans, 4, own).test == make_split(scans, 4).test
+    with pytest.raises(EvaluationError, match="distinct subjects"):
+        make_split(scans, 0, {s: "one" for s in scans})
