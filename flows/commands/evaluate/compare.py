@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 PROG = "maskbank evaluate compare"
 
 DESCRIPTION = """\
-Put the results of several evaluations side by side, e.g. the same bank evaluated with a
-MASS-pretrained checkpoint, a reconstruction-pretrained one and from scratch. Each DIR is
-the --out folder of `maskbank evaluate incontext|finetune|probe`; rows of the same kind
-share a table (in-context: mean Dice/HD95/NSD per network and shots; fine-tuning: mean
-test Dice per network and label fraction; probe: AUROC and balanced accuracy).
+Put the results of several evaluations side by side, e.g. fine-tuning with a
+MASS-pretrained checkpoint, a reconstruction-pretrained one and from scratch, or the
+in-context results of several MASS runs (mask sources, budgets). Each DIR is the --out
+folder of `maskbank evaluate incontext|finetune|probe`; rows of the same kind share a
+table (in-context: the headline Dice with its interval, HD95/ASD/NSD per network and
+shots; fine-tuning: mean test Dice per network and label fraction; probe: AUROC and
+balanced accuracy).
+
+Folders must come from the same bank (the fingerprint of its data, label maps and label
+names) and, per kind, share options and classes; otherwise the command names every
+difference and exits 2. --force compares them anyway and prints the differences.
 """
 
 EPILOG = """\
@@ -31,6 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("folders", nargs="+", metavar="DIR", help="evaluation output folders")
     p.add_argument("--out", default=None, metavar="DIR", help="write results.json/md here")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="compare folders whose bank fingerprint, options or classes differ (the "
+        "differences are printed and recorded)",
+    )
     return p
 
 
@@ -41,9 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from train.evaluation.report import text_table, write_results
 
     try:
-        result = compare(args.folders)
+        result = compare(args.folders, force=args.force)
     except (EvaluationError, ValueError) as exc:
         return fail(PROG, exc)
+    for diff in result["differences"]:
+        print(f"{PROG}: warning: compared despite a difference: {diff}", file=sys.stderr)
     result["command"] = command_line(args)
     if args.out:
         write_results(args.out, result, compare_markdown(result))

@@ -1,4 +1,4 @@
-"""`maskbank evaluate compare`: result folders of different kinds side by side."""
+"""`maskbank evaluate compare`: result folders side by side, refused when not comparable."""
 
 from __future__ import annotations
 
@@ -7,17 +7,29 @@ import json
 from flows.cli import main as cli
 from train.evaluation.report import write_results
 
+CLASSES = [{"dataset": "ds", "value": 3, "class": "liver"}]
+OPTIONS = {"shots": [1], "references": "fixed", "tolerance_mm": 2.0}
 
-def _incontext(label: str, dice: float) -> dict:
+
+def _incontext(label: str, dice: float, fingerprint: str = "f1", **changes) -> dict:
     summary = {
         "network": label,
         "shots": 1,
         "mean_dice": dice,
+        "mean_dice_ci": [dice - 0.1, dice + 0.1],
         "mean_hd95": 4.0,
+        "mean_asd": 1.0,
         "mean_nsd": 0.5,
         "structures": 3,
+        "classes_scored": 1,
     }
-    return {"evaluation": "incontext", "summary": [summary]}
+    return {
+        "evaluation": "incontext",
+        "summary": [summary],
+        "options": changes.get("options", OPTIONS),
+        "classes": changes.get("classes", CLASSES),
+        "run": {"bank": {"location": "b", "fingerprint": fingerprint}},
+    }
 
 
 def test_compare_puts_folders_side_by_side(tmp_path, capsys):
@@ -27,6 +39,7 @@ def test_compare_puts_folders_side_by_side(tmp_path, capsys):
         "evaluation": "probe",
         "target": "lesion",
         "networks": [{"network": "mass@100", "auroc": 0.9, "balanced_accuracy": 0.8}],
+        "run": {"bank": {"location": "b", "fingerprint": "f1"}},
     }
     write_results(tmp_path / "probe", probe, "x")
     out = tmp_path / "cmp"
@@ -35,9 +48,36 @@ def test_compare_puts_folders_side_by_side(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     rows = printed["tables"]["incontext"]
     assert [(r["folder"], r["dice"]) for r in rows] == [("mass", 0.61), ("scratch", 0.05)]
+    assert rows[0]["dice CI"] == "[0.510, 0.710]" and printed["differences"] == []
     assert printed["tables"]["probe"][0]["auroc"] == 0.9
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert "| mass | mass@100 | 1 | 0.610 |" in md and "Frozen-encoder probe" in md
+    assert "| mass | mass@100 | 1 | 0.610 | [0.510, 0.710] |" in md
+    assert "Frozen-encoder probe" in md
+
+
+def test_compare_refuses_other_banks_options_or_classes(tmp_path, capsys):
+    write_results(tmp_path / "a", _incontext("a@1", 0.6), "x")
+    write_results(tmp_path / "bank", _incontext("b@1", 0.5, fingerprint="f2"), "x")
+    write_results(tmp_path / "opts", _incontext("c@1", 0.5, options={**OPTIONS, "shots": [3]}), "x")
+    other = [*CLASSES, {"dataset": "ds", "value": 4, "class": "spleen"}]
+    write_results(tmp_path / "cls", _incontext("d@1", 0.5, classes=other), "x")
+    base = ["evaluate", "compare", str(tmp_path / "a")]
+
+    assert cli([*base, str(tmp_path / "bank")]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "bank fingerprint: " in err and "f1 vs" in err
+    assert "--force" in err
+    assert cli([*base, str(tmp_path / "opts")]) == 2
+    assert "option shots: " in capsys.readouterr().err
+    assert cli([*base, str(tmp_path / "cls")]) == 2
+    assert "/cls: ['ds/spleen']" in capsys.readouterr().err
+
+    argv = [*base, str(tmp_path / "bank"), str(tmp_path / "cls"), "--force", "--json"]
+    assert cli(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert len(printed["differences"]) == 2 and len(printed["tables"]["incontext"]) == 3
+    assert "compared despite a difference: bank fingerprint" in captured.err
 
 
 def test_compare_names_a_folder_without_results(tmp_path, capsys):
