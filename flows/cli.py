@@ -22,6 +22,7 @@ COMMANDS = (
     "proposals_quality",
     "pretrain",
     "evaluate",
+    "segment",
     "info",
     "verify",
     "report",

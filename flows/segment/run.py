@@ -1,0 +1,399 @@
+"""Segment a cohort: the network and its tasks are loaded once, queries stream through.
+
+`segment` is the Python API behind ``maskbank segment``: it yields one `SegmentResult`
+per query, in input order in-process, in completion order on a Dask cluster. A query
+that cannot be segmented fails alone with its reason; a query whose outputs were
+already written by the same network and tasks is skipped.
+
+Per query: prepared like the pretraining bank's scans (`query.prepare_query`),
+segmented by sliding windows one task group at a time (``p >= 0.5``; where two classes
+pass, the more probable wins), mapped back onto the query's own grid and affine
+(`geometry.GridMap`) and written atomically (`outputs`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.inputs import InputError, ScanInput, collect_inputs
+from pipeline.errors import ScanError
+from train.segment.inference import Segmenter
+from train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
+
+from . import network as networks
+from .errors import SegmentError
+from .outputs import completed, output_paths, write_json, write_nifti
+from .query import prepare_query
+from .references import tasks_from_references
+from .result import SegmentResult
+
+THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How every query of a run is segmented (JSON-able: it travels to Dask workers)."""
+
+    spacing: tuple[float, float, float] | None = None  # None: as recorded (network.py)
+    modality: str = "auto"
+    device: str = "cpu"
+    window_batch: int = 2
+    overlap: float = 0.5
+    save_probabilities: bool = False
+    largest_component: bool = False
+    max_scan_memory: int | None = None  # None: `default_scan_memory` of the worker
+    threads: int | None = None  # torch threads per worker process
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _largest_components(label: np.ndarray, values: list[int]) -> np.ndarray:
+    """Keep each value's largest 26-connected component."""
+    import cc3d
+
+    for value in values:
+        mask = label == value
+        if not mask.any():
+            continue
+        comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        if n > 1:
+            sizes = np.bincount(comps.ravel())
+            sizes[0] = 0
+            label[mask & (comps != int(np.argmax(sizes)))] = 0
+    return label
+
+
+def segment_query(
+    query: ScanInput,
+    segmenter: Segmenter,
+    spacing: tuple[float, float, float],
+    options: SegmentOptions,
+    out: str | Path,
+    network_sha256: str | None,
+    task_sha256: str,
+    provenance: dict[str, Any] | None = None,
+) -> SegmentResult:
+    """Segment one query and write its outputs; never raises for a bad query."""
+    t0 = time.perf_counter()
+    tasks = segmenter.tasks
+    paths = output_paths(out, query.scan_id)
+    names = dict(zip(tasks.values, tasks.names, strict=True))
+    prob = options.save_probabilities
+    done = completed(out, query.scan_id, network_sha256, task_sha256, prob)
+    if done is not None:
+        return SegmentResult(
+            query.scan_id,
+            query.image,
+            "skipped",
+            "already segmented with this network and task",
+            time.perf_counter() - t0,
+            str(paths["seg"]),
+            str(paths["prob"]) if prob else None,
+            str(paths["json"]),
+            names,
+            {int(k): v for k, v in done.get("voxels", {}).items()},
+            {int(k): v for k, v in done.get("volume_ml", {}).items()},
+        )
+    try:
+        return _segment_query(
+            query, segmenter, spacing, options, paths, names, network_sha256, task_sha256,
+            provenance or {}, t0,
+        )  # fmt: skip
+    except ScanError as exc:
+        reason = exc.reason
+    except MemoryError:
+        reason = (
+            "out of memory while segmenting; lower --max-scan-memory so such scans are "
+            "refused up front, or run fewer --workers"
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    return SegmentResult(query.scan_id, query.image, "failed", reason, time.perf_counter() - t0)
+
+
+def _segment_query(
+    query: ScanInput,
+    segmenter: Segmenter,
+    spacing: tuple[float, float, float],
+    options: SegmentOptions,
+    paths: dict[str, Path],
+    names: dict[int, str],
+    network_sha256: str | None,
+    task_sha256: str,
+    provenance: dict[str, Any],
+    t0: float,
+) -> SegmentResult:
+    tasks = segmenter.tasks
+    values = tasks.values
+    modality = query.modality or options.modality
+    group = max(len(g) for g in segmenter.groups(1))
+    series = (query.metadata or {}).get("dicom_series")
+    pq = prepare_query(
+        query.image,
+        spacing,
+        modality,
+        options.max_scan_memory,
+        group=group,
+        n_labels=len(values),
+        prob=options.save_probabilities,
+        series=series,
+    )
+    if modality == "auto" and tasks.modality and pq.modality != tasks.modality:
+        raise ScanError(
+            query.image,
+            f"looks like {pq.modality.upper()} but the task was made on "
+            f"{tasks.modality.upper()} references; pass --modality to segment it anyway",
+        )
+    t_prep = time.perf_counter() - t0
+    dtype = np.uint8 if max(values) < 256 else np.uint16
+    label = np.zeros(pq.image.shape, dtype=dtype)
+    best = np.zeros(pq.image.shape, dtype=np.float32)
+    probs_out = None
+    if options.save_probabilities:
+        probs_out = np.zeros((*pq.grid.original_shape, len(values)), dtype=np.float16)
+    for ids, probs in segmenter.probabilities(pq.image):
+        for j, i in enumerate(ids):
+            p = probs[j]
+            take = (p >= THRESHOLD) & (p > best)
+            label[take] = values[i]
+            best[take] = p[take]
+            if probs_out is not None:
+                probs_out[..., i] = pq.grid.to_original(p.astype(np.float16))
+        del probs
+    del best
+    if options.largest_component:
+        label = _largest_components(label, values)
+    seg = pq.grid.to_original(label)
+    del label
+    counts = np.bincount(seg.ravel(), minlength=max(values) + 1)
+    voxel_ml = float(abs(np.linalg.det(pq.affine[:3, :3]))) / 1000.0
+    voxels = {v: int(counts[v]) for v in values}
+    volume = {v: round(n * voxel_ml, 3) for v, n in voxels.items()}
+    write_nifti(paths["seg"], seg, pq.affine)
+    if probs_out is not None:
+        write_nifti(paths["prob"], probs_out, pq.affine)
+    seconds = time.perf_counter() - t0
+    record = {
+        "scan_id": query.scan_id,
+        "source": query.image,
+        "labels": {str(v): n for v, n in names.items()},
+        "segmentation": paths["seg"].name,
+        "probabilities": paths["prob"].name if probs_out is not None else None,
+        "probability_channels": [str(v) for v in values] if probs_out is not None else None,
+        "threshold": THRESHOLD,
+        "largest_component": options.largest_component,
+        "voxels": {str(v): n for v, n in voxels.items()},
+        "volume_ml": {str(v): x for v, x in volume.items()},
+        "modality": pq.modality,
+        "spacing": list(spacing),
+        "network_sha256": network_sha256,
+        "task_sha256": task_sha256,
+        "seconds": round(seconds, 3),
+        "seconds_prepare": round(t_prep, 3),
+        **provenance,
+    }
+    write_json(paths["json"], record)
+    return SegmentResult(
+        query.scan_id,
+        query.image,
+        "ok",
+        None,
+        seconds,
+        str(paths["seg"]),
+        str(paths["prob"]) if probs_out is not None else None,
+        str(paths["json"]),
+        names,
+        voxels,
+        volume,
+    )
+
+
+class SegmentRun:
+    """A set-up run: network loaded, tasks embedded, spacing fixed, queries collected.
+
+    Every usage problem surfaces here, as `SegmentError`, before any query is read.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        queries: Sequence[str],
+        *,
+        references: Sequence[tuple[str, str]] | None = None,
+        task: str | None = None,
+        labels: str | None = None,
+        label_names: str | None = None,
+        out: str | Path = "segmentations",
+        save_task: str | None = None,
+        options: SegmentOptions | None = None,
+    ) -> None:
+        self.options = options or SegmentOptions()
+        self.out = Path(out)
+        self.checkpoint = checkpoint
+        try:
+            self.queries = collect_inputs([str(q) for q in queries])
+        except (InputError, ScanError) as exc:
+            raise SegmentError(str(exc)) from exc
+        self.network = networks.load(checkpoint)
+        net = self.network
+        given = [references and "--reference", task and "--task"]
+        if net.finetuned is not None:
+            if any(given):
+                raise SegmentError(
+                    f"{checkpoint} is a fine-tuned network with its own classes "
+                    f"{net.finetuned.names}; it takes no --reference or --task"
+                )
+            tasks: TaskSet | None = net.finetuned
+        elif all(given):
+            raise SegmentError("give --reference pairs or --task FILE, not both")
+        elif task:
+            try:
+                tasks = load_tasks(task, net.sha256)
+            except TaskFileError as exc:
+                raise SegmentError(str(exc)) from exc
+        elif references:
+            tasks = None
+        else:
+            raise SegmentError(
+                f"{checkpoint} is a pretrained in-context network: say what to segment with "
+                "--reference IMAGE MASK (one or more) or --task FILE"
+            )
+        self.spacing, self.spacing_source = networks.resolve_spacing(
+            self.options.spacing, net, tasks
+        )
+        if tasks is None:
+            tasks = tasks_from_references(
+                net,
+                [(str(i), str(m)) for i, m in references or []],
+                self.spacing,
+                labels=labels,
+                label_names=label_names,
+                modality=self.options.modality,
+                budget=self.options.max_scan_memory,
+                device=self.options.device,
+            )
+        elif labels:
+            tasks = _select(tasks, labels)
+        self.tasks = tasks
+        self.task_file = str(save_tasks(tasks, save_task)) if save_task else task
+        self.task_sha256 = tasks.digest()
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter = Segmenter(
+                self.network.model,
+                self.tasks,
+                self.network.crop,
+                self.network.max_group,
+                self.options.device,
+                self.options.window_batch,
+                self.options.overlap,
+            )
+        return self._segmenter
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.network.source),
+            "spacing_source": self.spacing_source,
+            "task_file": self.task_file,
+            "references": self.tasks.references,
+        }
+
+    def results(self, workers: int = 1, dask_address: str | None = None) -> Iterator[SegmentResult]:
+        """One result per query; with ``workers > 1`` or ``dask_address``, on Dask."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if workers <= 1 and not dask_address:
+            for query in self.queries:
+                yield segment_query(
+                    query, self.segmenter, self.spacing, self.options, self.out,
+                    self.network.sha256, self.task_sha256, self.provenance(),
+                )  # fmt: skip
+            return
+        from .cluster import segment_on_dask
+
+        # workers in other processes load the network and this exact task set from files
+        shipped = self.out / f".task-{self.task_sha256[:16]}.safetensors"
+        save_tasks(self.tasks, shipped)
+        try:
+            yield from segment_on_dask(self, str(shipped), workers, dask_address)
+        finally:
+            shipped.unlink(missing_ok=True)
+
+
+def _select(tasks: TaskSet, labels: str) -> TaskSet:
+    """The classes of a task file that ``labels`` names (values or names)."""
+    wanted = [s.strip() for s in labels.split(",") if s.strip()]
+    idx = []
+    for item in wanted:
+        hits = [
+            i for i, (v, n) in enumerate(zip(tasks.values, tasks.names, strict=True))
+            if item == str(v) or item.lower() == n.lower()
+        ]  # fmt: skip
+        if not hits:
+            raise SegmentError(
+                f"--labels {item!r}: the task holds {dict(zip(tasks.values, tasks.names, strict=True))}"
+            )
+        idx.append(hits[0])
+    return TaskSet(
+        tasks.classes.select(idx),
+        tasks.global_task,
+        [tasks.values[i] for i in idx],
+        [tasks.names[i] for i in idx],
+        tasks.network_sha256,
+        tasks.spacing,
+        tasks.modality,
+        tasks.references,
+        tasks.together,
+    )
+
+
+def segment(
+    checkpoint: str,
+    queries: Sequence[str],
+    *,
+    references: Sequence[tuple[str, str]] | None = None,
+    task: str | None = None,
+    labels: str | None = None,
+    label_names: str | None = None,
+    out: str | Path = "segmentations",
+    save_task: str | None = None,
+    workers: int = 1,
+    dask_address: str | None = None,
+    **options: Any,
+) -> Iterator[SegmentResult]:
+    """Segment ``queries`` (files, folders, manifests) with a network; yields results.
+
+    ``references``: (image, mask) pairs, or ``task``: a task file, or neither for a
+    fine-tuned network. ``options`` are `SegmentOptions` fields (spacing, modality, device,
+    save_probabilities, largest_component, ...). Usage errors raise `SegmentError` at once.
+    """
+    run = SegmentRun(
+        checkpoint,
+        queries,
+        references=references,
+        task=task,
+        labels=labels,
+        label_names=label_names,
+        out=out,
+        save_task=save_task,
+        options=SegmentOptions(**options),
+    )
+    return run.results(workers, dask_address)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -1,0 +1,83 @@
+"""Task embeddings from labelled references, the way the in-context evaluation makes them.
+
+Per (reference, class): the network's crop centred on the class
+(``structures.median_foreground``), with two masks, the class and the all-ones global
+task. A class's embedding is the mean over the references that hold it; the global task
+is the mean over every (reference, class) crop, so it is the same for every query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.evaluation.structures import centred_crop, median_foreground
+from train.incontext_net import InContextSegNet, TaskEmbedding
+
+from .tasks import TaskSet
+
+
+@dataclass
+class Reference:
+    """One prepared reference: normalised image and label map on the same (network) grid."""
+
+    ref_id: str
+    image: np.ndarray  # float32, normalised as at pretraining
+    label: np.ndarray  # integer label map (a binary mask is values {0, 1})
+    source_sha256: str | None = None
+
+
+@torch.no_grad()
+def encode_references(
+    model: InContextSegNet,
+    crop: int,
+    references: list[Reference],
+    values: list[int],
+    names: list[str],
+    device: torch.device | str = "cpu",
+    **meta,
+) -> TaskSet:
+    """The task set of ``values`` (one class each) from ``references``.
+
+    Raises ``ValueError`` naming a value that no reference holds. ``meta`` is passed to
+    `TaskSet` (network_sha256, spacing, modality).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    per_class, globals_ = [], []
+    used: list[dict] = []
+    for value in values:
+        shots = []
+        for ref in references:
+            mask = ref.label == value
+            if not mask.any():
+                continue
+            centre = median_foreground(mask)
+            image = centred_crop(ref.image, centre, crop, float(ref.image.min()))
+            masks = np.stack([centred_crop(mask, centre, crop, False), np.ones((crop,) * 3, bool)])
+            img_t = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+            mask_t = torch.from_numpy(masks)[None].float()
+            shots.append(model.encode_tasks(img_t.to(device), mask_t.to(device)))
+            used.append({"value": int(value), "reference": ref.ref_id, "voxels": int(mask.sum())})
+        if not shots:
+            held = sorted({int(v) for r in references for v in np.unique(r.label) if v})
+            raise ValueError(
+                f"label value {value} is in none of the reference masks (after resampling to "
+                f"the network's grid); they hold {held or 'nothing'}"
+            )
+        batch = TaskEmbedding.cat_batch(shots)
+        per_class.append(batch.select([0]).mean())
+        globals_.append(batch.select([1]))
+    classes = TaskEmbedding.cat(per_class).to("cpu")
+    global_task = TaskEmbedding.cat_batch(globals_).mean().to("cpu")
+    refs = [{"id": r.ref_id, "source_sha256": r.source_sha256} for r in references]
+    return TaskSet(
+        classes,
+        global_task,
+        [int(v) for v in values],
+        list(names),
+        references=[*refs, *[{"shot": u} for u in used]],
+        **meta,
+    )
