@@ -9,6 +9,7 @@ itself fails only when the inputs cannot be listed or the bank cannot be opened.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from flows.inputs import ScanInput, collect_inputs
 from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
 from pipeline.config import PrepareConfig
 from pipeline.errors import ScanError
+from pipeline.label_names import name_conflicts
 from pipeline.prepare import prepare_scan
 from pipeline.reader import sha256_of
 
@@ -199,6 +201,20 @@ def redact_names(report: dict, scans: list[ScanInput]) -> dict:
     return {**report, "label_names": None, "dask_address": None, "scans": records}
 
 
+def label_name_conflicts(bank_path: str, datasets: set[str | None]) -> list[str]:
+    """Names that disagree within the datasets this run wrote to (old scans included)."""
+    store = Bank.open(bank_path)
+    rows = [
+        r
+        for r in store.index
+        if r.get("has_label") and (None in datasets or r.get("dataset") in datasets)
+    ]
+    return name_conflicts(
+        (r["scan_id"], r.get("dataset") or "default", store.scan(r["scan_id"]).label_names)
+        for r in rows
+    )
+
+
 @flow(name="prepare-bank", validate_parameters=True)
 def prepare_bank(
     inputs: list[str],
@@ -261,6 +277,13 @@ def prepare_bank(
         redact=(lambda r: redact_names(r, scans)) if cfg.id_from == "hash" else None,
     )
     logger.info("prepare done: %s; report %s", report["counts"], report["report_path"])
+    report["label_name_conflicts"] = label_name_conflicts(bank_path, {s.dataset for s in scans})
+    for message in report["label_name_conflicts"]:
+        print(
+            f"warning: label names disagree, {message}; evaluation will refuse this dataset "
+            "unless `--label-names FILE` names the values",
+            file=sys.stderr,
+        )
     for r in report["scans"]:  # INFO: the CLI prints its own table; served runs log at INFO
         if r["status"] == "failed":
             logger.info("failed %s (%s): %s", r["scan_id"], r.get("file"), r["reason"])

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 from os import PathLike
 from pathlib import Path
 
@@ -114,3 +116,34 @@ def _parse_colour_table(path: Path, n: int, line: str) -> tuple[int, str]:
             path, f"line {n}: expected colour table columns 'value name r g b a', got {line!r}"
         )
     return int(fields[0]), " ".join(fields[1:-colours])
+
+
+def name_conflicts(scans: Iterable[tuple[str, str, dict[int, str]]]) -> list[str]:
+    """Where stored names would merge or split structures, one message each.
+
+    ``scans`` holds ``(scan id, dataset, {value: name})``. Label values mean the same only
+    within a dataset, so a value named differently in two of its scans, or one name given
+    to two values, makes "liver" ambiguous. The evaluation keys classes by value and
+    refuses such a bank unless a names file settles it; prepare warns early.
+    """
+    by_value: dict[tuple[str, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    by_name: dict[tuple[str, str], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for scan_id, dataset, names in scans:
+        for value, name in (names or {}).items():
+            by_value[(dataset, int(value))][str(name)].append(scan_id)
+            by_name[(dataset, str(name))][int(value)].append(scan_id)
+
+    def few(ids: list[str]) -> str:
+        ids = sorted(set(ids))
+        return ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+
+    out = []
+    for (dataset, value), names in sorted(by_value.items()):
+        if len(names) > 1:
+            listed = "; ".join(f"{n!r} in {few(ids)}" for n, ids in sorted(names.items()))
+            out.append(f"dataset {dataset!r}: value {value} is named {listed}")
+    for (dataset, name), values in sorted(by_name.items()):
+        if len(values) > 1:
+            listed = "; ".join(f"{v} in {few(ids)}" for v, ids in sorted(values.items()))
+            out.append(f"dataset {dataset!r}: name {name!r} is given to values {listed}")
+    return out

@@ -431,12 +431,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         names = None
         if args.label_names:
+            from pipeline.errors import ScanError
             from pipeline.label_names import read_label_names
 
             try:
                 names = read_label_names(args.label_names)
-            except (OSError, ValueError) as exc:
-                raise EvaluationError(f"--label-names {args.label_names}: {exc}") from exc
+            except (ScanError, OSError, ValueError) as exc:
+                raise EvaluationError(f"--label-names: {exc}") from exc
         options = InContextOptions(
             shots=parse_shots(args.shots),
             references=args.references,
