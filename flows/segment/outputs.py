@@ -30,11 +30,27 @@ def _tmp(path: Path) -> Path:
     return path.parent / f".tmp-{os.getpid()}-{path.name}"
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+# NIfTI has no half-float type: probabilities are stored as uint8 steps of 1/255 with the
+# header's scale (scl_slope), which every reader applies (nibabel's get_fdata, ITK, viewers):
+# half of float16's bytes, and 0.5 stays on the foreground side (128/255).
+PROB_SCALE = 1.0 / 255.0
+
+
+def quantise(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 steps of `PROB_SCALE` (nearest step)."""
+    return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_nifti(
+    path: Path, data: np.ndarray, affine: np.ndarray, scale: float | None = None
+) -> Path:
+    """``data`` with ``affine`` (sform and qform, scanner space); ``scale`` sets scl_slope."""
     import nibabel as nib
 
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
+    if scale is not None:
+        img.header.set_slope_inter(scale, 0.0)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     tmp = _tmp(path)

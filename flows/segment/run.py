@@ -29,7 +29,7 @@ from train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
 
 from . import network as networks
 from .errors import SegmentError
-from .outputs import completed, output_paths, write_json, write_nifti
+from .outputs import PROB_SCALE, completed, output_paths, quantise, write_json, write_nifti
 from .query import prepare_query
 from .references import tasks_from_references
 from .result import SegmentResult
@@ -114,7 +114,7 @@ def segment_query(
             "out of memory while segmenting; lower --max-scan-memory so such scans are "
             "refused up front, or run fewer --workers"
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one query's failure never stops the cohort
         reason = f"{type(exc).__name__}: {exc}"
     return SegmentResult(query.scan_id, query.image, "failed", reason, time.perf_counter() - t0)
 
@@ -158,7 +158,7 @@ def _segment_query(
     best = np.zeros(pq.image.shape, dtype=np.float32)
     probs_out = None
     if options.save_probabilities:
-        probs_out = np.zeros((*pq.grid.original_shape, len(values)), dtype=np.float16)
+        probs_out = np.zeros((*pq.grid.original_shape, len(values)), dtype=np.uint8)
     for ids, probs in segmenter.probabilities(pq.image):
         for j, i in enumerate(ids):
             p = probs[j]
@@ -166,7 +166,7 @@ def _segment_query(
             label[take] = values[i]
             best[take] = p[take]
             if probs_out is not None:
-                probs_out[..., i] = pq.grid.to_original(p.astype(np.float16))
+                probs_out[..., i] = pq.grid.to_original(quantise(p))
         del probs
     del best
     if options.largest_component:
@@ -179,7 +179,7 @@ def _segment_query(
     volume = {v: round(n * voxel_ml, 3) for v, n in voxels.items()}
     write_nifti(paths["seg"], seg, pq.affine)
     if probs_out is not None:
-        write_nifti(paths["prob"], probs_out, pq.affine)
+        write_nifti(paths["prob"], probs_out, pq.affine, scale=PROB_SCALE)
     seconds = time.perf_counter() - t0
     record = {
         "scan_id": query.scan_id,
