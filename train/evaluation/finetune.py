@@ -1,27 +1,39 @@
 """Label-efficient fine-tuning: the pretrained network vs the same network from scratch.
 
 The question is whether pretraining saves labels, so both networks get exactly the
-same budget: the same split, scans, crops, steps, optimiser and schedule; only the
-initial weights differ.
+same budget: the same splits, scans, crops, steps, optimiser, schedule and learning
+rate grid; only the initial weights differ.
 
-* **Split** (``splits.py``): by scan, per dataset, seeded; a fraction of the
-  training scans (nested across fractions) trains, the validation scans select the
-  weights, the test scans are scored once with the selected weights.
+* **Splits** (``splits.py``): per dataset, seeded; a fraction of the training scans
+  (nested across fractions) trains, the validation scans select the weights and the
+  learning rate, the test scans are scored once with the selected weights. Several
+  ``split_seeds`` repeat everything on independent splits; results report the mean
+  and the standard deviation across them (the spread a single split hides).
 * **Model**: the in-context network with a fixed set of classes. Each class's task
   embedding (tokens per level + fg0) is initialised from the mean embedding of its
   training references (a crop of the network's crop centred on the class's median
   foreground voxel in every training scan holding it), the all-ones global task of
   pretraining rides along, and all of them become parameters. Then every weight
-  trains (adaptive Tversky + BCE, AdamW + one-cycle, as pretraining). A class that no
-  training scan of a fraction holds keeps an empty-mask embedding and is reported in
-  ``untrained_classes``: that is what those labels cost.
+  trains (adaptive Tversky + BCE). A class that no training scan of a fraction holds
+  keeps an empty-mask embedding and is reported in ``untrained_classes``: that is
+  what those labels cost.
+* **Recipe of its own**, not the pretraining one: AdamW (betas, weight decay and
+  one-cycle warm-up of ``FinetuneOptions``) at each learning rate of ``lr_grid``.
+  The best rate depends on the initial weights (pretrained weights usually want a
+  smaller one than random ones), so each network picks its own from the same grid
+  by validation Dice; every rate's validation score is recorded.
 * **Crops**: ``crop``^3 from the training scans, half centred near a random labelled
   voxel (nnU-Net's foreground oversampling), random flips. They depend only on
-  (seed, fraction, step), so both networks see the same ones. Classes of another
-  dataset are masked out of the loss (their labels are unknown there, not absent).
+  (seed, split seed, fraction, step), so every network and rate sees the same ones.
+  Classes of another dataset are masked out of the loss (their labels are unknown
+  there, not absent).
 * **Selection**: validation Dice (sliding windows, threshold 0.5) before training and
-  every ``val_every`` steps; the best weights (ties: the earlier step) are scored
-  on the test scans: Dice, HD95 and NSD per class over the test scans holding it.
+  every ``val_every`` steps; the best (rate, step) (ties: the smaller rate, then the
+  earlier step) is scored on the test scans: Dice, HD95, ASD and NSD per (class,
+  test scan holding it).
+* **Headline** (as the in-context evaluation and published tables): per class the
+  mean over its test scans, per dataset the mean over its classes, then the mean
+  over datasets; the micro mean over (class, scan) pairs is reported beside it.
 
 Each run records which scans every phase read (``reads``), so a test can prove that
 test scans never reach training or selection.
@@ -43,12 +55,11 @@ from torch import nn
 
 from train.incontext_net import InContextSegNet, TaskEmbedding
 from train.optimizer_setup import one_cycle
-from train.run_config import load_config
 from train.seg_loss import segmentation_loss
 
 from .checkpoint import LoadedNetwork
 from .errors import EvaluationError
-from .metrics import SegScores, dice, mean_scores, score
+from .metrics import dice, score
 from .sliding import sliding_probabilities, task_groups
 from .splits import Split, check_fraction, make_split
 from .structures import (
@@ -62,6 +73,10 @@ from .structures import (
 
 PHASES = ("init", "train", "validation", "test")
 MAX_FG_VOXELS = 20_000  # foreground voxels kept per (scan, class) to draw crop centres from
+LR_GRID = (3e-4, 1e-3, 3e-3)
+OPTIMIZER = "adamw"
+METRICS = ("dice", "hd95", "asd", "nsd")
+HEADLINE_IS = "mean over datasets of the mean over classes of the mean over test scans"
 
 
 @dataclass(frozen=True)
@@ -69,11 +84,15 @@ class FinetuneOptions:
     """Budget and protocol, identical for every network of one evaluation."""
 
     fractions: tuple[float, ...] = (0.1, 0.2, 0.4, 1.0)
-    steps: int = 100  # a CPU demo; real comparisons use thousands
+    steps: int = 100  # per learning rate; a CPU demo, real comparisons use thousands
     val_every: int = 25
     batch_size: int = 2
-    lr: float | None = None  # None: the preset's pretraining lr
-    split_seed: int = 0
+    lr_grid: tuple[float, ...] = LR_GRID  # peak AdamW rates, one run each, chosen on validation
+    split_seeds: tuple[int, ...] = (0,)
+    weight_decay: float = 0.01  # AdamW, on weights of >= 2 dims (not norms, biases, tasks)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_frac: float = 0.1  # one-cycle: linear warm-up, then cosine down
+    grad_clip: float = 1.0  # gradient norm clip (0: none)
     seed: int = 0
     fg_share: float = 0.5  # share of crops centred near a labelled voxel
     overlap: float = 0.5
@@ -92,22 +111,62 @@ class FinetuneOptions:
                 f"--steps ({self.steps}), --val-every ({self.val_every}) and --batch-size "
                 f"({self.batch_size}) must be >= 1"
             )
-        if self.lr is not None and not self.lr > 0:
-            raise EvaluationError(f"--lr must be > 0, got {self.lr}")
+        grid = tuple(float(lr) for lr in self.lr_grid)
+        if not grid or not all(np.isfinite(lr) and lr > 0 for lr in grid):
+            raise EvaluationError(
+                f"--lr-grid must be positive learning rates, e.g. 3e-4,1e-3,3e-3; got {grid}"
+            )
+        if len(set(grid)) != len(grid):
+            raise EvaluationError(f"--lr-grid lists a rate twice: {grid}")
+        object.__setattr__(self, "lr_grid", tuple(sorted(grid)))
+        seeds = tuple(self.split_seeds)
+        if not seeds or any(int(s) != s or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise EvaluationError(
+                f"--split-seeds must be distinct integers >= 0, e.g. 0,1,2; got {seeds}"
+            )
+        object.__setattr__(self, "split_seeds", tuple(int(s) for s in seeds))
+        if not (0 <= self.warmup_frac <= 1 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise EvaluationError(
+                "warmup_frac must lie in [0, 1], weight_decay and grad_clip must be >= 0"
+            )
+
+    def recipe(self) -> dict[str, Any]:
+        """The optimiser as results record it."""
+        return {
+            "name": OPTIMIZER,
+            "lr_grid": list(self.lr_grid),
+            "lr_chosen_on": "validation Dice, per network (ties: the smaller rate)",
+            "betas": list(self.betas),
+            "weight_decay": self.weight_decay,
+            "warmup_frac": self.warmup_frac,
+            "schedule": "one-cycle (linear warm-up, cosine to 1 % of the peak)",
+            "grad_clip": self.grad_clip,
+            "steps_per_rate": self.steps,
+        }
 
 
 class ScanAccess:
-    """The labelled scans by id; every read is logged under the phase that made it."""
+    """The labelled scans by id; every read is logged under the phase that made it.
+
+    ``counts`` tells how often each phase read (a test scan read once per test scan
+    means the test was scored once, not once per learning rate).
+    """
 
     def __init__(self, scans: Sequence[LabelledScan]) -> None:
         self._scans = {s.scan_id: s for s in scans}
         self.reads: dict[str, set[str]] = defaultdict(set)
+        self.counts: dict[str, int] = defaultdict(int)
 
     def get(self, phase: str, scan_id: str) -> LabelledScan:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         self.reads[phase].add(scan_id)
+        self.counts[phase] += 1
         return self._scans[scan_id]
+
+    def clear(self) -> None:
+        self.reads.clear()
+        self.counts.clear()
 
     def dataset(self, scan_id: str) -> str:
         return self._scans[scan_id].dataset  # an attribute, not the scan's voxels
@@ -261,16 +320,16 @@ class CropSampler:
         }
 
 
-def _optimizer(model: FixedTaskNet, optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
-    """AdamW as pretraining; no weight decay on norms, biases or the task embeddings."""
+def _optimizer(model: FixedTaskNet, options: FinetuneOptions, lr: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases or the task embeddings."""
     task_params = {id(p) for p in [*model.tokens.values(), model.fg0]}
     decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in task_params]
     rest = [p for p in model.parameters() if p.ndim <= 1 or id(p) in task_params]
     groups = [
-        {"params": decay, "weight_decay": float(optim["weight_decay"])},
+        {"params": decay, "weight_decay": float(options.weight_decay)},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(options.betas))
 
 
 @torch.no_grad()
@@ -307,6 +366,31 @@ def _scored_classes(
     ]
 
 
+def headline(rows: Sequence[dict], metric: str = "dice") -> dict[str, Any] | None:
+    """Per class the mean over its rows, per dataset over its classes, then over datasets.
+
+    ``rows`` are (class, scan) scores with ``dataset`` and ``class``; returns
+    ``{"mean", "micro", "datasets": {d: mean}, "classes": {key: mean}}`` or None.
+    Each class counts once in its dataset and each dataset once in the mean, so a
+    structure labelled in every scan does not outvote a rare one.
+    """
+    per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        per_class[(r["dataset"], r["class"])].append(float(r[metric]))
+    if not per_class:
+        return None
+    by_dataset: dict[str, list[float]] = defaultdict(list)
+    for (dataset, _), values in sorted(per_class.items()):
+        by_dataset[dataset].append(float(np.mean(values)))
+    datasets = {d: float(np.mean(v)) for d, v in sorted(by_dataset.items())}
+    return {
+        "mean": float(np.mean(list(datasets.values()))),
+        "micro": float(np.mean([v for values in per_class.values() for v in values])),
+        "datasets": datasets,
+        "classes": {f"{d}/{c}": float(np.mean(v)) for (d, c), v in sorted(per_class.items())},
+    }
+
+
 def validation_dice(
     model: FixedTaskNet,
     classes: Sequence[StructureClass],
@@ -315,17 +399,23 @@ def validation_dice(
     crop: int,
     options: FinetuneOptions,
 ) -> float:
-    """Mean Dice over (validation scan, class it holds): the only selection signal."""
+    """The headline Dice over (validation scan, class it holds): the only selection signal."""
     model.eval()
-    values = []
+    rows = []
     for sid in val_ids:
         scan = access.get("validation", sid)
         probs = _probabilities(model, scan, crop, options)
-        values += [
-            dice(probs[i] >= 0.5, scan.mask(c.value)) for i, c in _scored_classes(classes, scan)
+        rows += [
+            {
+                "dataset": c.dataset,
+                "class": c.name,
+                "dice": dice(probs[i] >= 0.5, scan.mask(c.value)),
+            }
+            for i, c in _scored_classes(classes, scan)
         ]
     model.train()
-    return float(np.mean(values)) if values else float("nan")
+    head = headline(rows)
+    return head["mean"] if head else float("nan")
 
 
 def test_scores(
@@ -336,73 +426,94 @@ def test_scores(
     crop: int,
     options: FinetuneOptions,
 ) -> dict[str, Any]:
-    """Dice, HD95 and NSD per class (mean over the test scans holding it) and their mean."""
+    """Per (class, test scan holding it) scores, per class and dataset means, the headline."""
     model.eval()
-    per: dict[str, list[SegScores]] = defaultdict(list)
+    rows = []
     for sid in test_ids:
         scan = access.get("test", sid)
         probs = _probabilities(model, scan, crop, options)
         for i, c in _scored_classes(classes, scan):
-            per[c.key].append(
-                score(probs[i] >= 0.5, scan.mask(c.value), scan.spacing, options.tolerance_mm)
-            )
-    by_class = {key: {**mean_scores(v), "scans": len(v)} for key, v in sorted(per.items())}
-    mean = {m: float(np.mean([c[m] for c in by_class.values()])) for m in ("dice", "hd95", "nsd")}
+            sc = score(probs[i] >= 0.5, scan.mask(c.value), scan.spacing, options.tolerance_mm)
+            rows.append({"dataset": c.dataset, "class": c.name, "scan": sid, **sc.to_dict()})
+    heads = {m: headline(rows, m) for m in METRICS}
+    dice_head = heads["dice"]
+    assert dice_head is not None  # the split's precondition: a test scan holds a class
+    per_class: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        per_class[f"{r['dataset']}/{r['class']}"].append(r)
     return {
-        "mean_dice": mean["dice"],
-        "mean_hd95": mean["hd95"],
-        "mean_nsd": mean["nsd"],
-        "classes": by_class,
+        "headline": HEADLINE_IS,
+        **{f"mean_{m}": heads[m]["mean"] for m in METRICS},  # type: ignore[index]
+        "micro_dice": dice_head["micro"],
+        "datasets": {
+            d: {m: heads[m]["datasets"][d] for m in METRICS}  # type: ignore[index]
+            for d in dice_head["datasets"]
+        },
+        "classes": {
+            key: {**{m: float(np.mean([r[m] for r in v])) for m in METRICS}, "scans": len(v)}
+            for key, v in sorted(per_class.items())
+        },
+        "cases": rows,
     }
 
 
-def finetune_once(
-    net: LoadedNetwork,
-    name: str,
+@dataclass
+class Candidate:
+    """One learning rate's training: its validation curve and best weights."""
+
+    lr: float
+    curve: list[dict[str, Any]]
+    best_step: int
+    best_val: float
+    final_loss: float
+    seconds: float
+    state: dict[str, torch.Tensor] | None  # best weights; dropped once another rate wins
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "val_dice": self.best_val,
+            "best_step": self.best_step,
+            "final_loss": self.final_loss,
+            "val_curve": self.curve,
+            "seconds": self.seconds,
+        }
+
+
+def train_one_rate(
+    start: FixedTaskNet,
+    val0: float,
+    lr: float,
     classes: Sequence[StructureClass],
-    split: Split,
-    fraction: float,
+    val_ids: Sequence[str],
+    sampler: CropSampler,
     access: ScanAccess,
     crop: int,
-    optim: dict[str, Any],
     options: FinetuneOptions,
-) -> dict[str, Any]:
-    """Fine-tune a copy of ``net`` on ``fraction`` of the training scans; one run record."""
+    label: str,
+) -> Candidate:
+    """Train a copy of ``start`` at peak rate ``lr``; keep the weights of the best validation.
+
+    ``val0`` is the validation Dice of ``start`` (the same for every rate, so computed once).
+    """
     t0 = time.perf_counter()
     device = torch.device(options.device)
     torch.manual_seed(options.seed)
-    train_ids = split.fraction(fraction)
-    base = copy.deepcopy(net.model).to(device).eval()
-    tasks, missing = initial_tasks(base, classes, train_ids, access, crop, device)
-    model = FixedTaskNet(base, tasks).to(device).train()
-    lr = float(options.lr if options.lr is not None else optim["lr"])
-    optimizer = _optimizer(model, optim, lr)
-    warmup = float(optim["warmup_frac"])
+    model = copy.deepcopy(start).train()
+    optimizer = _optimizer(model, options, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: one_cycle(step, options.steps, warmup)
-    )
-    clip = float(optim.get("grad_clip") or 0)
-    sampler = CropSampler(
-        classes,
-        train_ids,
-        access,
-        crop,
-        options.fg_share,
-        seed=options.seed * 1_000_003 + round(fraction * 1e6),
+        optimizer, lambda step: one_cycle(step, options.steps, options.warmup_frac)
     )
     use_bf16 = device.type == "cuda"
-    val_ids = split.validation_ids
-    curve = [
-        {"step": 0, "val_dice": validation_dice(model, classes, val_ids, access, crop, options)}
-    ]
-    best_step, best_val = 0, curve[0]["val_dice"]
+    curve: list[dict[str, Any]] = [{"step": 0, "val_dice": val0}]
+    best_step, best_val = 0, val0
     best_state = copy.deepcopy(model.state_dict())
     losses: list[float] = []
     bar = None
     if options.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=options.steps, desc=f"finetune {name} {fraction:g}", dynamic_ncols=True)
+        bar = tqdm(total=options.steps, desc=f"finetune {label} lr {lr:g}", dynamic_ncols=True)
     for step in range(1, options.steps + 1):
         batch = {k: v.to(device) for k, v in sampler.batch(step, options.batch_size).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -410,8 +521,8 @@ def finetune_once(
         loss, _ = segmentation_loss(logits, batch["target"], batch["valid"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if options.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -426,30 +537,131 @@ def finetune_once(
                 best_state = copy.deepcopy(model.state_dict())
     if bar is not None:
         bar.close()
-    model.load_state_dict(best_state)
+    return Candidate(
+        lr, curve, best_step, best_val, losses[-1], time.perf_counter() - t0, best_state
+    )
+
+
+def finetune_once(
+    net: LoadedNetwork,
+    name: str,
+    classes: Sequence[StructureClass],
+    split: Split,
+    fraction: float,
+    access: ScanAccess,
+    crop: int,
+    options: FinetuneOptions,
+) -> dict[str, Any]:
+    """Fine-tune ``net`` on ``fraction`` of the training scans at every rate of the grid.
+
+    The (rate, step) with the best validation Dice is scored on the test scans, once.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(options.device)
+    train_ids = split.fraction(fraction)
+    base = copy.deepcopy(net.model).to(device).eval()
+    tasks, missing = initial_tasks(base, classes, train_ids, access, crop, device)
+    start = FixedTaskNet(base, tasks).to(device)
+    val_ids = split.validation_ids
+    val0 = validation_dice(start, classes, val_ids, access, crop, options)
+    sampler_seed = (options.seed * 1_000_003 + split.seed * 7_919 + round(fraction * 1e6)) & (
+        0xFFFFFFFF
+    )
+    sampler = CropSampler(classes, train_ids, access, crop, options.fg_share, sampler_seed)
+    search: list[Candidate] = []
+    best: Candidate | None = None
+    for lr in options.lr_grid:  # ascending: a tie keeps the smaller rate
+        cand = train_one_rate(
+            start,
+            val0,
+            lr,
+            classes,
+            val_ids,
+            sampler,
+            access,
+            crop,
+            options,
+            f"{name} {fraction:g}",
+        )
+        search.append(cand)
+        if best is None or cand.best_val > best.best_val or not np.isfinite(best.best_val):
+            if best is not None:
+                best.state = None
+            best = cand
+        else:
+            cand.state = None
+    assert best is not None and best.state is not None
+    model = copy.deepcopy(start)
+    model.load_state_dict(best.state)
     test = test_scores(model, classes, split.test_ids, access, crop, options)
     return {
         "network": name,
         "label": net.label,
+        "split_seed": split.seed,
         "fraction": fraction,
         "train_scans": train_ids,
         "untrained_classes": missing,
         "steps": options.steps,
-        "lr": lr,
-        "best_step": best_step,
-        "val_dice": best_val,
-        "val_curve": curve,
-        "final_loss": losses[-1],
+        "optimizer": OPTIMIZER,
+        "lr": best.lr,
+        "lr_grid": list(options.lr_grid),
+        "lr_search": [c.record() for c in search],
+        "best_step": best.best_step,
+        "val_dice": best.best_val,
+        "val_curve": best.curve,
+        "final_loss": best.final_loss,
         "test": test,
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _preset_optim(preset: str) -> dict[str, Any]:
-    try:
-        return dict(load_config(preset)["optim"])
-    except FileNotFoundError:
-        return dict(load_config(None)["optim"])
+def _spread(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None from a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def across_seeds(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (fraction, network): every headline metric's mean and sd over the split seeds."""
+    groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["fraction"], r["network"])].append(r)
+    out = []
+    for (fraction, network), rs in groups.items():
+        row: dict[str, Any] = {
+            "network": network,
+            "fraction": fraction,
+            "split_seeds": [r["split_seed"] for r in rs],
+        }
+        for m in METRICS:
+            mean, sd = _spread([r["test"][f"mean_{m}"] for r in rs])
+            row[f"mean_{m}"], row[f"sd_{m}"] = mean, sd
+        row["per_seed"] = {str(r["split_seed"]): r["test"]["mean_dice"] for r in rs}
+        row["lr"] = {str(r["split_seed"]): r["lr"] for r in rs}
+        row["train_scans"] = _spread([len(r["train_scans"]) for r in rs])[0]
+        out.append(row)
+    return out
+
+
+def _check_split(split: Split, scans: Sequence[LabelledScan], bank) -> list[StructureClass]:
+    """The split's classes (from its training scans only); fails when it cannot be scored."""
+    train_ids = set(split.train_ids)
+    classes, _ = find_classes([s for s in scans if s.scan_id in train_ids], min_scans=1)
+    if not classes:
+        raise EvaluationError(
+            f"no training scan of bank {bank.location} (split seed {split.seed}) holds "
+            "a labelled structure; label more scans or try other --split-seeds"
+        )
+    # A precondition on label values only (outside the read log): without a class in the
+    # validation and the test scans there is nothing to select on or to score.
+    for part, ids in (("validation", split.validation_ids), ("test", split.test_ids)):
+        if not any(_scored_classes(classes, s) for s in scans if s.scan_id in set(ids)):
+            raise EvaluationError(
+                f"the split of seed {split.seed} leaves no {part} scan of bank "
+                f"{bank.location} holding a class of the training scans; label more scans "
+                "or try other --split-seeds"
+            )
+    return classes
 
 
 def evaluate_finetune(
@@ -459,7 +671,7 @@ def evaluate_finetune(
     scan_ids: list[str] | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every (fraction, network) run on one split; the results every output is made from.
+    """Every (split seed, fraction, network) run; the results every output is made from.
 
     ``networks`` are (name, network) pairs, e.g. ("pretrained", ...), ("scratch", ...);
     they must share a crop (the same data for every network).
@@ -471,49 +683,45 @@ def evaluate_finetune(
             "one preset (the scratch baseline takes the checkpoint's)"
         )
     crop = crops.pop()
-    first = networks[0][1]
-    optim = dict(first.config.get("optim") or _preset_optim(first.preset))
     scans = labelled_scans(bank, scan_ids)
     access = ScanAccess(scans)
-    split = make_split({s.scan_id: s.dataset for s in scans}, options.split_seed)
-    # The class set comes from the training scans only: validation/test labels stay unseen.
-    train_ids = set(split.train_ids)
-    classes, _ = find_classes([s for s in scans if s.scan_id in train_ids], min_scans=1)
-    if not classes:
-        raise EvaluationError(
-            f"no training scan of bank {bank.location} (split seed {options.split_seed}) holds "
-            "a labelled structure; label more scans or try another --split-seed"
+    datasets = {s.scan_id: s.dataset for s in scans}
+    plans = []
+    for seed in options.split_seeds:  # every split checked before any training
+        split = make_split(datasets, seed)
+        plans.append((split, _check_split(split, scans, bank)))
+    runs, splits = [], []
+    for split, classes in plans:
+        splits.append(
+            {
+                **split.to_dict(options.fractions),
+                "classes": [
+                    {"key": c.key, "dataset": c.dataset, "value": c.value, "name": c.name}
+                    for c in classes
+                ],
+            }
         )
-    # A precondition on label values only (outside the read log): without a class in the
-    # validation and the test scans there is nothing to select on or to score.
-    for part, ids in (("validation", split.validation_ids), ("test", split.test_ids)):
-        if not any(_scored_classes(classes, s) for s in scans if s.scan_id in set(ids)):
-            raise EvaluationError(
-                f"the split of seed {options.split_seed} leaves no {part} scan of bank "
-                f"{bank.location} holding a class of the training scans; label more scans "
-                "or try another --split-seed"
-            )
-    runs = []
-    for fraction in options.fractions:
-        for name, net in networks:
-            access.reads.clear()
-            run = finetune_once(net, name, classes, split, fraction, access, crop, optim, options)
-            run["reads"] = access.snapshot()
-            runs.append(run)
-            if on_run is not None:
-                on_run(run)
+        for fraction in options.fractions:
+            for name, net in networks:
+                access.clear()
+                run = finetune_once(net, name, classes, split, fraction, access, crop, options)
+                run["reads"] = access.snapshot()
+                run["read_counts"] = {p: access.counts.get(p, 0) for p in PHASES}
+                runs.append(run)
+                if on_run is not None:
+                    on_run(run)
     return {
         "evaluation": "finetune",
+        "headline": HEADLINE_IS,
         "fractions": list(options.fractions),
-        "split": split.to_dict(options.fractions),
-        "classes": [
-            {"key": c.key, "dataset": c.dataset, "value": c.value, "name": c.name} for c in classes
-        ],
-        "classes_from": "the training scans of the split (all fractions)",
+        "split_seeds": list(options.split_seeds),
+        "split": splits[0],  # the first seed's; every seed's is in ``splits``
+        "splits": splits,
+        "classes": splits[0]["classes"],
+        "classes_from": "the training scans of each split (all fractions)",
         "options": asdict(options),
-        "optim": {
-            k: optim[k] for k in ("name", "betas", "weight_decay", "warmup_frac") if k in optim
-        },
+        "optim": options.recipe(),
         "crop": crop,
+        "summary": across_seeds(runs),
         "runs": runs,
     }

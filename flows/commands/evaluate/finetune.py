@@ -16,37 +16,45 @@ from flows.commands.evaluate._common import (
 
 PROG = "maskbank evaluate finetune"
 FIGURE = "dice_vs_fraction.png"
+LR_GRID = "3e-4,1e-3,3e-3"  # = train.evaluation.finetune.LR_GRID (not imported: torch loads lazily)
 
 DESCRIPTION = """\
 Label-efficient fine-tuning on the labelled scans of BANK: does pretraining save labels?
 
-The scans of each dataset are split once (--split-seed) by scan into train / validation
-/ test (about 60/20/20, at least one scan each, so a dataset needs >= 3 labelled scans).
-For each --fractions share of the training scans (nested: the 10 % scans are among the
-20 % ones) the checkpoint is fine-tuned, and beside it the same network from random
-weights ('scratch') with the same seed, steps, schedule and crops, unless --no-baseline.
+The scans of each dataset are split (--split-seeds, one split per seed) into train /
+validation / test (about 60/20/20, at least one scan each, so a dataset needs >= 3
+labelled scans). For each --fractions share of the training scans (nested: the 10 %
+scans are among the 20 % ones) the checkpoint is fine-tuned, and beside it the same
+network from random weights ('scratch') with the same seed, steps, schedule, crops and
+learning-rate grid, unless --no-baseline.
 
 The network keeps its in-context form with a fixed set of classes (the label values of
 the training scans): each class's task embedding starts as the mean embedding of its
 training references (crops centred on the class), the all-ones global task of
-pretraining rides along, and then every weight trains (adaptive Tversky + BCE, AdamW,
-one-cycle) on random crops, half of them centred near a labelled voxel, with flips.
-Validation Dice (sliding windows, threshold 0.5) before training and every --val-every
-steps picks the weights; the test scans are scored once with them: Dice, HD95 (mm) and
-normalised surface Dice at 2 mm per class, over the test scans holding it.
+pretraining rides along, and then every weight trains (adaptive Tversky + BCE) on random
+crops, half of them centred near a labelled voxel, with flips. The recipe is the
+fine-tuning one, not the pretraining one: AdamW with one-cycle warm-up, run once per
+peak rate of --lr-grid; each network keeps the rate and step with the best validation
+Dice (sliding windows, threshold 0.5, checked before training and every --val-every
+steps). The test scans are scored once with those weights: Dice, HD95 and ASD (mm) and
+normalised surface Dice at 2 mm per (class, test scan). The headline is the mean over
+datasets of the mean over classes; with several split seeds, mean +- sd across them.
 
-Writes OUT/results.json (every number, the split's scan ids per part and fraction, the
-command, both networks, the bank fingerprint), OUT/results.md and OUT/dice_vs_fraction.png.
-The default --steps 100 is a CPU demo (minutes per run for the tiny preset; seconds per
-run are reported); meaningful comparisons use thousands of steps on a GPU.
+Writes OUT/results.json (every number, each split's scan ids per part and fraction,
+every rate's validation score, the command, both networks, the bank fingerprint),
+OUT/results.md and OUT/dice_vs_fraction.png. The default --steps 100 is a CPU demo
+(minutes per run for the tiny preset, times the grid's rates; seconds per run are
+reported); meaningful comparisons use thousands of steps on a GPU.
 """
 
 EPILOG = """\
 examples:
   maskbank evaluate finetune --checkpoint runs/tiny --bank eval-bank --out eval/finetune
   maskbank evaluate finetune --checkpoint runs/base --bank eval-bank --steps 5000 \\
-      --val-every 250 --fractions 0.1,0.2,0.4,1.0 --device cuda --out eval/base-ft
-  maskbank evaluate finetune --checkpoint scratch --preset tiny --bank eval-bank --json
+      --val-every 250 --fractions 0.1,0.2,0.4,1.0 --split-seeds 0,1,2 --device cuda \\
+      --out eval/base-ft
+  maskbank evaluate finetune --checkpoint scratch --preset tiny --bank eval-bank \\
+      --lr-grid 1e-3 --json
 """
 
 
@@ -70,13 +78,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--batch-size", type=int, default=2, help="crops per step (default 2)")
     p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: the preset's)"
+        "--lr-grid",
+        default=LR_GRID,
+        help="comma list of peak AdamW learning rates, one run each; every network keeps "
+        "the rate with the best validation Dice (default %(default)s)",
     )
     p.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the train/validation/test split"
+        "--split-seeds",
+        default="0",
+        help="comma list of split seeds; each seed is one train/validation/test split, "
+        "results give mean +- sd across them (default 0)",
     )
     p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass")
     return p
+
+
+def _numbers(text: str, kind: type, option: str, example: str) -> tuple:
+    try:
+        values = tuple(kind(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ValueError(f"{option} must be a comma list such as {example}, got {text!r}")
+    return values
+
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    return _numbers(text, float, "--lr-grid", "3e-4,1e-3,3e-3")
+
+
+def parse_split_seeds(text: str) -> tuple[int, ...]:
+    return _numbers(text, int, "--split-seeds", "0,1,2")
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -89,94 +121,185 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     return fractions
 
 
+def _networks(results: dict) -> list[str]:
+    return list(dict.fromkeys(r["network"] for r in results["runs"]))
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    """``mean ± sd`` (sd only with several split seeds)."""
+    from train.evaluation.report import fmt
+
+    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
+
+
 def _by_fraction(results: dict) -> tuple[list[str], list[dict]]:
-    """Networks in order, and one row per fraction with each network's mean test Dice."""
-    nets = list(dict.fromkeys(r["network"] for r in results["runs"]))
+    """Networks in order, and one row per fraction: each network's headline (± sd over seeds),
+    its chosen rate per seed and its seconds per run (every rate of the grid)."""
+    nets = _networks(results)
     rows: dict[float, dict] = {}
-    for r in results["runs"]:
+    for s in results["summary"]:
         row = rows.setdefault(
-            r["fraction"], {"fraction": f"{r['fraction']:g}", "train scans": len(r["train_scans"])}
+            s["fraction"],
+            {"fraction": f"{s['fraction']:g}", "train scans": f"{s['train_scans']:g}"},
         )
-        row[r["network"]] = r["test"]["mean_dice"]
-        row[f"{r['network']} s"] = r["seconds"]
+        row[s["network"]] = _pm(s["mean_dice"], s["sd_dice"])
+        row[f"{s['network']} lr"] = ", ".join(f"{lr:g}" for lr in s["lr"].values())
+    seconds: dict[tuple[float, str], list[float]] = {}
+    for r in results["runs"]:  # all rates of the grid; mean over split seeds
+        seconds.setdefault((r["fraction"], r["network"]), []).append(r["seconds"])
+    for (fraction, network), v in seconds.items():
+        rows[fraction][f"{network} s"] = sum(v) / len(v)
     return nets, list(rows.values())
 
 
-def _per_class(results: dict, nets: list[str]) -> list[dict]:
-    rows: dict[tuple[float, str], dict] = {}
+def _main_columns(nets: list[str]) -> list[str]:
+    return [
+        "fraction",
+        "train scans",
+        *nets,
+        *(f"{n} lr" for n in nets),
+        *(f"{n} s" for n in nets),
+    ]
+
+
+def _per_group(results: dict, nets: list[str], part: str, column: str) -> list[dict]:
+    """Test Dice per (fraction, class or dataset), mean ± sd over the seeds that have it."""
+    import numpy as np
+
+    values: dict[tuple[float, str], dict[str, list[float]]] = {}
     for r in results["runs"]:
-        for key, c in r["test"]["classes"].items():
-            row = rows.setdefault(
-                (r["fraction"], key), {"fraction": f"{r['fraction']:g}", "class": key}
+        for key, c in r["test"][part].items():
+            values.setdefault((r["fraction"], key), {}).setdefault(r["network"], []).append(
+                c["dice"]
             )
-            row[r["network"]] = c["dice"]
-    return list(rows.values())
+    rows = []
+    for (fraction, key), by_net in values.items():
+        row = {"fraction": f"{fraction:g}", column: key}
+        for n, v in by_net.items():
+            row[n] = _pm(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+        rows.append(row)
+    return rows
 
 
 def format_results(results: dict) -> str:
-    """Terminal table: mean test Dice per fraction and network, and seconds per run."""
+    """Terminal table: headline test Dice per fraction and network, chosen rates, seconds."""
     from train.evaluation.report import text_table
 
     nets, rows = _by_fraction(results)
-    cols = ["fraction", "train scans", *nets, *(f"{n} s" for n in nets)]
-    return "mean test Dice (selected on validation):\n" + text_table(rows, cols)
+    seeds = results["split_seeds"]
+    spread = f", mean ± sd over {len(seeds)} split seeds" if len(seeds) > 1 else ""
+    return (
+        f"test Dice (mean over datasets of the class means; weights and rate selected on "
+        f"validation{spread}):\n" + text_table(rows, _main_columns(nets))
+    )
 
 
 def results_markdown(results: dict) -> str:
-    from train.evaluation.report import markdown_table, provenance_markdown
+    from train.evaluation.report import fmt, markdown_table, provenance_markdown
 
     nets, rows = _by_fraction(results)
-    split = results["split"]
+    options, optim = results["options"], results["optim"]
+    seeds = results["split_seeds"]
     md = ["# Label-efficient fine-tuning", ""]
     md.append(
-        f"{results['options']['steps']} steps per run, batch {results['options']['batch_size']}, "
-        f"crop {results['crop']}, validation at step 0 and every "
-        f"{results['options']['val_every']} step(s); "
-        "mean test Dice of the weights with the best validation Dice."
+        f"{options['steps']} steps per learning rate, batch {options['batch_size']}, crop "
+        f"{results['crop']}, validation at step 0 and every {options['val_every']} step(s). "
+        f"Optimiser: {optim['name']} (betas {optim['betas']}, weight decay "
+        f"{optim['weight_decay']}, {optim['schedule']}, warm-up {optim['warmup_frac']}), "
+        f"peak rates {', '.join(f'{lr:g}' for lr in optim['lr_grid'])}, each network "
+        "keeping the rate and step with the best validation Dice; the same grid, steps and "
+        "crops for every network."
     )
-    md += ["", markdown_table(rows, ["fraction", "train scans", *nets, *(f"{n} s" for n in nets)])]
-    md += ["", f"![Dice vs label fraction]({FIGURE})", "", "## Per class (test Dice)", ""]
-    md.append(markdown_table(_per_class(results, nets), ["fraction", "class", *nets]))
+    md += [
+        "",
+        f"Test Dice: {results['headline']}"
+        + (
+            f"; mean ± sd over split seeds {', '.join(map(str, seeds))}."
+            if len(seeds) > 1
+            else f" (one split, seed {seeds[0]}: no spread; add --split-seeds 0,1,2)."
+        ),
+        "",
+        markdown_table(rows, _main_columns(nets)),
+    ]
+    md += ["", f"![Dice vs label fraction]({FIGURE})", "", "## Per dataset (test Dice)", ""]
+    md.append(
+        markdown_table(
+            _per_group(results, nets, "datasets", "dataset"), ["fraction", "dataset", *nets]
+        )
+    )
+    md += ["", "## Per class (test Dice)", ""]
+    md.append(
+        markdown_table(_per_group(results, nets, "classes", "class"), ["fraction", "class", *nets])
+    )
     md += ["", "## Runs", ""]
     md.append(
         markdown_table(
             [
                 {
+                    "split seed": r["split_seed"],
                     "network": r["network"],
                     "fraction": f"{r['fraction']:g}",
+                    "lr": f"{r['lr']:g}",
                     "best step": r["best_step"],
                     "val Dice": r["val_dice"],
                     "test Dice": r["test"]["mean_dice"],
                     "HD95 (mm)": r["test"]["mean_hd95"],
-                    "NSD@2mm": r["test"]["mean_nsd"],
+                    "ASD (mm)": r["test"]["mean_asd"],
+                    "NSD": r["test"]["mean_nsd"],
                     "untrained classes": ", ".join(r["untrained_classes"]) or "–",
                 }
                 for r in results["runs"]
             ],
             [
+                "split seed",
                 "network",
                 "fraction",
+                "lr",
                 "best step",
                 "val Dice",
                 "test Dice",
                 "HD95 (mm)",
-                "NSD@2mm",
+                "ASD (mm)",
+                "NSD",
                 "untrained classes",
             ],
         )
     )
-    md += ["", f"## Split (seed {split['seed']}, by scan, per dataset)", ""]
-    md.append(f"- validation: {', '.join(split['validation'])}")
-    md.append(f"- test: {', '.join(split['test'])}")
-    md += [f"- train {f}: {', '.join(ids)}" for f, ids in split["fractions"].items()]
+    md += ["", "## Learning-rate search (validation Dice of every rate)", ""]
+    md.append(
+        markdown_table(
+            [
+                {
+                    "split seed": r["split_seed"],
+                    "network": r["network"],
+                    "fraction": f"{r['fraction']:g}",
+                    **{f"lr {c['lr']:g}": fmt(c["val_dice"]) for c in r["lr_search"]},
+                    "chosen": f"{r['lr']:g}",
+                }
+                for r in results["runs"]
+            ],
+            [
+                "split seed",
+                "network",
+                "fraction",
+                *(f"lr {lr:g}" for lr in optim["lr_grid"]),
+                "chosen",
+            ],
+        )
+    )
+    for split in results["splits"]:
+        md += ["", f"## Split (seed {split['seed']}, {split['by']})", ""]
+        md.append(f"- validation: {', '.join(split['validation'])}")
+        md.append(f"- test: {', '.join(split['test'])}")
+        md += [f"- train {f}: {', '.join(ids)}" for f, ids in split["fractions"].items()]
     md += ["", "## Provenance", "", provenance_markdown(results["run"])]
     return "\n".join(md)
 
 
 def _progress_line(run: dict) -> None:
     print(
-        f"fraction {run['fraction']:g} {run['network']}: test Dice "
-        f"{run['test']['mean_dice']:.3f} (best step {run['best_step']}, "
+        f"split {run['split_seed']} fraction {run['fraction']:g} {run['network']}: test Dice "
+        f"{run['test']['mean_dice']:.3f} (lr {run['lr']:g}, best step {run['best_step']}, "
         f"{run['seconds']:.1f} s)",
         file=sys.stderr,
     )
@@ -200,8 +323,8 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             val_every=args.val_every,
             batch_size=args.batch_size,
-            lr=args.lr,
-            split_seed=args.split_seed,
+            lr_grid=parse_lr_grid(args.lr_grid),
+            split_seeds=parse_split_seeds(args.split_seeds),
             seed=args.seed,
             window_batch=args.window_batch,
             device=str(device_of(args.device)),
@@ -217,8 +340,8 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         series = {
             name: (
-                [r["fraction"] for r in results["runs"] if r["network"] == name],
-                [r["test"]["mean_dice"] for r in results["runs"] if r["network"] == name],
+                [s["fraction"] for s in results["summary"] if s["network"] == name],
+                [s["mean_dice"] for s in results["summary"] if s["network"] == name],
             )
             for name, _ in nets
         }
