@@ -321,10 +321,12 @@ def refuse_untrained_incontext(net: LoadedNetwork) -> None:
 def pretraining_overlap(
     networks: Sequence[Any], scans: Sequence[LabelledScan]
 ) -> tuple[list[str], dict[str, Any]]:
-    """Evaluated scans a network was pretrained on (by scan id or source content hash).
+    """Scans of ``scans`` a network was pretrained on (by scan id or source content hash).
 
     Returns the sorted overlapping scan ids (all networks) and per network the ids, or
-    "not recorded" for a checkpoint that does not list its pretraining scans.
+    "not recorded" for a checkpoint that does not list its pretraining scans. The
+    evaluation passes its queries: a reference seen in pretraining is no leak (its label
+    is given to the network anyway), a query seen in pretraining is.
     """
     detail: dict[str, Any] = {}
     overlap: set[str] = set()
@@ -345,6 +347,29 @@ def pretraining_overlap(
         detail[net.label] = hits
         overlap.update(hits)
     return sorted(overlap), detail
+
+
+def query_scan_ids(
+    bank,
+    options: InContextOptions | None = None,
+    scan_ids: list[str] | None = None,
+) -> list[str]:
+    """The scans an in-context evaluation with ``options`` will score as queries.
+
+    What a pretraining run must leave out to be evaluated on scans it never saw (the demo
+    pretrains on the rest of its bank).
+    """
+    options = options or InContextOptions()
+    scans = labelled_scans(bank, scan_ids)
+    classes, _ = find_classes(scans, label_names=options.label_names)
+    plan = ReferencePlan(options)
+    out: set[str] = set()
+    for dataset in sorted({c.dataset for c in classes}):
+        dclasses = [c for c in classes if c.dataset == dataset]
+        dscans = [s for s in scans if s.dataset == dataset]
+        for rep in range(plan.repeats):
+            out.update(plan.split(dataset, dclasses, dscans, rep).queries)
+    return sorted(out)
 
 
 @dataclass
@@ -541,7 +566,8 @@ def evaluate_incontext(
     if figures_dir is not None:
         crop = next((r.crop for r in runners if r.crop), 64)
         figures = write_overlays(Path(figures_dir), figure_cases, crop)
-    overlap, overlap_detail = pretraining_overlap(networks, scans)
+    queried = sorted({q for sp in splits for q in sp.queries})
+    overlap, overlap_detail = pretraining_overlap(networks, [by_id[q] for q in queried])
     names = {c.ident: c.name for c in classes}
     results = summarise(
         [r.label for r in runners],

@@ -238,7 +238,7 @@ def overlap_line(results: dict) -> str | None:
     if overlap:
         few = ", ".join(overlap[:8]) + (f" and {len(overlap) - 8} more" if len(overlap) > 8 else "")
         return (
-            f"WARNING: {len(overlap)} evaluated scan(s) were in the pretraining data "
+            f"WARNING: {len(overlap)} query scan(s) were in the pretraining data "
             f"(by scan id or source hash): {few}; these numbers overstate what pretraining "
             "buys on unseen scans"
         )
@@ -332,7 +332,7 @@ def results_markdown(results: dict) -> str:
     overlap = overlap_line(results)
     md = [
         overlap
-        or "Pretraining overlap: none of the evaluated scans is in any checkpoint's "
+        or "Pretraining overlap: none of the query scans is in any checkpoint's "
         "pretraining data (by scan id and source hash).",
         "",
         "# In-context few-shot segmentation",

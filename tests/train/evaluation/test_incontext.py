@@ -339,10 +339,10 @@ def test_cli_writes_json_table_and_warns_of_overlap(
     assert keys | {"asd", "nsd", "pred_voxels", "gt_voxels"} <= set(row)
     assert saved["options"]["tolerance_mm"] == 3.0
     assert saved["pretraining_overlap"] == ["ct-03"]
-    assert "WARNING: 1 evaluated scan(s) were in the pretraining data" in captured.err
+    assert "WARNING: 1 query scan(s) were in the pretraining data" in captured.err
     assert "ct-03" in captured.err
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert md.splitlines()[0].startswith("WARNING: 1 evaluated scan(s)")
+    assert md.splitlines()[0].startswith("WARNING: 1 query scan(s)")
     assert "| network | shots | Dice [95% CI]" in md and "## Per case" in md
     assert "## Paired differences vs" in md and "random" in md
     assert saved["run"]["command"][:3] == ["maskbank", "evaluate", "incontext"]
