@@ -37,6 +37,7 @@ def encode_references(
     values: list[int],
     names: list[str],
     device: torch.device | str = "cpu",
+    network_sha256: str | None = None,
     **meta,
 ) -> TaskSet:
     """The task set of ``values`` (one class each) from ``references``.
@@ -78,6 +79,7 @@ def encode_references(
         global_task,
         [int(v) for v in values],
         list(names),
+        network_sha256,
         references=[*refs, *[{"shot": u} for u in used]],
         **meta,
     )
