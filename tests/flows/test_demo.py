@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bank import Bank
 from tests.flows.cli_run import maskbank
@@ -24,11 +25,25 @@ def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> N
     metrics = (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 4
     assert (tmp_path / "pretrain" / "checkpoints").is_dir()
-    # The answer: 1-shot in-context Dice of the phantoms' organs, pretrained vs untrained.
+    # The answer: 1-shot in-context Dice of the phantoms' organs on scans left out of
+    # pretraining: pretrained, atlas registration and the untrained floor, with intervals.
     assert "1-shot in-context segmentation" in out.stdout and "phantom-ct/liver" in out.stdout
+    assert "Dice [95% CI]" in out.stdout and "registration" in out.stdout
     results = json.loads((tmp_path / "evaluate" / "incontext" / "results.json").read_text())
-    assert {r["network"] for r in results["structures"]} == {"pretrain@4", "random"}
-    assert results["mean_dice"] is not None and results["figures"]
+    names = ["pretrain@4", "registration", "random"]
+    assert {r["network"] for r in results["structures"]} == set(names)
+    assert [n["name"] for n in results["networks"]] == names
+    assert results["mean_dice"] is not None and len(results["mean_dice_ci"]) == 2
+    assert results["figures"]
+    queries = sorted({r["query"] for r in results["structures"]})
+    assert queries == ["phantom_ct_2", "phantom_ct_3"]
+    assert results["pretraining_overlap"] == []
+    assert "query scan(s) were in the pretraining data" not in out.stderr
+    assert "the 2 labelled scans the evaluation scores as queries are left out" in out.stdout
+    record = torch.load(
+        tmp_path / "pretrain" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True
+    )["pretraining_scans"]
+    assert {r["scan_id"] for r in record}.isdisjoint(queries) and len(record) == 3
     bank = Bank.open(tmp_path / "bank")
     assert sorted(bank.summary()["by_modality"]) == ["ct", "mr", "pet"]
     assert all(bank.scan(s).has("label") for s in bank.scan_ids)
