@@ -154,3 +154,22 @@ def test_spacing_comes_from_the_pretraining_bank_when_the_checkpoint_names_it(tm
     )  # fmt: skip
     assert run.spacing == (2.5, 2.5, 3.0) and "pretraining bank" in run.spacing_source
     assert run.tasks.spacing == (2.5, 2.5, 3.0)
+
+
+@pytest.mark.slow
+def test_workers_on_a_local_dask_cluster_write_what_one_process_writes(
+    tmp_path, tiny_run, phantoms
+):
+    """Worker processes get the checkpoint and a task file, and load them themselves."""
+    ref = tuple(str(p) for p in phantoms["ref0"])
+    queries = [str(phantoms["q0"][0]), str(phantoms["q1"][0])]
+    common = {"references": [ref], "labels": "3,4", "spacing": SPACING}
+    alone = list(segment(str(tiny_run), queries, out=tmp_path / "one", **common))
+    spread = list(segment(str(tiny_run), queries, out=tmp_path / "dask", workers=2, **common))
+    assert sorted(r.status for r in spread) == ["ok", "ok"]
+    assert {r.scan_id for r in spread} == {r.scan_id for r in alone} == {"q0", "q1"}
+    for r in alone:
+        a = np.asarray(nib.load(r.seg_path).dataobj)
+        b = np.asarray(nib.load(tmp_path / "dask" / f"{r.scan_id}_seg.nii.gz").dataobj)
+        assert np.mean(a == b) > 0.999  # other processes, other thread counts: rounding only
+    assert not [p for p in (tmp_path / "dask").iterdir() if p.name.startswith(".")]
