@@ -170,6 +170,13 @@ def parse_shots(text: str) -> tuple[int, ...]:
     return shots
 
 
+def _p(value) -> str | None:
+    """A p-value: three decimals, or scientific below 0.001."""
+    if value is None:
+        return None
+    return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
+
+
 def _ci(value, ci) -> str:
     from train.evaluation.report import fmt
 
@@ -200,7 +207,7 @@ def summary_rows(results: dict) -> list[dict]:
                 "FP absent": f"{s.get('false_positives', 0)}/{s.get('absent_rows', 0)}",
                 "s/query": s["seconds_per_query"],
                 "Δ Dice vs first [CI]": _ci(paired["diff"], paired["ci"]) if paired else "–",
-                "p (Wilcoxon)": paired["p"] if paired else None,
+                "p (Wilcoxon)": _p(paired["p"]) if paired else None,
             }
         )
     return rows
@@ -371,7 +378,7 @@ def results_markdown(results: dict) -> str:
             "metric": m,
             "diff": p["diff"],
             "ci": f"[{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]" if p.get("ci") else "–",
-            "p": p["p"],
+            "p": _p(p["p"]),
             "pairs": p["pairs"],
         }
         for s in results["summary"]

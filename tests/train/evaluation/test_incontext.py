@@ -413,3 +413,19 @@ def test_a_planted_pickle_is_refused(labelled_bank, tmp_path, capsys):
     with pytest.raises(EvaluationError, match="weights_only=True"):
         load_network(str(path))
     assert "code ran" not in capsys.readouterr().out
+
+
+def test_registration_baseline_runs_in_the_same_loop(labelled_bank, tmp_path, capsys):
+    """`--checkpoint registration`: atlas segmentation scored like a network, timed per query."""
+    out = tmp_path / "reg"
+    argv = ["evaluate", "incontext", "--checkpoint", "registration", "--no-baseline"]
+    argv += ["--bank", labelled_bank, "--out", str(out), "--no-progress", "--json"]
+    assert cli([*argv, "--bootstrap", "100"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [n["name"] for n in res["networks"]] == ["registration"]
+    assert {r["network"] for r in res["structures"]} == {"registration"}
+    assert res["networks"][0]["seconds_per_query"] > 0
+    assert res["baselines"]["registration"]["registrations"] == 4  # 2 queries x 2 references
+    assert res["pretraining_overlap"] == [] and res["pretraining_overlap_by_network"] == {}
+    assert res["mean_dice"] > 0.3  # the phantoms differ little: registration finds the organs
+    assert res["run"]["networks"][0]["label"] == "registration"
