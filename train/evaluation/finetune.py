@@ -31,9 +31,10 @@ rate grid; only the initial weights differ.
   every ``val_every`` steps; the best (rate, step) (ties: the smaller rate, then the
   earlier step) is scored on the test scans: Dice, HD95, ASD and NSD per (class,
   test scan holding it).
-* **Headline** (as the in-context evaluation and published tables): per class the
-  mean over its test scans, per dataset the mean over its classes, then the mean
-  over datasets; the micro mean over (class, scan) pairs is reported beside it.
+* **Headline** (``aggregate.headline``, as the in-context evaluation and published
+  tables): per class the mean over its test scans, per dataset the mean over its
+  classes, then the mean over datasets; the micro mean over (class, scan) pairs is
+  reported beside it. Validation selects on the same statistic.
 
 Each run records which scans every phase read (``reads``), so a test can prove that
 test scans never reach training or selection.
@@ -57,6 +58,7 @@ from train.incontext_net import InContextSegNet, TaskEmbedding
 from train.optimizer_setup import one_cycle
 from train.seg_loss import segmentation_loss
 
+from .aggregate import headline
 from .checkpoint import LoadedNetwork
 from .errors import EvaluationError
 from .metrics import dice, score
@@ -364,31 +366,6 @@ def _scored_classes(
         for i, c in enumerate(classes)
         if c.dataset == scan.dataset and scan.counts.get(c.value, 0)
     ]
-
-
-def headline(rows: Sequence[dict], metric: str = "dice") -> dict[str, Any] | None:
-    """Per class the mean over its rows, per dataset over its classes, then over datasets.
-
-    ``rows`` are (class, scan) scores with ``dataset`` and ``class``; returns
-    ``{"mean", "micro", "datasets": {d: mean}, "classes": {key: mean}}`` or None.
-    Each class counts once in its dataset and each dataset once in the mean, so a
-    structure labelled in every scan does not outvote a rare one.
-    """
-    per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in rows:
-        per_class[(r["dataset"], r["class"])].append(float(r[metric]))
-    if not per_class:
-        return None
-    by_dataset: dict[str, list[float]] = defaultdict(list)
-    for (dataset, _), values in sorted(per_class.items()):
-        by_dataset[dataset].append(float(np.mean(values)))
-    datasets = {d: float(np.mean(v)) for d, v in sorted(by_dataset.items())}
-    return {
-        "mean": float(np.mean(list(datasets.values()))),
-        "micro": float(np.mean([v for values in per_class.values() for v in values])),
-        "datasets": datasets,
-        "classes": {f"{d}/{c}": float(np.mean(v)) for (d, c), v in sorted(per_class.items())},
-    }
 
 
 def validation_dice(
