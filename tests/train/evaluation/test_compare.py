@@ -83,3 +83,30 @@ def test_compare_refuses_other_banks_options_or_classes(tmp_path, capsys):
 def test_compare_names_a_folder_without_results(tmp_path, capsys):
     assert cli(["evaluate", "compare", str(tmp_path)]) == 2
     assert "results.json not found" in capsys.readouterr().err
+
+
+def test_the_bank_fingerprint_sees_label_maps_and_names(tmp_path):
+    from bank import Bank
+    from tests.train.evaluation.conftest import write_labelled_phantoms
+    from train.evaluation.report import evaluation_fingerprint
+    from train.pair_sampler import bank_fingerprint
+
+    def rename(seed: int, arrays: dict, attrs: dict) -> None:
+        if seed == 1:
+            attrs["label_names"]["3"] = "hepar"
+
+    def relabel(seed: int, arrays: dict, attrs: dict) -> None:
+        if seed == 1:
+            label = arrays["label"].copy()
+            label[label == 4] = 3  # the spleen labelled as liver
+            arrays["label"] = label
+
+    banks = {
+        name: Bank.open(write_labelled_phantoms(tmp_path / name, n=2, edit=edit))
+        for name, edit in (("a", None), ("b", None), ("names", rename), ("labels", relabel))
+    }
+    prints = {name: evaluation_fingerprint(b) for name, b in banks.items()}
+    assert prints["a"] == prints["b"]
+    assert prints["names"] != prints["a"] and prints["labels"] != prints["a"]
+    # the pretraining fingerprint alone would not tell these banks apart
+    assert bank_fingerprint(banks["names"]) == bank_fingerprint(banks["a"])
