@@ -314,6 +314,8 @@ CLASS_COLUMNS = [
     "fp_ml_mean",
 ]
 
+MAX_CASE_ROWS = 5000  # results.md stays readable; results.json has every row
+
 CASE_COLUMNS = [
     "network",
     "shots",
@@ -412,7 +414,13 @@ def results_markdown(results: dict) -> str:
             f"{', '.join(sp['queries']) or 'none'}"
         )
     cases = [{**r, "references": ", ".join(r["references"])} for r in results["structures"]]
-    md += ["", "## Per case", "", markdown_table(cases, CASE_COLUMNS)]
+    md += ["", "## Per case", ""]
+    if len(cases) > MAX_CASE_ROWS:
+        md += [
+            f"The first {MAX_CASE_ROWS} of {len(cases)} rows; all of them are in results.json.",
+            "",
+        ]
+    md.append(markdown_table(cases[:MAX_CASE_ROWS], CASE_COLUMNS))
     if results["not_scored"]:
         md += ["", "## Not scored", ""]
         md.append(
