@@ -528,10 +528,12 @@ def finetune_once(
     access: ScanAccess,
     crop: int,
     options: FinetuneOptions,
+    on_model: Callable[[FixedTaskNet], Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``net`` on ``fraction`` of the training scans at every rate of the grid.
 
-    The (rate, step) with the best validation Dice is scored on the test scans, once.
+    The (rate, step) with the best validation Dice is scored on the test scans, once;
+    ``on_model`` gets that selected network (e.g. to save it for ``maskbank segment``).
     """
     t0 = time.perf_counter()
     device = torch.device(options.device)
@@ -570,6 +572,8 @@ def finetune_once(
     assert best is not None and best.state is not None
     model = copy.deepcopy(start)
     model.load_state_dict(best.state)
+    if on_model is not None:
+        on_model(model)
     test = test_scores(model, classes, split.test_ids, access, crop, options)
     return {
         "network": name,
@@ -647,8 +651,12 @@ def evaluate_finetune(
     options: FinetuneOptions,
     scan_ids: list[str] | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    save_model: str | None = None,
 ) -> dict[str, Any]:
     """Every (split seed, fraction, network) run; the results every output is made from.
+
+    ``save_model``: a folder for the first network's selected weights and class embeddings
+    at the first split seed's largest fraction (``train.segment.saved_model``).
 
     ``networks`` are (name, network) pairs, e.g. ("pretrained", ...), ("scratch", ...);
     they must share a crop (the same data for every network).
@@ -681,7 +689,15 @@ def evaluate_finetune(
         for fraction in options.fractions:
             for name, net in networks:
                 access.clear()
-                run = finetune_once(net, name, classes, split, fraction, access, crop, options)
+                saver = None
+                first = split is plans[0][0] and name == networks[0][0]
+                if save_model and first and fraction == max(options.fractions):
+                    from train.segment.saved_model import finetuned_saver
+
+                    saver = finetuned_saver(save_model, list(classes), net.preset, crop, scans)
+                run = finetune_once(
+                    net, name, classes, split, fraction, access, crop, options, saver
+                )
                 run["reads"] = access.snapshot()
                 run["read_counts"] = {p: access.counts.get(p, 0) for p in PHASES}
                 runs.append(run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,47 @@ def load_finetuned(directory: str | Path) -> SavedNetwork:
     return SavedNetwork(
         model.eval(), tasks, int(config["crop"]), str(config["preset"]), sha, config
     )
+
+
+def finetuned_saver(
+    directory: str | Path,
+    classes: list[Any],
+    preset: str,
+    crop: int,
+    scans: list[Any],
+    source_sha256: str | None = None,
+) -> Callable[[Any], Path]:
+    """A callback saving a fine-tuned ``FixedTaskNet`` (``.net``, ``.tasks()``) to ``directory``.
+
+    ``classes`` are the evaluation's structure classes (``value``, ``name``, ``key``), in
+    the order of the network's class embeddings; ``scans`` (``spacing``, ``scan.modality``)
+    give the spacing and modality it was trained at (the most common ones). Label values
+    are kept when they are unique, else the classes are numbered 1..K (classes of several
+    datasets may share a value); ``classes`` in the JSON maps each back.
+    """
+    from collections import Counter
+
+    values = [int(c.value) for c in classes]
+    unique = len(set(values)) == len(values)
+    names = [str(c.name if unique else c.key) for c in classes]
+    if not unique:
+        values = list(range(1, len(classes) + 1))
+    spacings = Counter(tuple(float(v) for v in s.spacing) for s in scans)
+    modalities = Counter(getattr(getattr(s, "scan", None), "modality", None) for s in scans)
+    spacing = spacings.most_common(1)[0][0] if spacings else None
+    modality = modalities.most_common(1)[0][0] if modalities else None
+    extra = {
+        "classes": [
+            {"value": v, "dataset": c.dataset, "bank_value": int(c.value), "name": n}
+            for v, c, n in zip(values, classes, names, strict=True)
+        ],
+        "source_sha256": source_sha256,
+    }
+
+    def save(model: Any) -> Path:
+        return save_finetuned(
+            directory, model.net, model.tasks(), values, names, preset=preset, crop=crop,
+            spacing=spacing, modality=modality, extra=extra,
+        )  # fmt: skip
+
+    return save

@@ -90,6 +90,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "results give mean +- sd across them (default 0)",
     )
     p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass")
+    p.add_argument(
+        "--save-model",
+        default=None,
+        metavar="DIR",
+        help="keep the checkpoint's fine-tuned network (weights and class embeddings, "
+        "selected on validation, largest fraction, first split seed) for `maskbank segment "
+        "--checkpoint DIR`",
+    )
     return p
 
 
@@ -332,7 +340,9 @@ def run(args: argparse.Namespace) -> int:
         )
         loaded = load_networks(args, SCRATCH)
         nets = [("scratch" if n.source in (SCRATCH, RANDOM) else "pretrained", n) for n in loaded]
-        results = evaluate_finetune(bank, nets, options, ids, on_run=_progress_line)
+        results = evaluate_finetune(
+            bank, nets, options, ids, on_run=_progress_line, save_model=args.save_model
+        )
     except (EvaluationError, ValueError) as exc:
         return fail(PROG, exc)
     results["networks"] = {name: net.describe() for name, net in nets}
