@@ -112,7 +112,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
-        "--window-batch", type=int, default=2, metavar="N", help="windows per forward pass"
+        "--window-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows per forward pass (default: 16 for 32^3 windows, 2 from 64^3 up)",
     )
     p.add_argument(
         "--max-scan-memory",
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             spacing=spacing,
             modality=args.modality,
             device=args.device,
-            window_batch=max(1, args.window_batch),
+            window_batch=max(1, args.window_batch) if args.window_batch else None,
             save_probabilities=args.save_probabilities,
             largest_component=args.largest_component,
             max_scan_memory=budget,

@@ -44,7 +44,7 @@ class SegmentOptions:
     spacing: tuple[float, float, float] | None = None  # None: as recorded (network.py)
     modality: str = "auto"
     device: str = "cpu"
-    window_batch: int = 2
+    window_batch: int | None = None  # None: `auto_window_batch` of the network's crop
     overlap: float = 0.5
     save_probabilities: bool = False
     largest_component: bool = False

@@ -20,6 +20,12 @@ from train.incontext_net import InContextSegNet, TaskEmbedding
 from .tasks import TaskSet
 
 
+def auto_window_batch(crop: int) -> int:
+    """Windows per pass when none is given: small windows batch well on a CPU (a 32^3 window
+    costs several times more alone than in a batch of 16), large ones would only add memory."""
+    return max(2, min(16, 2 * (96 // max(1, int(crop))) ** 3))
+
+
 class Segmenter:
     """A network and its task set, loaded once and applied to any number of volumes."""
 
@@ -30,7 +36,7 @@ class Segmenter:
         crop: int,
         max_group: int,
         device: torch.device | str = "cpu",
-        window_batch: int = 2,
+        window_batch: int | None = None,
         overlap: float = 0.5,
         max_output_bytes: int = 1 << 30,
     ) -> None:
@@ -39,7 +45,7 @@ class Segmenter:
         self.tasks = tasks.to(self.device)
         self.crop = int(crop)
         self.max_group = max(1, int(max_group))
-        self.window_batch = int(window_batch)
+        self.window_batch = int(window_batch or auto_window_batch(crop))
         self.overlap = float(overlap)
         self.max_output_bytes = int(max_output_bytes)
 
