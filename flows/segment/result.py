@@ -99,8 +99,9 @@ def overlay_figure(
     title: str,
     path: str | None = None,
 ):
-    """Sagittal, coronal and axial slices (RAS, patient's right on the left) through the
-    segmentation's centre, the labels filled in colour; saved to ``path`` when given."""
+    """Sagittal, coronal and axial slices through the segmentation's centre, the labels
+    filled in colour, drawn in RAS as the bank's figures are (the patient's right on the
+    image's right); saved to ``path`` when given."""
     import matplotlib
 
     if path is not None:

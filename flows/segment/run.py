@@ -239,9 +239,16 @@ class SegmentRun:
         self.out = Path(out)
         self.checkpoint = checkpoint
         try:
-            self.queries = collect_inputs([str(q) for q in queries])
+            found = collect_inputs([str(q) for q in queries])
         except (InputError, ScanError) as exc:
             raise SegmentError(str(exc)) from exc
+        # an output folder inside a query folder: its files are results, not queries
+        outside = [
+            q for q in found if not Path(q.image).resolve().is_relative_to(self.out.resolve())
+        ]
+        if not outside:
+            raise SegmentError(f"no queries outside the output folder {self.out}")
+        self.queries = outside
         self.network = networks.load(checkpoint)
         net = self.network
         given = [references and "--reference", task and "--task"]

@@ -33,7 +33,7 @@ def test_cohort_with_a_broken_file_writes_the_others_and_names_the_failure(
     shutil.copytree(phantoms["q0"][0].parent, queries)
     (queries / "broken.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
     ref_img, ref_lab = phantoms["ref0"]
-    out = tmp_path / "out"
+    out = queries / "seg"  # inside the queries' folder: its files must not become queries
     argv = ["segment", "--checkpoint", str(tiny_run), "--reference", str(ref_img), str(ref_lab)]
     argv += ["--labels", "3,4", "--spacing", SP, "--out", str(out), "--save-probabilities"]
     assert main([*argv, str(queries)]) == 1
