@@ -53,6 +53,7 @@ class RegistrationSettings:
     """
 
     working_mm: float = 3.0  # both images are bin-averaged to about this spacing first
+    max_working_voxels: int = 750_000  # coarser than working_mm where a scan is larger
     histogram_bins: int = 32  # Mattes mutual information
     sampling: float = 0.1  # share of the working voxels sampled per metric evaluation
     shrink: tuple[int, ...] = (2, 1)  # pyramid of the linear stages, on the working grid
@@ -76,6 +77,8 @@ class RegistrationSettings:
             raise ValueError("bspline_shrink and bspline_smoothing need one entry per level")
         if not 0 < self.sampling <= 1:
             raise ValueError(f"sampling must be in (0, 1], got {self.sampling}")
+        if self.working_mm <= 0 or self.max_working_voxels < 1:
+            raise ValueError("working_mm and max_working_voxels must be positive")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_scale <= 1:
@@ -241,10 +244,27 @@ class Registrar:
         return current, kept
 
 
-def working_image(image: sitk.Image, working_mm: float) -> sitk.Image:
-    """``image`` bin-averaged to about ``working_mm`` per axis (never finer than it is)."""
-    factors = [max(1, round(working_mm / sp)) for sp in image.GetSpacing()]
+def working_image(image: sitk.Image, working_mm: float, max_voxels: int) -> sitk.Image:
+    """``image`` bin-averaged to about ``working_mm`` per axis (never finer than it is),
+    coarser where that would leave more than ``max_voxels`` (registration time is
+    about proportional to the working voxels)."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    target = working_mm
+    while True:
+        factors = [min(n, max(1, round(target / sp))) for n, sp in zip(size, spacing, strict=True)]
+        voxels = math.prod(n // f for n, f in zip(size, factors, strict=True))
+        if voxels <= max_voxels or factors == list(size):
+            break
+        target *= 1.25
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def _bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive (lo, hi) voxel indices of a mask's foreground, or None when it is empty."""
+    axes = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != i))) for i in range(3)]
+    if any(len(a) == 0 for a in axes):
+        return None
+    return np.array([a[0] for a in axes]), np.array([a[-1] for a in axes])
 
 
 class RegistrationBaseline:
@@ -253,10 +273,12 @@ class RegistrationBaseline:
     ``segment`` yields one task at a time: the mean of the reference masks warped
     onto the query (float32 probabilities; the evaluation thresholds at 0.5).
     Registration runs on working copies of both images (``working_mm``); the masks
-    are warped at the query's full resolution. A deformable transform is sampled
-    once per pair into a displacement field on the query's working grid (smooth at
-    the control-point spacing, so linear interpolation of it is exact to a small
-    fraction of a voxel), which makes each further mask a cheap resample.
+    are warped at the query's full resolution. Every transform is sampled once per
+    pair on the query's working grid: as a displacement field (smooth at the
+    control-point spacing, so linear interpolation of it is exact to a small fraction
+    of a voxel), which makes each further mask a cheap resample, and as the reference
+    point of each working voxel, which bounds the query region a mask can land in, so
+    only that box is resampled (a small structure in a large scan costs little).
     """
 
     label: str = "registration"
@@ -268,7 +290,7 @@ class RegistrationBaseline:
         self.config: dict = {"method": "registration", **asdict(self.settings)}
         self._registrar = Registrar(self.settings)
         self._transforms: dict[tuple[str, str], sitk.Transform] = {}
-        self._fields: OrderedDict[tuple[str, str], sitk.Transform] = OrderedDict()
+        self._pairs: OrderedDict[tuple[str, str], tuple[sitk.Transform, np.ndarray]] = OrderedDict()
         self._working: dict[str, sitk.Image] = {}
         self.registrations = 0  # pairs registered (a cache hit does not count)
         self.seconds_registering = 0.0
@@ -278,7 +300,9 @@ class RegistrationBaseline:
     def _work(self, scan: LabelledScan) -> sitk.Image:
         if scan.scan_id not in self._working:
             full = to_sitk(scan.image, scan.spacing)
-            self._working[scan.scan_id] = working_image(full, self.settings.working_mm)
+            self._working[scan.scan_id] = working_image(
+                full, self.settings.working_mm, self.settings.max_working_voxels
+            )
         return self._working[scan.scan_id]
 
     @staticmethod
@@ -321,13 +345,16 @@ class RegistrationBaseline:
         self._transforms[key] = transform
         return transform
 
-    def _sampler(self, reference: LabelledScan, query: LabelledScan) -> sitk.Transform:
-        """The pair's transform, as a displacement field when it is not linear."""
-        transform = self.transform(reference, query)
-        if not isinstance(transform, sitk.CompositeTransform):
-            return transform
+    def _sampled(self, reference: LabelledScan, query: LabelledScan):
+        """(transform to resample with, reference points of the query's working voxels).
+
+        The points are an array over the working grid (numpy axis order) of physical
+        points in SimpleITK's axis order; a non-linear transform comes back as a
+        displacement field on the same grid.
+        """
         key = (reference.scan_id, query.scan_id)
-        if key not in self._fields:
+        if key not in self._pairs:
+            transform = self.transform(reference, query)
             work = self._work(query)
             field = sitk.TransformToDisplacementField(
                 transform,
@@ -337,18 +364,77 @@ class RegistrationBaseline:
                 work.GetSpacing(),
                 work.GetDirection(),
             )
-            self._fields[key] = sitk.DisplacementFieldTransform(field)
-            while len(self._fields) > self.FIELDS_KEPT:
-                self._fields.popitem(last=False)
-        self._fields.move_to_end(key)
-        return self._fields[key]
+            disp = sitk.GetArrayFromImage(field).astype(np.float32)
+            shape = disp.shape[:3]
+            origin, spacing = work.GetOrigin(), work.GetSpacing()
+            for c in range(3):  # SimpleITK component c runs along numpy axis 2 - c
+                axis = np.arange(shape[2 - c], dtype=np.float32) * spacing[c] + origin[c]
+                disp[..., c] += axis.reshape([-1 if a == 2 - c else 1 for a in range(3)])
+            if isinstance(transform, sitk.CompositeTransform):
+                transform = sitk.DisplacementFieldTransform(field)  # takes the field over
+            self._pairs[key] = (transform, disp)
+            while len(self._pairs) > self.FIELDS_KEPT:
+                self._pairs.popitem(last=False)
+        self._pairs.move_to_end(key)
+        return self._pairs[key]
+
+    def _query_box(
+        self, points: np.ndarray, lo_mm: np.ndarray, hi_mm: np.ndarray, query: LabelledScan
+    ) -> tuple[slice, ...] | None:
+        """Query voxels whose reference point can fall in [lo_mm, hi_mm] (SimpleITK order)."""
+        inside = np.all((points >= lo_mm) & (points <= hi_mm), axis=-1)
+        box = _bounds(inside)
+        if box is None:
+            return None
+        work_spacing = np.asarray(self._work(query).GetSpacing()[::-1])
+        factors = np.rint(work_spacing / np.asarray(query.spacing)).astype(int)
+        shape = np.asarray(query.image.shape)
+        lo = np.clip((box[0] - 1) * factors, 0, shape)  # one working voxel of slack
+        hi = np.clip((box[1] + 2) * factors, 0, shape)
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
     def warp_mask(self, reference: LabelledScan, value: int, query: LabelledScan) -> np.ndarray:
-        """The reference's mask of ``value`` in the query grid, linearly interpolated."""
-        sampler = self._sampler(reference, query)
-        mask = to_sitk(reference.mask(value), reference.spacing)
-        warped = sitk.Resample(mask, self._grid(query), sampler, sitk.sitkLinear, 0.0)
-        return sitk.GetArrayViewFromImage(warped).astype(np.float32, copy=True)
+        """The reference's mask of ``value`` in the query grid, linearly interpolated.
+
+        Only the box of query voxels that can reach the mask is resampled (the rest is
+        exactly 0): the mask's bounding box, widened by the distance a working voxel's
+        worth of query space can stretch to (``working_mm`` x ``max_scale``), decides it.
+        """
+        out = np.zeros(query.image.shape, np.float32)
+        mask = reference.mask(value)
+        bounds = _bounds(mask)
+        if bounds is None:
+            return out
+        sampler, points = self._sampled(reference, query)
+        ref_spacing = np.asarray(reference.spacing)
+        pad = 2  # voxels of background around the cropped mask: interpolation sees zeros
+        lo = np.maximum(bounds[0] - pad, 0)
+        hi = np.minimum(bounds[1] + pad + 1, mask.shape)
+        crop = mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+        image = to_sitk(crop, reference.spacing)
+        image.SetOrigin(tuple(float(v) for v in (lo * ref_spacing)[::-1]))
+        reach = self._work(query).GetSpacing()
+        margin = max(reach) * self.settings.max_scale + float(ref_spacing.max())
+        lo_mm = (bounds[0] * ref_spacing)[::-1] - margin
+        hi_mm = (bounds[1] * ref_spacing)[::-1] + margin
+        box = self._query_box(points, lo_mm, hi_mm, query)
+        if box is None:
+            return out
+        size = [b.stop - b.start for b in box][::-1]
+        origin = [b.start * s for b, s in zip(box, query.spacing, strict=True)][::-1]
+        warped = sitk.Resample(
+            image,
+            size,
+            sampler,
+            sitk.sitkLinear,
+            tuple(float(v) for v in origin),
+            tuple(float(v) for v in reversed(query.spacing)),
+            (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+            0.0,
+            sitk.sitkFloat32,
+        )
+        out[box] = sitk.GetArrayViewFromImage(warped)
+        return out
 
     def segment(
         self, query: LabelledScan, tasks: list[tuple[StructureClass, list[LabelledScan]]]
