@@ -9,8 +9,12 @@ K structures in the query, all in one forward pass:
   feature voxel, so the full-resolution mask is used exactly and tiny structures
   still count) plus ``n_query_tokens`` learnable tokens that attend over
   mask-fused reference features, then self-attend within the task;
-* a decoder over the query features that cross-attends to all tasks' tokens at
-  those scales;
+* a decoder over the query features that cross-attends to the tasks' tokens at
+  those scales: to all tasks' tokens at once (one decoder pass, the published design), or,
+  with ``per_task``, to one task's tokens per pass (K passes): a joint pass must carry
+  every task's answer in the finest decoder features, which the dynamic head then reads
+  linearly -- with a narrow network (8 channels at full resolution) that bottleneck keeps
+  K different structures from being told apart;
 * a dynamic head: per task a linear kernel generated from its tokens and a
   full-resolution foreground token, applied to the final decoder features.
 """
@@ -35,6 +39,7 @@ class NetSpec:
     n_query_tokens: int = 8
     head_dim: int = 32  # attention head width
     in_channels: int = 1
+    per_task: bool = False  # decode each task in its own pass (see the module docstring)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -325,7 +330,11 @@ class InContextSegNet(nn.Module):
     def _decode(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
         n = q_feats[0].shape[0]
         tasks = tasks.expand(n)
+        k = tasks.n_tasks
         tokens = tasks.tokens
+        if self.spec.per_task:  # batch of N * K passes, each attending to one task's tokens
+            q_feats = [f.repeat_interleave(k, dim=0) for f in q_feats]
+            tokens = {lv: t.reshape(n * k, 1, *t.shape[2:]) for lv, t in tokens.items()}
         x = q_feats[-1]
         top = len(q_feats) - 1
         if top in tokens:
@@ -335,9 +344,13 @@ class InContextSegNet(nn.Module):
             if lv in tokens:
                 x = self._fuse(lv, x, tokens[lv])
         finest = min(self.spec.token_levels)
-        kernel = self.head(torch.cat([tasks.fg0, tokens[finest].mean(dim=2)], dim=-1))
+        kernel = self.head(torch.cat([tasks.fg0, tasks.tokens[finest].mean(dim=2)], dim=-1))
         weight, bias = kernel[..., :-1], kernel[..., -1]
-        logits = torch.einsum("nc...,nkc->nk...", x, weight.to(x.dtype))
+        if self.spec.per_task:
+            x = x.view(n, k, *x.shape[1:])
+            logits = torch.einsum("nkc...,nkc->nk...", x, weight.to(x.dtype))
+        else:
+            logits = torch.einsum("nc...,nkc->nk...", x, weight.to(x.dtype))
         return logits + bias.to(x.dtype)[..., None, None, None]
 
     def encode_tasks(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> TaskEmbedding:
@@ -385,3 +398,4 @@ def build_model(preset: str | NetSpec | dict) -> InContextSegNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
