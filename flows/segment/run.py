@@ -273,9 +273,15 @@ class SegmentRun:
                 f"{checkpoint} is a pretrained in-context network: say what to segment with "
                 "--reference IMAGE MASK (one or more) or --task FILE"
             )
-        self.spacing, self.spacing_source = networks.resolve_spacing(
-            self.options.spacing, net, tasks
-        )
+        given_spacing = self.options.spacing
+        recorded = tasks.spacing if tasks is not None else None
+        if recorded and given_spacing and not np.allclose(recorded, given_spacing, atol=1e-6):
+            raise SegmentError(
+                f"the task was made at {recorded} mm, not at --spacing "
+                f"{tuple(given_spacing)}: its embeddings belong to that grid; drop "
+                "--spacing, or make the task again from references at the new spacing"
+            )
+        self.spacing, self.spacing_source = networks.resolve_spacing(given_spacing, net, tasks)
         if tasks is None:
             tasks = tasks_from_references(
                 net,

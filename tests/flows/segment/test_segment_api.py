@@ -101,6 +101,8 @@ def test_saved_task_is_reused_and_refused_for_another_checkpoint(
         segment(str(tiny_run), [query], task=str(task), labels="spleen", out=tmp_path / "c")
     )
     assert only[0].labels == {4: "spleen"}
+    with pytest.raises(SegmentError, match="task was made at"):
+        segment(str(tiny_run), [query], task=str(task), out=tmp_path / "f", spacing=(1.5,) * 3)
     with pytest.raises(SegmentError, match="made by another network"):
         list(segment(str(other_run), [query], task=str(task), out=tmp_path / "d"))
     argv = ["segment", "--checkpoint", str(other_run), "--task", str(task), query]
