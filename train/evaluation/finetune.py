@@ -457,6 +457,11 @@ class Candidate:
         }
 
 
+def _host_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights copied to the CPU: the best so far are held beside the training model."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def train_one_rate(
     start: FixedTaskNet,
     val0: float,
@@ -484,7 +489,7 @@ def train_one_rate(
     use_bf16 = device.type == "cuda"
     curve: list[dict[str, Any]] = [{"step": 0, "val_dice": val0}]
     best_step, best_val = 0, val0
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _host_copy(model)
     losses: list[float] = []
     bar = None
     if options.progress:
@@ -511,7 +516,7 @@ def train_one_rate(
             curve.append({"step": step, "val_dice": val, "loss": losses[-1]})
             if val > best_val or not np.isfinite(best_val):
                 best_step, best_val = step, val
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _host_copy(model)
     if bar is not None:
         bar.close()
     return Candidate(
