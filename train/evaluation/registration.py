@@ -128,7 +128,7 @@ class Registrar:
         return reg
 
     def _metric(self, fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
-        """Mattes MI of the pair under ``transform`` at full resolution (lower is better)."""
+        """Mattes MI of the pair under ``transform``, unsmoothed on their grid (lower is better)."""
         reg = self._method((1,), (0.0,))
         reg.SetInitialTransform(transform, inPlace=False)
         return float(reg.MetricEvaluate(fixed, moving))
