@@ -144,10 +144,11 @@ def overlay_figure(
     handles = [
         Patch(color=colours[(int(v) - 1) % 10], label=f"{v}: {n}") for v, n in sorted(names.items())
     ]
+    rows = -(-len(handles) // 6)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * rows, 1, 1))
     if path is not None:
         fig.savefig(path, dpi=100)
         plt.close(fig)

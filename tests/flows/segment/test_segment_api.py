@@ -87,6 +87,8 @@ def test_saved_task_is_reused_and_refused_for_another_checkpoint(
         )
     )
     assert [r.status for r in first] == ["ok"] and first[0].labels == {3: "liver", 4: "spleen"}
+    first[0].show(path=str(tmp_path / "overlay.png"))  # the static figure, saved
+    assert (tmp_path / "overlay.png").stat().st_size > 10_000
     assert task.is_file()
     again = list(
         segment(str(tiny_run), [query], task=str(task), out=tmp_path / "b", save_probabilities=True)
@@ -137,6 +139,8 @@ def test_query_over_the_memory_budget_fails_before_it_is_read(tmp_path, tiny_run
     )
     assert results[0].status == "failed" and "per-scan budget" in results[0].reason
     assert "GiB" in results[0].reason and not (tmp_path / "o" / "q0_seg.nii.gz").exists()
+    with pytest.raises(ValueError, match="has no segmentation"):
+        results[0].show()
 
 
 def test_spacing_comes_from_the_pretraining_bank_when_the_checkpoint_names_it(tmp_path, phantoms):
