@@ -148,7 +148,7 @@ def overlay_figure(
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.02 + 0.06 * rows, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * rows, 1, 0.95))
     if path is not None:
         fig.savefig(path, dpi=100)
         plt.close(fig)
