@@ -195,15 +195,18 @@ def add_real_scan(
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows written so far (a half-written last line is left for later)."""
+    """Training rows of metrics.jsonl written so far (a half-written last line is left for
+    later; held-out validation rows, which carry no loss, are left out)."""
     if not path.exists():
         return []
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break
+        if "loss" in row:
+            rows.append(row)
     return rows
 
 
