@@ -676,9 +676,11 @@ def evaluate_finetune(
     scans = labelled_scans(bank, scan_ids)
     access = ScanAccess(scans)
     datasets = {s.scan_id: s.dataset for s in scans}
+    # A subject's scans (follow-ups, other sequences) stay in one part of every split.
+    subjects = {s.scan_id: s.subject for s in scans if s.subject != s.scan_id}
     plans = []
     for seed in options.split_seeds:  # every split checked before any training
-        split = make_split(datasets, seed)
+        split = make_split(datasets, seed, subjects)
         plans.append((split, _check_split(split, scans, bank)))
     runs, splits = [], []
     for split, classes in plans:
