@@ -61,7 +61,6 @@ PRESETS: dict[str, NetSpec] = {
         dec_blocks=0,
         token_levels=(2, 3),
         n_query_tokens=4,
-        prior_levels=(0, 2),
     ),
     "small": NetSpec(
         channels=(16, 32, 64, 128, 256), enc_blocks=(1, 1, 2, 2, 2), token_levels=(2, 3, 4)

@@ -82,11 +82,13 @@ def test_per_task_decoding_keeps_tasks_apart():
 def test_similarity_prior_marks_voxels_like_the_reference_structure():
     """The prior alone (decoder silenced) is higher where the query repeats the reference's
     structure than elsewhere, from the first step."""
+    from dataclasses import replace
+
     from train.incontext_net import InContextSegNet
 
     torch.manual_seed(0)
-    net = InContextSegNet(PRESETS["tiny"]).eval()
-    assert PRESETS["tiny"].prior_levels and net.prior_scale is not None
+    net = InContextSegNet(replace(PRESETS["tiny"], prior_levels=(0, 2))).eval()
+    assert net.prior_scale is not None and build_model("tiny").prior_scale is None
     img = torch.randn(1, 1, 32, 32, 32) * 0.1
     img[..., 8:16, 8:16, 8:16] += 3.0  # a bright cube: the structure
     masks = torch.zeros(1, 1, 32, 32, 32, dtype=torch.bool)

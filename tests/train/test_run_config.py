@@ -117,7 +117,7 @@ def test_a_config_file_must_be_a_yaml_mapping(tmp_path):
 def test_sampler_config_takes_the_typed_data_section():
     data = TrainConfig.load("tiny", ["data.scans=[s1]", "data.dataset_weights.lung=2"]).data
     scfg = SamplerConfig.from_config(data)
-    assert (scfg.crop, scfg.margin, scfg.k, scfg.batch_size) == (32, 8, 4, 2)
+    assert (scfg.crop, scfg.margin, scfg.k, scfg.batch_size) == (32, 8, 13, 2)
     assert (scfg.disjoint_frac, scfg.absent_frac, scfg.max_ref_fill) == (0.2, 0.2, 0.5)
     assert scfg.scans == ("s1",) and scfg.dataset_weights == {"lung": 2.0}
     assert SamplerConfig.from_config(data.to_dict()) == scfg
