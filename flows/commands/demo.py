@@ -271,6 +271,9 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
             "--out",
             str(run_dir),
             f"data.scans={json.dumps(scans)}",
+            # The held-out queries double as validation scans: the pretext's Dice on pairs
+            # from scans it never trained on, every train.val_every steps.
+            *([f"data.val_scans={json.dumps(queries)}"] if queries else []),
             f"train.max_steps={args.steps}",
             f"train.progress={'false' if args.no_progress else 'true'}",
             f"train.ckpt_every={max(20, args.steps // 4)}",  # a few checkpoints, not 50
@@ -285,6 +288,11 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         print(f"\npretraining loss over {len(losses)} steps: {sparkline(losses)}")
         print(f"mean loss of the first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if "val_dice" in r]
+    if val:
+        curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in val)
+        print(f"held-out pair Dice (scans left out of pretraining) by step: {curve}")
+    if losses:
         print(f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tb'})")
     return 0
 

@@ -22,8 +22,14 @@ def test_demo_on_phantoms_and_rerun_skips(prefect_api: str, tmp_path: Path) -> N
     assert "5 ok, 0 skipped, 0 failed" in out.stdout and "demo done" in out.stdout
     assert "ABO" in out.stdout and "overall" in out.stdout
     assert "pretraining loss over 4 steps" in out.stdout
-    metrics = (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 4
+    metrics = [
+        json.loads(line)
+        for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len([m for m in metrics if "loss" in m]) == 4
+    # The left-out queries validate the pretext: a held-out pair Dice at the last step.
+    assert [m["step"] for m in metrics if "val_dice" in m] == [4]
+    assert "held-out pair Dice (scans left out of pretraining) by step: 4: " in out.stdout
     assert (tmp_path / "pretrain" / "checkpoints").is_dir()
     # The answer: 1-shot in-context Dice of the phantoms' organs on scans left out of
     # pretraining: pretrained, atlas registration and the untrained floor, with intervals.
