@@ -70,7 +70,8 @@ class LoadedNetwork:
         }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints are recorded by content)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -175,7 +176,7 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
         str(path),
         weights,
         pretext,
-        _sha256(path),
+        file_sha256(path),
         int(step) if step is not None else None,
         config,
         [dict(r) for r in record] if isinstance(record, list) else None,

@@ -10,7 +10,6 @@ in the folder is executed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from train.evaluation.checkpoint import file_sha256
 from train.incontext_net import InContextSegNet, TaskEmbedding, build_model
 
 from .tasks import TaskSet, _flatten, _unflatten
@@ -47,14 +47,6 @@ class SavedNetwork:
 def is_saved_model(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_finetuned(
@@ -136,7 +128,7 @@ def load_finetuned(directory: str | Path) -> SavedNetwork:
     classes, global_task = _unflatten("classes", tensors), _unflatten("global", tensors)
     if classes is None:
         raise SavedModelError(f"{directory}: no class embeddings")
-    sha = _sha256(directory / WEIGHTS)
+    sha = file_sha256(directory / WEIGHTS)
     spacing = config.get("spacing")
     tasks = TaskSet(
         classes,
