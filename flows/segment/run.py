@@ -24,6 +24,7 @@ import numpy as np
 
 from flows.inputs import InputError, ScanInput, collect_inputs
 from pipeline.errors import ScanError
+from train.postprocess import largest_component
 from train.segment.inference import Segmenter
 from train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
 
@@ -56,18 +57,11 @@ class SegmentOptions:
 
 
 def _largest_components(label: np.ndarray, values: list[int]) -> np.ndarray:
-    """Keep each value's largest 26-connected component."""
-    import cc3d
-
+    """Keep each value's largest 26-connected component (``train.postprocess``)."""
     for value in values:
         mask = label == value
-        if not mask.any():
-            continue
-        comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-        if n > 1:
-            sizes = np.bincount(comps.ravel())
-            sizes[0] = 0
-            label[mask & (comps != int(np.argmax(sizes)))] = 0
+        if mask.any():
+            label[mask & ~largest_component(mask, connectivity=3)] = 0
     return label
 
 
