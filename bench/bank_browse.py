@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bank import Bank  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
 
 SHAPE = (24, 24, 20)
 
@@ -34,7 +32,7 @@ def default_cache_dir() -> Path:
 
 def cached_bank(cache: Path, n_scans: int) -> str:
     """A bank of ``n_scans`` small phantoms with proposals, built once."""
-    from flows.demo_bank import add_phantom_scan
+    from maskbank.flows.demo_bank import add_phantom_scan
 
     path = cache / f"bank-{n_scans}"
     bank = Bank.create(path)

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +22,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bank import Bank, Encoding  # noqa: E402
-from bank.index import dir_nbytes  # noqa: E402
+from maskbank.bank import Bank, Encoding  # noqa: E402
+from maskbank.bank.index import dir_nbytes  # noqa: E402
 
 CROP = 128
 CT_CLIP = (-991.0, 500.0)
@@ -192,7 +189,7 @@ def compare_chunks(image: np.ndarray, tmp: Path, crops_n: int) -> list[dict]:
 
 def index_scale(n_rows: int, tmp: Path) -> dict:
     """Cost of the bank-level index with n_rows scans: size, open, summary, one row update."""
-    from bank.index import atomic_write_text, render_index
+    from maskbank.bank.index import atomic_write_text, render_index
 
     root = tmp / "index-bank"
     bank, _ = write_bank(root, np.zeros((32, 32, 32), np.float16), Encoding())

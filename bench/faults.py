@@ -42,13 +42,12 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
-from bank import Bank  # noqa: E402
-from bank.layout import STAGING_DIR, TRASH_DIR  # noqa: E402
-from pipeline.phantom import make_phantom  # noqa: E402
-from pipeline.reader import sha256_of  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
+from maskbank.bank.layout import STAGING_DIR, TRASH_DIR  # noqa: E402
+from maskbank.pipeline.phantom import make_phantom  # noqa: E402
+from maskbank.pipeline.reader import sha256_of  # noqa: E402
 
 N_PHANTOMS = 4
 PHANTOM_SHAPE = (72, 72, 56)  # ~1 s per scan on one core: a kill lands between and inside scans
@@ -131,7 +130,7 @@ class Suite:
         """One `prefect server start` on loopback for every maskbank subprocess."""
         if self._server is not None:
             return
-        from flows.server import LoopbackServer
+        from maskbank.flows.server import LoopbackServer
 
         os.environ["PREFECT_HOME"] = self.env["PREFECT_HOME"]
         self._server = LoopbackServer(self.root / "prefect" / "server", services=False).start()
@@ -169,7 +168,7 @@ class Suite:
 
     @staticmethod
     def maskbank(*args: str) -> list[str]:
-        return [sys.executable, "-m", "flows.cli", *args]
+        return [sys.executable, "-m", "maskbank.flows.cli", *args]
 
     def prepare_cmd(self, bank: Path, inputs: Path | None = None) -> list[str]:
         return self.maskbank(

@@ -24,7 +24,7 @@ loss_last, incontext, finetune, probe, seconds, out) and writes it to OUT/result
 with the full evaluation results beside it.
 
 Device command. The GPU image has torch, scipy, scikit-image, torch-geometric,
-matplotlib, pyyaml and tqdm but not zarr (+ donfig, google-crc32c), numcodecs, monai,
+matplotlib, pyyaml and tqdm but not maskbank itself, zarr (+ donfig, google-crc32c), numcodecs, monai,
 nibabel or connected-components-3d (the last two for the real scans), so carry them as
 wheels (about 16 MB), and the real scans (about 17 MB; ``../shared`` beside a checkout
 does not travel).
@@ -36,6 +36,7 @@ Once, here, in the repository root::
       --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 \
       donfig==0.8.1.post1 google-crc32c==1.9.0 nibabel==5.4.2 monai==1.6.1 \
       connected-components-3d==4.1.1
+    .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .   # maskbank itself
     mkdir -p .bench_data && cp ../shared/data/ct_chest_lung1*.nii.gz \
       ../shared/data/ct_head_template_1mm.nii.gz ../shared/data/mr_brain_aniso_4x4x5mm.nii.gz \
       ../shared/data/mr_brain_mni152_t1_1mm.nii.gz ../shared/data/mr_brain_mni152_aicha_* \
@@ -75,7 +76,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # (scan id, image, label, label names, modality): the real sample scans used when present.
 REAL_SCANS: tuple[tuple[str, str, str | None, str | None, str], ...] = (
@@ -110,8 +110,8 @@ def build_bank(
     path: Path, n_phantoms: int, shape: tuple[int, int, int], data: Path | None
 ) -> tuple[Any, list[str], dict[str, Any]]:
     """Phantoms (the evaluation set) plus prepared real scans; returns bank, phantom ids, info."""
-    from bank import Bank
-    from flows.demo_bank import add_phantom_scan
+    from maskbank.bank import Bank
+    from maskbank.flows.demo_bank import add_phantom_scan
 
     bank = Bank.create(str(path))
     phantoms = []
@@ -153,12 +153,12 @@ def add_real_scan(
     modality: str,
 ) -> None:
     """Prepare one real scan at 1.5 mm and store engine proposals, as the two flows do per scan."""
-    from bank.proposals import write_proposals
-    from pipeline.config import PrepareConfig
-    from pipeline.normalize import invert_normalization
-    from pipeline.prepare import prepare_scan
-    from pipeline.proposals.engine import ProposalConfig, generate_proposals
-    from pipeline.reader import sha256_of
+    from maskbank.bank.proposals import write_proposals
+    from maskbank.pipeline.config import PrepareConfig
+    from maskbank.pipeline.normalize import invert_normalization
+    from maskbank.pipeline.prepare import prepare_scan
+    from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
+    from maskbank.pipeline.reader import sha256_of
 
     img_path = data / image
     if not img_path.exists():
@@ -308,10 +308,10 @@ def evaluations(
     bank: Any, run_dir: Path, ids: list[str], device: str, smoke: bool, ft_steps: int, out: Path
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """In-context, fine-tuning and probe results, pretrained vs untrained, on the phantoms."""
-    from train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
-    from train.evaluation.finetune import FinetuneOptions, evaluate_finetune
-    from train.evaluation.incontext import InContextOptions, evaluate_incontext
-    from train.evaluation.probe import ProbeSettings, run_probe
+    from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+    from maskbank.train.evaluation.finetune import FinetuneOptions, evaluate_finetune
+    from maskbank.train.evaluation.incontext import InContextOptions, evaluate_incontext
+    from maskbank.train.evaluation.probe import ProbeSettings, run_probe
 
     def networks(baseline: str) -> tuple[Any, Any]:
         pre = load_network(str(run_dir))
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds["pretrain"] = time.perf_counter() - t
         result.update(train)
-        from train.run_config import TrainConfig
+        from maskbank.train.run_config import TrainConfig
 
         result["batch_size"] = TrainConfig.load(preset, overrides).data.batch_size
 

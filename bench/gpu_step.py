@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.incontext_net import build_model, count_parameters  # noqa: E402
-from train.optimizer_setup import build_optimizer  # noqa: E402
-from train.run import main as run_main
-from train.run_config import load_config  # noqa: E402
-from train.seg_loss import segmentation_loss  # noqa: E402
+from maskbank.train.incontext_net import build_model, count_parameters  # noqa: E402
+from maskbank.train.optimizer_setup import build_optimizer  # noqa: E402
+from maskbank.train.run import main as run_main
+from maskbank.train.run_config import load_config  # noqa: E402
+from maskbank.train.seg_loss import segmentation_loss  # noqa: E402
 
 
 def compute_only(preset: str, crop: int, batch: int, tasks: int, steps: int, device) -> dict:
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="maskbank-gpu-") as tmp:
         bank = args.bank
         if bank is None:
-            from flows.demo_bank import build_phantom_bank
+            from maskbank.flows.demo_bank import build_phantom_bank
 
             t = time.perf_counter()
             bank = str(Path(tmp) / "bank")

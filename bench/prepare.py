@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from skimage.transform import resize
 
-from bank import Bank
-from pipeline.config import PrepareConfig
-from pipeline.orient import to_ras
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
-from pipeline.resample import resample
+from maskbank.bank import Bank
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.orient import to_ras
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.pipeline.resample import resample
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TARGET = (1.5, 1.5, 1.5)

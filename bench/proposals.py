@@ -29,19 +29,18 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
-from bank import Bank, Encoding  # noqa: E402
-from bank.proposals import ProposalReader, write_proposals  # noqa: E402
-from pipeline.config import PrepareConfig  # noqa: E402
-from pipeline.normalize import invert_normalization  # noqa: E402
-from pipeline.phantom import make_phantom  # noqa: E402
-from pipeline.prepare import prepare_scan  # noqa: E402
-from pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
-from pipeline.proposals.external import from_label_map  # noqa: E402
-from pipeline.proposals.features import compute_features  # noqa: E402
-from pipeline.proposals.quality import score  # noqa: E402
+from maskbank.bank import Bank, Encoding  # noqa: E402
+from maskbank.bank.proposals import ProposalReader, write_proposals  # noqa: E402
+from maskbank.pipeline.config import PrepareConfig  # noqa: E402
+from maskbank.pipeline.normalize import invert_normalization  # noqa: E402
+from maskbank.pipeline.phantom import make_phantom  # noqa: E402
+from maskbank.pipeline.prepare import prepare_scan  # noqa: E402
+from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
+from maskbank.pipeline.proposals.external import from_label_map  # noqa: E402
+from maskbank.pipeline.proposals.features import compute_features  # noqa: E402
+from maskbank.pipeline.proposals.quality import score  # noqa: E402
 
 
 def synthetic_speed(shape=(250, 250, 200)) -> dict:

@@ -41,23 +41,22 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO.parent / "shared" / "data"
 
 from proposals import _mni_label  # noqa: E402  (bench/proposals.py: grey/white matter labels)
 
-from bank import Bank  # noqa: E402
-from bank.proposals import ProposalReader, proposal_nbytes, write_proposals  # noqa: E402
-from pipeline.config import PrepareConfig  # noqa: E402
-from pipeline.normalize import invert_normalization  # noqa: E402
-from pipeline.phantom import make_phantom  # noqa: E402
-from pipeline.prepare import prepare_scan  # noqa: E402
-from pipeline.proposals.baseline import SLIC_COMPACTNESS, slic_proposals  # noqa: E402
-from pipeline.proposals.budget import fit_byte_budget  # noqa: E402
-from pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
-from pipeline.proposals.features import compute_features  # noqa: E402
-from pipeline.proposals.quality import RECALL_LEVELS, recall_key, score, summarise  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
+from maskbank.bank.proposals import ProposalReader, proposal_nbytes, write_proposals  # noqa: E402
+from maskbank.pipeline.config import PrepareConfig  # noqa: E402
+from maskbank.pipeline.normalize import invert_normalization  # noqa: E402
+from maskbank.pipeline.phantom import make_phantom  # noqa: E402
+from maskbank.pipeline.prepare import prepare_scan  # noqa: E402
+from maskbank.pipeline.proposals.baseline import SLIC_COMPACTNESS, slic_proposals  # noqa: E402
+from maskbank.pipeline.proposals.budget import fit_byte_budget  # noqa: E402
+from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals  # noqa: E402
+from maskbank.pipeline.proposals.features import compute_features  # noqa: E402
+from maskbank.pipeline.proposals.quality import RECALL_LEVELS, recall_key, score, summarise  # noqa: E402
 
 MIN_VOXELS = 27
 CASES = ("mni", "small", "chest", "phantom")

@@ -34,12 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.augment import STRONG, WEAK, PairAugmenter  # noqa: E402
-from train.augment.spatial import random_affine, sampling_grid  # noqa: E402
-from train.memory_policy import retain_freed_memory  # noqa: E402
-from train.pair_sampler import PairStream, SamplerConfig, SamplerError, padded_roi  # noqa: E402
+from maskbank.train.augment import STRONG, WEAK, PairAugmenter  # noqa: E402
+from maskbank.train.augment.spatial import random_affine, sampling_grid  # noqa: E402
+from maskbank.train.memory_policy import retain_freed_memory  # noqa: E402
+from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, padded_roi  # noqa: E402
 
 REALISTIC_SOURCE = (512, 512, 300)  # voxels of bench/prepare.py's synthetic CT, before prepare
 REALISTIC_SPACING = (0.7, 0.7, 1.0)  # mm
@@ -64,7 +62,7 @@ def realistic_bank(
     Reused from ``cache`` when a complete bank of this recipe is there (built once: minutes).
     Returns the bank path and per scan its source and bank shapes.
     """
-    from bank import Bank
+    from maskbank.bank import Bank
 
     path = cache / "bank"
     stamp = cache / "recipe.json"
@@ -78,11 +76,11 @@ def realistic_bank(
         return str(path), json.loads(stamp.read_text())["volumes"]
     import shutil
 
-    from flows.propose import propose_scan
-    from pipeline.config import PrepareConfig
-    from pipeline.phantom import make_phantom
-    from pipeline.prepare import prepare_scan
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.flows.propose import propose_scan
+    from maskbank.pipeline.config import PrepareConfig
+    from maskbank.pipeline.phantom import make_phantom
+    from maskbank.pipeline.prepare import prepare_scan
+    from maskbank.pipeline.proposals.engine import ProposalConfig
 
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
@@ -123,8 +121,8 @@ def build_baseline_files(
     """Whole-volume .npy images + one HDF5 (LZF) of whole uint8 masks per scan; returns seconds."""
     import h5py
 
-    from bank import Bank
-    from bank.proposals import ProposalReader
+    from maskbank.bank import Bank
+    from maskbank.bank.proposals import ProposalReader
 
     t0 = time.perf_counter()
     bank = Bank.open(bank_path)
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cache_dir or default_cache_dir(), source=tuple(args.realistic_source)
             )
         elif bank is None:
-            from flows.demo_bank import build_phantom_bank
+            from maskbank.flows.demo_bank import build_phantom_bank
 
             bank = str(tmp_path / "bank")
             t = time.perf_counter()

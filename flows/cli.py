@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from flows.commands.options import apply_storage_options, redacted_argv
+from maskbank.flows.commands.options import apply_storage_options, redacted_argv
 
 # Order = order in `maskbank --help`. Modules owned by other parts of the project may
 # be absent in a given checkout; a missing one is skipped, not fatal.
@@ -34,9 +34,9 @@ def _load_commands() -> list:
     modules = []
     for name in COMMANDS:
         try:
-            modules.append(importlib.import_module(f"flows.commands.{name}"))
+            modules.append(importlib.import_module(f"maskbank.flows.commands.{name}"))
         except ModuleNotFoundError as exc:
-            if exc.name not in (f"flows.commands.{name}",):
+            if exc.name not in (f"maskbank.flows.commands.{name}",):
                 raise
     return modules
 

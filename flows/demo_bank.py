@@ -60,12 +60,12 @@ def add_phantom_scan(
     The scan carries ``label_names`` (the phantom's organs present in it) and
     ``metadata`` like a prepared labelled scan, so evaluation code runs on it as is.
     """
-    from bank.proposals import write_proposals
-    from pipeline.label_names import names_present
-    from pipeline.phantom import make_phantom
-    from pipeline.proposals.external import from_label_map
-    from pipeline.proposals.features import compute_features
-    from pipeline.proposals.proposal_set import merge_sets
+    from maskbank.bank.proposals import write_proposals
+    from maskbank.pipeline.label_names import names_present
+    from maskbank.pipeline.phantom import make_phantom
+    from maskbank.pipeline.proposals.external import from_label_map
+    from maskbank.pipeline.proposals.features import compute_features
+    from maskbank.pipeline.proposals.proposal_set import merge_sets
 
     ph = make_phantom(
         modality, shape=shape, spacing=(1.5, 1.5, 1.5), seed=seed, n_lesions=n_lesions
@@ -102,7 +102,7 @@ def build_phantom_bank(
     dataset: str = "phantom",
 ):
     """Create (or extend) a bank at ``path`` with ``n_scans`` phantoms; returns the Bank."""
-    from bank import Bank
+    from maskbank.bank import Bank
 
     bank = Bank.create(path)
     for i in range(n_scans):

@@ -16,13 +16,20 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from bank import Bank, resolve_location
-from bank.proposals import write_proposals
-from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
-from flows.propose import raw_image
-from pipeline.errors import ScanError
-from pipeline.mask_import import MASK_SUFFIXES, imported_set, mask_files
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank, resolve_location
+from maskbank.bank.proposals import write_proposals
+from maskbank.flows.per_scan import (
+    Cluster,
+    RunClock,
+    ScanOutcome,
+    per_scan_task,
+    run_scans,
+    seconds_since,
+)
+from maskbank.flows.propose import raw_image
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.mask_import import MASK_SUFFIXES, imported_set, mask_files
+from maskbank.pipeline.proposals.features import compute_features
 
 
 def _manifest_rows(path: Path) -> list[tuple[int, dict]]:

@@ -15,8 +15,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.errors import ScanError
-from pipeline.reader import is_dicom_dir, sha256_of
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.reader import is_dicom_dir, sha256_of
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")

@@ -28,8 +28,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
-from bank import Bank
-from pipeline.errors import ScanError
+from maskbank.bank import Bank
+from maskbank.pipeline.errors import ScanError
 
 TASK_RETRIES = 2
 RETRY_DELAYS_S = [1, 4]

@@ -16,14 +16,21 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from bank import Bank, resolve_location
-from flows.inputs import ScanInput, collect_inputs
-from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
-from pipeline.config import PrepareConfig
-from pipeline.errors import ScanError
-from pipeline.label_names import name_conflicts
-from pipeline.prepare import prepare_scan
-from pipeline.reader import sha256_of
+from maskbank.bank import Bank, resolve_location
+from maskbank.flows.inputs import ScanInput, collect_inputs
+from maskbank.flows.per_scan import (
+    Cluster,
+    RunClock,
+    ScanOutcome,
+    per_scan_task,
+    run_scans,
+    seconds_since,
+)
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.label_names import name_conflicts
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.pipeline.reader import sha256_of
 
 
 def _outcome(item: ScanInput, status: str, t0: float, **details) -> ScanOutcome:
@@ -92,8 +99,8 @@ def prepare_one(
 
 def with_proposals(outcome: ScanOutcome, bank: str, proposals: dict) -> ScanOutcome:
     """A prepared scan's outcome after making its proposals (`flows.propose.propose_scan`)."""
-    from flows.propose import propose_scan
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.flows.propose import propose_scan
+    from maskbank.pipeline.proposals.engine import ProposalConfig
 
     cfg = ProposalConfig.from_dict(proposals)
     try:

@@ -16,13 +16,20 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger
 
-from bank import Bank, resolve_location
-from bank.errors import StaleScanError
-from bank.proposals import ProposalReader, proposal_nbytes, write_proposals
-from flows.per_scan import Cluster, RunClock, ScanOutcome, per_scan_task, run_scans, seconds_since
-from pipeline.normalize import invert_normalization
-from pipeline.proposals.budget import fit_byte_budget
-from pipeline.proposals.engine import ProposalConfig, generate_proposals
+from maskbank.bank import Bank, resolve_location
+from maskbank.bank.errors import StaleScanError
+from maskbank.bank.proposals import ProposalReader, proposal_nbytes, write_proposals
+from maskbank.flows.per_scan import (
+    Cluster,
+    RunClock,
+    ScanOutcome,
+    per_scan_task,
+    run_scans,
+    seconds_since,
+)
+from maskbank.pipeline.normalize import invert_normalization
+from maskbank.pipeline.proposals.budget import fit_byte_budget
+from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
 
 # A scan rewritten while its proposals were made: make them again from the new version.
 STALE_RETRIES = 2

@@ -115,7 +115,7 @@ def _montage(scans: Sequence[Any], opt: ReportOptions, columns: int = 4) -> byte
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from bank.proposals import NoProposalsError, ProposalReader, masks_to_labels
+    from maskbank.bank.proposals import NoProposalsError, ProposalReader, masks_to_labels
 
     rows = max(1, math.ceil(len(scans) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
@@ -196,7 +196,7 @@ def _proposal_plots(table, facts: dict[str, ScanFacts]) -> bytes:
 
 
 def _quality_rows(bank, facts: dict[str, ScanFacts], scan_ids: list[str]) -> list[dict]:
-    from flows.commands.proposals_quality import bank_quality
+    from maskbank.flows.commands.proposals_quality import bank_quality
 
     report = bank_quality(bank, scan_ids, opened={sid: facts[sid].scan for sid in scan_ids})
     return [
@@ -230,7 +230,7 @@ def _progress(items: Iterable, total: int, enabled: bool, desc: str):
 
 def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[str, np.ndarray]]:
     """Read every selected scan once: body and intensity statistics, proposal sizes."""
-    from bank.proposals import NoProposalsError
+    from maskbank.bank.proposals import NoProposalsError
 
     table = bank.scans
     if opt.scan_ids is not None:
@@ -334,7 +334,7 @@ def render(
 
         parts.append("<h2>Proposal quality against the labels (best Dice per structure)</h2>")
         parts.append(_table_html(pd.DataFrame(extra["quality"])))
-    from flows.report import human_bytes
+    from maskbank.flows.report import human_bytes
 
     shown = table.drop(columns=["source", "written_at"]).copy()
     shown["shape"] = shown["shape"].map(lambda s: "x".join(map(str, s)))

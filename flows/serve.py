@@ -1,6 +1,6 @@
 """Serve `prepare_bank` as a Prefect deployment from this process (no work pool needed).
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve --name maskbank \\
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m maskbank.flows.serve --name maskbank \\
         --allowed-root /data/scans --allowed-root /data/banks
     prefect deployment run prepare-bank/maskbank \\
         --params '{"inputs": ["/data/scans"], "bank": "/data/banks/ct", "workers": 8}'
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from flows.prepare import prepare_bank
+from maskbank.flows.prepare import prepare_bank
 
 DEFAULT_NAME = "maskbank"
 ROOTS_ENV = "MASKBANK_ALLOWED_ROOTS"
@@ -111,7 +111,7 @@ class RunPolicy:
             self.check_path("input", item)
         if label_names:
             self.check_path("label_names", label_names)
-        from flows.inputs import collect_inputs
+        from maskbank.flows.inputs import collect_inputs
 
         # Manifests name their own files: each one must lie inside the roots as well.
         for scan in collect_inputs(list(inputs), dataset, label_names):
@@ -146,7 +146,7 @@ def guarded_prepare_bank(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m flows.serve",
+        prog="python -m maskbank.flows.serve",
         description="Register the prepare-bank deployment and run its flow runs until stopped.",
     )
     p.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default {DEFAULT_NAME})")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flows.commands._prefect_env import apply_cli_defaults
+    from maskbank.flows.commands._prefect_env import apply_cli_defaults
 
     apply_cli_defaults()
     env_policy = RunPolicy.from_env()

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-from pipeline.errors import ScanError
+from maskbank.pipeline.errors import ScanError
 
 _STEP = 4 << 20  # bytes decoded between progress reports
 # Decompressed bytes tolerated after the declared data (the gzip trailer is checked after

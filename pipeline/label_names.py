@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ScanError
+from maskbank.pipeline.errors import ScanError
 
 _ITKSNAP = re.compile(
     r"^(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9.eE+-]+)\s+(\d+)\s+(\d+)\s+\"(.*)\"\s*$"

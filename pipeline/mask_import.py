@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ScanError
-from pipeline.orient import to_ras
-from pipeline.proposals.external import from_label_map
-from pipeline.proposals.proposal_set import ProposalSet, merge_sets
-from pipeline.reader import read_scan
-from pipeline.resample import output_affine, resample
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.orient import to_ras
+from maskbank.pipeline.proposals.external import from_label_map
+from maskbank.pipeline.proposals.proposal_set import ProposalSet, merge_sets
+from maskbank.pipeline.reader import read_scan
+from maskbank.pipeline.resample import output_affine, resample
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 MAX_VOXELS = 1_500_000_000

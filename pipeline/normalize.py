@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import PrepareConfig
+from maskbank.pipeline.config import PrepareConfig
 
 
 def normalization_params(

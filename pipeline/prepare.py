@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.body import body_mask, crop_box
-from pipeline.config import PrepareConfig, default_scan_memory
-from pipeline.decode_overlap import DecodeOverlap
-from pipeline.errors import ScanError
-from pipeline.label_names import names_present, read_label_names
-from pipeline.modality import detect_modality
-from pipeline.normalize import apply_normalization, normalization_params
-from pipeline.orient import native_box, ras_affine, ras_axes, to_ras
-from pipeline.reader import RawScan, ScanHeader, read_scan, sha256_of
-from pipeline.resample import (
+from maskbank.pipeline.body import body_mask, crop_box
+from maskbank.pipeline.config import PrepareConfig, default_scan_memory
+from maskbank.pipeline.decode_overlap import DecodeOverlap
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.label_names import names_present, read_label_names
+from maskbank.pipeline.modality import detect_modality
+from maskbank.pipeline.normalize import apply_normalization, normalization_params
+from maskbank.pipeline.orient import native_box, ras_affine, ras_axes, to_ras
+from maskbank.pipeline.reader import RawScan, ScanHeader, read_scan, sha256_of
+from maskbank.pipeline.resample import (
     PlanePass,
     nearest_index,
     output_affine,

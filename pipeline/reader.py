@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ScanError
-from pipeline.gzip_stream import GzipStream
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.gzip_stream import GzipStream
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -190,7 +190,7 @@ def _check_geometry(
             f"[{lo:g}, {hi:g}] mm; fix the header's voxel sizes",
         )
     if target is not None:
-        from pipeline.resample import output_shape
+        from maskbank.pipeline.resample import output_shape
 
         out = output_shape(shape, tuple(spacing), target)
         n_out = int(np.prod(out, dtype=np.float64))

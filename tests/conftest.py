@@ -39,7 +39,7 @@ _SERVER: dict[str, object] = {}
 
 def _server():
     """The suite's loopback server, started on first call (non-blocking)."""
-    from flows.server import LoopbackServer
+    from maskbank.flows.server import LoopbackServer
 
     if "server" not in _SERVER:
         home = Path(_PREFECT_HOME) / "server"

@@ -6,12 +6,15 @@ them. So: ``pipeline`` imports nothing of ours; ``bank`` imports neither
 imports ``bank`` only; ``flows`` may import all of them; nobody imports ``bench``.
 Outside ``bank/`` the bank is used through its public modules only, since
 ``bank/`` is the only code that knows the on-disk layout. Imports inside
-functions count as much as those at the top of a module.
+functions count as much as those at the top of a module. Every import of ours goes
+through the installed ``maskbank.`` namespace, never the bare folder names (which
+would load a second copy of a module and collide with other packages of those names).
 """
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,21 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+NAMESPACE = "maskbank."
+
+
+def _bare_imports(path: Path) -> list[str]:
+    """Absolute imports of our packages that skip the ``maskbank.`` namespace."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and not n.level and n.module
+    ]
+    return [name for name in names if name.split(".")[0] in OURS]
+
+
 def _is_module(name: str) -> bool:
     parts = name.split(".")
     base = ROOT.joinpath(*parts)
@@ -93,6 +111,7 @@ def breaches(package: str) -> list[tuple[str, str]]:
     for path in _modules(package):
         rel = path.relative_to(ROOT).as_posix()
         for line, module in _imports(path):
+            module = module.removeprefix(NAMESPACE)
             top = module.split(".")[0]
             where = f"{rel}:{line}"
             if top in OURS and top != package:
@@ -183,3 +202,23 @@ def test_the_walker_sees_nested_relative_and_from_imports():
     assert "bank.layout.PROPOSALS_PART" in names
     nested = {m for _, m in _imports(ROOT / "bank" / "bank.py")}
     assert "bank.verify" in nested  # imported inside Bank.verify()
+
+
+def test_every_import_of_ours_goes_through_the_namespace():
+    files = [p for d in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / d).rglob("*.py"))]
+    found = [f"{p.relative_to(ROOT)}: {name}" for p in files for name in _bare_imports(p)]
+    assert not found, "import these as maskbank.<package>:\n" + "\n".join(found)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages by hand (the folders map into ``maskbank.``)."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        NAMESPACE + ".".join(init.parent.relative_to(ROOT).parts)
+        for package in PACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+    }
+    assert folders <= listed, f"add to pyproject.toml: {sorted(folders - listed)}"
+    assert all((ROOT / Path(*name.split(".")[1:])).is_dir() for name in listed)

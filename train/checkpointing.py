@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.run_config import TrainConfig
+from maskbank.train.run_config import TrainConfig
 
 LAST = "last.pt"
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bank import ChunkCache, Piece, proposal_layer_array
-from train.kernels import labels as label_loops
+from maskbank.bank import ChunkCache, Piece, proposal_layer_array
+from maskbank.train.kernels import labels as label_loops
 
 # Prefix of a layer's array name (``ProposalIndex.layer_arrays`` holds the whole names).
 LAYERS_PATH = proposal_layer_array("")

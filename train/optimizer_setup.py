@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from train.lamb_optim import Lamb
-from train.run_config import OptimConfig
+from maskbank.train.lamb_optim import Lamb
+from maskbank.train.run_config import OptimConfig
 
 
 def build_optimizer(

@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bank import ChunkCache
-from train.crop_masks import ProposalIndex, crop_pieces, pieces_min
-from train.memory_policy import retain_freed_memory
-from train.run_config import DataConfig
+from maskbank.bank import ChunkCache
+from maskbank.train.crop_masks import ProposalIndex, crop_pieces, pieces_min
+from maskbank.train.memory_policy import retain_freed_memory
+from maskbank.train.run_config import DataConfig
 
 GLOBAL_TASK = "global"  # the extra all-ones context task, always the last bit
 _VISIT_STREAM = 0x5CA7  # third seed word of the per-visit scan draw (keeps it apart from pairs)
@@ -126,7 +126,7 @@ def bank_fingerprint(bank, proposals: str = "default") -> str:
 
 def open_bank(location: str):
     """Open a bank read-only with a clear error when it is missing or not a bank."""
-    from bank import Bank, BankError
+    from maskbank.bank import Bank, BankError
 
     try:
         return Bank.open(location)
@@ -398,7 +398,7 @@ class PairStream(IterableDataset):
         if scan_id in self._scans:
             self._scans.move_to_end(scan_id)
             return self._scans[scan_id]
-        from bank.proposals import ProposalReader
+        from maskbank.bank.proposals import ProposalReader
 
         view = self._bank.scan(scan_id)
         reader = ProposalReader(view, self.cfg.proposals)

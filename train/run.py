@@ -29,14 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python train/run.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.distributed as dist
 
-from train.augment import NONE, PairAugmenter
-from train.checkpointing import (
+from maskbank.train.augment import NONE, PairAugmenter
+from maskbank.train.checkpointing import (
     CheckpointError,
     check_resume,
     find_checkpoint,
@@ -46,22 +43,22 @@ from train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from train.evaluation.provenance import pretraining_scans
-from train.incontext_net import count_parameters
-from train.loader_watchdog import (
+from maskbank.train.evaluation.provenance import pretraining_scans
+from maskbank.train.incontext_net import count_parameters
+from maskbank.train.loader_watchdog import (
     LoaderWatchdog,
     is_loader_failure,
     kill_workers,
     loader_failure_message,
 )
-from train.memory_policy import retain_freed_memory
-from train.optimizer_setup import build_optimizer, build_scheduler
-from train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
-from train.pretext import PretextError, create_pretext
-from train.run_config import ConfigError, TrainConfig, dump_config
-from train.run_log import RunLog, StepOutcome
-from train.validation import PairValidator, resolve_validation, write_record
-from train.weight_ema import WeightEMA
+from maskbank.train.memory_policy import retain_freed_memory
+from maskbank.train.optimizer_setup import build_optimizer, build_scheduler
+from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
+from maskbank.train.pretext import PretextError, create_pretext
+from maskbank.train.run_config import ConfigError, TrainConfig, dump_config
+from maskbank.train.run_log import RunLog, StepOutcome
+from maskbank.train.validation import PairValidator, resolve_validation, write_record
+from maskbank.train.weight_ema import WeightEMA
 
 
 class TrainingError(RuntimeError):
@@ -529,4 +526,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python train/run.py` and torchrun: run the installed module, so that nothing
+    # exists twice (once as __main__, once as maskbank.train.run)
+    from maskbank.train.run import main as installed_main
+
+    sys.exit(installed_main())

@@ -161,7 +161,7 @@ class ModelConfig(_Section):
     preset: str = "tiny"  # network size, a key of train.incontext_net.PRESETS
 
     def validate(self) -> None:
-        from train.incontext_net import PRESETS
+        from maskbank.train.incontext_net import PRESETS
 
         _require(
             self.preset in PRESETS,
@@ -380,7 +380,7 @@ class TrainConfig(_Section):
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
     def validate(self) -> None:
-        from train.pretext import PRETEXTS
+        from maskbank.train.pretext import PRETEXTS
 
         _require(self.seed >= 0, "seed must be >= 0")
         _require(

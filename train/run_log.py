@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from train.pretext import Pretext, PretextOutput
-from train.run_config import TrainConfig
+from maskbank.train.pretext import Pretext, PretextOutput
+from maskbank.train.run_config import TrainConfig
 
 
 @dataclass

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.augment import PairAugmenter
-from train.pair_sampler import PairStream, SamplerConfig, SamplerError, open_bank
-from train.run_config import DataConfig, TrainConfig
+from maskbank.train.augment import PairAugmenter
+from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, open_bank
+from maskbank.train.run_config import DataConfig, TrainConfig
 
 VAL_SEED = 0x7A11D  # the validation pairs do not depend on the run's seed
 VAL_DISJOINT = 0.25  # share of validation pairs whose query lies beside the reference
@@ -118,7 +118,7 @@ class PairValidator:
         self.n_tasks = scfg.n_tasks
         augmenter = PairAugmenter(scfg.crop)
         if not augment:
-            from train.augment import NONE
+            from maskbank.train.augment import NONE
 
             augmenter = PairAugmenter(scfg.crop, NONE, NONE)
         self.batches: list[dict[str, torch.Tensor]] = []

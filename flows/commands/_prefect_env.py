@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from flows.server import guard_prefect_servers
+from maskbank.flows.server import guard_prefect_servers
 
 
 def apply_cli_defaults(verbose: bool = False) -> None:

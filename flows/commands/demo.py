@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.commands._prefect_env import apply_cli_defaults
-from flows.commands.options import add_workers_option
+from maskbank.flows.commands._prefect_env import apply_cli_defaults
+from maskbank.flows.commands.options import add_workers_option
 
 STAGE_ORDER = ("prepare", "propose", "pretrain", "evaluate")  # the functions are in STAGES below
 
@@ -31,7 +31,7 @@ REAL_SAMPLES = (
 
 def shared_data_dir() -> Path:
     """../shared/data next to the repository (where the real sample scans live)."""
-    import flows
+    from maskbank import flows
 
     return Path(flows.__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -91,8 +91,8 @@ def write_inputs(out: Path, synthetic: bool) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from pipeline.phantom import NAMES, make_phantom
-    from pipeline.synthetic_subjects import save_nifti_atomic, write_deformed_subject
+    from maskbank.pipeline.phantom import NAMES, make_phantom
+    from maskbank.pipeline.synthetic_subjects import save_nifti_atomic, write_deformed_subject
 
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -179,11 +179,11 @@ def write_inputs(out: Path, synthetic: bool) -> Path:
 
 
 def stage_prepare(args: argparse.Namespace, ctx: dict) -> int:
-    from flows.commands.info import format_summary
-    from flows.inputs import parse_spacing
-    from flows.prepare import prepare_bank
-    from flows.report import format_prepare_report
-    from pipeline.config import PrepareConfig
+    from maskbank.flows.commands.info import format_summary
+    from maskbank.flows.inputs import parse_spacing
+    from maskbank.flows.prepare import prepare_bank
+    from maskbank.flows.report import format_prepare_report
+    from maskbank.pipeline.config import PrepareConfig
 
     manifest = write_inputs(ctx["out"], args.synthetic)
     config = PrepareConfig(spacing=parse_spacing(args.spacing))
@@ -195,7 +195,7 @@ def stage_prepare(args: argparse.Namespace, ctx: dict) -> int:
         progress=not args.no_progress,
     )
     print(format_prepare_report(report))
-    from bank import Bank
+    from maskbank.bank import Bank
 
     print()
     print(format_summary(Bank.open(ctx["bank"]).summary()))
@@ -205,11 +205,11 @@ def stage_prepare(args: argparse.Namespace, ctx: dict) -> int:
 
 def stage_propose(args: argparse.Namespace, ctx: dict) -> int:
     """Mask proposals for every scan, then their quality against the labelled scans."""
-    from bank import Bank
-    from flows.commands.proposals_quality import bank_quality, format_table
-    from flows.propose import propose_bank
-    from flows.report import format_propose_report
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.bank import Bank
+    from maskbank.flows.commands.proposals_quality import bank_quality, format_table
+    from maskbank.flows.propose import propose_bank
+    from maskbank.flows.report import format_propose_report
+    from maskbank.pipeline.proposals.engine import ProposalConfig
 
     report = propose_bank(
         bank=str(ctx["bank"]),
@@ -239,8 +239,8 @@ def pretraining_scans(bank_path: Path) -> tuple[list[str], list[str]]:
     """(scans to pretrain on, evaluation queries left out): the evaluation never scores a
     scan the network was pretrained on. The references may stay: their labels are given
     to the network at evaluation anyway, and pretraining never sees a label."""
-    from bank import Bank
-    from train.evaluation.incontext import query_scan_ids
+    from maskbank.bank import Bank
+    from maskbank.train.evaluation.incontext import query_scan_ids
 
     bank = Bank.open(bank_path)
     try:
@@ -254,7 +254,7 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
     """A short CPU pretraining of the `tiny` preset on all but the evaluation queries."""
     import json
 
-    from train.run import main as train_main
+    from maskbank.train.run import main as train_main
 
     run_dir = ctx["out"] / "pretrain"
     scans, queries = pretraining_scans(ctx["bank"])
@@ -299,7 +299,7 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
 
 def stage_evaluate(args: argparse.Namespace, ctx: dict) -> int:
     """1-shot in-context segmentation: the pretrained `tiny`, atlas registration, the floor."""
-    from flows.cli import main as cli
+    from maskbank.flows.cli import main as cli
 
     out = ctx["out"] / "evaluate" / "incontext"
     argv = ["evaluate", "incontext", "--checkpoint", str(ctx["out"] / "pretrain")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.commands.options import add_storage_options
+from maskbank.flows.commands.options import add_storage_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def format_summary(summary: dict) -> str:
-    from flows.report import human_bytes, human_count, table
+    from maskbank.flows.report import human_bytes, human_count, table
 
     lines = [
         f"bank {summary['location']} (format v{summary['format_version']})",
@@ -61,7 +61,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands.options import open_bank_scans
+    from maskbank.flows.commands.options import open_bank_scans
 
     opened = open_bank_scans("maskbank info", args.bank)
     if opened is None:

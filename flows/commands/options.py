@@ -73,7 +73,7 @@ def prefect_for_workers(args: argparse.Namespace) -> Iterator[None]:
     ):
         yield
         return
-    from flows.server import loopback_server
+    from maskbank.flows.server import loopback_server
 
     with tempfile.TemporaryDirectory(prefix="maskbank-prefect-") as home:
         print("starting a loopback Prefect server for the worker processes...", file=sys.stderr)
@@ -99,8 +99,8 @@ def add_scan_selection(p: argparse.ArgumentParser) -> None:
 
 def open_bank_scans(prog: str, bank: str, scans: str | None = None):
     """``(Bank, scan ids or None for all)``; on a usage error print why and return None (exit 2)."""
-    from bank import Bank
-    from bank.errors import BankError
+    from maskbank.bank import Bank
+    from maskbank.bank.errors import BankError
 
     try:
         store = Bank.open(bank)
@@ -138,8 +138,8 @@ def apply_storage_options(args: argparse.Namespace) -> str | None:
     text = getattr(args, "storage_options", None)
     if text is None:
         return None
-    from bank import STORAGE_OPTIONS_ENV, parse_storage_options
-    from bank.errors import BankError
+    from maskbank.bank import STORAGE_OPTIONS_ENV, parse_storage_options
+    from maskbank.bank.errors import BankError
 
     try:
         parse_storage_options(text)
@@ -153,7 +153,7 @@ def redacted_argv(argv: list[str]) -> list[str]:
     """argv fit for a report: ``--storage-options`` values with their credentials replaced."""
     if not any(a.startswith(STORAGE_OPTIONS_FLAG) for a in argv):
         return list(argv)  # no bank import for commands without the option
-    from bank import redacted_storage_options as redacted_json
+    from maskbank.bank import redacted_storage_options as redacted_json
 
     out, redact_next = [], False
     for arg in argv:

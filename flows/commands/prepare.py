@@ -7,15 +7,15 @@ import json
 import os
 import sys
 
-from flows.commands._prefect_env import apply_cli_defaults
-from flows.commands.options import (
+from maskbank.flows.commands._prefect_env import apply_cli_defaults
+from maskbank.flows.commands.options import (
     add_cluster_options,
     add_run_output_options,
     add_storage_options,
     cluster_kwargs,
     prefect_for_workers,
 )
-from flows.commands.propose import add_proposal_options, config_from_args
+from maskbank.flows.commands.propose import add_proposal_options, config_from_args
 
 DESCRIPTION = """\
 Prepare raw scans into a bank: read, reorient to RAS, resample to --spacing,
@@ -129,10 +129,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.inputs import InputError, collect_inputs, parse_spacing
-    from pipeline.config import default_scan_memory, parse_size
-    from pipeline.errors import ScanError
-    from pipeline.label_names import read_label_names
+    from maskbank.flows.inputs import InputError, collect_inputs, parse_spacing
+    from maskbank.pipeline.config import default_scan_memory, parse_size
+    from maskbank.pipeline.errors import ScanError
+    from maskbank.pipeline.label_names import read_label_names
 
     try:
         spacing = parse_spacing(args.spacing)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from flows.report import table
+        from maskbank.flows.report import table
 
         rows = [
             [s.scan_id, s.image, s.label or "", s.dataset, s.modality or args.modality]
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(table(["scan", "image", "label", "dataset", "modality"], rows))
         print(f"\n{len(scans)} scans would be prepared into {args.bank} (dry run)")
         return 0
-    from bank import Bank, BankError
+    from maskbank.bank import Bank, BankError
 
     try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
         Bank.create(args.bank)
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     apply_cli_defaults(args.verbose)
 
     with prefect_for_workers(args):
-        from flows.prepare import prepare_bank
-        from pipeline.config import PrepareConfig
+        from maskbank.flows.prepare import prepare_bank
+        from maskbank.pipeline.config import PrepareConfig
 
         config = PrepareConfig(
             spacing=spacing,
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             label_names=label_names,
             **cluster_kwargs(args),
         )
-    from flows.report import format_prepare_report
+    from maskbank.flows.report import format_prepare_report
 
     if args.json:
         print(json.dumps(report, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.commands.options import add_storage_options
+from maskbank.flows.commands.options import add_storage_options
 
 DESCRIPTION = """\
 Pretrain the in-context segmentation network on reference/query pairs streamed from
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.run import main
+    from maskbank.train.run import main
 
     argv = ["--config", args.config, "--bank", args.bank, "--out", args.out, *args.overrides]
     if args.resume:

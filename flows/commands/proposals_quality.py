@@ -30,7 +30,7 @@ SORTS = ("size", "abo", "name")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from flows.commands.options import add_scan_selection
+    from maskbank.flows.commands.options import add_scan_selection
 
     p = subparsers.add_parser(
         "proposals-quality",
@@ -83,7 +83,7 @@ def _baseline_set(scan, baseline: tuple[str, int]):
     """SLIC on the scan's stored (normalised) image, grid and body mask."""
     import numpy as np
 
-    from pipeline.proposals.baseline import slic_proposals
+    from maskbank.pipeline.proposals.baseline import slic_proposals
 
     image = np.asarray(scan.read("image"), np.float32)
     body = np.asarray(scan.read("body"), bool)
@@ -106,9 +106,9 @@ def bank_quality(
     """
     import numpy as np
 
-    from bank.proposals import NoProposalsError, ProposalReader
-    from pipeline.proposals.baseline import parse_baseline
-    from pipeline.proposals.quality import ProposalArrays, score, summarise
+    from maskbank.bank.proposals import NoProposalsError, ProposalReader
+    from maskbank.pipeline.proposals.baseline import parse_baseline
+    from maskbank.pipeline.proposals.quality import ProposalArrays, score, summarise
 
     base_spec = parse_baseline(baseline)
     scans, best_all, base_all, counts, nbytes, rows = [], [], [], [], 0, []
@@ -234,8 +234,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands.options import open_bank_scans
-    from pipeline.proposals.baseline import parse_baseline
+    from maskbank.flows.commands.options import open_bank_scans
+    from maskbank.pipeline.proposals.baseline import parse_baseline
 
     prog = "maskbank proposals-quality"
     try:

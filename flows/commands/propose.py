@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from flows.commands._prefect_env import apply_cli_defaults
-from flows.commands.options import (
+from maskbank.flows.commands._prefect_env import apply_cli_defaults
+from maskbank.flows.commands.options import (
     add_cluster_options,
     add_run_output_options,
     add_scan_selection,
@@ -84,7 +84,7 @@ def add_proposal_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The engine's defaults (``ProposalConfig``) with the options that were given."""
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.pipeline.proposals.engine import ProposalConfig
 
     kw: dict = {}
     if args.generators is not None:
@@ -138,7 +138,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _set_name(args: argparse.Namespace) -> str:
     """The set to write; ValueError for a bad name or an import without a safe one."""
-    from bank.proposals import DEFAULT_SET, check_set_name
+    from maskbank.bank.proposals import DEFAULT_SET, check_set_name
 
     if args.import_from is not None:
         if args.name is None:
@@ -163,11 +163,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _store, ids = opened
     apply_cli_defaults(args.verbose)
-    from flows.report import format_propose_report
+    from maskbank.flows.report import format_propose_report
 
     if args.import_from is not None:
         return _run_import(args, ids, name)
-    from flows.propose import propose_bank
+    from maskbank.flows.propose import propose_bank
 
     report = propose_bank(
         bank=args.bank,  # the flow resolves a local path
@@ -183,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_import(args: argparse.Namespace, ids: list[str] | None, name: str) -> int:
-    from flows.import_masks import import_masks, mask_sources
-    from flows.report import format_propose_report
+    from maskbank.flows.import_masks import import_masks, mask_sources
+    from maskbank.flows.report import format_propose_report
 
     try:
         mask_sources(args.import_from)  # a bad source is a usage error, before any task

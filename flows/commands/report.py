@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands.options import add_storage_options
+from maskbank.flows.commands.options import add_storage_options
 
 DESCRIPTION = """\
 Write DIR/index.html: the scan table, intensity histograms after normalisation per
@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from flows.commands.options import add_scan_selection, positive_int
+    from maskbank.flows.commands.options import add_scan_selection, positive_int
 
     p.add_argument("bank", metavar="BANK", help="bank folder or URL")
     add_storage_options(p)
@@ -49,8 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands.options import open_bank_scans
-    from flows.qa_report import ReportOptions, build_report
+    from maskbank.flows.commands.options import open_bank_scans
+    from maskbank.flows.qa_report import ReportOptions, build_report
 
     opened = open_bank_scans("maskbank report", args.bank, args.scans)
     if opened is None:

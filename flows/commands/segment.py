@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from flows.commands.options import add_workers_option
+from maskbank.flows.commands.options import add_workers_option
 
 DESCRIPTION = """\
 Segment new scans with a pretrained in-context network and one or more labelled
@@ -138,9 +138,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.inputs import parse_spacing
-    from flows.segment import SegmentError, SegmentOptions, SegmentRun
-    from pipeline.config import default_scan_memory, parse_size
+    from maskbank.flows.inputs import parse_spacing
+    from maskbank.flows.segment import SegmentError, SegmentOptions, SegmentRun
+    from maskbank.pipeline.config import default_scan_memory, parse_size
 
     prog = "maskbank segment"
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands.options import add_storage_options
+from maskbank.flows.commands.options import add_storage_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def damaged_scans(bank, problems: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bank import Bank, BankError
+    from maskbank.bank import Bank, BankError
 
     try:
         if args.repair:

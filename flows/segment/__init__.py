@@ -1,7 +1,7 @@
 """Segment new scans with a pretrained (in-context) or fine-tuned network.
 
 ```python
-from flows.segment import segment
+from maskbank.flows.segment import segment
 
 for r in segment("runs/base", ["new_scans/"], references=[("ref.nii.gz", "ref_mask.nii.gz")],
                  out="seg"):

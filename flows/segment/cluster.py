@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .result import SegmentResult
 
 if TYPE_CHECKING:
-    from train.segment.inference import Segmenter
+    from maskbank.train.segment.inference import Segmenter
 
     from .run import SegmentRun
 
@@ -26,8 +26,8 @@ _CACHE: dict[tuple, tuple[Segmenter, str | None]] = {}
 def _loaded(
     checkpoint: str, task_file: str, options: dict[str, Any]
 ) -> tuple[Segmenter, str | None]:
-    from train.segment.inference import Segmenter
-    from train.segment.tasks import load_tasks
+    from maskbank.train.segment.inference import Segmenter
+    from maskbank.train.segment.tasks import load_tasks
 
     from . import network as networks
 
@@ -57,7 +57,7 @@ def segment_remote(
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """One query on a worker (plain arguments in and out)."""
-    from flows.inputs import ScanInput
+    from maskbank.flows.inputs import ScanInput
 
     from .run import SegmentOptions, segment_query, set_threads
 

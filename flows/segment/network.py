@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PrepareConfig
-from train.evaluation.checkpoint import load_network
-from train.evaluation.errors import EvaluationError
-from train.incontext_net import InContextSegNet
-from train.segment.saved_model import SavedModelError, is_saved_model, load_finetuned
-from train.segment.tasks import TaskSet
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.train.evaluation.checkpoint import load_network
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.incontext_net import InContextSegNet
+from maskbank.train.segment.saved_model import SavedModelError, is_saved_model, load_finetuned
+from maskbank.train.segment.tasks import TaskSet
 
 from .errors import SegmentError
 
@@ -89,7 +89,7 @@ def load(checkpoint: str) -> Network:
 def bank_spacing(location: str) -> tuple[float, float, float] | None:
     """The most common spacing of a bank's scans, or None when it cannot be opened."""
     try:
-        from bank import Bank
+        from maskbank.bank import Bank
 
         rows = Bank.open(location).index
     except Exception:  # noqa: BLE001 - a moved or remote bank: fall back, and say so

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import PrepareConfig, default_scan_memory
-from pipeline.errors import ScanError
-from pipeline.prepare import DICOM_SERIES_KEY, PreparedScan, estimate_peak_bytes, prepare_scan
-from pipeline.reader import ScanHeader, read_scan
-from pipeline.resample import output_shape
+from maskbank.pipeline.config import PrepareConfig, default_scan_memory
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.prepare import (
+    DICOM_SERIES_KEY,
+    PreparedScan,
+    estimate_peak_bytes,
+    prepare_scan,
+)
+from maskbank.pipeline.reader import ScanHeader, read_scan
+from maskbank.pipeline.resample import output_shape
 
 from .geometry import GridMap
 

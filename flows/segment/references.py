@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.inputs import image_stem, sanitise_id
-from pipeline.config import PrepareConfig
-from pipeline.errors import ScanError
-from pipeline.label_names import read_label_names
-from pipeline.prepare import prepare_scan
-from train.segment.references import Reference, encode_references
-from train.segment.tasks import TaskSet
+from maskbank.flows.inputs import image_stem, sanitise_id
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.label_names import read_label_names
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.train.segment.references import Reference, encode_references
+from maskbank.train.segment.tasks import TaskSet
 
 from .errors import SegmentError
 from .network import Network

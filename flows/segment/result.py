@@ -42,7 +42,7 @@ class SegmentResult:
         """``(image, label map, affine)`` on the query's own grid, as stored."""
         import nibabel as nib
 
-        from pipeline.reader import read_scan
+        from maskbank.pipeline.reader import read_scan
 
         if not self.ok or self.seg_path is None:
             raise ValueError(f"{self.scan_id} has no segmentation ({self.reason})")
@@ -110,7 +110,7 @@ def overlay_figure(
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from pipeline.orient import to_ras
+    from maskbank.pipeline.orient import to_ras
 
     img, ras = to_ras(image, affine, copy=False)
     lab = to_ras(seg, affine, copy=False)[0]

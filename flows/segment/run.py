@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from flows.inputs import InputError, ScanInput, collect_inputs
-from pipeline.errors import ScanError
-from train.postprocess import largest_component
-from train.segment.inference import Segmenter
-from train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
+from maskbank.flows.inputs import InputError, ScanInput, collect_inputs
+from maskbank.pipeline.errors import ScanError
+from maskbank.train.postprocess import largest_component
+from maskbank.train.segment.inference import Segmenter
+from maskbank.train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
 
 from . import network as networks
 from .errors import SegmentError

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.proposals.external import from_label_map
-from pipeline.proposals.proposal_set import ProposalSet
+from maskbank.pipeline.proposals.external import from_label_map
+from maskbank.pipeline.proposals.proposal_set import ProposalSet
 
 #: SLIC's distance weight for images z-scored inside the body (tissue contrast ~1).
 SLIC_COMPACTNESS = 0.1

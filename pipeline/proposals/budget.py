@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.proposals.proposal_set import ProposalSet
+from maskbank.pipeline.proposals.proposal_set import ProposalSet
 
 #: Layer kinds (``layer_info[name]["kind"]``) the budget never drops.
 PROTECTED_KINDS = frozenset({"windows", "external"})

@@ -17,13 +17,23 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from pipeline.proposals.features import LayerStats, basic_stats, compute_features, layer_stats
-from pipeline.proposals.filters import basic_keep, select_diverse, suppress_duplicates
-from pipeline.proposals.hierarchy import hierarchy_layer
-from pipeline.proposals.proposal_set import ProposalSet, merge_sets
-from pipeline.proposals.scaling import ScalePlan, scale_plan
-from pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
-from pipeline.proposals.windows import CT_BANDS, CT_COARSE_BANDS, percentile_bands, window_layer
+from maskbank.pipeline.proposals.features import (
+    LayerStats,
+    basic_stats,
+    compute_features,
+    layer_stats,
+)
+from maskbank.pipeline.proposals.filters import basic_keep, select_diverse, suppress_duplicates
+from maskbank.pipeline.proposals.hierarchy import hierarchy_layer
+from maskbank.pipeline.proposals.proposal_set import ProposalSet, merge_sets
+from maskbank.pipeline.proposals.scaling import ScalePlan, scale_plan
+from maskbank.pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
+from maskbank.pipeline.proposals.windows import (
+    CT_BANDS,
+    CT_COARSE_BANDS,
+    percentile_bands,
+    window_layer,
+)
 
 #: 2: sizes follow the body; compact + appearance trees.  3: partitions are segment
 #: counts per body, cut from shifted seed grids; the coarse ones flooded at half resolution.

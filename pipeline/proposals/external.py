@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.proposals.proposal_set import ProposalSet
+from maskbank.pipeline.proposals.proposal_set import ProposalSet
 
 
 def from_label_map(

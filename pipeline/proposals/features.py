@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipeline.proposals.proposal_set import ProposalSet
+from maskbank.pipeline.proposals.proposal_set import ProposalSet
 
 
 @dataclass

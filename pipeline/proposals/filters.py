@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.proposals.proposal_set import ProposalSet
+from maskbank.pipeline.proposals.proposal_set import ProposalSet
 
 
 def basic_keep(

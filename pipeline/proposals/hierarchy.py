@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from pipeline.proposals.features import LayerStats, adjacency, layer_stats
-from pipeline.proposals.merge_kernel import agglomerate_loop
+from maskbank.pipeline.proposals.features import LayerStats, adjacency, layer_stats
+from maskbank.pipeline.proposals.merge_kernel import agglomerate_loop
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from pipeline.proposals.supervoxels import grow_labels
+from maskbank.pipeline.proposals.supervoxels import grow_labels
 
 #: Disjoint CT bands in HU: air/lung, fat, soft tissue, contrast/vessels and
 #: bone.  Edges sit in the gaps between tissue classes (-30 between fat and

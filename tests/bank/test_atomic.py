@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.locks import file_lock
-from bank.publish import scan_lock_path
+from maskbank.bank import Bank
+from maskbank.bank.locks import file_lock
+from maskbank.bank.publish import scan_lock_path
 from tests.bank.conftest import make_arrays
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = """
 import os, sys
 import numpy as np
-import bank.bank as bb, bank.publish as bp
-from bank import Bank
+import maskbank.bank.bank as bb
+import maskbank.bank.publish as bp
+from maskbank.bank import Bank
 from tests.bank.conftest import make_arrays, make_attrs
 
 root, scan_id, seed, crash_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -155,7 +156,7 @@ def test_concurrent_writers_keep_every_index_row(bank: Bank, n_writers: int) -> 
     script = textwrap.dedent(
         """
         import sys
-        from bank import Bank
+        from maskbank.bank import Bank
         from tests.bank.conftest import make_arrays, make_attrs
         b = Bank.create(sys.argv[1])
         for i in range(4):
@@ -186,7 +187,7 @@ def test_verify_tells_live_writes_from_stale_ones(filled: Bank) -> None:
 
 
 def test_concurrent_create_yields_one_bank(tmp_path: Path) -> None:
-    script = "import sys; from bank import Bank; print(Bank.create(sys.argv[1]).created_at)"
+    script = "import sys; from maskbank.bank import Bank; print(Bank.create(sys.argv[1]).created_at)"
     target = tmp_path / "new-bank"
     procs = [
         subprocess.Popen(

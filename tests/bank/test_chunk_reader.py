@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from bank.chunk_reader import ShardedBloscReader
+from maskbank.bank.chunk_reader import ShardedBloscReader
 from tests.bank.sharded_arrays import all_chunks, sharded
 
 
@@ -45,7 +45,7 @@ def test_non_local_stores_take_the_async_path():
     ],
 )
 def test_read_whole_local_equals_zarr(tmp_path, data, chunks, compressors):
-    from bank.chunk_reader import read_whole_local
+    from maskbank.bank.chunk_reader import read_whole_local
 
     codec = zarr.codecs.BloscCodec(cname="zstd", clevel=5) if compressors else None
     arr = zarr.create_array(
@@ -64,7 +64,7 @@ def test_read_whole_local_equals_zarr(tmp_path, data, chunks, compressors):
 
 def test_read_whole_local_declines_other_layouts(tmp_path):
     """Several chunks, sharding or another codec: None, and the caller reads through zarr."""
-    from bank.chunk_reader import read_whole_local
+    from maskbank.bank.chunk_reader import read_whole_local
 
     zarr.create_array(tmp_path / "multi", shape=(100,), dtype="int32", chunks=(10,))[...] = 1
     zarr.create_array(

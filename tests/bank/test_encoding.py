@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from bank import Bank, Encoding
+from maskbank.bank import Bank, Encoding
 
 from .conftest import make_arrays
 

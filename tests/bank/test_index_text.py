@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bank.index import parse_index, render_index, update_index_text
+from maskbank.bank.index import parse_index, render_index, update_index_text
 
 
 def row(scan_id: str, n: int = 0) -> dict:

@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bank import Bank, NoProposalsError, ProposalReader
-from bank.proposals import write_proposals
-from flows.demo_bank import build_phantom_bank
-from pipeline.proposals.external import from_masks
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank, NoProposalsError, ProposalReader
+from maskbank.bank.proposals import write_proposals
+from maskbank.flows.demo_bank import build_phantom_bank
+from maskbank.pipeline.proposals.external import from_masks
+from maskbank.pipeline.proposals.features import compute_features
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_lazy_arrays_slice_like_numpy(scan):
 
 
 def test_proposal_masks_match_the_reader(scan):
-    from bank import ProposalReader
+    from maskbank.bank import ProposalReader
 
     reader = ProposalReader(scan)
     masks = scan.proposals([0, 2], roi=(slice(4, 20), slice(None), slice(0, 10)))

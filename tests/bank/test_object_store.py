@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank, ChunkCache, ProposalReader
-from bank import object_store as obj
-from bank.errors import StaleScanError
-from bank.layout import ROWS_DIR, parse_versioned
-from flows.demo_bank import build_phantom_bank
+from maskbank.bank import Bank, ChunkCache, ProposalReader
+from maskbank.bank import object_store as obj
+from maskbank.bank.errors import StaleScanError
+from maskbank.bank.layout import ROWS_DIR, parse_versioned
+from maskbank.flows.demo_bank import build_phantom_bank
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 from tests.s3_server import S3
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank, ProposalReader
-from flows.commands.options import redacted_argv
-from pipeline.mask_import import on_bank_grid
+from maskbank.bank import Bank, ProposalReader
+from maskbank.flows.commands.options import redacted_argv
+from maskbank.pipeline.mask_import import on_bank_grid
 from tests.conftest import REPO
 from tests.flows.scans import write_phantom
 from tests.s3_server import S3
@@ -23,7 +23,7 @@ SECRET = "testing-secret-value"  # the loopback server's fake secret, as a user 
 
 def _maskbank(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "maskbank.flows.cli", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,

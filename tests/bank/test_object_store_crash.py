@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from bank import Bank
-from bank import object_store as obj
-from bank.layout import parse_versioned
+from maskbank.bank import Bank
+from maskbank.bank import object_store as obj
+from maskbank.bank.layout import parse_versioned
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 from tests.conftest import REPO
 from tests.s3_server import S3
@@ -25,7 +25,7 @@ from tests.s3_server import S3
 SHAPE = (64, 64, 48)
 WRITER = """
 import itertools, sys
-from bank import Bank
+from maskbank.bank import Bank
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 bank = Bank.create(sys.argv[1], encoding=SMALL)
 for i in itertools.count():

@@ -9,8 +9,8 @@ import pytest
 import zarr
 from zarr.storage import WrapperStore
 
-from bank import Bank, ChunkCache, ScanView
-from flows.demo_bank import build_phantom_bank
+from maskbank.bank import Bank, ChunkCache, ScanView
+from maskbank.flows.demo_bank import build_phantom_bank
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 from tests.s3_server import S3
 
@@ -34,7 +34,7 @@ class CountingStore(WrapperStore):
 
 
 def test_pair_stream_from_s3_equals_the_local_stream(s3: S3, tmp_path: Path, monkeypatch) -> None:
-    from train.pair_sampler import PairStream, SamplerConfig, make_loader
+    from maskbank.train.pair_sampler import PairStream, SamplerConfig, make_loader
 
     monkeypatch.setenv("MASKBANK_STORAGE_OPTIONS", s3.options_json)  # as workers inherit it
     shape = (64, 56, 48)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.layout import check_set_name, parse_temp_name, proposals_part, temp_name
-from bank.proposals import NoProposalsError, ProposalReader, write_proposals
-from pipeline.proposals.external import from_label_map, from_masks
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank
+from maskbank.bank.layout import check_set_name, parse_temp_name, proposals_part, temp_name
+from maskbank.bank.proposals import NoProposalsError, ProposalReader, write_proposals
+from maskbank.pipeline.proposals.external import from_label_map, from_masks
+from maskbank.pipeline.proposals.features import compute_features
 from tests.bank.conftest import make_attrs
 from tests.s3_server import S3
 

@@ -3,11 +3,16 @@
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.proposals import NoProposalsError, ProposalReader, proposal_nbytes, write_proposals
-from pipeline.proposals import merge_sets
-from pipeline.proposals.external import from_label_map, from_masks
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank
+from maskbank.bank.proposals import (
+    NoProposalsError,
+    ProposalReader,
+    proposal_nbytes,
+    write_proposals,
+)
+from maskbank.pipeline.proposals import merge_sets
+from maskbank.pipeline.proposals.external import from_label_map, from_masks
+from maskbank.pipeline.proposals.features import compute_features
 
 SHAPE = (40, 36, 30)
 
@@ -104,7 +109,7 @@ def test_local_fast_open_equals_zarr_open(tmp_path, empty):
 
     import fsspec
 
-    from bank.proposals import _read_part_local
+    from maskbank.bank.proposals import _read_part_local
 
     bank, img, body = _bank_with_scan(tmp_path)
     ps = _features(from_label_map(np.zeros(SHAPE, np.uint8))) if empty else _proposals(img, body)
@@ -137,7 +142,7 @@ def test_a_missing_member_array_is_a_clear_error(tmp_path):
     """A damaged proposals part (an array deleted by hand) names the array; nothing crashes."""
     import shutil
 
-    from bank import BankError
+    from maskbank.bank import BankError
 
     bank, img, body = _bank_with_scan(tmp_path)
     write_proposals(bank, "s1", _proposals(img, body))

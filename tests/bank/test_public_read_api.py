@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank, ChunkCache, ProposalReader, proposal_layer_array, write_proposals
-from pipeline.proposals import merge_sets
-from pipeline.proposals.external import from_label_map
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank, ChunkCache, ProposalReader, proposal_layer_array, write_proposals
+from maskbank.pipeline.proposals import merge_sets
+from maskbank.pipeline.proposals.external import from_label_map
+from maskbank.pipeline.proposals.features import compute_features
 
 from .conftest import make_arrays, make_attrs
 

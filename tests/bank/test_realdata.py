@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bank import Bank
+from maskbank.bank import Bank
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HEAD_CT = DATA / "ct_head_template_1mm.nii.gz"

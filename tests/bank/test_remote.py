@@ -9,7 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from bank import Bank, BankError, NotABankError
+from maskbank.bank import Bank, BankError, NotABankError
 from tests.bank.conftest import make_arrays
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank
+from maskbank.bank import Bank
 from tests.bank.conftest import make_arrays, make_attrs
 
 EMPTY = 2**64 - 1

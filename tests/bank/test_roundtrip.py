@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank, NotABankError, ReadOnlyBankError, UnknownScanError
+from maskbank.bank import Bank, NotABankError, ReadOnlyBankError, UnknownScanError
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 
 
@@ -146,7 +146,7 @@ def test_bank_and_scan_pickle_by_reopening(filled: Bank) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_finite_check_sees_every_non_finite_value(dtype):
-    from bank.bank import _all_finite
+    from maskbank.bank.bank import _all_finite
 
     ok = np.array([0.0, -0.0, 1e-7, -65504.0, 65504.0], dtype)
     assert _all_finite(ok) and _all_finite(ok[:0])

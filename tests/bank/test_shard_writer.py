@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import zarr
 
-import bank.shard_writer as shard_writer
-from bank.chunk_reader import ShardedBloscReader
-from bank.encoding import Encoding, write_array
-from bank.shard_writer import write_shards
+import maskbank.bank.shard_writer as shard_writer
+from maskbank.bank.chunk_reader import ShardedBloscReader
+from maskbank.bank.encoding import Encoding, write_array
+from maskbank.bank.shard_writer import write_shards
 from tests.bank.sharded_arrays import all_chunks
 
 

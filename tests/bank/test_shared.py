@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.errors import CorruptIndexError, LockTimeoutError, StaleScanError
-from bank.layout import check_array_name, check_scan_id
-from bank.locks import file_lock, probe_filesystem
-from bank.publish import scan_lock_path
+from maskbank.bank import Bank
+from maskbank.bank.errors import CorruptIndexError, LockTimeoutError, StaleScanError
+from maskbank.bank.layout import check_array_name, check_scan_id
+from maskbank.bank.locks import file_lock, probe_filesystem
+from maskbank.bank.publish import scan_lock_path
 from tests.bank.conftest import make_arrays, make_attrs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,8 +54,8 @@ def test_files_honour_the_umask_and_locks_are_group_writable(tmp_path: Path) -> 
 _READ_ONLY_SCRIPT = r"""
 import json, os, sys
 import numpy as np
-from bank import Bank
-from bank.chunk_reader import ShardedBloscReader, local_member
+from maskbank.bank import Bank
+from maskbank.bank.chunk_reader import ShardedBloscReader, local_member
 
 def use(path):
     bank = Bank.open(path)
@@ -150,7 +150,7 @@ def test_writer_probe_passes_here_and_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_corrupt_index_is_a_bank_error_found_by_verify_and_repaired(filled: Bank) -> None:
-    from flows.commands import verify as verify_cmd
+    from maskbank.flows.commands import verify as verify_cmd
 
     root = Path(filled.location)
     (root / "index.json").write_text('{"format_version": 1, "scans": [{"scan_id": "ct-0')

@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from bank import Bank  # noqa: E402
-from bank.browse import show_scan  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
+from maskbank.bank.browse import show_scan  # noqa: E402
 
 
 def test_summary_numbers(filled: Bank) -> None:
@@ -45,9 +45,9 @@ def test_show_scan_draws_three_views_with_overlay(filled: Bank) -> None:
 
 
 def test_show_scan_overlays_proposals(filled: Bank) -> None:
-    from bank.proposals import write_proposals
-    from pipeline.proposals.external import from_label_map
-    from pipeline.proposals.features import compute_features
+    from maskbank.bank.proposals import write_proposals
+    from maskbank.pipeline.proposals.external import from_label_map
+    from maskbank.pipeline.proposals.features import compute_features
 
     label = filled.scan("ct-001").read("label").astype(np.int32)
     write_proposals(filled, "ct-001", compute_features(from_label_map(label, "expert"), None, None))

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from bank import Bank, NoProposalsError
-from bank.proposals import write_proposals
-from flows.demo_bank import build_phantom_bank
-from pipeline.proposals.external import from_masks
-from pipeline.proposals.features import compute_features
+from maskbank.bank import Bank, NoProposalsError
+from maskbank.bank.proposals import write_proposals
+from maskbank.flows.demo_bank import build_phantom_bank
+from maskbank.pipeline.proposals.external import from_masks
+from maskbank.pipeline.proposals.features import compute_features
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_proposal_table_has_one_row_per_proposal(small_bank):
     assert {"source", "voxels", "volume_ml", "x0", "z1", "cx", "compactness"} <= set(props)
     assert np.allclose(props["volume_ml"], props["voxels"] * 1.5**3 / 1000)
     i = int(props["voxels"].idxmax())
-    from bank import ProposalReader
+    from maskbank.bank import ProposalReader
 
     mask = ProposalReader(scan).mask(i)
     assert mask.sum() == props.loc[i, "voxels"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank
+from maskbank.bank import Bank
 from tests.bank.conftest import make_arrays, make_attrs
 
 
@@ -33,8 +33,8 @@ def test_corrupted_shard_bytes_are_found(filled: Bank) -> None:
 
 def test_deleted_shard_file_is_named_by_verify_and_readers(filled: Bank) -> None:
     """Zarr decodes a missing shard as zeros; the bank writes every shard, so it is an error."""
-    from bank.chunk_reader import ShardedBloscReader, local_member
-    from bank.errors import MissingChunkError
+    from maskbank.bank.chunk_reader import ShardedBloscReader, local_member
+    from maskbank.bank.errors import MissingChunkError
 
     scan = filled.scan("ct-001")
     reader = ShardedBloscReader.of_local(*local_member(scan.group, "image"))
@@ -118,7 +118,7 @@ def test_repair_removes_a_damaged_scan_so_a_rerun_rebuilds_it(filled: Bank, caps
     data no longer decode: then re-running prepare on the same inputs writes it again."""
     import argparse
 
-    from flows.commands import verify as verify_cmd
+    from maskbank.flows.commands import verify as verify_cmd
 
     shard = scan_dir(filled, "ct-001") / "image" / "c" / "1" / "0" / "0"
     data = bytearray(shard.read_bytes())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-MASKBANK = [sys.executable, "-m", "flows.cli"]
+MASKBANK = [sys.executable, "-m", "maskbank.flows.cli"]
 # The child writes UTF-8 (progress bars, tables) whatever the machine's locale; read it the same way.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
 DECODE = {"text": True, "encoding": "utf-8", "errors": "replace"}

@@ -9,10 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bank import Bank
-from pipeline.config import PrepareConfig
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
+from maskbank.bank import Bank
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
 
 SMALL = (48, 48, 40)
 SMALL_SPACING = (3.0, 3.0, 3.0)

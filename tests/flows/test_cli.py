@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bank import Bank
-from pipeline.config import PrepareConfig
-from pipeline.prepare import prepare_scan
+from maskbank.bank import Bank
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.prepare import prepare_scan
 from tests.flows.cli_run import maskbank
 from tests.flows.scans import write_phantom
 
@@ -33,7 +33,7 @@ def test_help_is_fast_and_lists_commands() -> None:
     # --help must not pay for prefect/dask/torch imports
     probe = (
         "import sys, contextlib, io\n"
-        "from flows.cli import main\n"
+        "from maskbank.flows.cli import main\n"
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['prepare', '--help'])\n"
         "heavy = [m for m in ('prefect', 'dask', 'torch', 'zarr') if m in sys.modules]\n"
@@ -157,7 +157,7 @@ def test_prepare_without_a_server(tmp_path: Path) -> None:
 
 
 def test_a_missing_command_module_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows import cli
+    from maskbank.flows import cli
 
     monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "not_written_yet"))
     parser = cli.build_parser()
@@ -167,7 +167,7 @@ def test_a_missing_command_module_is_skipped(monkeypatch: pytest.MonkeyPatch) ->
 def test_pretrain_overrides_may_follow_the_options() -> None:
     """`maskbank pretrain BANK --out DIR max_steps=10` (README's form) used to stop with
     'unrecognized arguments': argparse had given BANK's neighbour KEY=VALUE list nothing."""
-    from flows import cli
+    from maskbank.flows import cli
 
     parser = cli.build_parser()
     args = cli.parse(

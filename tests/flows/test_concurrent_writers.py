@@ -15,11 +15,11 @@ import sys
 import threading
 from pathlib import Path
 
-from bank import Bank
-from bank.locks import file_lock
-from bank.publish import scan_lock_path
-from flows.inputs import ScanInput
-from pipeline.config import PrepareConfig
+from maskbank.bank import Bank
+from maskbank.bank.locks import file_lock
+from maskbank.bank.publish import scan_lock_path
+from maskbank.flows.inputs import ScanInput
+from maskbank.pipeline.config import PrepareConfig
 from tests.flows.scans import write_phantom
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,16 +28,16 @@ PROPOSALS = {"max_proposals": 200}
 
 _CHILD = r"""
 import json, logging, sys
-logging.getLogger("bank.locks").setLevel(logging.DEBUG)
-logging.getLogger("bank.locks").addHandler(logging.StreamHandler(sys.stderr))
+logging.getLogger("maskbank.bank.locks").setLevel(logging.DEBUG)
+logging.getLogger("maskbank.bank.locks").addHandler(logging.StreamHandler(sys.stderr))
 what, args = sys.argv[1], json.loads(sys.argv[2])
 if what == "prepare":
-    from flows.prepare import prepare_record
+    from maskbank.flows.prepare import prepare_record
     rec = prepare_record(args["scan_id"], args["item"], args["bank"], args["config"])
 else:
-    from bank import Bank
-    from flows.propose import propose_scan
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.bank import Bank
+    from maskbank.flows.propose import propose_scan
+    from maskbank.pipeline.proposals.engine import ProposalConfig
     rec = propose_scan(Bank.open(args["bank"], mode="a"), args["scan_id"],
                        ProposalConfig.from_dict(args["config"]))
 print("RESULT " + json.dumps(rec.to_json()), flush=True)
@@ -86,7 +86,7 @@ def _item(image: Path, label: Path) -> dict:
 
 
 def test_concurrent_prepares_of_one_id_keep_the_first(tmp_path: Path) -> None:
-    from flows.prepare import prepare_record
+    from maskbank.flows.prepare import prepare_record
 
     first = write_phantom(tmp_path / "a", "case", "ct", seed=1)
     second = write_phantom(tmp_path / "b", "case", "ct", seed=2)
@@ -108,8 +108,8 @@ def test_concurrent_prepares_of_one_id_keep_the_first(tmp_path: Path) -> None:
 
 
 def test_propose_racing_a_prepare_stores_proposals_of_the_new_scan(tmp_path: Path) -> None:
-    from flows.prepare import prepare_record
-    from flows.propose import scan_version
+    from maskbank.flows.prepare import prepare_record
+    from maskbank.flows.propose import scan_version
 
     image, label = write_phantom(tmp_path / "in", "case", "ct", seed=1)
     bank_dir = tmp_path / "bank"

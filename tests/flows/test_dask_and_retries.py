@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from bank import Bank
-from pipeline.errors import ScanError
+from maskbank.bank import Bank
+from maskbank.pipeline.errors import ScanError
 from tests.flows.scans import write_phantom
 
 
 def test_retry_only_transient_io() -> None:
     from prefect.states import Completed, Failed
 
-    from flows.per_scan import TASK_RETRIES, retry_transient_io
-    from flows.prepare import prepare_one
-    from flows.propose import propose_one
+    from maskbank.flows.per_scan import TASK_RETRIES, retry_transient_io
+    from maskbank.flows.prepare import prepare_one
+    from maskbank.flows.propose import propose_one
 
     assert prepare_one.retries == propose_one.retries == TASK_RETRIES >= 1
     assert retry_transient_io(None, None, Failed(data=OSError(5, "Input/output error")))
@@ -31,7 +31,7 @@ def test_joins_an_existing_dask_cluster(prefect_api: str, tmp_path: Path) -> Non
     """Like a dask-jobqueue cluster: separate worker processes reached by address."""
     from distributed import Client, LocalCluster
 
-    from flows.prepare import prepare_bank
+    from maskbank.flows.prepare import prepare_bank
 
     for i in range(2):
         write_phantom(tmp_path / "in", f"remote{i}", seed=i)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bank import Bank
+from maskbank.bank import Bank
 from tests.flows.cli_run import maskbank
 
 

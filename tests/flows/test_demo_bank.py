@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bank import Bank
-from flows.demo_bank import add_phantom_scan, build_phantom_bank
-from pipeline.phantom import NAMES
+from maskbank.bank import Bank
+from maskbank.flows.demo_bank import add_phantom_scan, build_phantom_bank
+from maskbank.pipeline.phantom import NAMES
 
 
 def test_phantom_scans_have_names_metadata_and_dataset(tmp_path: Path) -> None:

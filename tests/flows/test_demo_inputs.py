@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flows.commands.demo import write_inputs
-from pipeline.label_names import read_label_names
-from pipeline.phantom import NAMES
+from maskbank.flows.commands.demo import write_inputs
+from maskbank.pipeline.label_names import read_label_names
+from maskbank.pipeline.phantom import NAMES
 
 
 def _rows(manifest: Path) -> list[dict[str, str]]:

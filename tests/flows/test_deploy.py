@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bank import Bank
-from flows.serve import RunPolicy, RunRefused, guarded_prepare_bank
-from flows.server import stop_process_group
+from maskbank.bank import Bank
+from maskbank.flows.serve import RunPolicy, RunRefused, guarded_prepare_bank
+from maskbank.flows.server import stop_process_group
 from tests.flows.cli_run import REPO
 from tests.flows.scans import write_phantom
 
@@ -25,7 +25,7 @@ def test_prefect_yaml_points_at_the_flow() -> None:
     recipe = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep,) = recipe["deployments"]
     path, _, name = dep["entrypoint"].partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module("maskbank." + path.removesuffix(".py").replace("/", "."))
     flow = getattr(module, name)
     assert flow is guarded_prepare_bank  # runs triggered by others go through the checks
     assert flow.name == "prepare-bank"
@@ -33,7 +33,7 @@ def test_prefect_yaml_points_at_the_flow() -> None:
 
 
 def test_guarded_flow_takes_every_parameter_of_prepare_bank() -> None:
-    from flows.prepare import prepare_bank
+    from maskbank.flows.prepare import prepare_bank
 
     assert guarded_prepare_bank.parameters == prepare_bank.parameters
 
@@ -103,7 +103,7 @@ def test_served_deployment_builds_a_bank(prefect_api: str, tmp_path: Path) -> No
         write_phantom(tmp_path / "in", f"d{i}", seed=i)
     name = f"test-{uuid.uuid4().hex[:6]}"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--name", name, "--workers", "2"]
+        [sys.executable, "-m", "maskbank.flows.serve", "--name", name, "--workers", "2"]
         + ["--allowed-root", str(tmp_path)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},

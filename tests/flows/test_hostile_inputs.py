@@ -7,7 +7,7 @@ import json
 import resource
 from pathlib import Path
 
-from bank import Bank
+from maskbank.bank import Bank
 from tests.flows.cli_run import maskbank
 from tests.flows.scans import write_gzip_bomb, write_huge_grid, write_phantom
 

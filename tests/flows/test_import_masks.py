@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank, ProposalReader
-from flows.import_masks import mask_sources
-from flows.report import format_propose_report
+from maskbank.bank import Bank, ProposalReader
+from maskbank.flows.import_masks import mask_sources
+from maskbank.flows.report import format_propose_report
 from tests.flows.cli_run import maskbank
 from tests.flows.scans import phantom_bank
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.inputs import InputError, collect_inputs, parse_spacing, sanitise_id
-from pipeline.errors import ScanError
+from maskbank.flows.inputs import InputError, collect_inputs, parse_spacing, sanitise_id
+from maskbank.pipeline.errors import ScanError
 from tests.flows.scans import write_dicom_series, write_phantom
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bank import Bank
-from pipeline.phantom import make_phantom
+from maskbank.bank import Bank
+from maskbank.pipeline.phantom import make_phantom
 from tests.flows.cli_run import maskbank, popen_maskbank
 
 N_SCANS = 6

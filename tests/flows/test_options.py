@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bank import Bank
-from flows.cli import build_parser, main
-from flows.commands.options import open_bank_scans
-from pipeline.phantom import make_phantom
+from maskbank.bank import Bank
+from maskbank.flows.cli import build_parser, main
+from maskbank.flows.commands.options import open_bank_scans
+from maskbank.pipeline.phantom import make_phantom
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flows.per_scan import (
+from maskbank.flows.per_scan import (
     TASK_RETRIES,
     Cluster,
     RunClock,
@@ -23,7 +23,7 @@ from flows.per_scan import (
     run_per_scan,
     run_report,
 )
-from pipeline.errors import ScanError
+from maskbank.pipeline.errors import ScanError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,9 +105,10 @@ def test_runner_keeps_the_given_order_and_reports_crashes(prefect_api: str) -> N
     assert json.loads(json.dumps(report)) == report
 
 
-@pytest.mark.parametrize("module", ["flows.prepare", "flows.propose"])
+@pytest.mark.parametrize("module", ["maskbank.flows.prepare", "maskbank.flows.propose"])
 def test_flows_share_machinery_without_importing_each_other(module: str) -> None:
-    other = {"flows.prepare": "flows.propose", "flows.propose": "flows.prepare"}[module]
+    prepare, propose = "maskbank.flows.prepare", "maskbank.flows.propose"
+    other = {prepare: propose, propose: prepare}[module]
     probe = f"import sys, {module}; print({other!r} in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120

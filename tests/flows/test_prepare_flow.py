@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bank import Bank
-from pipeline.config import PrepareConfig
+from maskbank.bank import Bank
+from maskbank.pipeline.config import PrepareConfig
 from tests.flows.scans import write_bad_inputs, write_dicom_series, write_phantom
 
 CONFIG = PrepareConfig(spacing=(3.0, 3.0, 3.0)).to_dict()
@@ -30,7 +30,7 @@ def three_scans(tmp_path: Path) -> Path:
 def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Path) -> None:
     import torch
 
-    from flows.prepare import prepare_bank
+    from maskbank.flows.prepare import prepare_bank
 
     bank_dir = tmp_path / "bank"
     threads = torch.get_num_threads()
@@ -75,7 +75,7 @@ def test_prepare_skip_and_redo(prefect_api: str, three_scans: Path, tmp_path: Pa
 
 
 def test_dicom_and_nifti_of_one_phantom_agree(prefect_api: str, tmp_path: Path) -> None:
-    from flows.prepare import prepare_bank
+    from maskbank.flows.prepare import prepare_bank
 
     write_dicom_series(tmp_path / "in" / "dicom", seed=5)
     write_phantom(tmp_path / "in", "nifti", seed=5)
@@ -100,7 +100,7 @@ EXPECTED_REASONS = {
 
 
 def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
-    from flows.prepare import prepare_bank
+    from maskbank.flows.prepare import prepare_bank
 
     bad = write_bad_inputs(tmp_path / "in")
     write_phantom(tmp_path / "in", "good1", seed=1)
@@ -138,8 +138,8 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_io_errors_are_retried_then_reported(prefect_api: str, tmp_path: Path) -> None:
     """Reading /proc/self/mem raises a real EIO: retried by Prefect, then one failed record."""
-    from flows.per_scan import RETRY_DELAYS_S, TASK_RETRIES
-    from flows.prepare import prepare_bank
+    from maskbank.flows.per_scan import RETRY_DELAYS_S, TASK_RETRIES
+    from maskbank.flows.prepare import prepare_bank
 
     write_phantom(tmp_path / "in", "fine", seed=1)
     (tmp_path / "in" / "flaky.nii.gz").symlink_to("/proc/self/mem")
@@ -160,9 +160,9 @@ def test_prepare_with_proposals_in_the_same_tasks(
     prefect_api: str, three_scans: Path, tmp_path: Path
 ) -> None:
     """`--proposals`: each task also makes the scan's proposals; a re-run skips both."""
-    from bank.proposals import ProposalReader
-    from flows.prepare import prepare_bank
-    from pipeline.proposals.engine import ProposalConfig
+    from maskbank.bank.proposals import ProposalReader
+    from maskbank.flows.prepare import prepare_bank
+    from maskbank.pipeline.proposals.engine import ProposalConfig
 
     proposals = ProposalConfig(scales=(300,), max_proposals=400).to_dict()
     bank_dir = tmp_path / "bank"

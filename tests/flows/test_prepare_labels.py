@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bank import Bank
-from flows.cli import main
-from flows.inputs import collect_inputs
-from flows.prepare import prepare_record
-from pipeline.config import PrepareConfig
-from pipeline.phantom import NAMES
+from maskbank.bank import Bank
+from maskbank.flows.cli import main
+from maskbank.flows.inputs import collect_inputs
+from maskbank.flows.prepare import prepare_record
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.phantom import NAMES
 from tests.flows.scans import write_phantom
 
 CONFIG = PrepareConfig(spacing=(3.0, 3.0, 3.0)).to_dict()

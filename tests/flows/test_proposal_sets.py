@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bank import Bank, ProposalReader
+from maskbank.bank import Bank, ProposalReader
 from tests.flows.cli_run import maskbank
 from tests.flows.scans import phantom_bank
 

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.proposals import write_proposals
-from flows.cli import main
-from pipeline.config import PrepareConfig
-from pipeline.normalize import invert_normalization
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
-from pipeline.proposals.engine import generate_proposals
+from maskbank.bank import Bank
+from maskbank.bank.proposals import write_proposals
+from maskbank.flows.cli import main
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.normalize import invert_normalization
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.pipeline.proposals.engine import generate_proposals
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_bad_options_exit_2(phantom_bank, capsys, argv):
 
 
 def test_structure_table_shows_whole_scan_ids():
-    from flows.commands.proposals_quality import format_table
+    from maskbank.flows.commands.proposals_quality import format_table
 
     ids = ["BraTS2021_00000-t1ce-a", "BraTS2021_00000-t1ce-b"]  # alike in their first 20
     scans = [{"scan_id": s, "abo": 0.8, "proposals": 9, "bytes_per_proposal": 10.0} for s in ids]

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from bank import Bank
-from flows.cli import main
-from flows.demo_bank import build_phantom_bank
+from maskbank.bank import Bank
+from maskbank.flows.cli import main
+from maskbank.flows.demo_bank import build_phantom_bank
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -62,7 +62,7 @@ class CountingBank(Bank):
 
 
 def test_report_opens_each_scan_once(report_bank, tmp_path):
-    from flows.qa_report import ReportOptions, build_report
+    from maskbank.flows.qa_report import ReportOptions, build_report
 
     bank = CountingBank.open(str(report_bank))
     bank.opened = {}

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.phantom import make_phantom
-from pipeline.reader import read_scan
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.reader import read_scan
 
 from .cli_run import maskbank
 from .segment.conftest import write_checkpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.server import LoopbackServer
+from maskbank.flows.server import LoopbackServer
 from tests.flows.cli_run import REPO
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -107,7 +107,7 @@ def test_loopback_server_dies_with_its_killed_parent(tmp_path: Path) -> None:
     """`LoopbackServer` (the CLI's `--processes` server and the test suite's server)."""
     code = (
         "import sys, time\n"
-        "from flows.server import LoopbackServer\n"
+        "from maskbank.flows.server import LoopbackServer\n"
         "LoopbackServer(sys.argv[1], services=False).start().wait()\n"
         "open(sys.argv[1] + '/ready', 'w').close()\n"
         "time.sleep(600)\n"
@@ -119,7 +119,7 @@ def test_prefect_temporary_server_dies_with_a_killed_cli_run(tmp_path: Path) -> 
     """Without PREFECT_API_URL Prefect starts its own temporary server (uvicorn) for the run;
     a CLI run (`apply_cli_defaults`) that is SIGKILLed must not leave it behind."""
     code = (
-        "from flows.commands._prefect_env import apply_cli_defaults\n"
+        "from maskbank.flows.commands._prefect_env import apply_cli_defaults\n"
         "apply_cli_defaults()\n"
         "from prefect.client.orchestration import get_client\n"
         "with get_client(sync_client=True) as client:\n"

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import ScanError
-from pipeline.gzip_stream import GzipStream
-from pipeline.reader import read_scan
-from pipeline.resample import resample
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.gzip_stream import GzipStream
+from maskbank.pipeline.reader import read_scan
+from maskbank.pipeline.resample import resample
 
 
 def _save(path, data, slope=None):

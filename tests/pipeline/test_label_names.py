@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ScanError
-from pipeline.label_names import names_present, read_label_names
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.label_names import names_present, read_label_names
 
 ITKSNAP = """\
 ################################################

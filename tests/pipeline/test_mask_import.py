@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.config import PrepareConfig
-from pipeline.errors import ScanError
-from pipeline.mask_import import imported_set, mask_files, on_bank_grid, pack_binary
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.mask_import import imported_set, mask_files, on_bank_grid, pack_binary
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
 
 
 @pytest.fixture(scope="module")

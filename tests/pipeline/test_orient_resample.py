@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.orient import native_box, ras_affine, ras_axes, to_ras
-from pipeline.resample import output_shape, resample, resample_planes
+from maskbank.pipeline.orient import native_box, ras_affine, ras_axes, to_ras
+from maskbank.pipeline.resample import output_shape, resample, resample_planes
 
 
 def _world(affine, idx):

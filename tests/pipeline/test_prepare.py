@@ -4,15 +4,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.body import body_mask
-from pipeline.config import PrepareConfig
-from pipeline.errors import ScanError
-from pipeline.modality import detect_modality
-from pipeline.normalize import apply_normalization, invert_normalization
-from pipeline.orient import to_ras
-from pipeline.phantom import NAMES, make_phantom
-from pipeline.prepare import prepare_scan
-from pipeline.resample import resample
+from maskbank.pipeline.body import body_mask
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.modality import detect_modality
+from maskbank.pipeline.normalize import apply_normalization, invert_normalization
+from maskbank.pipeline.orient import to_ras
+from maskbank.pipeline.phantom import NAMES, make_phantom
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.pipeline.resample import resample
 
 
 def _dice(a, b):
@@ -195,8 +195,8 @@ def test_budget_and_id_mode_leave_the_fingerprint_alone():
 
 
 def test_estimate_counts_the_resampled_grid_not_only_the_input():
-    from pipeline.prepare import estimate_peak_bytes
-    from pipeline.reader import ScanHeader
+    from maskbank.pipeline.prepare import estimate_peak_bytes
+    from maskbank.pipeline.reader import ScanHeader
 
     header = ScanHeader("x.nii", (64, 64, 64), (20.0, 20.0, 20.0), 4, 0, False)
     small = estimate_peak_bytes(header, (20.0, 20.0, 20.0))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.errors import ScanError
-from pipeline.reader import read_scan
+from maskbank.pipeline.errors import ScanError
+from maskbank.pipeline.reader import read_scan
 
 EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
 
@@ -286,7 +286,7 @@ def _mhd(folder: Path, data_file: str) -> Path:
 
 
 def test_mhd_hash_covers_its_data_file(tmp_path):
-    from pipeline.reader import sha256_of
+    from maskbank.pipeline.reader import sha256_of
 
     header = _mhd(tmp_path / "scan", "scan.raw")
     (tmp_path / "scan" / "scan.raw").write_bytes(_ramp((10, 9, 8)).tobytes())
@@ -301,7 +301,7 @@ def test_mhd_data_file_outside_its_folder_is_refused(tmp_path):
     header = _mhd(tmp_path / "scan", "../secret.raw")
     with pytest.raises(ScanError, match="outside the header's folder"):
         read_scan(header)
-    from pipeline.reader import sha256_of
+    from maskbank.pipeline.reader import sha256_of
 
     with pytest.raises(ScanError, match="outside the header's folder"):
         sha256_of(header)

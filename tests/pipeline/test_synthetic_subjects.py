@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.phantom import make_phantom
-from pipeline.synthetic_subjects import deformed_subject, write_deformed_subject
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.synthetic_subjects import deformed_subject, write_deformed_subject
 
 SPACING = (2.0, 2.0, 2.5)
 

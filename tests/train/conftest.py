@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo_bank import build_phantom_bank
+from maskbank.flows.demo_bank import build_phantom_bank
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -49,7 +49,7 @@ def test_sampler_bench_huge_bank_mode_forgets_scans_at_each_visit(phantom_bank):
     pytest.importorskip("h5py", reason="the baseline needs h5py (pip install -e '.[bench]')")
     import importlib.util
 
-    from train.pair_sampler import PairStream, SamplerConfig
+    from maskbank.train.pair_sampler import PairStream, SamplerConfig
 
     spec = importlib.util.spec_from_file_location("bench_sampler", REPO / "bench" / "sampler.py")
     bench = importlib.util.module_from_spec(spec)

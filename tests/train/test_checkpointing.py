@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpointing import (
+from maskbank.train.checkpointing import (
     CheckpointError,
     check_resume,
     load_checkpoint,
@@ -18,8 +18,8 @@ from train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from train.run import main
-from train.run_config import TrainConfig, load_config
+from maskbank.train.run import main
+from maskbank.train.run_config import TrainConfig, load_config
 
 
 def test_rng_state_round_trips_through_a_safe_load(tmp_path):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import zarr
 
-from bank import Bank, ChunkCache
-from bank.chunk_reader import ShardedBloscReader
-from bank.proposals import ProposalReader
+from maskbank.bank import Bank, ChunkCache
+from maskbank.bank.chunk_reader import ShardedBloscReader
+from maskbank.bank.proposals import ProposalReader
 from tests.bank.sharded_arrays import all_chunks, sharded
 
 
@@ -72,7 +72,7 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
 
 
 def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
-    from train.crop_masks import LAYERS_PATH, ProposalIndex
+    from maskbank.train.crop_masks import LAYERS_PATH, ProposalIndex
 
     bank = Bank.open(phantom_bank)
     scan = bank.scan(bank.index[1]["scan_id"])
@@ -105,7 +105,7 @@ def test_bits_from_pieces_match_reader_masks_in_both_dtypes(phantom_bank):
 
 
 def test_histogram_fast_paths_equal_bincount():
-    from train.crop_masks import _histogram
+    from maskbank.train.crop_masks import _histogram
 
     rng = np.random.default_rng(3)
     for high, n in ((2, 3), (2, 2), (1, 3), (400, 401), (3, 4)):
@@ -117,7 +117,7 @@ def test_histogram_fast_paths_equal_bincount():
 
 
 def test_counts_in_pieces_equal_counts_and_reader(phantom_bank):
-    from train.crop_masks import LAYERS_PATH, ProposalIndex
+    from maskbank.train.crop_masks import LAYERS_PATH, ProposalIndex
 
     bank = Bank.open(phantom_bank)
     scan = bank.scan(bank.index[0]["scan_id"])

@@ -83,7 +83,7 @@ def test_budget_spent_in_calibration_stops_at_the_deadline_with_a_checkpoint(tmp
 @pytest.mark.realdata
 def test_real_scans_join_the_pretraining_bank(shared_data, tmp_path):
     """--data prepares the real scans (1.5 mm, engine proposals); evaluations stay on phantoms."""
-    from bank import Bank
+    from maskbank.bank import Bank
 
     result = _run_smoke("--data", str(shared_data), "--out", str(tmp_path))
     real = result["bank"]["real"]

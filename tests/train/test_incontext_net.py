@@ -1,6 +1,6 @@
 import torch
 
-from train.incontext_net import PRESETS, build_model, count_parameters
+from maskbank.train.incontext_net import PRESETS, build_model, count_parameters
 
 
 def _inputs(n=1, k=4, s=32, seed=0):
@@ -58,7 +58,7 @@ def test_per_task_decoding_keeps_tasks_apart():
     them), with the same weights as the joint network."""
     from dataclasses import replace
 
-    from train.incontext_net import InContextSegNet
+    from maskbank.train.incontext_net import InContextSegNet
 
     torch.manual_seed(0)
     joint = build_model("tiny").eval()
@@ -84,7 +84,7 @@ def test_similarity_prior_marks_voxels_like_the_reference_structure():
     structure than elsewhere, from the first step."""
     from dataclasses import replace
 
-    from train.incontext_net import InContextSegNet
+    from maskbank.train.incontext_net import InContextSegNet
 
     torch.manual_seed(0)
     net = InContextSegNet(replace(PRESETS["tiny"], prior_levels=(0, 2))).eval()

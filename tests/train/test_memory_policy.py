@@ -1,7 +1,7 @@
 import os
 import sys
 
-from train.memory_policy import retain_freed_memory
+from maskbank.train.memory_policy import retain_freed_memory
 
 
 def test_retain_freed_memory_is_idempotent():

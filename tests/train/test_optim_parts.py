@@ -1,8 +1,8 @@
 import torch
 
-from train.lamb_optim import Lamb
-from train.optimizer_setup import one_cycle
-from train.weight_ema import WeightEMA
+from maskbank.train.lamb_optim import Lamb
+from maskbank.train.optimizer_setup import one_cycle
+from maskbank.train.weight_ema import WeightEMA
 
 
 def test_lamb_minimises_a_quadratic():

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from bank import Bank
-from bank.proposals import ProposalReader
-from train.pair_sampler import (
+from maskbank.bank import Bank
+from maskbank.bank.proposals import ProposalReader
+from maskbank.train.pair_sampler import (
     MAX_SCANS_PER_PAIR,
     PairStream,
     SamplerConfig,
@@ -114,7 +114,7 @@ def test_fsspec_url_gives_the_same_stream(phantom_bank):
 
 
 def test_chunk_cache_reads_equal_plain_reads_and_stay_bounded(phantom_bank):
-    from train.crop_masks import ChunkCache
+    from maskbank.train.crop_masks import ChunkCache
 
     bank = Bank.open(phantom_bank)
     scan = bank.scan(bank.index[0]["scan_id"])
@@ -148,7 +148,7 @@ def test_compiled_label_loops_do_not_change_the_stream(phantom_bank, monkeypatch
     """Counts and bit fields through train.kernels.labels equal the numpy route."""
     from types import SimpleNamespace
 
-    from train import crop_masks
+    from maskbank.train import crop_masks
 
     fast = [PairStream(phantom_bank, CFG, seed=4).batch(b) for b in range(2)]
     reference = SimpleNamespace(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from train.postprocess import largest_component
+from maskbank.train.postprocess import largest_component
 
 
 def test_keeps_the_largest_piece_only():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train.checkpointing import load_checkpoint
-from train.incontext_net import build_model
-from train.pretext import PRETEXTS, PretextError, ReconstructionNet, create_pretext
-from train.pretext.reconstruction import block_mask
-from train.run import main
-from train.run_config import load_config
+from maskbank.train.checkpointing import load_checkpoint
+from maskbank.train.incontext_net import build_model
+from maskbank.train.pretext import PRETEXTS, PretextError, ReconstructionNet, create_pretext
+from maskbank.train.pretext.reconstruction import block_mask
+from maskbank.train.run import main
+from maskbank.train.run_config import load_config
 
 STEPS = 16
 QUICK = ["train.progress=false", "train.tensorboard=true", "train.image_every=4"]

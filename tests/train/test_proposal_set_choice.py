@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.proposals import ProposalReader, write_proposals
-from pipeline.proposals.external import from_masks
-from pipeline.proposals.features import compute_features
-from train.checkpointing import load_checkpoint
-from train.pair_sampler import PairStream, SamplerConfig, SamplerError
-from train.run import main
-from train.run_config import ConfigError, DataConfig
+from maskbank.bank import Bank
+from maskbank.bank.proposals import ProposalReader, write_proposals
+from maskbank.pipeline.proposals.external import from_masks
+from maskbank.pipeline.proposals.features import compute_features
+from maskbank.train.checkpointing import load_checkpoint
+from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError
+from maskbank.train.run import main
+from maskbank.train.run_config import ConfigError, DataConfig
 
 CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2, proposals="mirror")
 

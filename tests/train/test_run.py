@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.run import main
+from maskbank.train.run import main
 
 from .conftest import REPO
 

@@ -5,8 +5,8 @@ import re
 import pytest
 import yaml
 
-from train.pair_sampler import SamplerConfig
-from train.run_config import (
+from maskbank.train.pair_sampler import SamplerConfig
+from maskbank.train.run_config import (
     CONFIG_DIR,
     DEFAULTS,
     ConfigError,

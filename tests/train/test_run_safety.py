@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpointing import load_checkpoint, non_finite_tensors
-from train.run import main
+from maskbank.train.checkpointing import load_checkpoint, non_finite_tensors
+from maskbank.train.run import main
 
 from .test_run import _cmd, _env, _metrics
 

@@ -1,6 +1,6 @@
 import torch
 
-from train.seg_loss import adaptive_tversky_loss, segmentation_loss
+from maskbank.train.seg_loss import adaptive_tversky_loss, segmentation_loss
 
 
 def test_perfect_prediction_beats_wrong_one():

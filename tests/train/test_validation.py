@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from bank import Bank
-from train.incontext_net import build_model
-from train.pair_sampler import SamplerError
-from train.run import main
-from train.run_config import DataConfig, TrainConfig
-from train.validation import PairValidator, fills_crop, split_scans, summarise
+from maskbank.bank import Bank
+from maskbank.train.incontext_net import build_model
+from maskbank.train.pair_sampler import SamplerError
+from maskbank.train.run import main
+from maskbank.train.run_config import DataConfig, TrainConfig
+from maskbank.train.validation import PairValidator, fills_crop, split_scans, summarise
 
 
 def test_fills_crop_needs_cover_or_all_six_faces():

@@ -27,7 +27,7 @@ All randomness comes from an explicit ``torch.Generator`` so that a resumed run
 re-creates exactly the augmentations of an uninterrupted one.
 """
 
-from train.augment.pair import PairAugmenter
-from train.augment.spec import NONE, STRONG, WEAK, AugmentSpec
+from maskbank.train.augment.pair import PairAugmenter
+from maskbank.train.augment.spec import NONE, STRONG, WEAK, AugmentSpec
 
 __all__ = ["NONE", "STRONG", "WEAK", "AugmentSpec", "PairAugmenter"]

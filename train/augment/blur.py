@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.kernels.blur import filter_volume
+from maskbank.train.kernels.blur import filter_volume
 
 RADIUS = 3  # 7 taps: covers +-3 sigma of the largest default sigma (1.0)
 

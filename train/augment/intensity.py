@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from train.augment.blur import gaussian_blur
-from train.augment.draws import bernoulli, uniform
-from train.augment.spec import AugmentSpec
+from maskbank.train.augment.blur import gaussian_blur
+from maskbank.train.augment.draws import bernoulli, uniform
+from maskbank.train.augment.spec import AugmentSpec
 
 _DIMS = (1, 2, 3, 4)
 

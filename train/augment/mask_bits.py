@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from train.kernels.bits import unpack_into
+from maskbank.train.kernels.bits import unpack_into
 
 MAX_TASKS = 24  # bits of an int32 field that the float32 coordinates of a gather keep exact
 

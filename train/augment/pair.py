@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from train.augment.intensity import intensity_augment
-from train.augment.mask_bits import unpack_bits
-from train.augment.spatial import center_crop, random_affine, warp
-from train.augment.spec import STRONG, WEAK, AugmentSpec
+from maskbank.train.augment.intensity import intensity_augment
+from maskbank.train.augment.mask_bits import unpack_bits
+from maskbank.train.augment.spatial import center_crop, random_affine, warp
+from maskbank.train.augment.spec import STRONG, WEAK, AugmentSpec
 
 
 class PairAugmenter:

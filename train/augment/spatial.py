@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train.augment.draws import bernoulli
-from train.augment.mask_bits import nearest_bits
-from train.augment.spec import AugmentSpec
-from train.kernels.warp import warp_volume
+from maskbank.train.augment.draws import bernoulli
+from maskbank.train.augment.mask_bits import nearest_bits
+from maskbank.train.augment.spec import AugmentSpec
+from maskbank.train.kernels.warp import warp_volume
 
 
 def random_affine(n: int, spec: AugmentSpec, gen: torch.Generator, device) -> torch.Tensor:

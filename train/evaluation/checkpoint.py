@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from train.checkpointing import CheckpointError, load_checkpoint
-from train.incontext_net import PRESETS, InContextSegNet, build_model
-from train.run_config import TrainConfig
+from maskbank.train.checkpointing import CheckpointError, load_checkpoint
+from maskbank.train.incontext_net import PRESETS, InContextSegNet, build_model
+from maskbank.train.run_config import TrainConfig
 
 from .errors import EvaluationError
 

@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.incontext_net import InContextSegNet, TaskEmbedding
-from train.optimizer_setup import one_cycle
-from train.seg_loss import segmentation_loss
+from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding
+from maskbank.train.optimizer_setup import one_cycle
+from maskbank.train.seg_loss import segmentation_loss
 
 from .aggregate import headline
 from .checkpoint import LoadedNetwork
@@ -699,7 +699,7 @@ def evaluate_finetune(
                 saver = None
                 first = split is plans[0][0] and name == networks[0][0]
                 if save_model and first and fraction == max(options.fractions):
-                    from train.segment.saved_model import finetuned_saver
+                    from maskbank.train.segment.saved_model import finetuned_saver
 
                     saver = finetuned_saver(save_model, list(classes), net.preset, crop, scans)
                 run = finetune_once(

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from train.incontext_net import TaskEmbedding
+from maskbank.train.incontext_net import TaskEmbedding
 
 from . import aggregate
 from .checkpoint import LoadedNetwork

@@ -14,7 +14,7 @@ from typing import Any
 
 @lru_cache(maxsize=4)
 def _records(location: str, scan_ids: tuple[str, ...]) -> tuple[tuple[str, str | None], ...]:
-    from bank import Bank
+    from maskbank.bank import Bank
 
     rows = {r["scan_id"]: r for r in Bank.open(location).index}
     return tuple((s, (rows.get(s) or {}).get("source_sha256")) for s in scan_ids)

@@ -43,7 +43,7 @@ def evaluation_fingerprint(bank) -> str:
     Two evaluations are comparable only on the same labels: the pretraining fingerprint
     (ids, sources, shapes, proposal counts) does not see a relabelled or renamed bank.
     """
-    from train.pair_sampler import bank_fingerprint
+    from maskbank.train.pair_sampler import bank_fingerprint
 
     labels = []
     for row in bank.index:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from train.pretext.base import Pretext, PretextError, PretextOutput
-from train.pretext.incontext import InContextPretext
-from train.pretext.reconstruction import ReconstructionNet, ReconstructionPretext
-from train.run_config import TrainConfig
+from maskbank.train.pretext.base import Pretext, PretextError, PretextOutput
+from maskbank.train.pretext.incontext import InContextPretext
+from maskbank.train.pretext.reconstruction import ReconstructionNet, ReconstructionPretext
+from maskbank.train.run_config import TrainConfig
 
 PRETEXTS: dict[str, type[Pretext]] = {
     InContextPretext.name: InContextPretext,

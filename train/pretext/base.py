@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from train.run_config import TrainConfig
+from maskbank.train.run_config import TrainConfig
 
 
 class PretextError(ValueError):

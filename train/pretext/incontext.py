@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.incontext_net import build_model
-from train.pretext.base import Pretext, PretextOutput, normalise
-from train.seg_loss import segmentation_loss
-from train.validation import fills_crop
+from maskbank.train.incontext_net import build_model
+from maskbank.train.pretext.base import Pretext, PretextOutput, normalise
+from maskbank.train.seg_loss import segmentation_loss
+from maskbank.train.validation import fills_crop
 
 
 class InContextPretext(Pretext):

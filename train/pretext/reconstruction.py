@@ -16,9 +16,9 @@ import math
 import torch
 from torch import nn
 
-from train.incontext_net import Encoder, NetSpec, resolve_spec
-from train.pretext.base import Pretext, PretextError, PretextOutput, normalise
-from train.run_config import TrainConfig
+from maskbank.train.incontext_net import Encoder, NetSpec, resolve_spec
+from maskbank.train.pretext.base import Pretext, PretextError, PretextOutput, normalise
+from maskbank.train.run_config import TrainConfig
 
 
 class UpStage(nn.Module):

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from train.evaluation.sliding import iter_sliding_probabilities, task_groups
-from train.incontext_net import InContextSegNet, TaskEmbedding
+from maskbank.train.evaluation.sliding import iter_sliding_probabilities, task_groups
+from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding
 
 from .tasks import TaskSet
 

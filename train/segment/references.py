@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.evaluation.structures import centred_crop, median_foreground
-from train.incontext_net import InContextSegNet, TaskEmbedding
+from maskbank.train.evaluation.structures import centred_crop, median_foreground
+from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding
 
 from .tasks import TaskSet
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.evaluation.checkpoint import file_sha256
-from train.incontext_net import InContextSegNet, TaskEmbedding, build_model
+from maskbank.train.evaluation.checkpoint import file_sha256
+from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding, build_model
 
 from .tasks import TaskSet, _flatten, _unflatten
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from train.incontext_net import TaskEmbedding
+from maskbank.train.incontext_net import TaskEmbedding
 
 FORMAT = "maskbank-task"
 VERSION = 1

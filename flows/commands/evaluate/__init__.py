@@ -29,9 +29,9 @@ def _modules() -> list:
     mods = []
     for name in SUBCOMMANDS:
         try:
-            mods.append(importlib.import_module(f"flows.commands.evaluate.{name}"))
+            mods.append(importlib.import_module(f"maskbank.flows.commands.evaluate.{name}"))
         except ModuleNotFoundError as exc:
-            if exc.name != f"flows.commands.evaluate.{name}":
+            if exc.name != f"maskbank.flows.commands.evaluate.{name}":
                 raise
     return mods
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows.commands.options import add_scan_selection, open_bank_scans
+from maskbank.flows.commands.options import add_scan_selection, open_bank_scans
 
 
 def add_common(
@@ -50,7 +50,7 @@ def add_common(
 
 def load_networks(args: argparse.Namespace, baseline: str) -> list:
     """The checkpoint's network, then the baseline of its preset and crop (unless asked not)."""
-    from train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+    from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
 
     untrained = args.checkpoint in (RANDOM, SCRATCH)
     first = load_network(baseline if untrained else args.checkpoint, args.preset, args.seed)
@@ -66,7 +66,7 @@ def finish(
     args: argparse.Namespace, bank, nets: list, results: dict, markdown, text: str
 ) -> Path | None:
     """Record how the results were made, write OUT/results.{json,md}, print them."""
-    from train.evaluation.report import run_record, write_results
+    from maskbank.train.evaluation.report import run_record, write_results
 
     results["run"] = run_record(command_line(args), bank, nets)
     out = write_results(args.out, results, markdown(results)) if args.out else None
@@ -99,7 +99,7 @@ def fail(prog: str, exc: Exception) -> int:
 
 def emit(args: argparse.Namespace, results: dict, text: str) -> None:
     """Print JSON (--json) or the human table, and where the outputs went."""
-    from train.evaluation.report import _clean
+    from maskbank.train.evaluation.report import _clean
 
     if args.json:
         print(json.dumps(_clean(results), indent=1))

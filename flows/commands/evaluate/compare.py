@@ -48,10 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands.evaluate._common import command_line, emit, fail
-    from train.evaluation.compare import COLUMNS, compare, compare_markdown
-    from train.evaluation.errors import EvaluationError
-    from train.evaluation.report import text_table, write_results
+    from maskbank.flows.commands.evaluate._common import command_line, emit, fail
+    from maskbank.train.evaluation.compare import COLUMNS, compare, compare_markdown
+    from maskbank.train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.report import text_table, write_results
 
     try:
         result = compare(args.folders, force=args.force)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands.evaluate._common import (
+from maskbank.flows.commands.evaluate._common import (
     add_common,
     device_of,
     fail,
@@ -135,7 +135,7 @@ def _networks(results: dict) -> list[str]:
 
 def _pm(mean: float | None, sd: float | None) -> str:
     """``mean ± sd`` (sd only with several split seeds)."""
-    from train.evaluation.report import fmt
+    from maskbank.train.evaluation.report import fmt
 
     return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
 
@@ -191,7 +191,7 @@ def _per_group(results: dict, nets: list[str], part: str, column: str) -> list[d
 
 def format_results(results: dict) -> str:
     """Terminal table: headline test Dice per fraction and network, chosen rates, seconds."""
-    from train.evaluation.report import text_table
+    from maskbank.train.evaluation.report import text_table
 
     nets, rows = _by_fraction(results)
     seeds = results["split_seeds"]
@@ -203,7 +203,7 @@ def format_results(results: dict) -> str:
 
 
 def results_markdown(results: dict) -> str:
-    from train.evaluation.report import fmt, markdown_table, provenance_markdown
+    from maskbank.train.evaluation.report import fmt, markdown_table, provenance_markdown
 
     nets, rows = _by_fraction(results)
     options, optim = results["options"], results["optim"]
@@ -316,10 +316,10 @@ def _progress_line(run: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from train.evaluation.checkpoint import RANDOM, SCRATCH
-    from train.evaluation.errors import EvaluationError
-    from train.evaluation.finetune import FinetuneOptions, evaluate_finetune
-    from train.evaluation.report import line_plot
+    from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH
+    from maskbank.train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.finetune import FinetuneOptions, evaluate_finetune
+    from maskbank.train.evaluation.report import line_plot
 
     opened = open_bank(PROG, args)
     if opened is None:

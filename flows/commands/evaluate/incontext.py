@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands.evaluate._common import (
+from maskbank.flows.commands.evaluate._common import (
     add_common,
     device_of,
     fail,
@@ -117,8 +117,8 @@ def load_runners(args: argparse.Namespace) -> list:
     ``registration`` is the atlas baseline (imported only when asked for). The floor has
     the first network's preset and crop (or --preset when only baselines are given).
     """
-    from train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
-    from train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+    from maskbank.train.evaluation.errors import EvaluationError
 
     given = list(args.checkpoint)
     runners, nets = [], []
@@ -148,10 +148,10 @@ def load_runners(args: argparse.Namespace) -> list:
 
 def registration_baseline():
     """The atlas-registration baseline, or a clear error when this install lacks it."""
-    from train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.errors import EvaluationError
 
     try:
-        from train.evaluation.registration import RegistrationBaseline
+        from maskbank.train.evaluation.registration import RegistrationBaseline
     except ImportError as exc:
         raise EvaluationError(
             f"--checkpoint registration needs the registration baseline "
@@ -178,7 +178,7 @@ def _p(value) -> str | None:
 
 
 def _ci(value, ci) -> str:
-    from train.evaluation.report import fmt
+    from maskbank.train.evaluation.report import fmt
 
     if value is None:
         return "–"
@@ -269,7 +269,7 @@ def _headline_line(results: dict) -> str:
 
 def format_results(results: dict) -> str:
     """Terminal tables: per network and k the headline, then per class Dice at the fewest k."""
-    from train.evaluation.report import text_table
+    from maskbank.train.evaluation.report import text_table
 
     parts = [_headline_line(results), ""]
     parts.append(text_table(summary_rows(results), SHORT_COLUMNS))
@@ -336,7 +336,7 @@ CASE_COLUMNS = [
 
 
 def results_markdown(results: dict) -> str:
-    from train.evaluation.report import markdown_table, provenance_markdown
+    from maskbank.train.evaluation.report import markdown_table, provenance_markdown
 
     overlap = overlap_line(results)
     md = [
@@ -436,8 +436,8 @@ def results_markdown(results: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from train.evaluation.errors import EvaluationError
-    from train.evaluation.incontext import InContextOptions, evaluate_incontext
+    from maskbank.train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.incontext import InContextOptions, evaluate_incontext
 
     opened = open_bank(PROG, args)
     if opened is None:
@@ -446,8 +446,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         names = None
         if args.label_names:
-            from pipeline.errors import ScanError
-            from pipeline.label_names import read_label_names
+            from maskbank.pipeline.errors import ScanError
+            from maskbank.pipeline.label_names import read_label_names
 
             try:
                 names = read_label_names(args.label_names)

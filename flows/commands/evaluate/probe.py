@@ -43,9 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.evaluation.checkpoint import RANDOM
-    from train.evaluation.errors import EvaluationError
-    from train.evaluation.probe import (
+    from maskbank.train.evaluation.checkpoint import RANDOM
+    from maskbank.train.evaluation.errors import EvaluationError
+    from maskbank.train.evaluation.probe import (
         PLOT,
         ProbeSettings,
         probe_markdown,

@@ -14,9 +14,9 @@ def write_checkpoint(out: Path, seed: int, bank: str | None = None) -> Path:
     """An untrained `tiny` network written as `maskbank pretrain` writes its checkpoints."""
     import torch
 
-    from train.checkpointing import save_checkpoint
-    from train.incontext_net import build_model
-    from train.run_config import TrainConfig
+    from maskbank.train.checkpointing import save_checkpoint
+    from maskbank.train.incontext_net import build_model
+    from maskbank.train.run_config import TrainConfig
 
     torch.manual_seed(seed)
     payload = {
@@ -43,7 +43,7 @@ def other_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Reference ``ref0``/``ref1`` and queries ``q0``/``q1`` (image, label) at 2 mm."""
-    from pipeline.phantom import make_phantom
+    from maskbank.pipeline.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("phantoms")
     out = {}

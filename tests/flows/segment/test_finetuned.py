@@ -8,17 +8,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flows.cli import main
-from flows.segment import SegmentError, segment
+from maskbank.flows.cli import main
+from maskbank.flows.segment import SegmentError, segment
 
 from .conftest import write_checkpoint
 
 
 def _labelled_bank(path, n: int = 4) -> str:
     """``n`` CT phantoms of one dataset with organ labels and names (a bank as prepare makes)."""
-    from bank import Bank
-    from flows.demo_bank import _normalise
-    from pipeline.phantom import NAMES, make_phantom
+    from maskbank.bank import Bank
+    from maskbank.flows.demo_bank import _normalise
+    from maskbank.pipeline.phantom import NAMES, make_phantom
 
     bank = Bank.create(path)
     for seed in range(n):
@@ -39,7 +39,7 @@ def _labelled_bank(path, n: int = 4) -> str:
 
 @pytest.mark.slow
 def test_a_saved_finetuned_network_segments_without_references(tmp_path, phantoms, capsys):
-    from pipeline.phantom import NAMES
+    from maskbank.pipeline.phantom import NAMES
 
     run = write_checkpoint(tmp_path / "run", seed=0)
     bank = _labelled_bank(tmp_path / "bank")

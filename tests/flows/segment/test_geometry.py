@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from flows.segment.geometry import GridMap
-from flows.segment.query import prepare_query
-from pipeline.config import PrepareConfig
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
+from maskbank.flows.segment.geometry import GridMap
+from maskbank.flows.segment.query import prepare_query
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
 
 
 def _rotation(deg_z: float, deg_x: float) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.segment.run import _largest_components
+from maskbank.flows.segment.run import _largest_components
 
 
 def test_each_label_keeps_its_largest_component_only():

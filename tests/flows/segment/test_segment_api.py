@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flows.cli import main
-from flows.segment import SegmentError, segment
+from maskbank.flows.cli import main
+from maskbank.flows.segment import SegmentError, segment
 
 from .conftest import SPACING, write_checkpoint
 
@@ -19,7 +19,7 @@ SP = "2"
 
 
 def _names_file(tmp_path: Path) -> Path:
-    from pipeline.phantom import NAMES
+    from maskbank.pipeline.phantom import NAMES
 
     path = tmp_path / "names.json"
     path.write_text(json.dumps({str(v): n for v, n in NAMES.items()}))
@@ -144,8 +144,8 @@ def test_query_over_the_memory_budget_fails_before_it_is_read(tmp_path, tiny_run
 
 
 def test_spacing_comes_from_the_pretraining_bank_when_the_checkpoint_names_it(tmp_path, phantoms):
-    from bank import Bank
-    from flows.segment import SegmentRun
+    from maskbank.bank import Bank
+    from maskbank.flows.segment import SegmentRun
 
     bank = Bank.create(tmp_path / "bank")
     img = np.zeros((8, 8, 8), np.float16)

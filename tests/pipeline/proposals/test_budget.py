@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from bank.proposals import proposal_nbytes
-from pipeline.proposals import ProposalSet, merge_sets
-from pipeline.proposals.budget import fit_byte_budget
-from pipeline.proposals.external import from_label_map
-from pipeline.proposals.features import compute_features
+from maskbank.bank.proposals import proposal_nbytes
+from maskbank.pipeline.proposals import ProposalSet, merge_sets
+from maskbank.pipeline.proposals.budget import fit_byte_budget
+from maskbank.pipeline.proposals.external import from_label_map
+from maskbank.pipeline.proposals.features import compute_features
 
 SHAPE = (48, 48, 40)
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from pipeline.phantom import make_phantom
-from pipeline.proposals.engine import ProposalConfig, generate_proposals
-from pipeline.proposals.quality import best_dice, score
-from pipeline.proposals.scaling import scale_plan
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
+from maskbank.pipeline.proposals.quality import best_dice, score
+from maskbank.pipeline.proposals.scaling import scale_plan
 
 ORGANS = (
     "lung_right",
@@ -119,7 +119,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_external_masks_mix_in_and_win_duplicates(ct_phantom):
-    from pipeline.proposals.external import from_label_map
+    from maskbank.pipeline.proposals.external import from_label_map
 
     ph = ct_phantom
     expert = from_label_map(ph.labels, source="expert")

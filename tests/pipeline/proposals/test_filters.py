@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from pipeline.proposals import ProposalSet, merge_sets
-from pipeline.proposals.features import compute_features
-from pipeline.proposals.filters import (
+from maskbank.pipeline.proposals import ProposalSet, merge_sets
+from maskbank.pipeline.proposals.features import compute_features
+from maskbank.pipeline.proposals.filters import (
     _binned_block_sums,
     _block_sums,
     _joint_keys,

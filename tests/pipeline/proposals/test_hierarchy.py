@@ -5,8 +5,8 @@ import heapq
 import numpy as np
 import pytest
 
-from pipeline.proposals.hierarchy import agglomerate, build_rag
-from pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
+from maskbank.pipeline.proposals.hierarchy import agglomerate, build_rag
+from maskbank.pipeline.proposals.supervoxels import gradient_magnitude, supervoxels
 
 
 def _reference(data, si, sg, wb, se, ws, sx):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.proposals import ProposalSet, merge_sets
-from pipeline.proposals.external import from_label_map, from_masks
-from pipeline.proposals.features import adjacency, compute_features
+from maskbank.pipeline.proposals import ProposalSet, merge_sets
+from maskbank.pipeline.proposals.external import from_label_map, from_masks
+from maskbank.pipeline.proposals.features import adjacency, compute_features
 
 
 def _labels() -> np.ndarray:

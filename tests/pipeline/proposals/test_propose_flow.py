@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.proposals import ProposalReader
-from flows.cli import main
-from pipeline.config import PrepareConfig
-from pipeline.phantom import make_phantom
-from pipeline.prepare import prepare_scan
+from maskbank.bank import Bank
+from maskbank.bank.proposals import ProposalReader
+from maskbank.flows.cli import main
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.prepare import prepare_scan
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import PrepareConfig
-from pipeline.normalize import invert_normalization
-from pipeline.prepare import prepare_scan
-from pipeline.proposals.engine import generate_proposals
-from pipeline.proposals.quality import score
+from maskbank.pipeline.config import PrepareConfig
+from maskbank.pipeline.normalize import invert_normalization
+from maskbank.pipeline.prepare import prepare_scan
+from maskbank.pipeline.proposals.engine import generate_proposals
+from maskbank.pipeline.proposals.quality import score
 
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 pytestmark = pytest.mark.realdata
@@ -25,8 +25,8 @@ def _need(*names: str) -> list[Path]:
 
 def _bytes_per_proposal(p, ps, tmp_path) -> float:
     """As stored in a real bank on disk (the proposals part only)."""
-    from bank import Bank
-    from bank.proposals import ProposalReader, write_proposals
+    from maskbank.bank import Bank
+    from maskbank.bank.proposals import ProposalReader, write_proposals
 
     bank = Bank.create(tmp_path / "bank")
     bank.write_scan("s", p.arrays(), p.attrs)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from bank import Bank
-from bank.proposals import ProposalReader, write_proposals
-from pipeline.phantom import make_phantom
-from pipeline.proposals.engine import ProposalConfig, generate_proposals
-from pipeline.proposals.scaling import scale_plan
+from maskbank.bank import Bank
+from maskbank.bank.proposals import ProposalReader, write_proposals
+from maskbank.pipeline.phantom import make_phantom
+from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
+from maskbank.pipeline.proposals.scaling import scale_plan
 
 MAX_BYTES_PER_PROPOSAL = 200
 
@@ -73,7 +73,7 @@ def test_small_body_gets_a_comparable_set(modality, tmp_path):
 
 
 def test_cap_keeps_every_scale_and_the_most_stable():
-    from pipeline.proposals.filters import select_diverse
+    from maskbank.pipeline.proposals.filters import select_diverse
 
     rng = np.random.default_rng(0)
     voxels = np.round(np.exp(rng.uniform(np.log(20), np.log(200_000), 5000))).astype(np.int64)

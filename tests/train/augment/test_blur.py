@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.augment.blur import gaussian_blur, gaussian_blur_reference
+from maskbank.train.augment.blur import gaussian_blur, gaussian_blur_reference
 
 
 def test_blur_matches_conv3d_with_replicate_padding():

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import torch
 
-from train.augment import NONE, STRONG
-from train.augment.intensity import intensity_augment
+from maskbank.train.augment import NONE, STRONG
+from maskbank.train.augment.intensity import intensity_augment
 
 OPS = ("brightness", "shift", "gamma", "contrast", "blur", "noise")
 

@@ -5,15 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.augment import STRONG
-from train.augment.mask_bits import (
+from maskbank.train.augment import STRONG
+from maskbank.train.augment.mask_bits import (
     MAX_TASKS,
     nearest_bits,
     pack_bits,
     unpack_bits,
     unpack_bits_reference,
 )
-from train.augment.spatial import random_affine, voxel_coords
+from maskbank.train.augment.spatial import random_affine, voxel_coords
 
 
 def test_pack_unpack_roundtrip():

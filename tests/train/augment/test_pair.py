@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import torch
 
-from train.augment import NONE, STRONG, PairAugmenter
-from train.augment.mask_bits import pack_bits
-from train.augment.spatial import center_crop
+from maskbank.train.augment import NONE, STRONG, PairAugmenter
+from maskbank.train.augment.mask_bits import pack_bits
+from maskbank.train.augment.spatial import center_crop
 
 
 def _blob(s=48):

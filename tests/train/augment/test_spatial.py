@@ -5,9 +5,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from train.augment import STRONG, WEAK
-from train.augment.mask_bits import pack_bits, unpack_bits
-from train.augment.spatial import (
+from maskbank.train.augment import STRONG, WEAK
+from maskbank.train.augment.mask_bits import pack_bits, unpack_bits
+from maskbank.train.augment.spatial import (
     center_crop,
     random_affine,
     sampling_grid,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo_bank import _normalise
+from maskbank.flows.demo_bank import _normalise
 
 SHAPE = (48, 48, 40)
 
@@ -23,8 +23,8 @@ def write_labelled_phantoms(
     ``edit(seed, arrays, attrs)`` may change a scan before it is written (another label
     map, names, source hash or a ``subject`` in its metadata).
     """
-    from bank import Bank
-    from pipeline.phantom import NAMES, make_phantom
+    from maskbank.bank import Bank
+    from maskbank.pipeline.phantom import NAMES, make_phantom
 
     bank = Bank.create(path)
     for seed in range(n):
@@ -56,7 +56,7 @@ def labelled_bank(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(phantom_bank, tmp_path_factory) -> Path:
     """A `tiny` network pretrained for a few steps (CPU, seconds): OUT/checkpoints/last.pt."""
-    from train.run import main
+    from maskbank.train.run import main
 
     out = tmp_path_factory.mktemp("eval") / "run"
     argv = ["--config", "tiny", "--bank", phantom_bank, "--out", str(out)]

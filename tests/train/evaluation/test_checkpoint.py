@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.checkpointing import load_checkpoint
-from train.evaluation.checkpoint import load_network
-from train.evaluation.errors import EvaluationError
-from train.run import main as train_main
+from maskbank.train.checkpointing import load_checkpoint
+from maskbank.train.evaluation.checkpoint import load_network
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.run import main as train_main
 
 
 def test_ema_weights_are_evaluated(tiny_checkpoint):

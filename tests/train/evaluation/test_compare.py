@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from flows.cli import main as cli
-from train.evaluation.report import write_results
+from maskbank.flows.cli import main as cli
+from maskbank.train.evaluation.report import write_results
 
 CLASSES = [{"dataset": "ds", "value": 3, "class": "liver"}]
 OPTIONS = {"shots": [1], "references": "fixed", "tolerance_mm": 2.0}
@@ -86,10 +86,10 @@ def test_compare_names_a_folder_without_results(tmp_path, capsys):
 
 
 def test_the_bank_fingerprint_sees_label_maps_and_names(tmp_path):
-    from bank import Bank
+    from maskbank.bank import Bank
+    from maskbank.train.evaluation.report import evaluation_fingerprint
+    from maskbank.train.pair_sampler import bank_fingerprint
     from tests.train.evaluation.conftest import write_labelled_phantoms
-    from train.evaluation.report import evaluation_fingerprint
-    from train.pair_sampler import bank_fingerprint
 
     def rename(seed: int, arrays: dict, attrs: dict) -> None:
         if seed == 1:

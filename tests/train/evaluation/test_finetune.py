@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.cli import main
-from flows.commands.evaluate import finetune as finetune_cli
-from flows.demo_bank import _normalise
-from train.evaluation.aggregate import headline
-from train.evaluation.errors import EvaluationError
-from train.evaluation.finetune import LR_GRID, FinetuneOptions, evaluate_finetune
+from maskbank.flows.cli import main
+from maskbank.flows.commands.evaluate import finetune as finetune_cli
+from maskbank.flows.demo_bank import _normalise
+from maskbank.train.evaluation.aggregate import headline
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.evaluation.finetune import LR_GRID, FinetuneOptions, evaluate_finetune
 
 from .conftest import SHAPE, write_labelled_phantoms
 
@@ -82,8 +82,8 @@ def test_pretrained_and_scratch_fine_tune_on_one_split(
 @pytest.fixture(scope="module")
 def grid_results(labelled_bank, tiny_checkpoint) -> dict:
     """Pretrained vs scratch, two rates, two split seeds, one step each (a tiny budget)."""
-    from bank import Bank
-    from train.evaluation.checkpoint import SCRATCH, load_network
+    from maskbank.bank import Bank
+    from maskbank.train.evaluation.checkpoint import SCRATCH, load_network
 
     pre = load_network(str(tiny_checkpoint))
     scratch = load_network(SCRATCH, pre.preset, 0)
@@ -179,8 +179,8 @@ def test_options_validate_the_grid_and_the_seeds() -> None:
 
 
 def _unlabelled_bank(path: Path) -> str:
-    from bank import Bank
-    from pipeline.phantom import make_phantom
+    from maskbank.bank import Bank
+    from maskbank.pipeline.phantom import make_phantom
 
     bank = Bank.create(path)
     ph = make_phantom("ct", shape=SHAPE, spacing=(2.0, 2.0, 2.0), seed=0)

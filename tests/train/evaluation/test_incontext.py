@@ -8,25 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from bank import Bank
-from flows.cli import main as cli
-from tests.train.evaluation.conftest import write_labelled_phantoms
-from train.evaluation import aggregate
-from train.evaluation.checkpoint import load_network
-from train.evaluation.errors import EvaluationError
-from train.evaluation.incontext import (
+from maskbank.bank import Bank
+from maskbank.flows.cli import main as cli
+from maskbank.train.evaluation import aggregate
+from maskbank.train.evaluation.checkpoint import load_network
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.evaluation.incontext import (
     InContextOptions,
     ReferencePlan,
     evaluate_incontext,
     pretraining_overlap,
 )
-from train.evaluation.structures import (
+from maskbank.train.evaluation.structures import (
     StructureClass,
     centred_crop,
     find_classes,
     labelled_scans,
     median_foreground,
 )
+from tests.train.evaluation.conftest import write_labelled_phantoms
 
 LIVER = StructureClass("ds", 3, "liver", ("a", "b", "c", "d"))
 LESION = 9  # the phantoms' lesion label (in seeds 1 and 3 of the labelled bank)
@@ -354,7 +354,7 @@ def test_cli_writes_json_table_and_warns_of_overlap(
 def test_a_reconstruction_checkpoint_is_refused_in_context(
     labelled_bank, tiny_checkpoint, tmp_path, capsys
 ):
-    from train.checkpointing import load_checkpoint, save_checkpoint
+    from maskbank.train.checkpointing import load_checkpoint, save_checkpoint
 
     payload = load_checkpoint(tiny_checkpoint)
     payload["config"]["pretext"] = "reconstruction"

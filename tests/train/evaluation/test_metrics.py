@@ -14,7 +14,7 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-from train.evaluation.metrics import (
+from maskbank.train.evaluation.metrics import (
     MISS_PENALTY_MM,
     SegScores,
     binarise,

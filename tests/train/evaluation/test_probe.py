@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from flows.cli import main
-from train.evaluation.checkpoint import load_network
-from train.evaluation.errors import EvaluationError
-from train.evaluation.probe import (
+from maskbank.flows.cli import main
+from maskbank.train.evaluation.checkpoint import load_network
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.evaluation.probe import (
     ProbeSettings,
     ProbeTarget,
     balanced_accuracy,
@@ -219,7 +219,7 @@ def test_probe_command_errors(labelled_bank, capsys, extra, message) -> None:
 
 
 def test_probe_command_names_scans_missing_the_target(tmp_path, capsys) -> None:
-    from bank import Bank
+    from maskbank.bank import Bank
 
     path = write_labelled_phantoms(tmp_path / "bank", n=3)
     bank = Bank.open(path, mode="a")

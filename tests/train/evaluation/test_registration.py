@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from flows.demo_bank import _normalise
-from train.evaluation.metrics import dice
-from train.evaluation.registration import RegistrationBaseline, RegistrationSettings
-from train.evaluation.structures import find_classes, labelled_scans
+from maskbank.flows.demo_bank import _normalise
+from maskbank.train.evaluation.metrics import dice
+from maskbank.train.evaluation.registration import RegistrationBaseline, RegistrationSettings
+from maskbank.train.evaluation.structures import find_classes, labelled_scans
 
 from .conftest import SHAPE
 
@@ -37,7 +37,7 @@ def _warped(image: np.ndarray, label: np.ndarray, angle: float, scale: float, sh
 
 
 def _write(bank, scan_id: str, image: np.ndarray, label: np.ndarray, modality: str) -> None:
-    from pipeline.phantom import NAMES
+    from maskbank.pipeline.phantom import NAMES
 
     body = image > np.percentile(image, 20)
     attrs = {
@@ -62,9 +62,9 @@ def scans(tmp_path_factory):
     in CT and MR contrast. ``ct-other``: another affine deformation; ``ct-bent``: a smooth
     free-form deformation (up to 8 mm) and a shift; ``flat``: a constant image.
     """
-    from bank import Bank
-    from pipeline.phantom import make_phantom
-    from pipeline.synthetic_subjects import deformed_subject
+    from maskbank.bank import Bank
+    from maskbank.pipeline.phantom import make_phantom
+    from maskbank.pipeline.synthetic_subjects import deformed_subject
 
     bank = Bank.create(tmp_path_factory.mktemp("registration") / "bank")
     ct = make_phantom("ct", shape=SHAPE, spacing=SPACING, seed=0, n_lesions=0)
@@ -129,7 +129,7 @@ def test_masks_are_warped_with_the_registered_transform(scans) -> None:
     """The boxed, field-sampled warp equals resampling the whole grid with the transform."""
     import SimpleITK as sitk
 
-    from train.evaluation.registration import to_sitk
+    from maskbank.train.evaluation.registration import to_sitk
 
     query, ref = scans["query"], scans["ct-bent"]
     baseline = RegistrationBaseline()
@@ -203,7 +203,7 @@ def test_settings_and_speed_are_recorded(scans) -> None:
     assert "bspline" not in baseline.stages[("ct-moved", "query")]
     json.dumps({"config": baseline.config, "stats": stats})  # results.json can hold both
     # A large scan registers on a coarser working grid, so its cost stays bounded.
-    from train.evaluation.registration import to_sitk, working_image
+    from maskbank.train.evaluation.registration import to_sitk, working_image
 
     image = to_sitk(scans["query"].image, SPACING)
     assert working_image(image, 3.0, 10**9).GetSize() == (20, 24, 24)  # 2-voxel bins, axes reversed

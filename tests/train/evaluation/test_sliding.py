@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.evaluation.sliding import sliding_probabilities, task_groups
+from maskbank.train.evaluation.sliding import sliding_probabilities, task_groups
 
 
 @pytest.mark.parametrize("shape", [(20, 24, 16), (70, 45, 39)])

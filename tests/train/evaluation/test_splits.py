@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from train.evaluation.errors import EvaluationError
-from train.evaluation.splits import check_fraction, make_split
+from maskbank.train.evaluation.errors import EvaluationError
+from maskbank.train.evaluation.splits import check_fraction, make_split
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.4, 0.5, 0.7, 1.0)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flows.prepare import label_name_conflicts
-from pipeline.label_names import name_conflicts
+from maskbank.flows.prepare import label_name_conflicts
+from maskbank.pipeline.label_names import name_conflicts
 from tests.train.evaluation.conftest import write_labelled_phantoms
 
 

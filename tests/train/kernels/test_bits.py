@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.augment.mask_bits import unpack_bits_reference
-from train.kernels.bits import unpack_into
+from maskbank.train.augment.mask_bits import unpack_bits_reference
+from maskbank.train.kernels.bits import unpack_into
 
 
 @pytest.mark.parametrize("shape", [(5, 6, 7), (1, 1, 1), (16, 16, 17)])

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.augment.blur import gaussian_blur_reference, gaussian_taps
-from train.kernels.blur import filter_volume
+from maskbank.train.augment.blur import gaussian_blur_reference, gaussian_taps
+from maskbank.train.kernels.blur import filter_volume
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 7), (20, 9, 16), (1, 1, 5), (33, 31, 29)])

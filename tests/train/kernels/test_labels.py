@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.kernels.labels import label_histogram, or_lookup
+from maskbank.train.kernels.labels import label_histogram, or_lookup
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.augment import STRONG
-from train.augment.mask_bits import nearest_bits
-from train.augment.spatial import random_affine, voxel_coords, warp_image
-from train.kernels.warp import warp_volume
+from maskbank.train.augment import STRONG
+from maskbank.train.augment.mask_bits import nearest_bits
+from maskbank.train.augment.spatial import random_affine, voxel_coords, warp_image
+from maskbank.train.kernels.warp import warp_volume
 
 
 def _warp(image, bits, mat, out, bits_dtype=torch.int32):

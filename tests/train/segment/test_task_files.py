@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from train.incontext_net import TaskEmbedding, build_model
-from train.segment.inference import Segmenter
-from train.segment.references import Reference, encode_references
-from train.segment.saved_model import (
+from maskbank.train.incontext_net import TaskEmbedding, build_model
+from maskbank.train.segment.inference import Segmenter
+from maskbank.train.segment.references import Reference, encode_references
+from maskbank.train.segment.saved_model import (
     SavedModelError,
     is_saved_model,
     load_finetuned,
     save_finetuned,
 )
-from train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
+from maskbank.train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
 
 
 def _embedding(k: int, seed: int = 0) -> TaskEmbedding:
