@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # two processes racing on 2 cores: no oversubscription
+    os.environ.setdefault(_var, "1")  # two processes racing: no oversubscription
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -1,7 +1,7 @@
 """Start a private Prefect server on loopback.
 
 Without PREFECT_API_URL every Python *process* that runs a flow or task starts
-its own temporary server (15-30 s on 2 cores). One loopback server shared by
+its own temporary server (15-30 s of start-up). One loopback server shared by
 the CLI, Dask process workers, `flows/serve.py` and the test suite pays that
 once.
 

@@ -2,7 +2,7 @@
 
 The decoder thread (`pipeline.gzip_stream`) needs a core of its own for decoding
 and resampling to overlap; with every core in torch's pool the two only take
-turns (measured on 2 cores: 0.91 s vs 0.73 s for decode + resample of a
+turns (with two cores in all: 0.91 s vs 0.73 s for decode + resample of a
 512x512x300 CT). Once the last byte is decoded the core goes back, so the rest
 of the resampling (e.g. the slice-axis pass) runs on the full pool.
 

@@ -4,7 +4,7 @@ The environment is set at import time, before any test module imports prefect, s
 test ever touches ~/.prefect or a user's server. Flow tests request `prefect_api`
 (a session fixture): one `prefect server start` on 127.0.0.1 serves every in-process
 flow, every `maskbank` subprocess and the deployment test, instead of each process
-starting its own temporary server (15-30 s each on 2 cores).
+starting its own temporary server (15-30 s each).
 """
 
 from __future__ import annotations

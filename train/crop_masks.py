@@ -1,12 +1,17 @@
-"""Rebuild K proposal masks inside a crop as one int32 bit field, reading each layer once.
+"""Rebuild K proposal masks inside a crop as one bit field, reading each layer once.
 
 A proposal is a set of label intervals of one label-map layer (the bank's
-proposal format). For a crop we read each *needed* layer's ROI once through
-``ScanView.read`` and build a per-layer lookup table label -> bits of the chosen
-proposals, so the K masks cost one table lookup per layer instead of K full
-passes plus packing. The same layer blocks also give every proposal's voxel
-count in the reference crop (bincount + CSR prefix sums), so choosing K
-visible proposals needs no second read.
+proposal format). The sampler takes each *needed* layer of a crop as decoded
+chunk pieces from the bank's ``ChunkCache`` (``cache.pieces``; a chunk is decoded
+once and kept for the next overlapping crop), never as an assembled block.
+``ProposalIndex.counts_in_pieces`` histograms the pieces into every proposal's voxel
+count in the reference crop (CSR prefix sums over the label intervals), so choosing
+K visible proposals needs no second read; ``ProposalIndex.bits`` builds one lookup
+table per layer, label -> bits of the chosen proposals, and applies it piece by
+piece straight into the field (int32, or a narrower type the K + 1 bits fit), so the
+K masks cost one table lookup per layer instead of K full passes plus packing.
+``read_layers`` and ``counts`` do the same on whole blocks (``ScanView.read`` or a
+``ChunkCache``), for callers that want blocks.
 """
 
 from __future__ import annotations

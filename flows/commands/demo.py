@@ -64,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=1000,
         metavar="N",
-        help="tiny pretraining steps (default 1000: ~1.5 min on 2 CPU cores, enough for the "
+        help="tiny pretraining steps (default 1000: a minute or two on a CPU, enough for the "
         "pretrained network to beat the untrained floor in the evaluation)",
     )
     p.add_argument(

@@ -74,7 +74,7 @@ def test_cli_prepares_proposes_verifies_and_summarises_a_bank_on_s3(
         assert SECRET.encode() not in fs.cat_file(key), key
 
 
-@pytest.mark.slow  # ~25 s on 2 cores: prepare (~9 s) and the import flow (~15 s)
+@pytest.mark.slow  # ~25 s: prepare (~9 s) and the import flow (~15 s)
 def test_cli_imports_label_maps_from_a_manifest_onto_a_bank_on_s3(
     prefect_api: str, s3: S3, tmp_path: Path
 ) -> None:

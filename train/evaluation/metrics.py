@@ -40,8 +40,8 @@ and their distances are those of the whole volume: the result equals the uncropp
 call (tested, including structures cut by the volume border, where the crop stops at
 the border and MONAI's implicit background begins as before). The padding keeps the
 crop edge away from the surfaces so this holds without relying on MONAI's own internal
-one-voxel pad. ``score`` on a 256^3 volume with a 20^3 structure takes about 20 ms on a
-2-core CPU; the same MONAI calls on the uncropped volume take about 1.3 s.
+one-voxel pad. On a 256^3 volume with a 20^3 structure, ``score`` is about 60x faster
+than the same MONAI calls on the uncropped volume (about 20 ms against 1.3 s when measured).
 """
 
 from __future__ import annotations
