@@ -34,11 +34,11 @@ class Encoding:
     chunk: int = 64  # inner chunk edge (voxels) of volume arrays
     max_shard: int = 512  # shard edge cap (voxels); shards cover the whole scan up to this
     cname: str = "zstd"
-    clevel: int = 2  # 5-7x faster to write than level 5 for 3-15 % more bytes (docs/bank-format.md)
+    clevel: int = 2  # 5-7x faster to write than level 5 for 3-15 % more bytes (bench/RESULTS.md)
     # The proposals part follows ~15 s of proposal generation, so its 0.3 s of level-5
     # compression is free, and label layers shrink by a quarter (238 -> 175 B/proposal).
     proposals_clevel: int = 5
-    shuffle: str = "shuffle"  # byte shuffle beat bitshuffle on float16 CT (docs/bank-format.md)
+    shuffle: str = "shuffle"  # byte shuffle beat bitshuffle on float16 CT (bench/RESULTS.md)
 
     def to_dict(self) -> dict:
         return asdict(self)

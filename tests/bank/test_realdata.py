@@ -43,6 +43,6 @@ def test_real_head_ct_round_trip_and_size(tmp_path: Path) -> None:
     np.testing.assert_array_equal(scan.read("body", roi), body[roi])
     np.testing.assert_allclose(scan.affine, img.affine)
     # Image alone: 0.18 B/voxel with the default zstd-2 + byte shuffle, 0.16 with zstd-5
-    # (docs/bank-format.md); bitshuffle gave 0.28, so this bound fails if the codec regresses.
+    # (bench/RESULTS.md); bitshuffle gave 0.28, so this bound fails if the codec regresses.
     assert row["nbytes"] / image.size < 0.23
     assert bank.verify() == []
