@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q --no-deps "dynamic-network-architectures==0.4.4" "einops>=0.8"
 	$(BIN)/python -m pip install -q -e ".[dev,bench,notebook]"
 	@touch $(STAMP)
 

@@ -23,6 +23,7 @@ COMMANDS = (
     "pretrain",
     "evaluate",
     "segment",
+    "export",
     "info",
     "verify",
     "report",

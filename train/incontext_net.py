@@ -47,6 +47,9 @@ class NetSpec:
     in_channels: int = 1
     per_task: bool = False  # decode each task in its own pass (see the module docstring)
     prior_levels: tuple[int, ...] = ()  # levels of the similarity prior (0 or token levels)
+    # "iris" (the published encoder) or "resenc": nnU-Net's residual encoder, so the
+    # pretrained weights load into nnU-Net and MONAI (train.resenc, train.export)
+    encoder: str = "iris"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -72,6 +75,24 @@ PRESETS: dict[str, NetSpec] = {
         dec_blocks=1,
         token_levels=(2, 3, 4),
         n_query_tokens=10,
+    ),
+    # nnU-Net's ResEnc at the tiny preset's widths: CPU tests and the demo.
+    "resenc-tiny": NetSpec(
+        channels=(8, 16, 32, 32),
+        enc_blocks=(1, 1, 1, 1),
+        dec_blocks=0,
+        token_levels=(2, 3),
+        n_query_tokens=4,
+        encoder="resenc",
+    ),
+    # nnU-Net's ResEnc-L encoder (features 32-320, blocks 1,3,4,6,6,6), ~100 M parameters.
+    "resenc-l": NetSpec(
+        channels=(32, 64, 128, 256, 320, 320),
+        enc_blocks=(1, 3, 4, 6, 6, 6),
+        dec_blocks=1,
+        token_levels=(2, 3, 4),
+        n_query_tokens=10,
+        encoder="resenc",
     ),
 }
 
@@ -122,6 +143,18 @@ class Encoder(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
+
+
+def build_encoder(spec: NetSpec) -> nn.Module:
+    """The encoder ``spec.encoder`` names; both return one feature map per level, level i at
+    1/2**i of the input, so task encoding and decoder do not depend on the choice."""
+    if spec.encoder == "iris":
+        return Encoder(spec)
+    if spec.encoder == "resenc":
+        from maskbank.train.resenc import build_resenc_encoder
+
+        return build_resenc_encoder(spec)
+    raise ValueError(f"unknown encoder {spec.encoder!r}; choose 'iris' or 'resenc'")
 
 
 class Attention(nn.Module):
@@ -289,7 +322,7 @@ class InContextSegNet(nn.Module):
         levels = len(ch)
         if any(not 0 < lvl < levels for lvl in spec.token_levels):
             raise ValueError(f"token_levels {spec.token_levels} must lie in 1..{levels - 1}")
-        self.encoder = Encoder(spec)
+        self.encoder = build_encoder(spec)
         self.task_encoders = nn.ModuleDict(
             {
                 str(lv): TaskEncoder(ch[lv], spec.n_query_tokens, spec.head_dim)

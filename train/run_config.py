@@ -159,6 +159,12 @@ class _Section:
 class ModelConfig(_Section):
     PATH: ClassVar[str] = "model"
     preset: str = "tiny"  # network size, a key of train.incontext_net.PRESETS
+    # "iris" (max-pooling + basic blocks, the published encoder) or "resenc" (nnU-Net's
+    # residual encoder, exportable to nnU-Net and MONAI): it must be the preset's own
+    # (--config resenc-tiny / resenc-l), checked when the network is built.
+    encoder: str = "iris"
+
+    ENCODERS: ClassVar[tuple[str, ...]] = ("iris", "resenc")
 
     def validate(self) -> None:
         from maskbank.train.incontext_net import PRESETS
@@ -167,6 +173,10 @@ class ModelConfig(_Section):
             self.preset in PRESETS,
             f"unknown model preset '{self.preset}' (config key 'model.preset'); "
             f"choose one of {sorted(PRESETS)}",
+        )
+        _require(
+            self.encoder in self.ENCODERS,
+            f"model.encoder={self.encoder!r}: choose one of {', '.join(self.ENCODERS)}",
         )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskbank.train.incontext_net import build_model
-from maskbank.train.pretext.base import Pretext, PretextOutput, normalise
+from maskbank.train.incontext_net import InContextSegNet
+from maskbank.train.pretext.base import Pretext, PretextError, PretextOutput, normalise
+from maskbank.train.resenc import checked_spec
 from maskbank.train.seg_loss import segmentation_loss
 from maskbank.train.validation import fills_crop
 
@@ -22,7 +23,10 @@ class InContextPretext(Pretext):
     name = "incontext"
 
     def build_model(self, preset: str | dict) -> nn.Module:
-        return build_model(preset)
+        try:
+            return InContextSegNet(checked_spec(preset, self.cfg.model.encoder))
+        except ValueError as exc:
+            raise PretextError(str(exc)) from exc
 
     def __call__(
         self,

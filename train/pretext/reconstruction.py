@@ -16,8 +16,9 @@ import math
 import torch
 from torch import nn
 
-from maskbank.train.incontext_net import Encoder, NetSpec, resolve_spec
+from maskbank.train.incontext_net import NetSpec, build_encoder
 from maskbank.train.pretext.base import Pretext, PretextError, PretextOutput, normalise
+from maskbank.train.resenc import checked_spec
 from maskbank.train.run_config import TrainConfig
 
 
@@ -41,7 +42,7 @@ class ReconstructionNet(nn.Module):
         super().__init__()
         self.spec = spec
         ch = spec.channels
-        self.encoder = Encoder(spec)  # the same module (and key names) as InContextSegNet's
+        self.encoder = build_encoder(spec)  # the same module (and keys) as InContextSegNet's
         self.decoder = nn.ModuleList(UpStage(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
         self.head = nn.Conv3d(ch[0], spec.in_channels, 1)
 
@@ -100,7 +101,10 @@ class ReconstructionPretext(Pretext):
             raise PretextError(f"reconstruction.mask_ratio={self.mask_ratio} must lie in (0, 1)")
 
     def build_model(self, preset: str | dict) -> nn.Module:
-        return ReconstructionNet(resolve_spec(preset))
+        try:
+            return ReconstructionNet(checked_spec(preset, self.cfg.model.encoder))
+        except ValueError as exc:
+            raise PretextError(str(exc)) from exc
 
     def __call__(
         self,
