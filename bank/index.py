@@ -36,6 +36,7 @@ ROW_KEYS = (
     "spacing",
     "source_path",
     "source_sha256",
+    "source_stat",
     "fingerprint",
     "has_label",
     "n_proposals",
@@ -94,6 +95,9 @@ def make_row(
         },
         normalization=_normalization(attrs.get("normalization")),
         written_at=info.get("written_at"),
+        # size and mtime of the inputs a scan was prepared from (a writer's own record), so a
+        # re-run can tell unchanged inputs from the index alone, as git and make do
+        source_stat=attrs.get("source_stat"),
     )
     return {key: row.get(key) for key in ROW_KEYS}
 
