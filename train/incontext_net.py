@@ -22,7 +22,12 @@ K structures in the query, all in one forward pass:
   (both centred on the query's mean feature), upsampled, with a learnt scale and offset.
   It hands the network "looks like the reference structure" from the first step; without
   it a small network trained for minutes learns only the foreground prior (its
-  probabilities inside and outside the target were measured equal on held-out pairs).
+  probabilities inside and outside the target were measured equal on held-out pairs);
+* optionally (``readout="propagation"``) a mask-propagation readout at ``readout_level``
+  (``train.readout``): query voxels attend over the reference's voxels by learnt keys and
+  read the reference masks through that attention; the propagated masks are added to the
+  logits. The task embedding then keeps the reference's keys and mask occupancy at that
+  level (its "memory"), so evaluation still encodes a reference once.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from maskbank.train.readout import LocalRefine, PropagationReadout
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,10 @@ class NetSpec:
     # "iris" (the published encoder) or "resenc": nnU-Net's residual encoder, so the
     # pretrained weights load into nnU-Net and MONAI (train.resenc, train.export)
     encoder: str = "iris"
+    readout: str = "none"  # "propagation": mask-propagation readout (train.readout)
+    readout_level: int = 2  # encoder level the readout matches query and reference at
+    readout_dim: int = 32  # width of its keys
+    readout_refine: int = 0  # > 0: full-resolution per-task refinement of that width
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -64,9 +75,13 @@ PRESETS: dict[str, NetSpec] = {
         dec_blocks=0,
         token_levels=(2, 3),
         n_query_tokens=4,
+        readout="propagation",
     ),
     "small": NetSpec(
-        channels=(16, 32, 64, 128, 256), enc_blocks=(1, 1, 2, 2, 2), token_levels=(2, 3, 4)
+        channels=(16, 32, 64, 128, 256),
+        enc_blocks=(1, 1, 2, 2, 2),
+        token_levels=(2, 3, 4),
+        readout="propagation",
     ),
     # The published size: channels 32-512, ~120 M parameters.
     "base": NetSpec(
@@ -75,6 +90,7 @@ PRESETS: dict[str, NetSpec] = {
         dec_blocks=1,
         token_levels=(2, 3, 4),
         n_query_tokens=10,
+        readout="propagation",
     ),
     # nnU-Net's ResEnc at the tiny preset's widths: CPU tests and the demo.
     "resenc-tiny": NetSpec(
@@ -247,19 +263,59 @@ class DecoderStage(nn.Module):
         return self.blocks(self.merge(torch.cat([self.up(x), skip], dim=1)))
 
 
+def _pad_positions(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad memory positions (axis ``dim``) to ``length``; zero keys are never attended."""
+    extra = length - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _align_memory(
+    parts: list[TaskEmbedding],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Keys (per task, padded) and masks (padded) of ``parts`` ready to concatenate."""
+    if any(p.mem_keys is None for p in parts):
+        if any(p.mem_keys is not None for p in parts):
+            raise ValueError("cannot join task embeddings with and without a readout memory")
+        return None
+    length = max(p.mem_masks.shape[-1] for p in parts)
+    shared = all(p.mem_keys is parts[0].mem_keys for p in parts) and (
+        parts[0].mem_keys.shape[1] == 1
+    )
+    keys = []
+    for p in parts:
+        k = p.mem_keys if shared else p.mem_keys.expand(-1, p.n_tasks, -1, -1)
+        keys.append(_pad_positions(k, length, 2))
+    masks = [_pad_positions(p.mem_masks, length, 2) for p in parts]
+    return keys, masks
+
+
 @dataclass
 class TaskEmbedding:
     """What the network keeps of a reference: per task, tokens at each token level + fg0.
 
     ``tokens[level]`` is (N, K, 1 + n_query_tokens, C_level) and ``fg0`` (N, K, C_0).
+    With the propagation readout also its memory: ``mem_keys`` (N, 1 or K, L, C_key), the
+    reference's unit keys at the readout level (1: shared by every task), and ``mem_masks``
+    (N, K, L), each task's reference mask occupancy there (``train.readout``).
     """
 
     tokens: dict[int, torch.Tensor]
     fg0: torch.Tensor
+    mem_keys: torch.Tensor | None = None
+    mem_masks: torch.Tensor | None = None
 
     @property
     def n_tasks(self) -> int:
         return self.fg0.shape[1]
+
+    def _memory(self, fn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.mem_keys is None:
+            return None, None
+        return fn(self.mem_keys), fn(self.mem_masks)
 
     def expand(self, n: int) -> TaskEmbedding:
         """Broadcast a batch-1 embedding to batch ``n`` (no copy)."""
@@ -270,45 +326,87 @@ class TaskEmbedding:
         return TaskEmbedding(
             {lv: t.expand(n, *t.shape[1:]) for lv, t in self.tokens.items()},
             self.fg0.expand(n, *self.fg0.shape[1:]),
+            *self._memory(lambda t: t.expand(n, *t.shape[1:])),
         )
 
     def mean(self) -> TaskEmbedding:
-        """Average over the batch (several reference shots of the same tasks) -> batch 1."""
+        """Average over the batch (several reference shots of the same tasks) -> batch 1.
+
+        The readout memory is not averaged but joined: the positions of every shot, so a
+        query voxel can match any shot. Tasks whose masks are all ones (the global task)
+        keep the first shot's memory: they propagate ones wherever they match.
+        """
+        mem_keys = mem_masks = None
+        if self.mem_keys is not None:
+            s, k, length = self.mem_masks.shape
+            if bool((self.mem_masks == 1).all()):
+                mem_keys, mem_masks = self.mem_keys[:1], self.mem_masks[:1]
+            else:
+                keys = self.mem_keys.transpose(0, 1)  # (Km, S, L, C)
+                mem_keys = keys.reshape(keys.shape[0], s * length, -1)[None]
+                mem_masks = self.mem_masks.transpose(0, 1).reshape(k, s * length)[None]
         return TaskEmbedding(
             {lv: t.mean(0, keepdim=True) for lv, t in self.tokens.items()},
             self.fg0.mean(0, keepdim=True),
+            mem_keys,
+            mem_masks,
         )
 
     def select(self, tasks: list[int]) -> TaskEmbedding:
         """A subset of tasks, in the given order."""
         idx = torch.as_tensor(tasks, device=self.fg0.device)
+        mem_keys = mem_masks = None
+        if self.mem_keys is not None:
+            shared = self.mem_keys.shape[1] == 1
+            mem_keys = self.mem_keys if shared else self.mem_keys.index_select(1, idx)
+            mem_masks = self.mem_masks.index_select(1, idx)
         return TaskEmbedding(
             {lv: t.index_select(1, idx) for lv, t in self.tokens.items()},
             self.fg0.index_select(1, idx),
+            mem_keys,
+            mem_masks,
         )
 
     @staticmethod
     def cat(parts: list[TaskEmbedding]) -> TaskEmbedding:
         """Concatenate along the task axis (same batch size)."""
         levels = parts[0].tokens
+        memory = _align_memory(parts)
+        mem_keys = mem_masks = None
+        if memory is not None:
+            keys, masks = memory
+            mem_keys = keys[0] if all(k is keys[0] for k in keys) else torch.cat(keys, 1)
+            mem_masks = torch.cat(masks, 1)
         return TaskEmbedding(
             {lv: torch.cat([p.tokens[lv] for p in parts], 1) for lv in levels},
             torch.cat([p.fg0 for p in parts], 1),
+            mem_keys,
+            mem_masks,
         )
 
     @staticmethod
     def cat_batch(parts: list[TaskEmbedding]) -> TaskEmbedding:
         """Stack along the batch axis (e.g. several shots of the same tasks, for ``mean``)."""
         levels = parts[0].tokens
+        memory = _align_memory(parts)
+        mem_keys = mem_masks = None
+        if memory is not None:
+            keys, masks = memory
+            if len({k.shape[1] for k in keys}) > 1:
+                keys = [k.expand(-1, parts[0].n_tasks, -1, -1) for k in keys]
+            mem_keys, mem_masks = torch.cat(keys, 0), torch.cat(masks, 0)
         return TaskEmbedding(
             {lv: torch.cat([p.tokens[lv] for p in parts], 0) for lv in levels},
             torch.cat([p.fg0 for p in parts], 0),
+            mem_keys,
+            mem_masks,
         )
 
     def to(self, *args, **kwargs) -> TaskEmbedding:
         return TaskEmbedding(
             {lv: t.to(*args, **kwargs) for lv, t in self.tokens.items()},
             self.fg0.to(*args, **kwargs),
+            *self._memory(lambda t: t.to(*args, **kwargs)),
         )
 
 
@@ -340,6 +438,16 @@ class InContextSegNet(nn.Module):
         n_prior = len(spec.prior_levels)
         self.prior_scale = nn.Parameter(torch.full((n_prior,), 4.0)) if n_prior else None
         self.prior_offset = nn.Parameter(torch.tensor(-2.0)) if n_prior else None
+        if spec.readout not in ("none", "propagation"):
+            raise ValueError(f"readout {spec.readout!r}: 'none' or 'propagation'")
+        self.readout = None
+        if spec.readout == "propagation":
+            if not 0 <= spec.readout_level < levels:
+                raise ValueError(f"readout_level {spec.readout_level} must lie in 0..{levels - 1}")
+            self.readout = PropagationReadout(ch[spec.readout_level], spec.readout_dim)
+        self.refine = None
+        if self.readout is not None and spec.readout_refine > 0:
+            self.refine = LocalRefine(spec.readout_refine)
         finest = min(spec.token_levels)
         self.head = nn.Sequential(
             nn.LayerNorm(ch[0] + ch[finest]),
@@ -370,7 +478,12 @@ class InContextSegNet(nn.Module):
             for lv in self.spec.token_levels
         }
         fg0 = pooled_token(ref_feats[0], masks)  # full-resolution foreground token
-        return TaskEmbedding(tokens, fg0)
+        if self.readout is None:
+            return TaskEmbedding(tokens, fg0)
+        lv = self.spec.readout_level
+        mem_keys = self.readout.keys(ref_feats[lv])[:, None]  # (N, 1, L, C): shared by tasks
+        mem_masks = mask_occupancy(masks, lv).flatten(2).float()
+        return TaskEmbedding(tokens, fg0, mem_keys, mem_masks)
 
     def _prior(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
         """Similarity prior logits (N, K, *S): scaled cosines to each task's foreground token."""
@@ -388,11 +501,16 @@ class InContextSegNet(nn.Module):
             total = total + self.prior_scale[i] * cos
         return total
 
-    def _decode(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
+    def _decode(
+        self, q_feats: list[torch.Tensor], tasks: TaskEmbedding, image: torch.Tensor
+    ) -> torch.Tensor:
         n = q_feats[0].shape[0]
         tasks = tasks.expand(n)
         k = tasks.n_tasks
         prior = self._prior(q_feats, tasks) if self.spec.prior_levels else None
+        readout = None
+        if self.readout is not None and tasks.mem_keys is not None:
+            readout = self._readout(q_feats, tasks)
         tokens = tasks.tokens
         if self.spec.per_task:  # batch of N * K passes, each attending to one task's tokens
             q_feats = [f.repeat_interleave(k, dim=0) for f in q_feats]
@@ -414,7 +532,20 @@ class InContextSegNet(nn.Module):
         else:
             logits = torch.einsum("nc...,nkc->nk...", x, weight.to(x.dtype))
         logits = logits + bias.to(x.dtype)[..., None, None, None]
-        return logits if prior is None else logits + prior.to(logits.dtype)
+        if prior is not None:
+            logits = logits + prior.to(logits.dtype)
+        if readout is not None:
+            logits = logits + self.readout.logits(readout).to(logits.dtype)
+            if self.refine is not None:
+                logits = self.refine(logits, readout, image)
+        return logits
+
+    def _readout(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
+        """The reference masks propagated to the query, upsampled to it: (N, K, *S)."""
+        feat = q_feats[self.spec.readout_level]
+        prop = self.readout.propagate(self.readout.keys(feat), tasks.mem_keys, tasks.mem_masks)
+        prop = prop.view(feat.shape[0], tasks.n_tasks, *feat.shape[-3:])
+        return self.readout.upsample(prop, q_feats[0].shape[-3:])
 
     def encode_tasks(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> TaskEmbedding:
         """Task embeddings of K structures from a reference: (N,1,*S), (N,K,*S) -> (N, K tasks).
@@ -428,7 +559,7 @@ class InContextSegNet(nn.Module):
     def segment(self, query_image: torch.Tensor, tasks: TaskEmbedding) -> torch.Tensor:
         """Logits (N,K,*S) of the tasks in a query crop; tasks of batch 1 are broadcast."""
         self._check_crop(query_image.shape)
-        return self._decode(self.encoder(query_image), tasks)
+        return self._decode(self.encoder(query_image), tasks, query_image)
 
     def forward(
         self, ref_image: torch.Tensor, ref_masks: torch.Tensor, query_image: torch.Tensor
@@ -440,7 +571,7 @@ class InContextSegNet(nn.Module):
         # One encoder pass over reference and query together (shared weights).
         feats = self.encoder(torch.cat([ref_image, query_image], dim=0))
         tasks = self._tasks([f[:n] for f in feats], ref_masks)
-        return self._decode([f[n:] for f in feats], tasks)
+        return self._decode([f[n:] for f in feats], tasks, query_image)
 
 
 def resolve_spec(preset: str | NetSpec | dict) -> NetSpec:

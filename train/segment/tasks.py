@@ -99,6 +99,9 @@ class TaskSet:
 def _flatten(prefix: str, emb: TaskEmbedding) -> dict[str, torch.Tensor]:
     out = {f"{prefix}.tokens.{lv}": t for lv, t in emb.tokens.items()}
     out[f"{prefix}.fg0"] = emb.fg0
+    if emb.mem_keys is not None:  # the propagation readout's memory
+        out[f"{prefix}.mem_keys"] = emb.mem_keys
+        out[f"{prefix}.mem_masks"] = emb.mem_masks
     return out
 
 
@@ -114,7 +117,12 @@ def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> TaskEmbedding |
         return None
     head = f"{prefix}.tokens."
     tokens = {int(k[len(head) :]): v for k, v in tensors.items() if k.startswith(head)}
-    return TaskEmbedding(tokens, tensors[f"{prefix}.fg0"])
+    return TaskEmbedding(
+        tokens,
+        tensors[f"{prefix}.fg0"],
+        tensors.get(f"{prefix}.mem_keys"),
+        tensors.get(f"{prefix}.mem_masks"),
+    )
 
 
 def save_tasks(tasks: TaskSet, path: str | Path) -> Path:
