@@ -36,8 +36,10 @@ import torch
 
 from maskbank.train.augment import STRONG, WEAK, PairAugmenter  # noqa: E402
 from maskbank.train.augment.spatial import random_affine, sampling_grid  # noqa: E402
+from maskbank.train.crop_placement import padded_roi  # noqa: E402
 from maskbank.train.memory_policy import retain_freed_memory  # noqa: E402
-from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, padded_roi  # noqa: E402
+from maskbank.train.pair_sampler import PairStream, SamplerError  # noqa: E402
+from maskbank.train.run_config import DataConfig  # noqa: E402
 
 REALISTIC_SOURCE = (512, 512, 300)  # voxels of bench/prepare.py's synthetic CT, before prepare
 REALISTIC_SPACING = (0.7, 0.7, 1.0)  # mm
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"built phantom bank {args.shape} x{args.scans} in {time.perf_counter() - t:.0f} s",
                 file=sys.stderr,
             )
-        cfg = SamplerConfig(
+        cfg = DataConfig(
             crop=args.crop,
             margin=args.margin,
             k=args.k,

@@ -1,5 +1,9 @@
 """Pretrain a 3D network on pairs streamed from a bank (in-context segmentation by default).
 
+From Python: ``pretrain(TrainConfig.load("tiny", ["max_steps=20"]), BANK, DIR) -> RunSummary``
+(also ``maskbank.train.pretrain``). The command line parses its arguments into a
+``TrainConfig`` and calls it:
+
     python train/run.py --config tiny --bank BANK --out DIR [key=value ...]
     python train/run.py ... pretext=reconstruction  # masked-volume baseline, same budget
     torchrun --nproc_per_node=N train/run.py --config base --bank BANK --out DIR
@@ -19,10 +23,8 @@ are not finite at a checkpoint stop the run with exit 2 and a message (see train
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -53,10 +55,18 @@ from maskbank.train.loader_watchdog import (
 )
 from maskbank.train.memory_policy import retain_freed_memory
 from maskbank.train.optimizer_setup import build_optimizer, build_scheduler
-from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, make_loader
+from maskbank.train.pair_sampler import PairStream, SamplerError, make_loader
 from maskbank.train.pretext import PretextError, create_pretext
+from maskbank.train.ranks import (
+    Placement,
+    Preemption,
+    any_rank,
+    setup_distributed,
+    weights_hash,
+)
 from maskbank.train.run_config import ConfigError, TrainConfig, dump_config
 from maskbank.train.run_log import RunLog, StepOutcome
+from maskbank.train.seeding import seeded_torch, torch_generator
 from maskbank.train.validation import PairValidator, resolve_validation, write_record
 from maskbank.train.weight_ema import WeightEMA
 
@@ -78,33 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Preemption:
-    """Turns SIGTERM into a flag checked between steps (all ranks stop at the same step)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def install(self) -> None:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
-def any_rank(flags: torch.Tensor) -> list[bool]:
-    """Element-wise "true on any rank" of a vector of 0/1 flags: one all-reduce, so that
-    every rank takes the same decision (one rank alone skipping or stopping hangs the rest)."""
-    flags = flags.float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flags)
-    return [bool(v > 0) for v in flags.tolist()]
-
-
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -118,57 +101,15 @@ def check_out_dir(out: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where this process trains: its rank among ``world`` ranks and its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Placement:
-    """This process's rank and device from torchrun's environment; joins the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Placement(rank, world, device)
-
-
-def augment_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """Per-step generator: augmentations depend only on (seed, step, rank) -> exact resume."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1))
-    return gen
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """Hash of all parameters' bytes: lets a checkpoint prove every rank held the same weights."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def checkpoint_to_resume(
-    args: argparse.Namespace, cfg: TrainConfig, world: int
+    resume: str | None, out: Path, cfg: TrainConfig, world: int
 ) -> dict[str, Any] | None:
-    """The checkpoint ``--resume``/``--resume-from`` names, checked against this run's config
-    (same pretext, preset, batch, K, crop, proposal set and ranks); None for a fresh run."""
-    if not (args.resume or args.resume_from):
+    """The checkpoint ``resume`` names ("auto": OUT/checkpoints/last.pt, or a file), checked
+    against this run's config (same pretext, preset, batch, K, crop, proposal set and ranks);
+    None for a fresh run."""
+    if resume is None:
         return None
-    path = find_checkpoint(args.resume_from or "auto", Path(args.out))
+    path = find_checkpoint(resume, out)
     ckpt = load_checkpoint(path)
     check_resume(path, ckpt, cfg, world)
     return ckpt
@@ -203,16 +144,28 @@ def prepare_run_dir(out: Path, cfg: TrainConfig) -> None:
 
 
 class Trainer:
-    """One pretraining run on one rank: built in named steps, then ``run()`` to max_steps."""
+    """One pretraining run on one rank: built in named steps, then ``run()`` to max_steps.
+
+    ``resume``: None (a fresh run), "auto" (OUT/checkpoints/last.pt) or a checkpoint file."""
 
     def __init__(
-        self, args: argparse.Namespace, cfg: TrainConfig, place: Placement, preempt: Preemption
+        self,
+        cfg: TrainConfig,
+        bank: str,
+        out: Path,
+        place: Placement,
+        preempt: Preemption,
+        resume: str | None = None,
     ) -> None:
+        if not isinstance(cfg, TrainConfig):  # e.g. an argparse.Namespace: parse it first
+            raise TypeError(f"Trainer takes a TrainConfig, not {type(cfg).__name__}")
         self.cfg, self.place, self.preempt = cfg, place, preempt
-        self.out, self.bank = Path(args.out), args.bank
+        self.out, self.bank = Path(out), str(bank)
         self.pretext = create_pretext(cfg.pretext, cfg)
-        self.ckpt = checkpoint_to_resume(args, cfg, place.world)
+        self.ckpt = checkpoint_to_resume(resume, self.out, cfg, place.world)
         self.progress = Progress.of(self.ckpt)
+        self.last_loss: torch.Tensor | None = None  # of the last step taken
+        self.last_validation: dict[str, float] | None = None
         self.nan_steps = cfg.train.debug_nan.applies_to(place.rank)
         # Validation scans are held out of the stream (data.val_scans / data.val_fraction).
         self.train_scans, self.val_scans = resolve_validation(self.bank, cfg.data)
@@ -247,8 +200,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
     def _build_model(self) -> torch.nn.Module:
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        model = self.pretext.build_model(self.cfg.model.preset).to(self.place.device)
+        # Identical initial weights on every rank, without seeding the caller's global RNG.
+        with seeded_torch(self.cfg.seed, "init"):
+            model = self.pretext.build_model(self.cfg.model.preset)
+        model = model.to(self.place.device)
         crop = self.cfg.data.crop
         if crop % model.min_size:
             raise ConfigError(
@@ -257,12 +212,12 @@ class Trainer:
         return model
 
     def _open_stream(self) -> PairStream:
-        sampler_cfg = SamplerConfig.from_config(self.cfg.data)
+        data = self.cfg.data
         if self.val_scans:
-            sampler_cfg = replace(sampler_cfg, scans=self.train_scans)
+            data = replace(data, scans=self.train_scans)
         stream = PairStream(
             self.bank,
-            sampler_cfg,
+            data,
             seed=self.cfg.seed,
             rank=self.place.rank,
             world_size=self.place.world,
@@ -303,7 +258,10 @@ class Trainer:
     def _train_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutcome:
         """Augment, forward, backward, and update -- or skip, on every rank together."""
         device = self.place.device
-        gen = augment_generator(self.cfg.seed, step, self.place.rank, self.aug_device)
+        # Augmentations depend only on (seed, step, rank): exact resume.
+        gen = torch_generator(
+            self.cfg.seed, "augment", step, self.place.rank, device=self.aug_device
+        )
         aug = self.augmenter(batch, self.stream.cfg.n_tasks, gen)
         aug = {k: v.to(device, non_blocking=True) for k, v in aug.items()}
         # The pretext's loss; the same generator draws its randomness (exact resume).
@@ -443,6 +401,7 @@ class Trainer:
         """Score the EMA weights (what evaluation loads) on the held-out pairs; rank 0 only."""
         self.ema.copy_to(self.val_model)
         numbers, _ = self.validator.score(self.val_model)
+        self.last_validation = dict(numbers)
         write_record(log.metrics, log.writer, step, numbers)
         self.validator.figure(self.val_model, self.out / "val" / f"step_{step:08d}.png")
         if log.bar is not None:
@@ -460,6 +419,7 @@ class Trainer:
             }
             t_data = time.perf_counter() - t0
             outcome = self._train_step(batch, p.step)
+            self.last_loss = outcome.loss.detach()
             p.step += 1
             if self.place.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -478,23 +438,73 @@ class Trainer:
         return False
 
 
-def train(args: argparse.Namespace) -> int:
-    """Configure, build and run one training process (one rank under torchrun)."""
-    check_out_dir(args.out)
-    cfg = TrainConfig.load(args.config, args.overrides)
-    place = setup_distributed()
+@dataclass(frozen=True)
+class RunSummary:
+    """What one ``pretrain`` call did, as seen by this rank."""
+
+    out: Path  # the run directory
+    steps: int  # the step reached (a resumed run counts the checkpoint's steps too)
+    start_step: int  # the step it started from (0, or the checkpoint's)
+    final_loss: float | None  # this rank's loss at the last step taken (None: no step taken)
+    checkpoint: Path | None  # OUT/checkpoints/last.pt when one was written (rank 0 writes)
+    seconds: float
+    validation: dict[str, float] | None  # the last held-out pair metrics (rank 0), if any
+    preempted: bool = False  # stopped by SIGTERM, checkpoint written at ``steps``
+    rank: int = 0
+
+    @property
+    def outcome(self) -> str:
+        """The one line the command line ends with."""
+        if self.preempted:
+            return f"preempted: checkpoint written at step {self.steps}; resume with --resume"
+        return "done"
+
+
+def pretrain(
+    config: TrainConfig,
+    bank: str | os.PathLike | Any,
+    out: str | os.PathLike,
+    resume: str | os.PathLike | bool | None = None,
+) -> RunSummary:
+    """Pretrain as ``config`` says on ``bank`` (a path, fsspec URL or open ``Bank``) into the
+    run directory ``out`` (local or mounted), and return what was done.
+
+    ``resume``: None/False for a fresh run, True or "auto" for OUT/checkpoints/last.pt, or a
+    checkpoint file. Under torchrun each process calls it with its rank from the environment
+    (the process group is joined, and left, here). SIGTERM (preemption; main thread only)
+    ends the step, writes a checkpoint and returns ``preempted``. Errors in how the run was
+    asked for raise one of ``USAGE_ERRORS``, saying what to change. The process keeps freed
+    memory for reuse (``memory_policy.retain_freed_memory``)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"pretrain takes a TrainConfig, not {type(config).__name__}")
+    check_out_dir(str(out))
+    location = str(getattr(bank, "location", bank))
+    resume_from = "auto" if resume is True else (None if resume in (None, False) else str(resume))
+    retain_freed_memory()  # batches and augmented pairs reuse freed buffers (no page faults)
+    t0 = time.perf_counter()
+    place, joined = setup_distributed()
     preempt = Preemption()
     preempt.install()
     try:
-        trainer = Trainer(args, cfg, place, preempt)
+        trainer = Trainer(config, location, Path(out), place, preempt, resume_from)
         preempted = trainer.run()
     finally:
         preempt.restore()
-    if place.is_main:
-        step = trainer.progress.step
-        done = f"preempted: checkpoint written at step {step}; resume with --resume"
-        print(done if preempted else "done", file=sys.stderr)
-    return 0
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+    last = Path(out) / "checkpoints" / "last.pt"
+    loss = trainer.last_loss
+    return RunSummary(
+        out=Path(out),
+        steps=trainer.progress.step,
+        start_step=Progress.of(trainer.ckpt).step,
+        final_loss=None if loss is None else float(loss),
+        checkpoint=last if last.exists() else None,
+        seconds=time.perf_counter() - t0,
+        validation=trainer.last_validation,
+        preempted=preempted,
+        rank=place.rank,
+    )
 
 
 # Errors in how the run was asked for (configuration, bank, checkpoint, run directory) or
@@ -510,19 +520,25 @@ USAGE_ERRORS = (
 )
 
 
+def usage_error(exc: BaseException) -> int:
+    """Print a usage error's message on one line of stderr; the exit status, 2."""
+    message = " ".join(str(exc).split("\n"))
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for `python train/run.py`, torchrun and `maskbank pretrain`."""
+    """`python train/run.py` and torchrun: the arguments as a ``TrainConfig``, then ``pretrain``."""
     args = parse_args(argv)
-    retain_freed_memory()  # batches and augmented pairs reuse freed buffers (no page faults)
+    resume = args.resume_from or ("auto" if args.resume else None)
     try:
-        return train(args)
+        config = TrainConfig.load(args.config, args.overrides)
+        summary = pretrain(config, args.bank, args.out, resume)
     except USAGE_ERRORS as exc:
-        message = " ".join(str(exc).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        return usage_error(exc)
+    if summary.rank == 0:
+        print(summary.outcome, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

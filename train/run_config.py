@@ -4,7 +4,10 @@
 only lists the keys it changes) and dotted ``key=value`` overrides, in that order. Every
 key must exist (a typo fails loudly, naming the closest valid key) and every value is
 checked once here -- its type, its range, its choices -- so the trainer reads typed
-attributes instead of converting a dict where each value is used.
+attributes instead of converting a dict where each value is used. Names kept in a
+registry (``pretext``: ``train.pretext.PRETEXTS``; ``model.preset``:
+``train.incontext_net.PRESETS``) are checked by that registry, when the pretext is
+created, so this module imports neither.
 
 ``to_dict()`` is the plain, JSON-able form written to ``config.yaml`` and into each
 checkpoint; ``from_dict()`` reads it back (missing keys take their defaults).
@@ -18,7 +21,7 @@ import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -158,7 +161,9 @@ class _Section:
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     PATH: ClassVar[str] = "model"
-    preset: str = "tiny"  # network size, a key of train.incontext_net.PRESETS
+    # Network size: a name in the preset registry (train.incontext_net.PRESETS), which
+    # checks it when the pretext is created.
+    preset: str = "tiny"
     # "iris" (max-pooling + basic blocks, the published encoder) or "resenc" (nnU-Net's
     # residual encoder, exportable to nnU-Net and MONAI): it must be the preset's own
     # (--config resenc-tiny / resenc-l), checked when the network is built.
@@ -167,13 +172,6 @@ class ModelConfig(_Section):
     ENCODERS: ClassVar[tuple[str, ...]] = ("iris", "resenc")
 
     def validate(self) -> None:
-        from maskbank.train.incontext_net import PRESETS
-
-        _require(
-            self.preset in PRESETS,
-            f"unknown model preset '{self.preset}' (config key 'model.preset'); "
-            f"choose one of {sorted(PRESETS)}",
-        )
         _require(
             self.encoder in self.ENCODERS,
             f"model.encoder={self.encoder!r}: choose one of {', '.join(self.ENCODERS)}",
@@ -182,7 +180,8 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """What the pair stream draws (see ``train.pair_sampler``) and how it is loaded."""
+    """What the pair stream draws (``train.pair_sampler.PairStream`` takes this section as
+    it is) and how it is loaded."""
 
     PATH: ClassVar[str] = "data"
     MAX_K: ClassVar[int] = 23  # proposals + the global task fit the sampler's bit field
@@ -216,6 +215,22 @@ class DataConfig(_Section):
     # train.val_every steps; an explicit list, or a fraction of the scans (by id hash).
     val_scans: tuple[str, ...] | None = None
     val_fraction: float = 0.0
+    # Anchors tried in a drawn scan before the sampler draws another (at most
+    # MAX_SCANS_PER_PAIR scans per pair, then a SamplerError names what to change).
+    max_anchor_tries: int = 20
+    # P > 1: P consecutive pairs share a scan (its decoded chunks are reused; less scan
+    # diversity per batch); 1 is the stream pair for pair.
+    pairs_per_scan_visit: int = 1
+
+    @property
+    def read_size(self) -> int:
+        """Edge of each crop as read: the crop plus ``margin`` voxels per side."""
+        return self.crop + 2 * self.margin
+
+    @property
+    def n_tasks(self) -> int:
+        """Tasks per pair: the K proposals and the global all-ones task."""
+        return self.k + 1
 
     def validate(self) -> None:
         _require(
@@ -225,7 +240,13 @@ class DataConfig(_Section):
         )
         for name, low in (("crop", 1), ("margin", 0), ("k", 1), ("min_mask_voxels", 0)):
             _require(getattr(self, name) >= low, f"data.{name} must be >= {low}")
-        for name, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):
+        for name, low in (
+            ("batch_size", 1),
+            ("num_workers", 0),
+            ("prefetch_factor", 1),
+            ("max_anchor_tries", 1),
+            ("pairs_per_scan_visit", 1),
+        ):
             _require(getattr(self, name) >= low, f"data.{name} must be >= {low}")
         _require(self.k <= self.MAX_K, f"data.k={self.k}: at most {self.MAX_K} proposals")
         _require(
@@ -379,7 +400,8 @@ class TrainConfig(_Section):
 
     seed: int = 0
     # What the network learns from each pair: incontext (segment the reference's masks in
-    # the query) or reconstruction (restore masked blocks; the same-budget baseline).
+    # the query) or reconstruction (restore masked blocks; the same-budget baseline). A name
+    # in the pretext registry (train.pretext.PRETEXTS), which checks it.
     pretext: str = "incontext"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -390,14 +412,7 @@ class TrainConfig(_Section):
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
     def validate(self) -> None:
-        from maskbank.train.pretext import PRETEXTS
-
         _require(self.seed >= 0, "seed must be >= 0")
-        _require(
-            self.pretext in PRETEXTS,
-            f"unknown pretext '{self.pretext}' (config key 'pretext'); "
-            f"choose one of {sorted(PRETEXTS)}",
-        )
         block = self.reconstruction.block
         _require(
             block is None or block <= self.data.crop,
@@ -421,25 +436,6 @@ class TrainConfig(_Section):
 
 
 # ------------------------------------------------------------------- dict-level layering
-def _section_defaults(cls: type) -> dict[str, Any]:
-    """Every key of ``cls`` with its default, as a plain dict. Built from the field
-    defaults without instantiating (the choice checks import the model and pretext
-    registries, which import this module)."""
-    out: dict[str, Any] = {}
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        if isinstance(hints[f.name], type) and is_dataclass(hints[f.name]):
-            out[f.name] = _section_defaults(hints[f.name])
-        elif f.default_factory is not MISSING:
-            out[f.name] = _plain(f.default_factory())
-        else:
-            out[f.name] = _plain(f.default)
-    return out
-
-
-DEFAULTS: dict[str, Any] = _section_defaults(TrainConfig)
-
-
 def deep_merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
     """Return ``base`` updated recursively by ``update``; unknown keys are errors."""
     out = copy.deepcopy(base)

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from maskbank.train.augment import PairAugmenter
-from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError, open_bank
+from maskbank.train.pair_sampler import PairStream, SamplerError, open_bank
 from maskbank.train.run_config import DataConfig, TrainConfig
+from maskbank.train.seeding import torch_generator
 
 VAL_SEED = 0x7A11D  # the validation pairs do not depend on the run's seed
 VAL_DISJOINT = 0.25  # share of validation pairs whose query lies beside the reference
@@ -107,11 +108,12 @@ class PairValidator:
     ) -> None:
         self.device = device
         scfg = replace(
-            SamplerConfig.from_config(cfg.data),
+            cfg.data,
             scans=tuple(scan_ids),
             disjoint_frac=VAL_DISJOINT,
             absent_frac=VAL_ABSENT,
             max_ref_fill=1.0,  # references as they come, filling ones included
+            pairs_per_scan_visit=1,  # the same pairs whatever the training stream's visits
         )
         stream = PairStream(bank, scfg, seed=VAL_SEED, compact=True)
         self.scan_ids = list(scan_ids)
@@ -124,7 +126,7 @@ class PairValidator:
         self.batches: list[dict[str, torch.Tensor]] = []
         n = cfg.train.val_pairs
         for b in range(math.ceil(n / scfg.batch_size)):
-            gen = torch.Generator().manual_seed(VAL_SEED + b)
+            gen = torch_generator(VAL_SEED, "validation", b)
             aug = augmenter(stream.batch(b), scfg.n_tasks, gen)
             keep = min(scfg.batch_size, n - b * scfg.batch_size)
             self.batches.append({k: v[:keep] for k, v in aug.items()})

@@ -34,13 +34,14 @@ class CountingStore(WrapperStore):
 
 
 def test_pair_stream_from_s3_equals_the_local_stream(s3: S3, tmp_path: Path, monkeypatch) -> None:
-    from maskbank.train.pair_sampler import PairStream, SamplerConfig, make_loader
+    from maskbank.train.pair_sampler import PairStream, make_loader
+    from maskbank.train.run_config import DataConfig
 
     monkeypatch.setenv("MASKBANK_STORAGE_OPTIONS", s3.options_json)  # as workers inherit it
     shape = (64, 56, 48)
     build_phantom_bank(s3.url(), n_scans=2, shape=shape)
     build_phantom_bank(tmp_path / "bank", n_scans=2, shape=shape)
-    cfg = SamplerConfig(crop=24, margin=4, k=5, min_mask_voxels=8, batch_size=2)
+    cfg = DataConfig(crop=24, margin=4, k=5, min_mask_voxels=8, batch_size=2)
     remote = PairStream(s3.url(), cfg, seed=3, max_batches=2)
     local = PairStream(str(tmp_path / "bank"), cfg, seed=3, max_batches=2)
     assert remote.fingerprint == local.fingerprint

@@ -49,12 +49,13 @@ def test_sampler_bench_huge_bank_mode_forgets_scans_at_each_visit(phantom_bank):
     pytest.importorskip("h5py", reason="the baseline needs h5py (pip install -e '.[bench]')")
     import importlib.util
 
-    from maskbank.train.pair_sampler import PairStream, SamplerConfig
+    from maskbank.train.pair_sampler import PairStream
+    from maskbank.train.run_config import DataConfig
 
     spec = importlib.util.spec_from_file_location("bench_sampler", REPO / "bench" / "sampler.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    stream = PairStream(phantom_bank, SamplerConfig(crop=32, margin=8, k=5), seed=0)
+    stream = PairStream(phantom_bank, DataConfig(crop=32, margin=8, k=5), seed=0)
     stream.sample(0)
     assert stream._scans and stream.chunks.nbytes > 0
     bench.forget_scans(stream)

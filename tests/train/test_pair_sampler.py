@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,12 +9,12 @@ from maskbank.bank.proposals import ProposalReader
 from maskbank.train.pair_sampler import (
     MAX_SCANS_PER_PAIR,
     PairStream,
-    SamplerConfig,
     SamplerError,
     make_loader,
 )
+from maskbank.train.run_config import DataConfig
 
-CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2)
+CFG = DataConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2)
 
 
 def _cut(volume: np.ndarray, start: np.ndarray, size: int, fill) -> np.ndarray:
@@ -92,7 +94,7 @@ def test_stream_is_reproducible_and_resumable(phantom_bank):
 
 
 def test_weights_select_scans(phantom_bank):
-    cfg = SamplerConfig(**{**CFG.__dict__, "modality_weights": {"ct": 1.0, "mr": 0.0, "pet": 0.0}})
+    cfg = replace(CFG, modality_weights={"ct": 1.0, "mr": 0.0, "pet": 0.0})
     stream = PairStream(phantom_bank, cfg, seed=0)
     ct = [i for i, s in enumerate(stream.scan_ids) if "-ct-" in s]
     picked = {int(stream.sample(i)["scan_index"]) for i in range(6)}
@@ -162,7 +164,7 @@ def test_compiled_label_loops_do_not_change_the_stream(phantom_bank, monkeypatch
 
 
 def test_pairs_per_scan_visit_is_deterministic_and_shares_scans(phantom_bank):
-    cfg = SamplerConfig(**{**CFG.__dict__, "pairs_per_scan_visit": 4})
+    cfg = replace(CFG, pairs_per_scan_visit=4)
     stream = PairStream(phantom_bank, cfg, seed=6, max_batches=4)
     batches = list(stream)
     scans = torch.cat([b["scan_index"] for b in batches]).tolist()
@@ -173,7 +175,7 @@ def test_pairs_per_scan_visit_is_deterministic_and_shares_scans(phantom_bank):
     resumed = next(iter(PairStream(phantom_bank, cfg, seed=6, start_batch=3, max_batches=1)))
     assert all(torch.equal(batches[3][k], resumed[k]) for k in resumed)
     # P = 1 is the default stream, pair for pair
-    one = SamplerConfig(**{**CFG.__dict__, "pairs_per_scan_visit": 1})
+    one = replace(CFG, pairs_per_scan_visit=1)
     a, b = (
         PairStream(phantom_bank, one, seed=6).batch(0),
         PairStream(phantom_bank, CFG, seed=6).batch(0),
@@ -246,17 +248,17 @@ def test_compact_padding_fills_bit_15(phantom_bank):
 def test_a_pair_no_scan_can_serve_is_an_error_not_an_endless_search(phantom_bank):
     """Proposals this large exist nowhere: each of MAX_SCANS_PER_PAIR scans is tried at
     max_anchor_tries anchors, then the sampler says what to change."""
-    impossible = SamplerConfig(**{**CFG.__dict__, "min_mask_voxels": 10**9, "max_anchor_tries": 2})
+    impossible = replace(CFG, min_mask_voxels=10**9, max_anchor_tries=2)
     stream = PairStream(phantom_bank, impossible, seed=1)
     with pytest.raises(SamplerError, match=r"no crop of 32\^3 with k=13 proposals"):
         stream.sample(0)
     assert MAX_SCANS_PER_PAIR >= 1
 
 
-ABSENT = SamplerConfig(**{**CFG.__dict__, "disjoint_frac": 0.3, "absent_frac": 0.3})
+ABSENT = replace(CFG, disjoint_frac=0.3, absent_frac=0.3)
 
 
-def _query_presence(batch, j: int, cfg: SamplerConfig) -> np.ndarray:
+def _query_presence(batch, j: int, cfg: DataConfig) -> np.ndarray:
     """(K,) whether each task has a voxel in the query's inner crop (margin stripped)."""
     m = cfg.margin
     bits = batch["query_bits"][j, 0].numpy()[m:-m, m:-m, m:-m]
@@ -301,7 +303,7 @@ def test_absent_choice_keeps_every_task_visible_in_the_reference(phantom_bank):
 
 
 def test_max_ref_fill_prefers_proposals_that_leave_a_boundary(phantom_bank):
-    def fill_share(cfg: SamplerConfig) -> float:
+    def fill_share(cfg: DataConfig) -> float:
         stream = PairStream(phantom_bank, cfg, seed=2)
         m, shares = cfg.margin, []
         for b in range(6):
@@ -310,10 +312,10 @@ def test_max_ref_fill_prefers_proposals_that_leave_a_boundary(phantom_bank):
                 shares.append(((bits >> k) & 1).reshape(len(bits), -1).mean(-1) > 0.5)
         return float(np.mean(shares))
 
-    few = {**CFG.__dict__, "k": 5}  # K the crops can serve without filling masks
-    natural = fill_share(SamplerConfig(**few))
-    preferred = fill_share(SamplerConfig(**{**few, "max_ref_fill": 0.5}))
+    few = replace(CFG, k=5)  # K the crops can serve without filling masks
+    natural = fill_share(few)
+    preferred = fill_share(replace(few, max_ref_fill=0.5))
     assert natural > 0.05  # the phantoms' large organs and body fill some reference crops
     assert preferred < natural / 3, (natural, preferred)
     # With K = 13 filling masks make up the numbers where too few others are in view.
-    assert fill_share(SamplerConfig(**{**CFG.__dict__, "max_ref_fill": 0.5})) < fill_share(CFG)
+    assert fill_share(replace(CFG, max_ref_fill=0.5)) < fill_share(CFG)

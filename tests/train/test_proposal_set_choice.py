@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,11 +13,11 @@ from maskbank.bank.proposals import ProposalReader, write_proposals
 from maskbank.pipeline.proposals.external import from_masks
 from maskbank.pipeline.proposals.features import compute_features
 from maskbank.train.checkpointing import load_checkpoint
-from maskbank.train.pair_sampler import PairStream, SamplerConfig, SamplerError
+from maskbank.train.pair_sampler import PairStream, SamplerError
 from maskbank.train.run import main
 from maskbank.train.run_config import ConfigError, DataConfig
 
-CFG = SamplerConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2, proposals="mirror")
+CFG = DataConfig(crop=32, margin=8, k=13, min_mask_voxels=16, batch_size=2, proposals="mirror")
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,7 @@ def test_stream_reads_the_named_set(mirrored):
     path, scan_id = mirrored
     stream = PairStream(path, CFG, seed=3)
     assert stream.scan_ids == [scan_id]
-    assert (
-        stream.fingerprint
-        != PairStream(path, SamplerConfig(**{**CFG.__dict__, "proposals": "default"})).fingerprint
-    )
+    assert stream.fingerprint != PairStream(path, replace(CFG, proposals="default")).fingerprint
     reader = ProposalReader(Bank.open(path).scan(scan_id), "mirror")
     size = CFG.read_size
     batch = stream.batch(0)
@@ -60,7 +58,7 @@ def test_stream_reads_the_named_set(mirrored):
 
 def test_missing_set_names_the_sets_there(mirrored):
     path, _ = mirrored
-    cfg = SamplerConfig(**{**CFG.__dict__, "proposals": "totalseg"})
+    cfg = replace(CFG, proposals="totalseg")
     with pytest.raises(SamplerError, match=r"'totalseg'.*default, mirror"):
         PairStream(path, cfg)
 
@@ -95,7 +93,7 @@ def test_trainer_refuses_an_unknown_set_before_writing_anything(mirrored, tmp_pa
 
 
 def test_data_config_takes_the_set_name():
-    assert SamplerConfig.from_config({"proposals": "slic"}).proposals == "slic"
+    assert DataConfig.from_dict({"proposals": "slic"}).proposals == "slic"
     assert DataConfig().proposals == "default"
     with pytest.raises(ConfigError, match="data.proposals"):
         DataConfig(proposals="Bad-Name").validate()

@@ -5,10 +5,9 @@ import re
 import pytest
 import yaml
 
-from maskbank.train.pair_sampler import SamplerConfig
+from maskbank.train.pretext import PretextError, create_pretext
 from maskbank.train.run_config import (
     CONFIG_DIR,
-    DEFAULTS,
     ConfigError,
     DataConfig,
     TrainConfig,
@@ -28,7 +27,7 @@ def test_presets_load_and_override():
     assert cfg["train"]["max_steps"] == 7
     assert cfg["optim"]["lr"] == 0.01
     assert cfg["data"]["dataset_weights"] == {"lung": 2}
-    assert cfg["data"]["crop"] == 32  # from tiny.yaml, over DEFAULTS' 128
+    assert cfg["data"]["crop"] == 32  # from tiny.yaml, over the default 128
 
 
 def test_unknown_keys_fail_loudly():
@@ -67,7 +66,7 @@ def test_dict_form_round_trips_and_matches_the_presets():
     # A partial dict (an older checkpoint's) takes the defaults for what it lacks.
     old = TrainConfig.from_dict({"model": {"preset": "small"}, "data": {"k": 5}})
     assert old.model.preset == "small" and old.data.k == 5 and old.pretext == "incontext"
-    assert TrainConfig().to_dict() == DEFAULTS
+    assert TrainConfig.load(None) == TrainConfig()  # the defaults, no preset
 
 
 @pytest.mark.parametrize(
@@ -78,8 +77,6 @@ def test_dict_form_round_trips_and_matches_the_presets():
         ("train.bf16=1", "train.bf16 must be true or false"),
         ("optim.name=sgd", "optim.name must be one of ['adamw', 'lamb']"),
         ("optim.betas=[0.9]", "optim.betas must hold 2 values"),
-        ("pretext=jigsaw", "unknown pretext 'jigsaw'"),
-        ("model.preset=huge", "unknown model preset 'huge'"),
         ("train.ckpt_every=0", "train.ckpt_every must be >= 1"),
         ("data.k=30", "data.k=30: at most 23"),
         ("data.dataset_weights.lung=-1", "data.dataset_weights.lung=-1.0 must be >= 0"),
@@ -114,10 +111,38 @@ def test_a_config_file_must_be_a_yaml_mapping(tmp_path):
     assert TrainConfig.load(mine).data.crop == 64
 
 
-def test_sampler_config_takes_the_typed_data_section():
-    data = TrainConfig.load("tiny", ["data.scans=[s1]", "data.dataset_weights.lung=2"]).data
-    scfg = SamplerConfig.from_config(data)
-    assert (scfg.crop, scfg.margin, scfg.k, scfg.batch_size) == (32, 8, 13, 2)
-    assert (scfg.disjoint_frac, scfg.absent_frac, scfg.max_ref_fill) == (0.2, 0.2, 0.5)
-    assert scfg.scans == ("s1",) and scfg.dataset_weights == {"lung": 2.0}
-    assert SamplerConfig.from_config(data.to_dict()) == scfg
+def test_registry_names_are_checked_by_their_registry_once():
+    """pretext and model.preset load as any string; creating the pretext checks both
+    against their registries and names the known ones."""
+    odd = TrainConfig.load("tiny", ["pretext=jigsaw"])
+    with pytest.raises(PretextError, match=r"unknown pretext 'jigsaw'.*incontext"):
+        create_pretext(odd.pretext, odd)
+    huge = TrainConfig.load("tiny", ["model.preset=huge"])
+    with pytest.raises(PretextError, match=r"unknown model preset 'huge'.*tiny.*'model.preset'"):
+        create_pretext(huge.pretext, huge)
+    assert create_pretext("reconstruction", TrainConfig.load("small")).name == "reconstruction"
+
+
+def test_run_config_imports_no_registry():
+    """The config no longer imports the pretext or network registries (no import circle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import maskbank.train.run_config; "
+        "print(any(m.startswith(('maskbank.train.pretext', 'maskbank.train.incontext_net')) "
+        "for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_sampler_knobs_are_data_keys():
+    data = TrainConfig.load(
+        "tiny", ["data.pairs_per_scan_visit=4", "data.max_anchor_tries=3", "data.k=5"]
+    ).data
+    assert (data.pairs_per_scan_visit, data.max_anchor_tries) == (4, 3)
+    assert (data.read_size, data.n_tasks) == (32 + 2 * 8, 6)
+    for bad in ("data.pairs_per_scan_visit=0", "data.max_anchor_tries=0"):
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            TrainConfig.load("tiny", [bad])

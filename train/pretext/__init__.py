@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from maskbank.train.incontext_net import resolve_spec
 from maskbank.train.pretext.base import Pretext, PretextError, PretextOutput
 from maskbank.train.pretext.incontext import InContextPretext
 from maskbank.train.pretext.reconstruction import ReconstructionNet, ReconstructionPretext
@@ -26,12 +27,22 @@ PRETEXTS: dict[str, type[Pretext]] = {
 
 def create_pretext(name: str, cfg: TrainConfig | Mapping[str, Any] | None = None) -> Pretext:
     """The pretext registered as ``name``, configured from a resolved config (typed, its dict
-    form, or None for the defaults)."""
+    form, or None for the defaults).
+
+    The one place the pretext name and the config's ``model.preset`` are checked against
+    their registries (``PRETEXTS``, ``train.incontext_net.PRESETS``): a ``PretextError``
+    names the known ones, before any bank is opened or network built.
+    """
     if name not in PRETEXTS:
         raise PretextError(
             f"unknown pretext {name!r} (config key 'pretext'); choose one of {sorted(PRETEXTS)}"
         )
-    return PRETEXTS[name](TrainConfig.coerce(cfg))
+    cfg = TrainConfig.coerce(cfg)
+    try:
+        resolve_spec(cfg.model.preset)  # the preset registry's own check
+    except KeyError as exc:
+        raise PretextError(f"{exc.args[0]} (config key 'model.preset')") from exc
+    return PRETEXTS[name](cfg)
 
 
 __all__ = [

@@ -1,0 +1,100 @@
+"""Which scans a pair stream draws from, and with what probability.
+
+``eligible_rows`` keeps the bank's index rows that can serve the configured pairs (in
+``data.scans``, holding ``data.proposals``, with at least ``data.k`` proposals) and names
+the scans that cannot; ``scan_weights`` turns ``data.dataset_weights`` and
+``data.modality_weights`` into draw probabilities; ``bank_fingerprint`` hashes the rows
+that define the data, so a resumed run can tell a changed bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from maskbank.train.run_config import DataConfig
+
+
+class SamplerError(RuntimeError):
+    """The bank cannot provide what the sampler was asked for (clear, actionable message)."""
+
+
+def set_count(row: dict, name: str) -> int | None:
+    """Proposals of set ``name`` in an index row, None when the scan lacks the set (rows
+    written before named sets existed describe the default set by ``n_proposals`` alone)."""
+    sets = row.get("proposal_sets")
+    if isinstance(sets, dict):
+        got = sets.get(name)
+        return None if got is None else int(got.get("n") or 0)
+    return int(row.get("n_proposals") or 0) if name == "default" else None
+
+
+def bank_fingerprint(bank, proposals: str = "default") -> str:
+    """Hash of the index rows that define the data (ids, sources, shapes, proposal counts)."""
+    rows = [
+        [r["scan_id"], r.get("source_sha256"), r.get("shape"), r.get("n_proposals")]
+        for r in bank.index
+    ]
+    if proposals != "default":  # a named set's counts too (default fingerprints stay as they were)
+        rows.append([proposals, [set_count(r, proposals) for r in bank.index]])
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_bank(location: str):
+    """Open a bank read-only with a clear error when it is missing or not a bank."""
+    from maskbank.bank import Bank, BankError
+
+    try:
+        return Bank.open(location)
+    except BankError as exc:
+        raise SamplerError(f"cannot open bank {location!r}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise SamplerError(f"cannot open bank {location!r}: {exc}") from exc
+
+
+def scan_weights(rows: list[dict], cfg: DataConfig) -> np.ndarray:
+    """Per-scan draw probability: dataset weight x modality weight (default 1 each)."""
+    w = np.array(
+        [
+            float(cfg.dataset_weights.get(r.get("dataset"), 1.0))
+            * float(cfg.modality_weights.get(r.get("modality"), 1.0))
+            for r in rows
+        ]
+    )
+    if w.sum() <= 0:
+        raise SamplerError("all scans have sampling weight 0 (check dataset/modality weights)")
+    return w / w.sum()
+
+
+def eligible_rows(bank, cfg: DataConfig) -> list[dict]:
+    """Index rows the sampler may draw from; errors name the scans that cannot serve K."""
+    rows = bank.index
+    if cfg.scans is not None:
+        missing = sorted(set(cfg.scans) - {r["scan_id"] for r in rows})
+        if missing:
+            raise SamplerError(f"scans not in bank {bank.location!r}: {missing}")
+        rows = [r for r in rows if r["scan_id"] in set(cfg.scans)]
+    if not rows:
+        raise SamplerError(f"bank {bank.location!r} has no scans to sample from")
+    if cfg.proposals != "default":  # a named set: the scans that have it
+        having = [r for r in rows if set_count(r, cfg.proposals) is not None]
+        if not having:
+            names = sorted({n for r in rows for n in (r.get("proposal_sets") or {})})
+            raise SamplerError(
+                f"no scan in {bank.location!r} has proposal set {cfg.proposals!r} "
+                f"(sets there: {', '.join(names) or 'none'}); make it with `maskbank propose "
+                f"BANK --name {cfg.proposals}` or `--import DIR --name {cfg.proposals}`"
+            )
+        rows = having
+    few = [(r["scan_id"], set_count(r, cfg.proposals) or 0) for r in rows]
+    few = [(s, n) for s, n in few if n < cfg.k]
+    if few:
+        listed = ", ".join(f"{s} ({n})" for s, n in few[:10])
+        raise SamplerError(
+            f"{len(few)} scan(s) in {bank.location!r} have fewer than k={cfg.k} proposals: "
+            f"{listed}{' ...' if len(few) > 10 else ''}. Generate proposals "
+            "(`maskbank propose`), lower data.k, or exclude them with data.scans"
+        )
+    return rows
