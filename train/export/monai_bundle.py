@@ -82,7 +82,7 @@ def train_config(enc: PretrainedEncoder, spacing: list[float] | None, ct_clip: l
         "load_pretrained": (
             "$monai.networks.utils.copy_model_state(@network, "
             "torch.load(@pretrained, map_location='cpu', weights_only=True), "
-            f"exclude_vars='{HEAD_KEYS}')"
+            f"exclude_vars=r'{HEAD_KEYS}')"
         ),
         "loss": {
             "_target_": "DiceCELoss",
