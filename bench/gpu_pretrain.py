@@ -35,7 +35,7 @@ Once, here, in the repository root::
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 \
       donfig==0.8.1.post1 google-crc32c==1.9.0 nibabel==5.4.2 monai==1.6.1 \
-      connected-components-3d==4.1.1
+      connected-components-3d==4.1.1 dynamic-network-architectures==0.4.4 einops==0.8.2
     .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .   # maskbank itself
     mkdir -p .bench_data && cp ../shared/data/ct_chest_lung1*.nii.gz \
       ../shared/data/ct_head_template_1mm.nii.gz ../shared/data/mr_brain_aniso_4x4x5mm.nii.gz \
@@ -375,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=None, help="crop edge (default 128; smoke 32)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default cores-1)")
     p.add_argument("--finetune-steps", type=int, default=None, help="default 300; smoke 3")
+    p.add_argument(
+        "--encoder",
+        choices=("iris", "resenc-l", "resenc-tiny"),
+        default="iris",
+        help="iris: the small (smoke: tiny) preset; resenc-l / resenc-tiny: nnU-Net's residual "
+        "encoder preset of that name (exportable with `maskbank export`)",
+    )
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers if args.workers is not None else min(15, (os.cpu_count() or 2) - 1)
         data = None if args.no_real else (Path(args.data) if args.data else default_data_dir())
         torch.backends.cudnn.benchmark = True
+    if args.encoder != "iris":
+        preset = args.encoder
     overrides = [f"data.crop={crop}", f"data.num_workers={workers}"]
     if args.smoke:
         overrides.append("data.batch_size=2")

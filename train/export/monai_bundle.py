@@ -77,6 +77,7 @@ def train_config(enc: PretrainedEncoder, spacing: list[float] | None, ct_clip: l
         "num_classes": 2,
         "patch_size": patch,
         "pretrained": "$@bundle_root + '/models/model.pt'",
+        "finetuned": "$@bundle_root + '/models/model_finetuned.pt'",
         "network_def": network_def(enc, "@num_classes"),
         "network": "$@network_def.to(@device)",
         "load_pretrained": (
@@ -140,7 +141,7 @@ def train_config(enc: PretrainedEncoder, spacing: list[float] | None, ct_clip: l
             },
         },
         "initialize": ["$monai.utils.set_determinism(seed=0)", "$@load_pretrained"],
-        "run": ["$@train#trainer.run()"],
+        "run": ["$@train#trainer.run()", "$torch.save(@network.state_dict(), @finetuned)"],
     }
 
 
