@@ -8,9 +8,11 @@ get plain chunking. The figures behind the defaults are in docs/bank-format.md.
 
 from __future__ import annotations
 
+import difflib
 import math
 import zlib
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import zarr
@@ -43,10 +45,20 @@ class Encoding:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # Keys older banks recorded in their encoding attributes and this version no longer has:
+    # tolerated (and dropped) when a bank is opened. None so far; any other unknown key is
+    # refused, naming the closest valid one.
+    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def from_dict(cls, data: dict) -> Encoding:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        names = list(cls.__dataclass_fields__)
+        for key in data:
+            if key not in names and key not in cls.LEGACY_KEYS:
+                match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                hint = f" (did you mean '{match[0]}'?)" if match else f"; valid keys: {names}"
+                raise ValueError(f"unknown encoding key '{key}'{hint}")
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.max_shard < self.chunk or self.max_shard % self.chunk:

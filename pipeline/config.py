@@ -7,10 +7,12 @@ skips work and a changed parameter redoes only the scans it affects.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 PIPELINE_VERSION = "0.3.0"  # 0.2: pixel-area grid, triangle filter; 0.3: body on native slices
@@ -23,6 +25,20 @@ NOT_FINGERPRINTED = ("max_scan_memory", "id_from")
 # the flow itself, page cache).
 MEMORY_SHARE = 0.75
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def known_keys(data: Mapping, valid: Iterable[str], what: str, legacy: Iterable[str] = ()) -> dict:
+    """``data`` without its ``legacy`` keys (parameters older banks recorded and this version
+    no longer has: tolerated when reading their attributes back, and dropped); any other key
+    not in ``valid`` is a ``ValueError`` naming the closest valid one, as the training config
+    refuses its unknown keys."""
+    valid, legacy = list(valid), set(legacy)
+    for key in data:
+        if key not in valid and key not in legacy:
+            match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f" (did you mean '{match[0]}'?)" if match else f"; valid keys: {sorted(valid)}"
+            raise ValueError(f"unknown {what} key '{key}'{hint}")
+    return {k: v for k, v in data.items() if k not in legacy}
 
 
 def parse_size(text: str | int) -> int:
@@ -123,10 +139,15 @@ class PrepareConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    # Parameters older versions recorded in scan attributes and this one no longer has:
+    # tolerated (and dropped) by ``from_dict``; any other unknown key is refused.
+    LEGACY_KEYS = ("anisotropy_threshold",)
+
     @classmethod
-    def from_dict(cls, data: dict) -> PrepareConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Mapping) -> PrepareConfig:
+        """From ``to_dict()``'s form; an unknown key is a ValueError naming the closest one."""
+        names = [f.name for f in fields(cls)]
+        return cls(**known_keys(data, names, "prepare config", cls.LEGACY_KEYS))
 
     def replace(self, **changes) -> PrepareConfig:
         return PrepareConfig.from_dict({**self.to_dict(), **changes})

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from maskbank.pipeline.config import known_keys
 from maskbank.pipeline.proposals.features import (
     LayerStats,
     basic_stats,
@@ -194,13 +195,15 @@ class ProposalConfig:
         d["min_volume_mm3"] = dict(self.min_volume_mm3)
         return d
 
+    # Options older versions recorded with their proposals and this one no longer has:
+    # tolerated (and dropped) by ``from_dict``; any other unknown key is refused.
+    LEGACY_KEYS = ("split_distance_mm", "split_min_mm3")
+
     @classmethod
-    def from_dict(cls, data: dict) -> ProposalConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown proposal options {sorted(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping) -> ProposalConfig:
+        """From ``to_dict()``'s form; an unknown key is a ValueError naming the closest one."""
+        names = [f.name for f in fields(cls)]
+        return cls(**known_keys(data, names, "proposal config", cls.LEGACY_KEYS))
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()

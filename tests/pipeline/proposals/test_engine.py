@@ -82,8 +82,13 @@ def test_count_cap_and_config_round_trip():
     assert 0 < ps.count <= 50
     with pytest.raises(ValueError, match="unknown proposal generators"):
         ProposalConfig(generators=("sam2",))
-    with pytest.raises(ValueError, match="unknown proposal options"):
+    with pytest.raises(ValueError, match="unknown proposal config key 'nope'; valid keys"):
         ProposalConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match=r"'max_proposal'.*did you mean 'max_proposals'"):
+        ProposalConfig.from_dict({"max_proposal": 5})
+    # Options older versions recorded beside their proposals are tolerated, and dropped.
+    old = {**cfg.to_dict(), "split_distance_mm": 15.0, "split_min_mm3": 50_000.0}
+    assert ProposalConfig.from_dict(old) == cfg
 
 
 def test_empty_body_gives_empty_set():
