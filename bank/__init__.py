@@ -1,14 +1,22 @@
 """Zarr v3 mask bank: the on-disk store of prepared scans, masks and proposals.
 
-The public surface is what this package exports -- `Bank` and `ScanView`, the
-proposals' writer and reader, the chunk cache for crops -- plus the modules
-`bank.errors`, `bank.proposals` and `bank.browse`; the other modules spell the
-on-disk layout and are the bank's own. See docs/bank-format.md.
+``from maskbank.bank import ...`` gives what a reader of a bank needs, e.g. in a
+notebook: `Bank` (open, list, tabulate), `ScanView` (one scan's arrays, proposal
+masks and tables, viewers, NIfTI export), the errors a read raises and
+`masks_to_labels` for overlays. Writers and the sampler use named public modules:
+
+- ``maskbank.bank.writing``: `write_proposals`, `proposal_nbytes` (a set's stored
+  bytes, for the byte budget), `Encoding`, `resolve_location`, set names;
+- ``maskbank.bank.sampling``: the crop read path (`ProposalReader`, `ChunkCache`,
+  `Piece`, `proposal_layer_array`);
+- ``maskbank.bank.storage_options``: fsspec options from the CLI or environment;
+- ``maskbank.bank.errors`` (every error) and ``maskbank.bank.browse`` (HTML views).
+
+The other modules spell the on-disk layout and are the bank's own. See
+docs/bank-format.md.
 """
 
-from .bank import Bank, resolve_location
-from .chunk_cache import ChunkCache, Piece
-from .encoding import Encoding
+from .bank import Bank
 from .errors import (
     BankError,
     NotABankError,
@@ -16,31 +24,17 @@ from .errors import (
     UnknownScanError,
     UnsupportedFormatError,
 )
-from .layout import FORMAT_VERSION, proposal_layer_array
-from .proposals import NoProposalsError, ProposalReader, write_proposals
+from .proposal_store import NoProposalsError, masks_to_labels
 from .scan import ScanView
-from .storage_options import ENV_VAR as STORAGE_OPTIONS_ENV
-from .storage_options import parse as parse_storage_options
-from .storage_options import redacted_json as redacted_storage_options
 
 __all__ = [
-    "FORMAT_VERSION",
     "Bank",
     "BankError",
-    "ChunkCache",
-    "Encoding",
     "NoProposalsError",
     "NotABankError",
-    "Piece",
-    "ProposalReader",
     "ReadOnlyBankError",
-    "STORAGE_OPTIONS_ENV",
     "ScanView",
     "UnknownScanError",
     "UnsupportedFormatError",
-    "parse_storage_options",
-    "proposal_layer_array",
-    "redacted_storage_options",
-    "resolve_location",
-    "write_proposals",
+    "masks_to_labels",
 ]

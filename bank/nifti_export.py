@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .proposals import _norm_roi
+from .proposal_store import _norm_roi
 
 if TYPE_CHECKING:
     from .scan import ScanView

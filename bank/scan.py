@@ -38,7 +38,7 @@ class ScanView:
 
     @property
     def group(self) -> zarr.Group:
-        """The scan's zarr.Group (read-only); for bank-internal readers such as bank.proposals."""
+        """The scan's zarr.Group (read-only); for bank-internal readers such as bank.proposal_store."""
         return self._group
 
     @cached_property
@@ -180,24 +180,24 @@ class ScanView:
         """The evaluation label map, lazily; None when the scan has none."""
         return self.lazy("label") if self.has("label") else None
 
-    def proposals(self, ids, roi: Roi = None, name: str = "default") -> np.ndarray:
+    def proposal_masks(self, ids, roi: Roi = None, name: str = "default") -> np.ndarray:
         """Boolean masks of proposals ``ids`` of set ``name`` inside ``roi``, (K, *roi shape)."""
-        from .proposals import ProposalReader
+        from .proposal_store import ProposalReader
 
         return ProposalReader(self, name).masks(ids, roi)
 
     def proposal_table(self, name: str = "default") -> Any:
-        """``bank.proposals(scan_id, name)`` of a scan already opened (no mask read): a
+        """``bank.proposal_table(scan_id, name)`` of a scan already opened (no mask read): a
         pandas DataFrame, one row a proposal of set ``name``; ``NoProposalsError`` when
         the scan lacks the set."""
-        from .proposals import ProposalReader
+        from .proposal_store import ProposalReader
         from .tables import proposal_table
 
         return proposal_table(ProposalReader(self, name), tuple(self.spacing))
 
-    def proposal(self, i: int, name: str = "default") -> np.ndarray:
+    def proposal_mask(self, i: int, name: str = "default") -> np.ndarray:
         """The whole-scan boolean mask of proposal ``i`` of set ``name``."""
-        return self.proposals([i], name=name)[0]
+        return self.proposal_masks([i], name=name)[0]
 
     def overlay(
         self, what: Any, roi: Roi = None, proposal_set: str = "default", dtype: Any = None
@@ -216,13 +216,13 @@ class ScanView:
                 raise ValueError(
                     f"{what!r} is a proposal set of scan {self.scan_id!r}, not an array: pass "
                     f"proposal ids with proposal_set={what!r} (a table of them: "
-                    f"bank.proposals({self.scan_id!r}, {what!r}))"
+                    f"bank.proposal_table({self.scan_id!r}, {what!r}))"
                 )
             return self.read(what, roi)
-        from .proposals import masks_to_labels
+        from .proposal_store import masks_to_labels
 
         ids = [what] if isinstance(what, (int, np.integer)) else list(what)
-        return masks_to_labels(self.proposals(ids, roi, proposal_set), dtype)
+        return masks_to_labels(self.proposal_masks(ids, roi, proposal_set), dtype)
 
     def to_nifti(
         self,

@@ -18,7 +18,7 @@ from .index import set_counts
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .proposals import ProposalReader
+    from .proposal_store import ProposalReader
 
 SCAN_COLUMNS = (
     "scan_id",

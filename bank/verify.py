@@ -8,11 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from . import object_store
 from .encoding import iter_slabs
 from .index import ROW_KEYS, make_row, missing_attrs
-from .layout import DEFAULT_SET, FORMAT_NAME, FORMAT_VERSION, ROWS_DIR, part_path, set_of_part
-from .publish import writer_alive
+from .layout import DEFAULT_SET, FORMAT_NAME, FORMAT_VERSION, part_path, set_of_part
 
 if TYPE_CHECKING:
     from .bank import Bank
@@ -37,33 +35,13 @@ def verify_bank(bank: Bank, scan_ids: list[str] | None = None, deep: bool = True
         problems.append(f"{sid}: listed in index.json but its group is missing")
     for sid in sorted(on_disk - indexed):
         problems.append(f"{sid}: group exists but index.json does not list it")
-    if bank.local_root is None:
-        problems += _object_leftovers(bank)
-    for name in bank.leftovers() if bank.local_root is not None else ():
-        if writer_alive(bank.local_root, name.split("/")[-1]):
-            problems.append(f"write in progress: {name} (its writer holds the scan lock)")
-        else:
-            problems.append(f"leftover {name} (an interrupted write; bank.recover() cleans it)")
+    problems += bank._backend.leftover_problems()
     wanted = on_disk if scan_ids is None else on_disk & set(scan_ids)
     for sid in sorted(set(scan_ids or ()) - on_disk - indexed):
         problems.append(f"{sid}: no such scan")
     for sid in sorted(wanted):
         problems.extend(f"{sid}: {p}" for p in verify_scan(bank, sid, sid in indexed, deep))
     return problems
-
-
-def _object_leftovers(bank: Bank) -> list[str]:
-    """On an object store, objects no live row names are findings once past the grace period.
-
-    Younger ones may be a write in progress or a replaced version a reader still reads
-    (docs/bank-format.md, "Object storage"), so they are not problems.
-    """
-    return [
-        f"leftover {left.path} (objects no index row names: an interrupted write or a replaced "
-        "version; `maskbank verify --repair BANK` removes it)"
-        for left in bank.object_leftovers()
-        if left.age_s >= object_store.GRACE_S and not left.path.startswith(f"{ROWS_DIR}/")
-    ]
 
 
 def verify_scan(bank: Bank, scan_id: str, indexed: bool, deep: bool = True) -> list[str]:

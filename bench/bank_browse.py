@@ -3,7 +3,7 @@
     python bench/bank_browse.py [--scans 1000] [--bank PATH_OR_URL] [--record]
 
 What a notebook user does first: ``Bank.open(uri)``, ``bank.scans`` (a DataFrame, one
-row a scan) and ``bank.proposals(scan_id)``. The bank answers the first two from its
+row a scan) and ``bank.proposal_table(scan_id)``. The bank answers the first two from its
 index alone, so their cost must not grow with what the scans hold. Baseline, in the
 same process: listing the same table by opening every scan's group and reading its
 attributes (what a reader without an index has to do). Without --bank a bank of small
@@ -65,7 +65,7 @@ def measure(location: str, repeat: int, storage_options: dict | None = None) -> 
     bank = opened["bank"]
     t_scans = _median_time(lambda: bank.scans, repeat)
     sid = bank.scan_ids[len(bank) // 2]
-    t_props = _median_time(lambda: bank.proposals(sid), repeat)
+    t_props = _median_time(lambda: bank.proposal_table(sid), repeat)
 
     def naive():  # no index: open every scan's group and read its attributes
         return [dict(bank.scan(s).attrs) for s in bank.scan_ids]

@@ -22,8 +22,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from maskbank.bank import Bank, Encoding  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
 from maskbank.bank.index import dir_nbytes  # noqa: E402
+from maskbank.bank.writing import Encoding  # noqa: E402
 
 CROP = 128
 CT_CLIP = (-991.0, 500.0)

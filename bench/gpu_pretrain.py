@@ -153,7 +153,7 @@ def add_real_scan(
     modality: str,
 ) -> None:
     """Prepare one real scan at 1.5 mm and store engine proposals, as the two flows do per scan."""
-    from maskbank.bank.proposals import write_proposals
+    from maskbank.bank.writing import write_proposals
     from maskbank.pipeline.config import PrepareConfig
     from maskbank.pipeline.normalize import invert_normalization
     from maskbank.pipeline.prepare import prepare_scan

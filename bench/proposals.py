@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-from maskbank.bank import Bank, Encoding  # noqa: E402
-from maskbank.bank.proposals import ProposalReader, write_proposals  # noqa: E402
+from maskbank.bank import Bank  # noqa: E402
+from maskbank.bank.sampling import ProposalReader  # noqa: E402
+from maskbank.bank.writing import Encoding, write_proposals  # noqa: E402
 from maskbank.pipeline.config import PrepareConfig  # noqa: E402
 from maskbank.pipeline.normalize import invert_normalization  # noqa: E402
 from maskbank.pipeline.phantom import make_phantom  # noqa: E402

@@ -47,7 +47,8 @@ DATA = REPO.parent / "shared" / "data"
 from proposals import _mni_label  # noqa: E402  (bench/proposals.py: grey/white matter labels)
 
 from maskbank.bank import Bank  # noqa: E402
-from maskbank.bank.proposals import ProposalReader, proposal_nbytes, write_proposals  # noqa: E402
+from maskbank.bank.sampling import ProposalReader  # noqa: E402
+from maskbank.bank.writing import proposal_nbytes, write_proposals  # noqa: E402
 from maskbank.pipeline.config import PrepareConfig  # noqa: E402
 from maskbank.pipeline.normalize import invert_normalization  # noqa: E402
 from maskbank.pipeline.phantom import make_phantom  # noqa: E402

@@ -124,7 +124,7 @@ def build_baseline_files(
     import h5py
 
     from maskbank.bank import Bank
-    from maskbank.bank.proposals import ProposalReader
+    from maskbank.bank.sampling import ProposalReader
 
     t0 = time.perf_counter()
     bank = Bank.open(bank_path)

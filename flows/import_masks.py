@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from maskbank.bank import Bank, resolve_location
-from maskbank.bank.proposals import write_proposals
+from maskbank.bank import Bank
+from maskbank.bank.writing import resolve_location, write_proposals
 from maskbank.flows.per_scan import (
     Cluster,
     RunClock,

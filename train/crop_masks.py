@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maskbank.bank import ChunkCache, Piece, proposal_layer_array
+from maskbank.bank.sampling import ChunkCache, Piece, proposal_layer_array
 from maskbank.train.kernels import labels as label_loops
 
 # Prefix of a layer's array name (``ProposalIndex.layer_arrays`` holds the whole names).

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from maskbank.bank import ChunkCache
+from maskbank.bank.sampling import ChunkCache
 from maskbank.train.crop_masks import ProposalIndex, crop_pieces, pieces_min
 from maskbank.train.crop_placement import (
     PairBoxes,
@@ -174,7 +174,7 @@ class PairStream(IterableDataset):
         if scan_id in self._scans:
             self._scans.move_to_end(scan_id)
             return self._scans[scan_id]
-        from maskbank.bank.proposals import ProposalReader
+        from maskbank.bank.sampling import ProposalReader
 
         view = self._bank.scan(scan_id)
         reader = ProposalReader(view, self.cfg.proposals)

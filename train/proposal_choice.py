@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from maskbank.bank import ChunkCache
+from maskbank.bank.sampling import ChunkCache
 from maskbank.train.crop_masks import ProposalIndex
 from maskbank.train.crop_placement import padded_roi
 from maskbank.train.run_config import DataConfig

@@ -138,8 +138,9 @@ def apply_storage_options(args: argparse.Namespace) -> str | None:
     text = getattr(args, "storage_options", None)
     if text is None:
         return None
-    from maskbank.bank import STORAGE_OPTIONS_ENV, parse_storage_options
     from maskbank.bank.errors import BankError
+    from maskbank.bank.storage_options import ENV_VAR as STORAGE_OPTIONS_ENV
+    from maskbank.bank.storage_options import parse as parse_storage_options
 
     try:
         parse_storage_options(text)
@@ -153,7 +154,7 @@ def redacted_argv(argv: list[str]) -> list[str]:
     """argv fit for a report: ``--storage-options`` values with their credentials replaced."""
     if not any(a.startswith(STORAGE_OPTIONS_FLAG) for a in argv):
         return list(argv)  # no bank import for commands without the option
-    from maskbank.bank import redacted_storage_options as redacted_json
+    from maskbank.bank.storage_options import redacted_json
 
     out, redact_next = [], False
     for arg in argv:

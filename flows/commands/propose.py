@@ -138,7 +138,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _set_name(args: argparse.Namespace) -> str:
     """The set to write; ValueError for a bad name or an import without a safe one."""
-    from maskbank.bank.proposals import DEFAULT_SET, check_set_name
+    from maskbank.bank.writing import DEFAULT_SET, check_set_name
 
     if args.import_from is not None:
         if args.name is None:

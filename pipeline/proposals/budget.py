@@ -10,8 +10,11 @@ layer would not do: the layer's cuts stay for the proposals left.  Intensity
 windows (few proposals that hold the lesions) and imported masks are never
 dropped.
 
-The measuring is the bank's (``bank.proposals.proposal_nbytes``): this module
-only decides what to drop, so it stays free of the on-disk layout.
+The measuring is the caller's (``maskbank.bank.writing.proposal_nbytes``, which
+writes the whole part in memory as the bank will store it, metadata and
+attributes included, so that the budget holds on the stored bytes): this module
+only decides what to drop, so it stays free of the on-disk layout.  The report
+is stored with the set too; a writer measures with `longest_report` in its place.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def fit_byte_budget(
 ) -> tuple[ProposalSet, dict]:
     """(the set within ``max_bytes_per_proposal``, a report of what was dropped).
 
-    ``measure(ps)`` returns stored bytes per layer name plus ``""`` for the rest.
+    ``measure(ps)`` returns stored bytes per layer name plus ``""`` for the rest
+    (everything the stored set takes: members, table, metadata, attributes).
     ``max_bytes_per_proposal <= 0`` disables the budget.  A set that cannot fit
     (one layer left, or fixed metadata dominating a tiny set) is returned at its
     cheapest with ``fits`` False.
@@ -67,3 +71,23 @@ def fit_byte_budget(
         ps = ps.subset(np.flatnonzero(layer != j)).prune_layers()
     report.update(bytes_per_proposal=round(per, 1), dropped=start - ps.count)
     return ps, report
+
+
+def longest_report(ps: ProposalSet, max_bytes_per_proposal: float) -> dict:
+    """A stand-in for `fit_byte_budget`'s report, as long as JSON as any it returns for a
+    set that fits.
+
+    A writer stores the report among the set's attributes, so it counts towards the
+    set's bytes, but it exists only once the budget is held: measure the set with this
+    in its place. Dropped layers are a subset of the droppable ones, the count at most
+    the set's, and a fitting set's ``bytes_per_proposal`` at most the budget.
+    """
+    droppable = [
+        n for n in ps.layer_names if ps.layer_info.get(n, {}).get("kind") not in PROTECTED_KINDS
+    ]
+    return {
+        "bytes_per_proposal": float(f"{int(max(max_bytes_per_proposal, 0))}.9"),
+        "dropped": int(ps.count),
+        "dropped_layers": droppable,
+        "fits": False,
+    }

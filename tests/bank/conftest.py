@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, Encoding
+from maskbank.bank import Bank
+from maskbank.bank.writing import Encoding
 
 SHAPE = (72, 64, 48)
 # 16^3 chunks in 32^3 shards so that small test volumes still span several chunks and shards.

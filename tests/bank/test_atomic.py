@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = """
 import os, sys
 import numpy as np
-import maskbank.bank.bank as bb
+import maskbank.bank.groups as bg
 import maskbank.bank.publish as bp
 from maskbank.bank import Bank
+from maskbank.bank.local_backend import LocalBackend
 from tests.bank.conftest import make_arrays, make_attrs
 
 root, scan_id, seed, crash_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 calls = {"rename": 0, "array": 0}
-real_rename, real_write = os.rename, bb.write_array
+real_rename, real_write = os.rename, bg.write_array
 
 def rename(src, dst):
     calls["rename"] += 1
@@ -45,13 +46,13 @@ def write_array(*args, **kwargs):
         os._exit(17)
     return real_write(*args, **kwargs)
 
-def update_index(self, *args, **kwargs):
+def publish_row(self, *args, **kwargs):
     os._exit(17)
 
 bp.os.rename = rename
-bb.write_array = write_array
+bg.write_array = write_array
 if crash_at == "index":
-    Bank._update_index = update_index
+    LocalBackend.publish_row = publish_row
 if len(sys.argv) > 5:  # a proposals part: CSR of `seed` proposals
     Bank.create(root).write_scan(
         scan_id, {"members_indptr": np.arange(seed + 1)}, {}, part=sys.argv[5]
@@ -187,7 +188,9 @@ def test_verify_tells_live_writes_from_stale_ones(filled: Bank) -> None:
 
 
 def test_concurrent_create_yields_one_bank(tmp_path: Path) -> None:
-    script = "import sys; from maskbank.bank import Bank; print(Bank.create(sys.argv[1]).created_at)"
+    script = (
+        "import sys; from maskbank.bank import Bank; print(Bank.create(sys.argv[1]).created_at)"
+    )
     target = tmp_path / "new-bank"
     procs = [
         subprocess.Popen(

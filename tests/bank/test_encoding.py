@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from maskbank.bank import Bank, Encoding
+from maskbank.bank import Bank
+from maskbank.bank.writing import Encoding
 
 from .conftest import make_arrays
 

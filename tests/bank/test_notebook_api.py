@@ -6,8 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, NoProposalsError, ProposalReader
-from maskbank.bank.proposals import write_proposals
+from maskbank.bank import Bank, NoProposalsError
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import write_proposals
 from maskbank.flows.demo_bank import build_phantom_bank
 from maskbank.pipeline.proposals.external import from_masks
 from maskbank.pipeline.proposals.features import compute_features
@@ -50,13 +51,13 @@ def test_lazy_arrays_slice_like_numpy(scan):
 
 
 def test_proposal_masks_match_the_reader(scan):
-    from maskbank.bank import ProposalReader
+    from maskbank.bank.sampling import ProposalReader
 
     reader = ProposalReader(scan)
-    masks = scan.proposals([0, 2], roi=(slice(4, 20), slice(None), slice(0, 10)))
+    masks = scan.proposal_masks([0, 2], roi=(slice(4, 20), slice(None), slice(0, 10)))
     assert masks.shape == (2, 16, 40, 10) and masks.dtype == bool
     assert np.array_equal(masks[1], reader.mask(2)[4:20, :, :10])
-    assert np.array_equal(scan.proposal(1), reader.mask(1))
+    assert np.array_equal(scan.proposal_mask(1), reader.mask(1))
 
 
 def test_to_nifti_lands_on_the_bank_grid(scan, tmp_path):
@@ -70,7 +71,7 @@ def test_to_nifti_lands_on_the_bank_grid(scan, tmp_path):
     assert np.allclose(img.affine @ np.array([0, 0, 0, 1.0]), world_of_first)
     assert np.allclose(lab.affine, img.affine)
     labels = np.asarray(lab.dataobj)
-    masks = scan.proposals(ids, roi=roi)
+    masks = scan.proposal_masks(ids, roi=roi)
     assert np.array_equal(labels == 2, masks[1])
     assert np.array_equal(labels == 1, masks[0] & ~masks[1])  # the later id wins overlaps
     label_paths = scan.to_nifti(tmp_path / "lab.nii", proposals="label")
@@ -103,8 +104,8 @@ def test_every_view_draws_from_the_named_set(scan, tmp_path):
     assert scan.proposal_sets == ["boxes", "default"]
     boxes = _boxes(scan)
     assert sorted(int(m.sum()) for m in boxes) == [10 * 10 * 10, 28 * 30 * 19]
-    assert not np.array_equal(scan.proposals([0, 1]), boxes)  # another set, other masks
-    assert np.array_equal(scan.proposal(1, "boxes"), boxes[1])
+    assert not np.array_equal(scan.proposal_masks([0, 1]), boxes)  # another set, other masks
+    assert np.array_equal(scan.proposal_mask(1, "boxes"), boxes[1])
     labels = scan.overlay([0, 1], proposal_set="boxes")
     assert np.array_equal(labels == 2, boxes[1])
     assert np.array_equal(labels == 1, boxes[0] & ~boxes[1])

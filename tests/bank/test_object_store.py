@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, ChunkCache, ProposalReader
+from maskbank.bank import Bank
 from maskbank.bank import object_store as obj
 from maskbank.bank.errors import StaleScanError
 from maskbank.bank.layout import ROWS_DIR, parse_versioned
+from maskbank.bank.sampling import ChunkCache, ProposalReader
 from maskbank.flows.demo_bank import build_phantom_bank
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 from tests.s3_server import S3
@@ -82,11 +83,11 @@ def test_notebook_api_and_sampler_reads_on_s3(s3_env: S3, tmp_path: Path) -> Non
     bank = Bank.open(s3_env.url())  # options from MASKBANK_STORAGE_OPTIONS
     sid = bank.scan_ids[0]
     assert list(bank.scans["scan_id"]) == [sid]
-    table = bank.proposals(sid)
-    assert len(table) == len(local.proposals(sid)) > 0
+    table = bank.proposal_table(sid)
+    assert len(table) == len(local.proposal_table(sid)) > 0
     scan, ref = bank.scan(sid), local.scan(sid)
     np.testing.assert_array_equal(scan.image[:, :, 7], ref.image[:, :, 7])
-    np.testing.assert_array_equal(scan.proposals([0, 1]), ref.proposals([0, 1]))
+    np.testing.assert_array_equal(scan.proposal_masks([0, 1]), ref.proposal_masks([0, 1]))
     roi = (slice(3, 40), slice(10, 30), slice(0, 20))
     got = ChunkCache(0).read(scan, "image", roi)
     np.testing.assert_array_equal(got, ref.read("image", roi))
@@ -177,7 +178,7 @@ def test_snapshot_lag_is_corrected_by_the_row_listing(s3: S3) -> None:
     assert len(fs.ls(f"{s3.bucket}/bank/{ROWS_DIR}")) == 3
     reader = Bank.open(s3.url(), storage_options=s3.options)
     assert reader.scan_ids == ["s-0", "s-1", "s-2"]
-    one = obj.list_rows(bank._fs, bank._fs_root, "s-1")  # a writer lists by key prefix
+    one = obj.list_rows(bank._backend.fs, bank._backend.fs_root, "s-1")  # a writer lists by key prefix
     assert one.live == {"s-1": reader.version_of("s-1")} and not one.superseded
     bank.rebuild_index()
     snapshot = json.loads(fs.cat_file(f"{s3.bucket}/bank/index.json"))

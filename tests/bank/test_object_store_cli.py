@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, ProposalReader
+from maskbank.bank import Bank
+from maskbank.bank.sampling import ProposalReader
 from maskbank.flows.commands.options import redacted_argv
 from maskbank.pipeline.mask_import import on_bank_grid
 from tests.conftest import REPO

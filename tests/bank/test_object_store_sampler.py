@@ -9,7 +9,8 @@ import pytest
 import zarr
 from zarr.storage import WrapperStore
 
-from maskbank.bank import Bank, ChunkCache, ScanView
+from maskbank.bank import Bank, ScanView
+from maskbank.bank.sampling import ChunkCache
 from maskbank.flows.demo_bank import build_phantom_bank
 from tests.bank.conftest import SMALL, make_arrays, make_attrs
 from tests.s3_server import S3

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank
+from maskbank.bank import Bank, NoProposalsError
 from maskbank.bank.layout import check_set_name, parse_temp_name, proposals_part, temp_name
-from maskbank.bank.proposals import NoProposalsError, ProposalReader, write_proposals
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import write_proposals
 from maskbank.pipeline.proposals.external import from_label_map, from_masks
 from maskbank.pipeline.proposals.features import compute_features
 from tests.bank.conftest import make_attrs
@@ -57,7 +58,7 @@ def _check_two_sets(bank: Bank, lm: np.ndarray, box: np.ndarray) -> None:
     assert row["proposal_sets"]["default"]["bytes"] == row["proposals_nbytes"]
     sets = bank.summary()["proposal_sets"]
     assert sets["organs"] == {"scans": 1, "proposals": 1, "bytes": sets["organs"]["bytes"]}
-    assert len(bank.proposals("s1", "organs")) == 1
+    assert len(bank.proposal_table("s1", "organs")) == 1
     assert bank.verify() == []
 
 

@@ -3,13 +3,9 @@
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank
-from maskbank.bank.proposals import (
-    NoProposalsError,
-    ProposalReader,
-    proposal_nbytes,
-    write_proposals,
-)
+from maskbank.bank import Bank, NoProposalsError
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import proposal_nbytes, write_proposals
 from maskbank.pipeline.proposals import merge_sets
 from maskbank.pipeline.proposals.external import from_label_map, from_masks
 from maskbank.pipeline.proposals.features import compute_features
@@ -109,7 +105,7 @@ def test_local_fast_open_equals_zarr_open(tmp_path, empty):
 
     import fsspec
 
-    from maskbank.bank.proposals import _read_part_local
+    from maskbank.bank.proposal_store import _read_part_local
 
     bank, img, body = _bank_with_scan(tmp_path)
     ps = _features(from_label_map(np.zeros(SHAPE, np.uint8))) if empty else _proposals(img, body)

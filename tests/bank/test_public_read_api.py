@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, ChunkCache, ProposalReader, proposal_layer_array, write_proposals
+from maskbank.bank import Bank
+from maskbank.bank.sampling import ChunkCache, ProposalReader, proposal_layer_array
+from maskbank.bank.writing import write_proposals
 from maskbank.pipeline.proposals import merge_sets
 from maskbank.pipeline.proposals.external import from_label_map
 from maskbank.pipeline.proposals.features import compute_features

@@ -45,7 +45,7 @@ def test_show_scan_draws_three_views_with_overlay(filled: Bank) -> None:
 
 
 def test_show_scan_overlays_proposals(filled: Bank) -> None:
-    from maskbank.bank.proposals import write_proposals
+    from maskbank.bank.writing import write_proposals
     from maskbank.pipeline.proposals.external import from_label_map
     from maskbank.pipeline.proposals.features import compute_features
 

@@ -1,4 +1,4 @@
-"""bank.scans / bank.proposals(scan_id): the bank as pandas tables."""
+"""bank.scans / bank.proposal_table(scan_id): the bank as pandas tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maskbank.bank import Bank, NoProposalsError
-from maskbank.bank.proposals import write_proposals
+from maskbank.bank.writing import write_proposals
 from maskbank.flows.demo_bank import build_phantom_bank
 from maskbank.pipeline.proposals.external import from_masks
 from maskbank.pipeline.proposals.features import compute_features
@@ -48,12 +48,12 @@ def test_scan_table_comes_from_the_index(small_bank):
 
 def test_proposal_table_has_one_row_per_proposal(small_bank):
     scan = small_bank.scan("phantom-ct-000")
-    props = small_bank.proposals("phantom-ct-000")
+    props = small_bank.proposal_table("phantom-ct-000")
     assert len(props) == small_bank.row("phantom-ct-000")["n_proposals"]
     assert {"source", "voxels", "volume_ml", "x0", "z1", "cx", "compactness"} <= set(props)
     assert np.allclose(props["volume_ml"], props["voxels"] * 1.5**3 / 1000)
     i = int(props["voxels"].idxmax())
-    from maskbank.bank import ProposalReader
+    from maskbank.bank.sampling import ProposalReader
 
     mask = ProposalReader(scan).mask(i)
     assert mask.sum() == props.loc[i, "voxels"]
@@ -62,7 +62,7 @@ def test_proposal_table_has_one_row_per_proposal(small_bank):
     assert (row["x0"], row["y0"], row["z0"]) == (xs.min(), ys.min(), zs.min())
     assert (row["x1"], row["y1"], row["z1"]) == (xs.max() + 1, ys.max() + 1, zs.max() + 1)
     with pytest.raises(NoProposalsError):
-        small_bank.proposals("raw-000")
+        small_bank.proposal_table("raw-000")
 
 
 def test_scan_table_and_proposal_table_show_every_set(small_bank):
@@ -74,9 +74,9 @@ def test_scan_table_and_proposal_table_show_every_set(small_bank):
     assert table.loc["raw-000"]["proposal_sets"] == {}
     with_boxes = table[table["proposal_sets"].map(lambda sets: "boxes" in sets)]
     assert list(with_boxes.index) == ["phantom-ct-000"]
-    boxes = small_bank.proposals("phantom-ct-000", "boxes")
+    boxes = small_bank.proposal_table("phantom-ct-000", "boxes")
     assert list(boxes["source"]) == ["boxes"] and list(boxes["voxels"]) == [16 * 24 * 10]
     assert (boxes.loc[0, "x0"], boxes.loc[0, "z1"]) == (4, 12)
     assert small_bank.scan("phantom-ct-000").proposal_table("boxes").equals(boxes)
     with pytest.raises(NoProposalsError, match=r"'boxes'.*its sets: 'default'"):
-        small_bank.proposals("phantom-mr-001", "boxes")
+        small_bank.proposal_table("phantom-mr-001", "boxes")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, ProposalReader
+from maskbank.bank import Bank
+from maskbank.bank.sampling import ProposalReader
 from maskbank.flows.import_masks import mask_sources
 from maskbank.flows.report import format_propose_report
 from tests.flows.cli_run import maskbank

@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from maskbank.bank import Bank, ProposalReader
+from maskbank.bank import Bank
+from maskbank.bank.sampling import ProposalReader
 from tests.flows.cli_run import maskbank
 from tests.flows.scans import phantom_bank
 

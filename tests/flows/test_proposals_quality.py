@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from maskbank.bank import Bank
-from maskbank.bank.proposals import write_proposals
+from maskbank.bank.writing import write_proposals
 from maskbank.flows.cli import main
 from maskbank.pipeline.config import PrepareConfig
 from maskbank.pipeline.normalize import invert_normalization

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import zarr
 
-from maskbank.bank import Bank, ChunkCache
+from maskbank.bank import Bank
 from maskbank.bank.chunk_reader import ShardedBloscReader
-from maskbank.bank.proposals import ProposalReader
+from maskbank.bank.sampling import ChunkCache, ProposalReader
 from tests.bank.sharded_arrays import all_chunks, sharded
 
 

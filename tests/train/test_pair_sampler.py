@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maskbank.bank import Bank
-from maskbank.bank.proposals import ProposalReader
+from maskbank.bank.sampling import ProposalReader
 from maskbank.train.pair_sampler import (
     MAX_SCANS_PER_PAIR,
     PairStream,

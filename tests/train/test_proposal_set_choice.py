@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from maskbank.bank import Bank
-from maskbank.bank.proposals import ProposalReader, write_proposals
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import write_proposals
 from maskbank.pipeline.proposals.external import from_masks
 from maskbank.pipeline.proposals.features import compute_features
 from maskbank.train.checkpointing import load_checkpoint

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from maskbank.bank.proposals import proposal_nbytes
+from maskbank.bank.writing import proposal_nbytes
 from maskbank.pipeline.proposals import ProposalSet, merge_sets
 from maskbank.pipeline.proposals.budget import fit_byte_budget
 from maskbank.pipeline.proposals.external import from_label_map
@@ -37,7 +37,7 @@ def test_an_over_budget_set_loses_its_costliest_layer_and_fits():
     carried = {n: int((ps.table["source"] == n).sum()) for n in ("blocks", "slabs", "ragged")}
     cost = {n: nbytes[n] / carried[n] for n in carried}
     assert cost["ragged"] > 3 * max(cost["blocks"], cost["slabs"])
-    budget = 0.5 * _bytes_per_proposal(ps)
+    budget = 0.6 * _bytes_per_proposal(ps)  # the metadata (~20 kB here) stays: not 0.5
     out, report = fit_byte_budget(ps, proposal_nbytes, budget)
     assert report["fits"] and _bytes_per_proposal(out) <= budget
     assert report["dropped_layers"] == ["ragged"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from maskbank.bank import Bank
-from maskbank.bank.proposals import ProposalReader
+from maskbank.bank.sampling import ProposalReader
 from maskbank.flows.cli import main
 from maskbank.pipeline.config import PrepareConfig
 from maskbank.pipeline.phantom import make_phantom

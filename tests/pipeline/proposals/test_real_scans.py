@@ -26,7 +26,8 @@ def _need(*names: str) -> list[Path]:
 def _bytes_per_proposal(p, ps, tmp_path) -> float:
     """As stored in a real bank on disk (the proposals part only)."""
     from maskbank.bank import Bank
-    from maskbank.bank.proposals import ProposalReader, write_proposals
+    from maskbank.bank.sampling import ProposalReader
+    from maskbank.bank.writing import write_proposals
 
     bank = Bank.create(tmp_path / "bank")
     bank.write_scan("s", p.arrays(), p.attrs)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from maskbank.bank import Bank
-from maskbank.bank.proposals import ProposalReader, write_proposals
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import write_proposals
 from maskbank.pipeline.phantom import make_phantom
 from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
 from maskbank.pipeline.proposals.scaling import scale_plan

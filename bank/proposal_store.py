@@ -15,23 +15,30 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .encoding import Encoding, write_array
+from .encoding import Encoding
 from .errors import BankError
+from .groups import fill_group
+from .jsonable import to_jsonable
 from .layout import (
     DEFAULT_SET,
     PROPOSAL_LAYERS_DIR,
     PROPOSALS_PART,
+    check_array_name,
     check_set_name,
     proposal_layer_array,
     proposals_part,
 )
 
 PROPOSALS_FORMAT = "maskbank-proposals/1"
+#: What `proposal_nbytes` records as the part's ``scan_token``: a scan token is 24 hex
+#: digits, that of a scan older than tokens its ``written_at`` (27 characters).
+_TOKEN_AT_ITS_LONGEST = "0" * 32
 __all__ = [
     "DEFAULT_SET",
     "NoProposalsError",
     "ProposalReader",
     "check_set_name",
+    "masks_to_labels",
     "proposal_nbytes",
     "write_proposals",
 ]
@@ -79,7 +86,16 @@ def write_proposals(
     Layers are pruned to the labels some proposal uses and renumbered densely
     (uint16 when possible) so they compress well. Returns the attrs.
     """
-    part = proposals_part(name)
+    ps, arrays, meta = _stored_part(proposal_set, attrs, name)
+    bank.write_scan(scan_id, arrays, meta, part=proposals_part(name), scan_token=scan_token)
+    return meta
+
+
+def _stored_part(
+    proposal_set: Any, attrs: dict | None, name: str
+) -> tuple[Any, dict[str, np.ndarray], dict]:
+    """(the pruned set, the arrays and the attributes) of a set as it is stored."""
+    proposals_part(name)  # checks the set name
     ps = proposal_set
     if not ps.has_features:
         raise ValueError(
@@ -102,8 +118,7 @@ def write_proposals(
     }
     meta.update(attrs or {})
     meta["proposal_set"] = name
-    bank.write_scan(scan_id, arrays, meta, part=part, scan_token=scan_token)
-    return meta
+    return ps, arrays, meta
 
 
 def _proposal_arrays(ps: Any) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -130,24 +145,43 @@ def _proposal_arrays(ps: Any) -> tuple[dict[str, np.ndarray], list[str]]:
     return arrays, sources
 
 
-def proposal_nbytes(proposal_set: Any, encoding: Encoding | None = None) -> dict[str, int]:
-    """Bytes the set would take in a bank: ``{layer name: bytes}`` plus ``"": the rest``.
+def proposal_nbytes(
+    proposal_set: Any,
+    encoding: Encoding | None = None,
+    attrs: dict | None = None,
+    name: str = DEFAULT_SET,
+) -> dict[str, int]:
+    """Bytes the set will take on storage: ``{layer name: bytes}`` plus ``"": the rest``.
 
-    The arrays are encoded exactly as ``write_proposals`` stores them (same pruning,
-    dtypes, chunks and codecs; ``encoding`` is the bank's, default ``Encoding()``),
-    in memory, so a writer can hold a per-proposal byte budget before it publishes.
+    The whole part is written in memory exactly as ``write_proposals`` stores it (same
+    pruning, dtypes, chunks, codecs, metadata; ``encoding`` is the bank's, default
+    ``Encoding()``) and every object counted, its own and its arrays' ``zarr.json``
+    included, so the sum is what ``Bank.stored_nbytes(id, part)`` and the index's
+    ``proposals_nbytes`` report once it is written. Pass the ``attrs`` the writer will
+    store (values whose final form is not known yet at their longest): they are bytes
+    too, and on a small set not few. A writer holds its per-proposal byte budget on this
+    before it publishes.
     """
-    ps = proposal_set.prune_layers()
-    arrays, _ = _proposal_arrays(ps)
-    enc = (encoding or Encoding()).for_part(PROPOSALS_PART)
-    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    ps, arrays, meta = _stored_part(proposal_set, attrs, name)
+    part = proposals_part(name)
+    objects: dict[str, Any] = {}
+    group = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w-", zarr_format=3)
+    arrays = {check_array_name(k): np.asarray(v) for k, v in arrays.items()}
+    fill_group(
+        group,
+        arrays,
+        to_jsonable(meta),
+        part,
+        _TOKEN_AT_ITS_LONGEST,
+        tuple(ps.shape),
+        encoding or Encoding(),
+    )
     out = dict.fromkeys(ps.layer_names, 0) | {"": 0}
     prefix = f"{PROPOSAL_LAYERS_DIR}/"
-    for name, data in arrays.items():
-        write_array(group, name, data, enc, tuple(ps.shape))
-        nbytes = int(group[name].nbytes_stored())
-        key = name[len(prefix) :] if name.startswith(prefix) else ""
-        out[key] += nbytes
+    for key, value in objects.items():
+        layer = key[len(prefix) :].split("/", 1) if key.startswith(prefix) else None
+        owner = layer[0] if layer and len(layer) == 2 and layer[0] in out else ""
+        out[owner] += len(value)
     return out
 
 
@@ -317,17 +351,14 @@ class ProposalReader:
         return self.count
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk of the whole proposals part (layers, members and table)."""
-        total = 0
-        stack = [self._group]
-        while stack:
-            grp = stack.pop()
-            for _, member in grp.members():
-                if hasattr(member, "nbytes_stored"):
-                    total += int(member.nbytes_stored())
-                else:
-                    stack.append(member)
-        return total
+        """Bytes on storage of the whole part: every object under it (layers, members,
+        table and their metadata), as ``Bank.stored_nbytes(id, part)`` and the index's
+        ``proposals_nbytes`` count them and ``proposal_nbytes`` predicts them."""
+        from zarr.core.sync import sync
+
+        where = self._scan_group.store_path
+        prefix = f"{where.path}/{self._part}" if where.path else self._part
+        return int(sync(where.store.getsize_prefix(prefix)))
 
     def bytes_per_proposal(self) -> float:
         return self.nbytes_stored() / max(self.count, 1)

@@ -1,0 +1,24 @@
+"""What a writer of a bank uses besides `Bank.create` / `Bank.write_scan`.
+
+``write_proposals`` stores a pipeline ProposalSet as one of a scan's proposal sets;
+``proposal_nbytes`` measures, in memory, the bytes that set will take on storage
+(for the per-proposal byte budget); ``Encoding`` is a bank's chunking and
+compression; ``resolve_location`` turns a bank path into what other processes
+should open.
+"""
+
+from .bank import resolve_location
+from .encoding import Encoding
+from .errors import StaleScanError
+from .layout import DEFAULT_SET, check_set_name
+from .proposal_store import proposal_nbytes, write_proposals
+
+__all__ = [
+    "DEFAULT_SET",
+    "Encoding",
+    "StaleScanError",
+    "check_set_name",
+    "proposal_nbytes",
+    "resolve_location",
+    "write_proposals",
+]
