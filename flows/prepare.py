@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from maskbank.bank import Bank, resolve_location
+from maskbank.bank import Bank
+from maskbank.bank.writing import resolve_location
 from maskbank.flows.inputs import ScanInput, collect_inputs
 from maskbank.flows.per_scan import (
     Cluster,

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger
 
-from maskbank.bank import Bank, resolve_location
+from maskbank.bank import Bank
 from maskbank.bank.errors import StaleScanError
-from maskbank.bank.proposals import ProposalReader, proposal_nbytes, write_proposals
+from maskbank.bank.sampling import ProposalReader
+from maskbank.bank.writing import proposal_nbytes, resolve_location, write_proposals
 from maskbank.flows.per_scan import (
     Cluster,
     RunClock,
@@ -28,7 +29,7 @@ from maskbank.flows.per_scan import (
     seconds_since,
 )
 from maskbank.pipeline.normalize import invert_normalization
-from maskbank.pipeline.proposals.budget import fit_byte_budget
+from maskbank.pipeline.proposals.budget import fit_byte_budget, longest_report
 from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
 
 # A scan rewritten while its proposals were made: make them again from the new version.
@@ -96,23 +97,22 @@ def _propose_once(
     modality = scan.modality or "mr"
     timings: dict = {}
     ps = generate_proposals(image, body, scan.spacing, modality, cfg, timings=timings)
+    attrs = {
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.fingerprint(),
+        "scan_version": version,
+        "modality": modality,
+        "timings": {k: round(float(v), 3) for k, v in timings.items()},
+        # the budget holds on the stored bytes, these attributes included
+        "byte_budget": longest_report(ps, cfg.max_bytes_per_proposal),
+    }
     ps, budget = fit_byte_budget(
-        ps, lambda p: proposal_nbytes(p, store.encoding), cfg.max_bytes_per_proposal
+        ps,
+        lambda p: proposal_nbytes(p, store.encoding, attrs, name),
+        cfg.max_bytes_per_proposal,
     )
     write_proposals(
-        store,
-        scan_id,
-        ps,
-        {
-            "config": cfg.to_dict(),
-            "fingerprint": cfg.fingerprint(),
-            "scan_version": version,
-            "modality": modality,
-            "timings": {k: round(float(v), 3) for k, v in timings.items()},
-            "byte_budget": budget,
-        },
-        scan_token=scan.token,
-        name=name,
+        store, scan_id, ps, {**attrs, "byte_budget": budget}, scan_token=scan.token, name=name
     )
     nbytes = ProposalReader(store.scan(scan_id), name).nbytes_stored()
     details = {"n_proposals": ps.count, "bytes_per_proposal": round(nbytes / max(ps.count, 1), 1)}

@@ -115,7 +115,8 @@ def _montage(scans: Sequence[Any], opt: ReportOptions, columns: int = 4) -> byte
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from maskbank.bank.proposals import NoProposalsError, ProposalReader, masks_to_labels
+    from maskbank.bank import NoProposalsError, masks_to_labels
+    from maskbank.bank.sampling import ProposalReader
 
     rows = max(1, math.ceil(len(scans) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
@@ -230,7 +231,7 @@ def _progress(items: Iterable, total: int, enabled: bool, desc: str):
 
 def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[str, np.ndarray]]:
     """Read every selected scan once: body and intensity statistics, proposal sizes."""
-    from maskbank.bank.proposals import NoProposalsError
+    from maskbank.bank import NoProposalsError
 
     table = bank.scans
     if opt.scan_ids is not None:
@@ -257,7 +258,7 @@ def collect(bank, opt: ReportOptions) -> tuple[Any, dict[str, ScanFacts], dict[s
             f.reasons.append("non-finite voxels in the image")
         f.reasons += _geometry_reasons(row, opt)
         try:
-            props = scan.proposal_table()  # bank.proposals(sid) would open the scan again
+            props = scan.proposal_table()  # bank.proposal_table(sid) would open the scan again
             f.proposal_volumes_ml = props["volume_ml"].to_numpy() if len(props) else np.zeros(0)
         except NoProposalsError:
             pass

@@ -106,7 +106,8 @@ def bank_quality(
     """
     import numpy as np
 
-    from maskbank.bank.proposals import NoProposalsError, ProposalReader
+    from maskbank.bank import NoProposalsError
+    from maskbank.bank.sampling import ProposalReader
     from maskbank.pipeline.proposals.baseline import parse_baseline
     from maskbank.pipeline.proposals.quality import ProposalArrays, score, summarise
 

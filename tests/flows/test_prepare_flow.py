@@ -160,7 +160,7 @@ def test_prepare_with_proposals_in_the_same_tasks(
     prefect_api: str, three_scans: Path, tmp_path: Path
 ) -> None:
     """`--proposals`: each task also makes the scan's proposals; a re-run skips both."""
-    from maskbank.bank.proposals import ProposalReader
+    from maskbank.bank.sampling import ProposalReader
     from maskbank.flows.prepare import prepare_bank
     from maskbank.pipeline.proposals.engine import ProposalConfig
 
