@@ -24,7 +24,7 @@ mapped back onto the query's own grid and affine:
 
   OUT/<id>_seg.nii.gz   label map with the references' label values
   OUT/<id>_seg.json     label names, voxels and volumes per label, provenance
-  OUT/<id>_prob.nii.gz  (--save-probabilities) float16, one channel per label
+  OUT/<id>_prob.nii.gz  (--save-probabilities) one channel per label, uint8 steps of 1/255
 
 A reference mask may be binary or a label map: --labels picks values (1,3) or names
 (with --label-names FILE); each value is one structure, and several references of a
