@@ -26,12 +26,13 @@ test scan) rows to ``headline``.
 
 from __future__ import annotations
 
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from maskbank.train.seeding import numpy_rng
 
 METRICS = ("dice", "hd95", "asd", "nsd")
 BOOTSTRAP = 1000
@@ -70,7 +71,7 @@ def headline(rows: Sequence[dict], metric: str = "dice") -> dict[str, Any] | Non
 
 
 def _rng(seed: int, metric: str, salt: str = "") -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(f"{metric}\0{salt}".encode())])
+    return numpy_rng(seed, f"{metric}\0{salt}")
 
 
 def _resampled_means(values: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ the in-context network keeps the seeded initialisation it would have untrained.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import torch
 
 from maskbank.train.checkpointing import CheckpointError, load_checkpoint
 from maskbank.train.incontext_net import PRESETS, InContextSegNet, build_model
-from maskbank.train.run_config import TrainConfig
+from maskbank.train.run_config import ConfigError, TrainConfig
+from maskbank.train.seeding import seeded_torch
 
 from .errors import EvaluationError
 
@@ -39,10 +40,20 @@ class LoadedNetwork:
     pretext: str
     sha256: str | None = None
     step: int | None = None
-    config: dict[str, Any] = field(default_factory=dict)
+    train_config: TrainConfig | None = None  # the checkpoint's (None: an untrained network)
     # [{"scan_id", "source_sha256"}] of the pretraining bank's scans it sampled from, as the
     # checkpoint records them (None: an untrained network, or a checkpoint that does not say)
     pretraining_scans: list[dict[str, Any]] | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training config's plain form, as results.json records it ({} untrained)."""
+        return self.train_config.to_dict() if self.train_config is not None else {}
+
+    @property
+    def task_group(self) -> int:
+        """Tasks per forward pass the network was trained with (the preset default untrained)."""
+        return (self.train_config or TrainConfig()).data.k
 
     @property
     def label(self) -> str:
@@ -109,9 +120,37 @@ def untrained(preset: str, seed: int = 0, source: str = RANDOM) -> LoadedNetwork
     """The seeded untrained network of ``preset`` (the floor every evaluation reports)."""
     if preset not in PRESETS:
         raise EvaluationError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    torch.manual_seed(seed)
-    model = build_model(preset)
+    with seeded_torch(seed):  # the weights depend on the seed only; the caller's RNG is left
+        model = build_model(preset)
     return LoadedNetwork(model, preset, _preset_crop(preset), source, "random", "none")
+
+
+def _weights(
+    payload: dict[str, Any], config: TrainConfig, reference: dict[str, torch.Tensor], path: Path
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The state to load (EMA when present; another pretext's encoder over ``reference``)."""
+    ema = payload.get("ema")
+    state = ema["shadow"] if isinstance(ema, dict) and "shadow" in ema else payload["model"]
+    weights = "ema" if state is not payload["model"] else "model"
+    if config.pretext != "incontext":
+        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        weights = "encoder"
+        expected = {k for k in reference if k.startswith(ENCODER_PREFIX)}
+    else:
+        expected = set(reference)
+    missing = sorted(expected - set(state))
+    wrong = sorted(
+        k for k in expected & set(state) if tuple(state[k].shape) != tuple(reference[k].shape)
+    )
+    if missing or wrong:
+        raise EvaluationError(
+            f"{path} does not fit the {config.model.preset!r} network of this version: "
+            f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(wrong)} of another "
+            f"shape (e.g. {wrong[:2]})"
+        )
+    merged = dict(reference)
+    merged.update({k: state[k].to(reference[k].dtype) for k in expected})
+    return merged, weights
 
 
 def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> LoadedNetwork:
@@ -128,8 +167,11 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
             f"{path} is not a maskbank pretraining checkpoint (it has keys "
             f"{sorted(payload)[:8]}; expected 'model' and 'config')"
         )
-    config = payload["config"]
-    ck_preset = str(config.get("model", {}).get("preset", ""))
+    try:
+        config = TrainConfig.coerce(payload["config"])
+    except (ConfigError, TypeError) as exc:
+        raise EvaluationError(f"{path}: its training config cannot be read ({exc})") from exc
+    ck_preset = config.model.preset
     if preset is not None and preset != ck_preset:
         raise EvaluationError(
             f"{path} holds a {ck_preset!r} network but --preset {preset} was given; "
@@ -140,33 +182,11 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
             f"{path} was trained with preset {ck_preset!r}, which this version does not know "
             f"(have {sorted(PRESETS)})"
         )
-    pretext = str(config.get("pretext", "incontext"))
-    ema = payload.get("ema")
-    state = ema["shadow"] if isinstance(ema, dict) and "shadow" in ema else payload["model"]
-    weights = "ema" if state is not payload["model"] else "model"
     net = untrained(ck_preset, seed)
+    state, weights = _weights(payload, config, net.model.state_dict(), path)
     model = net.model
-    reference = model.state_dict()
-    if pretext != "incontext":
-        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-        weights = "encoder"
-        expected = {k for k in reference if k.startswith(ENCODER_PREFIX)}
-    else:
-        expected = set(reference)
-    missing = sorted(expected - set(state))
-    wrong = sorted(
-        k for k in expected & set(state) if tuple(state[k].shape) != tuple(reference[k].shape)
-    )
-    if missing or wrong:
-        raise EvaluationError(
-            f"{path} does not fit the {ck_preset!r} network of this version: "
-            f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(wrong)} of another "
-            f"shape (e.g. {wrong[:2]})"
-        )
-    merged = dict(reference)
-    merged.update({k: state[k].to(reference[k].dtype) for k in expected})
-    model.load_state_dict(merged)
-    crop = int(config.get("data", {}).get("crop", net.crop))
+    model.load_state_dict(state)
+    crop = config.data.crop
     step = payload.get("step")
     record = payload.get("pretraining_scans")
     return LoadedNetwork(
@@ -175,9 +195,30 @@ def load_network(checkpoint: str, preset: str | None = None, seed: int = 0) -> L
         crop,
         str(path),
         weights,
-        pretext,
+        config.pretext,
         file_sha256(path),
         int(step) if step is not None else None,
         config,
         [dict(r) for r in record] if isinstance(record, list) else None,
     )
+
+
+def load_with_baseline(
+    checkpoint: str,
+    baseline: str = RANDOM,
+    preset: str | None = None,
+    seed: int = 0,
+    add_baseline: bool = True,
+) -> list[LoadedNetwork]:
+    """The checkpoint's network, then ``baseline`` (random or scratch) of its preset and crop.
+
+    With ``checkpoint`` itself untrained (``random``/``scratch``) that is the only network.
+    """
+    untrained_given = checkpoint in (RANDOM, SCRATCH)
+    first = load_network(baseline if untrained_given else checkpoint, preset, seed)
+    nets = [first]
+    if not untrained_given and add_baseline:
+        base = load_network(baseline, first.preset, seed)
+        base.crop = first.crop  # the same reference crops, windows and training crops
+        nets.append(base)
+    return nets

@@ -17,12 +17,11 @@ over fractions adds labels instead of drawing a new sample at each point.
 
 from __future__ import annotations
 
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
+from maskbank.train.seeding import numpy_rng
 
 from .errors import EvaluationError
 
@@ -136,7 +135,7 @@ def make_split(
     train, validation, test = {}, {}, {}
     for dataset in sorted(groups):
         subs = units[dataset]
-        rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(dataset.encode())])
+        rng = numpy_rng(seed, dataset)
         order = [subs[i] for i in rng.permutation(len(subs))]
         n_test = _take(len(subs), TEST_SHARE)
         n_val = _take(len(subs), VALIDATION_SHARE)

@@ -50,27 +50,17 @@ def add_common(
 
 def load_networks(args: argparse.Namespace, baseline: str) -> list:
     """The checkpoint's network, then the baseline of its preset and crop (unless asked not)."""
-    from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
+    from maskbank.train.evaluation.checkpoint import load_with_baseline
 
-    untrained = args.checkpoint in (RANDOM, SCRATCH)
-    first = load_network(baseline if untrained else args.checkpoint, args.preset, args.seed)
-    nets = [first]
-    if not untrained and not args.no_baseline:
-        base = load_network(baseline, first.preset, args.seed)
-        base.crop = first.crop  # the same reference crops, windows and training crops
-        nets.append(base)
-    return nets
+    return load_with_baseline(
+        args.checkpoint, baseline, args.preset, args.seed, add_baseline=not args.no_baseline
+    )
 
 
-def finish(
-    args: argparse.Namespace, bank, nets: list, results: dict, markdown, text: str
-) -> Path | None:
-    """Record how the results were made, write OUT/results.{json,md}, print them."""
-    from maskbank.train.evaluation.report import run_record, write_results
-
-    results["run"] = run_record(command_line(args), bank, nets)
-    out = write_results(args.out, results, markdown(results)) if args.out else None
-    emit(args, results, text)
+def finish(args: argparse.Namespace, result) -> Path | None:
+    """Write OUT/results.{json,md} and the figures (with --out), print the results."""
+    out = result.write(args.out) if args.out else None
+    emit(args, result.data, result.text())
     return out
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_common, device_of, fail, finish, load_networks, open_bank
+from ._common import (
+    add_common,
+    command_line,
+    device_of,
+    fail,
+    finish,
+    load_networks,
+    open_bank,
+)
 
 PROG = "maskbank evaluate probe"
 
@@ -43,45 +51,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from maskbank.train.evaluation import probe
     from maskbank.train.evaluation.checkpoint import RANDOM
     from maskbank.train.evaluation.errors import EvaluationError
-    from maskbank.train.evaluation.probe import (
-        PLOT,
-        ProbeSettings,
-        probe_markdown,
-        probe_plot,
-        probe_text,
-        run_probe,
-    )
 
-    if args.folds < 2:
-        return fail(PROG, ValueError(f"--folds {args.folds}: give at least 2"))
-    if args.epochs < 1:
-        return fail(PROG, ValueError(f"--epochs {args.epochs}: give at least 1"))
+    try:
+        options = probe.ProbeOptions(
+            args.target,
+            folds=args.folds,
+            seed=args.seed,
+            device=str(device_of(args.device)),
+            settings=probe.ProbeSettings(epochs=args.epochs),
+        )
+    except EvaluationError as exc:
+        return fail(PROG, exc)
     opened = open_bank(PROG, args)
     if opened is None:
         return 2
     bank, scan_ids = opened
     try:
-        networks = load_networks(args, RANDOM)
-        results = run_probe(
-            networks,
+        result = probe.run(
             bank,
-            scan_ids,
-            args.target,
-            folds=args.folds,
-            settings=ProbeSettings(epochs=args.epochs),
-            seed=args.seed,
-            device=device_of(args.device),
+            load_networks(args, RANDOM),
+            options,
+            scan_ids=scan_ids,
             progress=not (args.no_progress or args.json),
+            command=command_line(args),
         )
     except EvaluationError as exc:
         return fail(PROG, exc)
-    for warning in results["warnings"]:
+    for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    out = finish(
-        args, bank, networks, results, lambda r: probe_markdown(r, r["run"]), probe_text(results)
-    )
-    if out is not None:
-        probe_plot(out / PLOT, results)
+    finish(args, result)
     return 0
