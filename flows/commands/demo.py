@@ -8,7 +8,6 @@ Stages (prepare, proposals, a tiny pretraining run, evaluation) plug in by appen
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,23 +16,6 @@ from maskbank.flows.commands._prefect_env import apply_cli_defaults
 from maskbank.flows.commands.options import add_workers_option
 
 STAGE_ORDER = ("prepare", "propose", "pretrain", "evaluate")  # the functions are in STAGES below
-
-# (file, label file or None, modality, dataset) of the real sample scans we use. The
-# MNI152 T1's label (grey/white matter) is made by `write_inputs` from the template's
-# probability maps; it and the chest CT also get deformed copies (more subjects).
-REAL_SAMPLES = (
-    ("ct_chest_lung1.nii.gz", "ct_chest_lung1_nodule_label.nii.gz", "ct", "chest-ct"),
-    ("ct_head_template_1mm.nii.gz", None, "ct", "sample-real"),
-    ("mr_brain_mni152_t1_1mm.nii.gz", None, "mr", "mr-template"),
-    ("mr_brain_aniso_4x4x5mm.nii.gz", None, "mr", "sample-real"),
-)
-
-
-def shared_data_dir() -> Path:
-    """../shared/data next to the repository (where the real sample scans live)."""
-    from maskbank import flows
-
-    return Path(flows.__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -76,110 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def write_inputs(out: Path, synthetic: bool) -> Path:
-    """Write OUT/inputs/manifest.csv plus the files it names; return the manifest path.
-
-    Labelled datasets hold each class in at least two scans (what a few-shot or
-    probe evaluation needs): three CT phantoms, and with the real scans the MNI152
-    T1 with a grey/white-matter label plus two deformed copies, and the chest CT
-    with its nodule plus one. Label names travel as JSON sidecars in the manifest's
-    label_names column. Generated volumes are deterministic and kept, so a re-run
-    skips them here and skips their scans in prepare.
-    """
-    import json
-
-    import nibabel as nib
-    import numpy as np
-
-    from maskbank.pipeline.phantom import NAMES, make_phantom
-    from maskbank.pipeline.synthetic_subjects import save_nifti_atomic, write_deformed_subject
-
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, str]] = []
-
-    def sidecar(name: str, names: dict[int, str]) -> str:
-        path = inputs / name
-        text = json.dumps({str(v): n for v, n in names.items()}, indent=1) + "\n"
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-        return path.name
-
-    def rel(path: Path | None) -> str:  # generated files are manifest-relative
-        if path is None:
-            return ""
-        return path.name if path.parent == inputs else str(path)
-
-    def row(image: Path, label: Path | None, modality: str, dataset: str, names: str = "") -> None:
-        rows.append(
-            {
-                "image": rel(image),
-                "label": rel(label),
-                "modality": modality,
-                "dataset": dataset,
-                "label_names": names,
-            }
-        )
-
-    def subjects(image: Path, label: Path, seeds: tuple[int, ...], row_of_source: dict) -> None:
-        """Deformed copies of a labelled real scan, as more subjects of its dataset."""
-        modality, dataset, names = (
-            row_of_source[k] for k in ("modality", "dataset", "label_names")
-        )
-        stem = image.name[: -len(".nii.gz")]
-        for seed in seeds:
-            name = f"{stem}_subject{seed}"
-            img, lab = inputs / f"{name}.nii.gz", inputs / f"{name}_label.nii.gz"
-            if not (img.exists() and lab.exists()):
-                img, lab = write_deformed_subject(image, label, inputs, name, seed)
-            row(img, lab, modality, dataset, names)
-
-    data = shared_data_dir()
-    tissue_maps = ("mr_brain_mni152_gm_prob_1mm.nii.gz", "mr_brain_mni152_wm_prob_1mm.nii.gz")
-    real = [f for f, *_ in REAL_SAMPLES] + list(tissue_maps)
-    if not synthetic and all((data / f).exists() for f in real):
-        nodule = sidecar("nodule_names.json", {1: "nodule"})
-        tissue = sidecar("tissue_names.json", {1: "grey matter", 2: "white matter"})
-        for image, label, modality, dataset in REAL_SAMPLES:
-            src = data / image
-            if image.startswith("mr_brain_mni152_t1"):
-                lab = inputs / f"{image[: -len('.nii.gz')]}_tissue_label.nii.gz"
-                if not lab.exists():  # grey/white matter where more likely than not
-                    t1 = nib.load(src)
-                    gm, wm = (np.asarray(nib.load(data / f).dataobj) for f in tissue_maps)
-                    tissue_label = np.zeros(gm.shape, np.uint16)
-                    tissue_label[(gm >= 128) & (gm >= wm)] = 1
-                    tissue_label[(wm >= 128) & (wm > gm)] = 2
-                    save_nifti_atomic(nib.Nifti1Image(tissue_label, t1.affine), lab)
-                row(src, lab, modality, dataset, tissue)
-                subjects(src, lab, (1, 2), rows[-1])
-            elif label:
-                row(src, data / label, modality, dataset, nodule)
-                subjects(src, data / label, (1,), rows[-1])
-            else:
-                row(src, None, modality, dataset)
-        phantoms = [("ct", 1), ("ct", 2), ("ct", 3), ("pet", 3)]
-    else:
-        phantoms = [("ct", 1), ("ct", 2), ("ct", 3), ("mr", 2), ("pet", 3)]
-    organs = sidecar("phantom_names.json", NAMES)
-    for modality, seed in phantoms:
-        name = f"phantom_{modality}_{seed}" if modality == "ct" else f"phantom_{modality}"
-        img, lab = inputs / f"{name}.nii.gz", inputs / f"{name}_label.nii.gz"
-        if not (img.exists() and lab.exists()):  # deterministic: keep them for skip-on-rerun
-            ph = make_phantom(modality, shape=(96, 96, 80), spacing=(2.0, 2.0, 2.5), seed=seed)
-            img, lab = ph.save_nifti(inputs, name)
-        row(img, lab, modality, f"phantom-{modality}", organs)
-    manifest = inputs / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        fields = ["image", "label", "modality", "dataset", "label_names"]
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
-
-
 def stage_prepare(args: argparse.Namespace, ctx: dict) -> int:
     from maskbank.flows.commands.info import format_summary
+    from maskbank.flows.demo_bank import write_inputs
     from maskbank.flows.inputs import parse_spacing
     from maskbank.flows.prepare import prepare_bank
     from maskbank.flows.report import format_prepare_report
@@ -253,8 +134,11 @@ def pretraining_scans(bank_path: Path) -> tuple[list[str], list[str]]:
 def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
     """A short CPU pretraining of the `tiny` preset on all but the evaluation queries."""
     import json
+    from dataclasses import replace
 
-    from maskbank.train.run import main as train_main
+    from maskbank.train import pretrain
+    from maskbank.train.run import USAGE_ERRORS, usage_error
+    from maskbank.train.run_config import TrainConfig
 
     run_dir = ctx["out"] / "pretrain"
     scans, queries = pretraining_scans(ctx["bank"])
@@ -262,25 +146,24 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
         f"pretraining on {len(scans)} scans; the {len(queries)} labelled scans the evaluation "
         f"scores as queries are left out: {', '.join(queries) or 'none'}"
     )
-    code = train_main(
-        [
-            "--config",
-            "tiny",
-            "--bank",
-            str(ctx["bank"]),
-            "--out",
-            str(run_dir),
-            f"data.scans={json.dumps(scans)}",
-            # The held-out queries double as validation scans: the pretext's Dice on pairs
-            # from scans it never trained on, every train.val_every steps.
-            *([f"data.val_scans={json.dumps(queries)}"] if queries else []),
-            f"train.max_steps={args.steps}",
-            f"train.progress={'false' if args.no_progress else 'true'}",
-            f"train.ckpt_every={max(20, args.steps // 4)}",  # a few checkpoints, not 50
-        ]
+    tiny = TrainConfig.load("tiny")
+    config = replace(
+        tiny,
+        # The held-out queries double as validation scans: the pretext's Dice on pairs
+        # from scans it never trained on, every train.val_every steps.
+        data=replace(tiny.data, scans=tuple(scans), val_scans=tuple(queries) or None),
+        train=replace(
+            tiny.train,
+            max_steps=args.steps,
+            progress=not args.no_progress,
+            ckpt_every=max(20, args.steps // 4),  # a few checkpoints, not 50
+        ),
     )
-    if code:
-        return code
+    try:
+        summary = pretrain(config, ctx["bank"], run_dir)
+    except USAGE_ERRORS as exc:
+        return usage_error(exc)
+    print(summary.outcome, file=sys.stderr)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [float(r["loss"]) for r in rows if "loss" in r]
     if losses:

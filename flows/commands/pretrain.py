@@ -1,8 +1,9 @@
-"""`maskbank pretrain`: pretraining on a bank (wraps `train/run.py`)."""
+"""`maskbank pretrain`: pretraining on a bank (``maskbank.train.pretrain`` on the parsed config)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from maskbank.flows.commands.options import add_storage_options
 
@@ -14,6 +15,8 @@ pretext to compare against with `maskbank evaluate`. Same as `python train/run.p
 BANK --out OUT [key=value ...]`; for several GPUs use torchrun on train/run.py:
 
   torchrun --nproc_per_node=8 train/run.py --config base --bank BANK --out OUT
+
+From Python: maskbank.train.pretrain(TrainConfig.load(CONFIG, [key=value ...]), BANK, OUT).
 
 Writes OUT/config.yaml, OUT/metrics.jsonl (step, loss, pairs_per_s, data_wait),
 OUT/tb/ (TensorBoard) and OUT/checkpoints/ (every N steps and on SIGTERM).
@@ -50,9 +53,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskbank.train.run import main
+    """The arguments as a ``TrainConfig``, then ``maskbank.train.pretrain``; usage errors
+    (configuration, bank, resume, safety) print one line and exit 2."""
+    from maskbank.train import pretrain
+    from maskbank.train.run import USAGE_ERRORS, usage_error
+    from maskbank.train.run_config import TrainConfig
 
-    argv = ["--config", args.config, "--bank", args.bank, "--out", args.out, *args.overrides]
-    if args.resume:
-        argv.insert(0, "--resume")
-    return main(argv)
+    try:
+        config = TrainConfig.load(args.config, args.overrides)
+        summary = pretrain(config, args.bank, args.out, resume=args.resume)
+    except USAGE_ERRORS as exc:
+        return usage_error(exc)
+    if summary.rank == 0:
+        print(summary.outcome, file=sys.stderr)
+    return 0

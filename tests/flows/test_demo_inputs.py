@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from maskbank.flows.commands.demo import write_inputs
+from maskbank.flows.demo_bank import write_inputs
 from maskbank.pipeline.label_names import read_label_names
 from maskbank.pipeline.phantom import NAMES
 
