@@ -123,6 +123,7 @@ SECTIONS = ("data", "model", "augment", "reconstruction", "loss", "optim", "trai
 DOTTED = re.compile(
     r"(?<![\w./-])((?:" + "|".join(SECTIONS) + r")(?:\.[a-z_][a-z0-9_]*)+)(?![\w(/-])"
 )
+FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "py", "pt", "pth", "md", "csv", "txt", "png"}
 # KEY=VALUE overrides on a command line of train/run.py or `maskbank pretrain`.
 OVERRIDE = re.compile(r"(?<=\s)([a-z_][a-z0-9_.]*)=(?!=)")
 DATACLASS_FIELD = re.compile(r"\b(PrepareConfig|ProposalConfig)\.([a-z_][a-z0-9_]*)\b")
@@ -144,7 +145,7 @@ def doc_config_keys() -> list[tuple[str, int, str]]:
     for doc in DOCS:
         for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
             for m in DOTTED.finditer(text):
-                if not _is_module(m.group(1)):
+                if not _is_module(m.group(1)) and m.group(1).rsplit(".")[-1] not in FILE_SUFFIXES:
                     found.append((_rel(doc), n, m.group(1)))
             if "train/run.py" in text or "maskbank pretrain" in text:
                 for m in OVERRIDE.finditer(text):
