@@ -210,3 +210,19 @@ def test_nnunetv2_load_pretrained_weights_takes_every_non_head_key(resenc_run, t
     state = net.state_dict()
     for key, value in _ema_encoder(resenc_run).items():
         assert torch.equal(state[key], value.float()), key
+
+
+def test_evaluation_loads_the_resenc_checkpoint(resenc_run):
+    """Evaluation (incontext, finetune, probe, segment) rebuilds the network from the preset."""
+    from maskbank.train.evaluation.checkpoint import load_network
+
+    net = load_network(str(resenc_run))
+    assert net.preset == "resenc-tiny" and net.weights == "ema"
+    state = net.model.state_dict()
+    for key, value in _ema_encoder(resenc_run).items():
+        assert torch.equal(state[key], value.float()), key
+    x = torch.randn(1, 1, 32, 32, 32)
+    tasks = net.model.encode_tasks(x, (x > 0).float()[:, :1].expand(1, 2, -1, -1, -1))
+    assert net.model.segment(x, tasks).shape == (1, 2, 32, 32, 32)
+    scratch = load_network("scratch", net.preset)  # the fine-tuning baseline: same network
+    assert set(scratch.model.state_dict()) == set(state)
