@@ -197,7 +197,7 @@ def _proposal_plots(table, facts: dict[str, ScanFacts]) -> bytes:
 
 
 def _quality_rows(bank, facts: dict[str, ScanFacts], scan_ids: list[str]) -> list[dict]:
-    from maskbank.flows.commands.proposals_quality import bank_quality
+    from maskbank.flows.proposals_quality import bank_quality
 
     report = bank_quality(bank, scan_ids, opened={sid: facts[sid].scan for sid in scan_ids})
     return [

@@ -224,3 +224,28 @@ def test_every_package_folder_is_installed():
     }
     assert folders <= listed, f"add to pyproject.toml: {sorted(folders - listed)}"
     assert all((ROOT / Path(*name.split(".")[1:])).is_dir() for name in listed)
+
+
+#: Besides flows/cli.py, modules that may import ``flows.commands`` (the CLI), with why;
+#: the list only shrinks.
+COMMANDS_IMPORTERS = {
+    # maskbank-serve is a command line of its own and applies the CLI's Prefect defaults
+    "flows/serve.py": "flows.commands._prefect_env",
+}
+
+
+def test_only_the_cli_imports_the_commands():
+    """``flows.commands`` only parses arguments: library code never imports it back."""
+    found = []
+    for package in OURS:
+        for path in _modules(package):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "flows/cli.py" or rel.startswith("flows/commands/"):
+                continue
+            allowed = COMMANDS_IMPORTERS.get(rel, "\0")
+            for line, module in _imports(path):
+                module = module.removeprefix(NAMESPACE)
+                is_cli = module == "flows.commands" or module.startswith("flows.commands.")
+                if is_cli and not module.startswith(allowed):
+                    found.append(f"{rel}:{line}: imports {module}")
+    assert not found, "only flows/cli.py imports flows.commands:\n" + "\n".join(found)

@@ -6,8 +6,10 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Mapping
-from typing import Any
+
+from maskbank.flows.proposals_quality import SORTS, bank_quality, sort_rows
+
+__all__ = ["add_parser", "bank_quality", "format_table", "run", "sort_rows"]
 
 DESCRIPTION = """\
 For every scan with an evaluation label map and proposals, and every labelled structure
@@ -25,8 +27,6 @@ examples:
   maskbank proposals-quality bank/ --baseline slic --min-voxels 27 --sort size
   maskbank proposals-quality bank/ --baseline slic:5000 --levels 0.5,0.8 --csv per-structure.csv
 """
-
-SORTS = ("size", "abo", "name")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,110 +77,6 @@ def _levels(text: str) -> tuple[float, ...]:
     if not levels or not all(0 < v <= 1 for v in levels):
         raise ValueError(f"--levels {text!r}: Dice levels must lie in (0, 1]")
     return levels
-
-
-def _baseline_set(scan, baseline: tuple[str, int]):
-    """SLIC on the scan's stored (normalised) image, grid and body mask."""
-    import numpy as np
-
-    from maskbank.pipeline.proposals.baseline import slic_proposals
-
-    image = np.asarray(scan.read("image"), np.float32)
-    body = np.asarray(scan.read("body"), bool)
-    return slic_proposals(image, body, scan.spacing, baseline[1])
-
-
-def bank_quality(
-    bank,
-    scan_ids=None,
-    baseline: str | None = None,
-    min_voxels: int = 1,
-    levels=(0.5, 0.7, 0.9),
-    opened: Mapping[str, Any] | None = None,
-) -> dict:
-    """Quality report of a bank: abo, recall_* and per-scan rows (with per-structure rows).
-
-    With ``baseline`` (``slic`` or ``slic:N``) each scan and the overall summary
-    also carry a ``baseline`` entry scored the same way. ``opened``: scans a caller
-    already opened (id -> ``ScanView``), used instead of opening them again.
-    """
-    import numpy as np
-
-    from maskbank.bank import NoProposalsError
-    from maskbank.bank.sampling import ProposalReader
-    from maskbank.pipeline.proposals.baseline import parse_baseline
-    from maskbank.pipeline.proposals.quality import ProposalArrays, score, summarise
-
-    base_spec = parse_baseline(baseline)
-    scans, best_all, base_all, counts, nbytes, rows = [], [], [], [], 0, []
-    opened = opened or {}
-    for sid in scan_ids or bank.scan_ids:
-        scan = opened[sid] if sid in opened else bank.scan(sid)
-        try:
-            pr = ProposalReader(scan)
-        except NoProposalsError:
-            continue
-        counts.append(pr.count)
-        nb = pr.nbytes_stored()
-        nbytes += nb
-        if not scan.has("label"):
-            continue
-        label = np.asarray(scan.read("label"))
-        names = {int(k): v for k, v in (scan.attrs.get("label_names") or {}).items()}
-        sc = score(ProposalArrays.of(pr), label, names or None, min_voxels, levels)
-        best_all += list(sc["structures"].values())
-        entry = {
-            "scan_id": sid,
-            **{k: v for k, v in sc.items() if k == "abo" or k.startswith("recall_")},
-            "structures": sc["structures"],
-            "sizes": sc["sizes"],
-            "proposals": pr.count,
-            "bytes_per_proposal": nb / max(pr.count, 1),
-        }
-        base_sc = None
-        if base_spec:
-            base_ps = _baseline_set(scan, base_spec)
-            base_sc = score(base_ps, label, names or None, min_voxels, levels)
-            base_all += list(base_sc["structures"].values())
-            entry["baseline"] = {
-                k: v for k, v in base_sc.items() if k == "abo" or k.startswith("recall_")
-            } | {"structures": base_sc["structures"], "proposals": base_ps.count}
-        for name, d in sc["structures"].items():
-            row = {"scan_id": sid, "structure": name, "voxels": sc["sizes"][name], "best_dice": d}
-            if base_sc is not None:
-                row["baseline_dice"] = base_sc["structures"][name]
-            rows.append(row)
-        scans.append(entry)
-    out = {
-        **summarise(best_all, levels),
-        "proposals_per_scan": float(np.mean(counts)) if counts else 0.0,
-        "bytes_per_proposal": nbytes / max(sum(counts), 1),
-        "scans_with_proposals": len(counts),
-        "scans_scored": len(scans),
-        "structures": len(best_all),
-        "min_voxels": int(min_voxels),
-        "levels": list(levels),
-        "scans": scans,
-        "rows": rows,
-    }
-    if base_spec:
-        out["baseline"] = {
-            "method": f"{base_spec[0]}:{base_spec[1]}",
-            **summarise(base_all, levels),
-        }
-    return out
-
-
-def sort_rows(rows: list[dict], by: str = "size") -> list[dict]:
-    """Per-structure rows by size (smallest first), abo (worst best Dice first) or name."""
-    if by not in SORTS:
-        raise ValueError(f"sort by one of {SORTS}, not {by!r}")
-    key = {
-        "size": lambda r: (r["voxels"], r["scan_id"], r["structure"]),
-        "abo": lambda r: (r["best_dice"], r["scan_id"], r["structure"]),
-        "name": lambda r: (r["structure"], r["scan_id"]),
-    }[by]
-    return sorted(rows, key=key)
 
 
 def _recall_keys(q: dict) -> list[str]:
