@@ -32,7 +32,7 @@ K structures in the query, all in one forward pass:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -92,25 +92,18 @@ PRESETS: dict[str, NetSpec] = {
         n_query_tokens=10,
         readout="propagation",
     ),
-    # nnU-Net's ResEnc at the tiny preset's widths: CPU tests and the demo.
-    "resenc-tiny": NetSpec(
-        channels=(8, 16, 32, 32),
-        enc_blocks=(1, 1, 1, 1),
-        dec_blocks=0,
-        token_levels=(2, 3),
-        n_query_tokens=4,
-        encoder="resenc",
-    ),
-    # nnU-Net's ResEnc-L encoder (features 32-320, blocks 1,3,4,6,6,6), ~100 M parameters.
-    "resenc-l": NetSpec(
-        channels=(32, 64, 128, 256, 320, 320),
-        enc_blocks=(1, 3, 4, 6, 6, 6),
-        dec_blocks=1,
-        token_levels=(2, 3, 4),
-        n_query_tokens=10,
-        encoder="resenc",
-    ),
 }
+# nnU-Net's residual encoder under the same in-context network (task encoding, decoder,
+# readout) as the Iris preset it is named after, so the two differ by the encoder alone:
+# resenc-tiny has tiny's widths (CPU tests, the demo); resenc-l is nnU-Net's ResEnc-L
+# encoder (features 32-320, blocks 1, 3, 4, 6, 6, 6) under base's in-context parts.
+PRESETS["resenc-tiny"] = replace(PRESETS["tiny"], enc_blocks=(1, 1, 1, 1), encoder="resenc")
+PRESETS["resenc-l"] = replace(
+    PRESETS["base"],
+    channels=(32, 64, 128, 256, 320, 320),
+    enc_blocks=(1, 3, 4, 6, 6, 6),
+    encoder="resenc",
+)
 
 
 def _norm(c: int) -> nn.Module:
