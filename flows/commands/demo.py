@@ -181,24 +181,40 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
 
 
 def stage_evaluate(args: argparse.Namespace, ctx: dict) -> int:
-    """1-shot in-context segmentation: the pretrained `tiny`, atlas registration, the floor."""
-    from maskbank.flows.cli import main as cli
+    """1-shot in-context segmentation: the pretrained `tiny`, atlas registration, the floor
+    (``train.evaluation.incontext.run``; OUT/evaluate/incontext: results, figures)."""
+    from maskbank.bank import Bank
+    from maskbank.flows.commands.evaluate._common import command_line, device_of
+    from maskbank.train.evaluation import incontext
+    from maskbank.train.evaluation.errors import EvaluationError
 
     out = ctx["out"] / "evaluate" / "incontext"
-    argv = ["evaluate", "incontext", "--checkpoint", str(ctx["out"] / "pretrain")]
-    argv += ["--checkpoint", "registration"]
-    argv += ["--bank", str(ctx["bank"]), "--shots", "1", "--out", str(out)]
-    if args.no_progress:
-        argv.append("--no-progress")
     print(
         "\n1-shot in-context segmentation of the labelled structures on scans left out of "
         "pretraining (pretrained vs atlas registration vs untrained floor; the headline is "
         "the mean over datasets of the class means, with its 95 % bootstrap interval):"
     )
-    code = cli(argv)
-    if code == 0:
-        print(f"overlays per class: {out / 'figures'}")
-    return code
+    try:
+        networks = incontext.load_runners([str(ctx["out"] / "pretrain"), "registration"])
+        options = incontext.InContextOptions(shots=(1,), device=str(device_of("auto")))
+        result = incontext.run(
+            Bank.open(ctx["bank"]),
+            networks,
+            options,
+            progress=not args.no_progress,
+            command=command_line(args),
+        )
+    except (EvaluationError, ValueError) as exc:
+        print(f"maskbank demo: evaluation: error: {exc}", file=sys.stderr)
+        return 2
+    warning = result.overlap_warning()
+    if warning:
+        print(f"maskbank demo: {warning}", file=sys.stderr)
+    result.write(out)
+    print(result.text())
+    print(f"\nresults: {out / 'results.md'} (all numbers: results.json)")
+    print(f"overlays per class: {out / 'figures'}")
+    return 0
 
 
 # Stages share ctx["out"], ctx["bank"] and what earlier stages stored.
