@@ -83,7 +83,7 @@ def add_phantom_scan(
     The scan carries ``label_names`` (the phantom's organs present in it) and
     ``metadata`` like a prepared labelled scan, so evaluation code runs on it as is.
     """
-    from maskbank.bank.proposals import write_proposals
+    from maskbank.bank.writing import write_proposals
     from maskbank.pipeline.label_names import names_present
     from maskbank.pipeline.phantom import make_phantom
     from maskbank.pipeline.proposals.external import from_label_map
