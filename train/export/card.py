@@ -84,11 +84,10 @@ def bank_provenance(enc: PretrainedEncoder, location: str | None) -> dict[str, A
 
 
 def _is_imported(bank: Any, ids: list[str], name: str) -> bool:
+    """True for a set made by ``maskbank propose --import`` (its attrs name the source)."""
     for sid in ids:
         attrs = bank.scan(sid).proposal_set_attrs(name) or {}
-        info = attrs.get("layer_info") or {}
-        kinds = {str(v.get("kind")) for v in info.values() if isinstance(v, dict)}
-        return "imported" in kinds or "import" in json.dumps(attrs.get("sources", "")).lower()
+        return "imported_from" in attrs
     return False
 
 
@@ -194,14 +193,23 @@ def model_card(
     ]
     if p.get("reachable"):
         src = p.get("mask_source") or {}
-        lines.append(f"- generators / sources: {_fmt(src.get('sources', NOT_RECORDED))}")
-        for key in ("generator", "engine", "engine_version", "version", "params", "parameters"):
-            if key in src:
-                lines.append(f"- {key}: `{json.dumps(src[key], default=str)}`")
-        if src.get("layer_info"):
-            lines.append(f"- layers: `{json.dumps(src['layer_info'], default=str)}`")
+        engine = src.get("config") if isinstance(src.get("config"), dict) else {}
+        generators = engine.get("generators") or src.get("sources") or NOT_RECORDED
+        lines.append(f"- generators: {_fmt(generators)}")
+        if "imported_from" in src:
+            lines.append(f"- imported from: `{src['imported_from']}` (masks made elsewhere)")
+        lines.append(f"- engine version: {engine.get('version', NOT_RECORDED)}")
+        lines.append(f"- proposal config fingerprint: `{src.get('fingerprint', NOT_RECORDED)}`")
+        kinds = sorted({str(v.get("kind")) for v in (src.get("layer_info") or {}).values()
+                        if isinstance(v, dict)})  # fmt: skip
+        if kinds:
+            lines.append(f"- layer kinds: {', '.join(kinds)}")
         lines.append(f"- imported proposal sets in the bank: {p.get('imported_sets') or 'none'}")
         lines.append(f"- proposal sets in the bank: `{json.dumps(p.get('proposal_sets'))}`")
+        if engine:
+            params = {k: v for k, v in engine.items() if k != "version"}
+            lines += ["", "Generator parameters (as the bank stores them):", "", "```json",
+                      json.dumps(params, indent=1, default=str), "```"]  # fmt: skip
     else:
         why = p.get("error", "the checkpoint names no bank")
         lines.append(f"- generators and parameters: {NOT_RECORDED} (bank {p.get('location')} "
