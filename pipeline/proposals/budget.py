@@ -46,10 +46,13 @@ def fit_byte_budget(
     if max_bytes_per_proposal <= 0 or ps.count == 0:
         return ps, report
     start = ps.count
+    cheapest: tuple[float, ProposalSet, list[str]] | None = None
     while True:
         nbytes = measure(ps)
         total = sum(nbytes.values())
         per = total / max(ps.count, 1)
+        if cheapest is None or per < cheapest[0]:
+            cheapest = (per, ps, list(report["dropped_layers"]))
         layer = np.asarray(ps.table["layer"])
         carried = np.bincount(layer, minlength=len(ps.layer_names))
         size = np.array([nbytes.get(n, 0) for n in ps.layer_names], np.float64)
@@ -57,10 +60,16 @@ def fit_byte_budget(
         droppable &= [
             ps.layer_info.get(n, {}).get("kind") not in PROTECTED_KINDS for n in ps.layer_names
         ]
+        # A layer's proposals take their members and table rows with them: at most the
+        # rest's bytes per proposal each (the rest also holds fixed metadata).
+        size += nbytes.get("", 0) / max(ps.count, 1) * carried
         saving = size - max_bytes_per_proposal * carried  # bytes over budget a layer removes
         excess = total - max_bytes_per_proposal * ps.count
-        if per <= max_bytes_per_proposal or not (droppable & (saving > 0)).any():
-            report["fits"] = per <= max_bytes_per_proposal
+        if per <= max_bytes_per_proposal:
+            break
+        if not (droppable & (saving > 0)).any():  # cannot fit: the cheapest set seen
+            per, ps, report["dropped_layers"] = cheapest
+            report["fits"] = False
             break
         enough = droppable & (saving >= excess)
         if enough.any():
