@@ -74,7 +74,7 @@ def workspace(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("docs")
     bank = Bank.create(root / "bank")
-    shape = (64, 64, 48)
+    shape = (48, 48, 40)
     for i in range(3):
         add_phantom_scan(bank, f"ct-{i + 1:04d}", "ct", shape, seed=i, dataset="phantom")
     add_phantom_scan(bank, "mr-0001", "mr", shape, seed=3, dataset="phantom-mr")
