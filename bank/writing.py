@@ -4,9 +4,11 @@
 ``proposal_nbytes`` measures, in memory, the bytes that set will take on storage
 (for the per-proposal byte budget); ``Encoding`` is a bank's chunking and
 compression; ``resolve_location`` turns a bank path into what other processes
-should open.
+should open; ``scan_token_of`` reads a scan's version token from its attributes
+(`Bank.read_scan_attrs`), for ``scan_token=`` arguments.
 """
 
+from .backend import scan_token_of
 from .bank import resolve_location
 from .encoding import Encoding
 from .errors import StaleScanError
@@ -20,5 +22,6 @@ __all__ = [
     "check_set_name",
     "proposal_nbytes",
     "resolve_location",
+    "scan_token_of",
     "write_proposals",
 ]
