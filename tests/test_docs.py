@@ -191,3 +191,25 @@ def test_cli_doc_covers_every_command() -> None:
         assert f"\nmaskbank {command} " in sections[command], (
             f"docs/cli.md, `maskbank {command}`: no example command line"
         )
+    # ... and no doc names a command (or an evaluation) that does not exist.
+    (evaluations,) = [
+        a for a in sub.choices["evaluate"]._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    # in code (a fenced line or `backticks`), not the project's name in prose
+    in_code = re.compile(r"(?:^\s*|&&\s*|;\s*|`)maskbank ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?")
+    bad = []
+    for doc in DOCS:
+        fenced = False
+        for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            if text.startswith("```"):
+                fenced = not fenced
+                continue
+            for m in in_code.finditer(text):
+                if not fenced and not m.group(0).startswith("`"):
+                    continue
+                command, second = m.groups()
+                if command not in sub.choices:
+                    bad.append(f"{_rel(doc)}:{n}: maskbank {command}")
+                elif command == "evaluate" and second and second not in evaluations.choices:
+                    bad.append(f"{_rel(doc)}:{n}: maskbank evaluate {second}")
+    assert not bad, "the docs name commands that do not exist:\n" + "\n".join(bad)
