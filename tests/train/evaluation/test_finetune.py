@@ -13,9 +13,10 @@ import pytest
 from maskbank.flows.cli import main
 from maskbank.flows.commands.evaluate import finetune as finetune_cli
 from maskbank.flows.demo_bank import _normalise
+from maskbank.train.evaluation import finetune
 from maskbank.train.evaluation.aggregate import headline
 from maskbank.train.evaluation.errors import EvaluationError
-from maskbank.train.evaluation.finetune import LR_GRID, FinetuneOptions, evaluate_finetune
+from maskbank.train.evaluation.finetune import LR_GRID, FinetuneOptions
 
 from .conftest import SHAPE, write_labelled_phantoms
 
@@ -96,8 +97,10 @@ def grid_results(labelled_bank, tiny_checkpoint) -> dict:
         lr_grid=(1e-2, 1e-4),  # sorted on the way in
         split_seeds=(0, 2),  # seed 1 happens to split these four scans as seed 0 does
     )
-    nets = [("pretrained", pre), ("scratch", scratch)]
-    return evaluate_finetune(Bank.open(labelled_bank), nets, options)
+    # unnamed networks are 'pretrained' (a checkpoint) and 'scratch' (untrained)
+    result = finetune.run(Bank.open(labelled_bank), [pre, scratch], options)
+    assert list(result["networks"]) == ["pretrained", "scratch"]
+    return result.data
 
 
 def test_each_network_picks_its_rate_on_validation_from_the_same_grid(grid_results) -> None:

@@ -10,15 +10,10 @@ import torch
 
 from maskbank.bank import Bank
 from maskbank.flows.cli import main as cli
-from maskbank.train.evaluation import aggregate
+from maskbank.train.evaluation import aggregate, incontext
 from maskbank.train.evaluation.checkpoint import load_network
 from maskbank.train.evaluation.errors import EvaluationError
-from maskbank.train.evaluation.incontext import (
-    InContextOptions,
-    ReferencePlan,
-    evaluate_incontext,
-    pretraining_overlap,
-)
+from maskbank.train.evaluation.incontext import InContextOptions, ReferencePlan, pretraining_overlap
 from maskbank.train.evaluation.structures import (
     StructureClass,
     centred_crop,
@@ -175,9 +170,7 @@ def _predictions(bank_path: str, net) -> tuple[dict, dict]:
     def keep(label, job, cls, prob):
         maps[(job.query.scan_id, cls.value)] = prob.copy()
 
-    res = evaluate_incontext(
-        Bank.open(bank_path), [net], InContextOptions(), progress=False, on_prediction=keep
-    )
+    res = incontext.run(Bank.open(bank_path), [net], InContextOptions(), on_prediction=keep)
     return maps, res
 
 
@@ -216,13 +209,8 @@ def test_protocol_on_a_labelled_bank(labelled_bank, tiny_checkpoint, tmp_path):
     bank = Bank.open(labelled_bank)
     nets = [load_network(str(tiny_checkpoint)), load_network("random", "tiny")]
     assert nets[0].weights == "ema" and nets[0].sha256 and nets[1].weights == "random"
-    res = evaluate_incontext(
-        bank,
-        nets,
-        InContextOptions(bootstrap=200, max_figures=2),
-        progress=False,
-        figures_dir=tmp_path,
-    )
+    res = incontext.run(bank, nets, InContextOptions(bootstrap=200, max_figures=2))
+    res.figures(tmp_path)
     rows = res["structures"]
     assert {r["network"] for r in rows} == {nets[0].label, "random"}
     refs = {"ct-00", "ct-01"}
@@ -255,18 +243,15 @@ def test_shot_counts_cover_the_same_classes(labelled_bank, tmp_path):
     path.write_text(json.dumps({"phantom-ct": {"liver": ["ct-00"], "spleen": ["ct-00", "ct-01"]}}))
     net = load_network("random", "tiny", seed=1)
     opts = InContextOptions(shots=(1, 2), references=str(path), bootstrap=50)
-    res = evaluate_incontext(Bank.open(labelled_bank), [net], opts, progress=False)
+    res = incontext.run(Bank.open(labelled_bank), [net], opts)
     by_k = {s["shots"]: s for s in res["summary"]}
     assert [c["class"] for c in by_k[1]["classes"]] == ["spleen"]
     assert [c["class"] for c in by_k[2]["classes"]] == ["spleen"]
     assert by_k[1]["dropped"] == ["phantom-ct/liver"] and by_k[2]["dropped"] == []
     assert {r["class"] for r in res["structures"] if r["shots"] == 1} == {"liver", "spleen"}
     with pytest.raises(EvaluationError, match=r"no structure class can be scored with \[3\]"):
-        evaluate_incontext(
-            Bank.open(labelled_bank),
-            [net],
-            InContextOptions(shots=(1, 3), references=str(path)),
-            progress=False,
+        incontext.run(
+            Bank.open(labelled_bank), [net], InContextOptions(shots=(1, 3), references=str(path))
         )
 
 
