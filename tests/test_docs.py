@@ -14,15 +14,17 @@ docs/*.md, one test per file, on a phantom bank. What a block may assume:
   predefined;
 * no GPU, no network, no real scans; matplotlib draws off-screen.
 
-A block that cannot run under these terms (it needs a GPU, an S3 bucket, real data or
-a cluster) carries ``# doctest: skip (why)`` on a line of its own, and the reason is
-required. Training in a block keeps to a few steps (``train.max_steps``), so the whole
-file runs in about a minute.
+A block that cannot run under these terms (it needs a GPU, an S3 bucket, real data, a
+Prefect server or a cluster) carries ``# doctest: skip (why)`` on a line of its own, and
+the reason is required. Training in a block keeps to a step or two (``train.max_steps``):
+every block of every doc takes about 50 s of CPU in all.
 
 ``test_config_keys_exist`` finds every training config key the docs name (``data.k``,
 ``train.max_steps``, ``loss.tversky_weight``, ``max_steps=N`` overrides ...) and resolves
 it the way ``train/run.py`` resolves an override (``run_config.apply_overrides``), and
-every ``PrepareConfig.x`` / ``ProposalConfig.x`` against those dataclasses' fields.
+every ``PrepareConfig.x`` / ``ProposalConfig.x`` (and the keys of a deployment's
+``"config": {...}``, a ``PrepareConfig``) against the fields their ``from_dict`` accepts.
+``test_cli_doc_covers_every_command`` holds docs/cli.md to ``maskbank --help``.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ DOTTED = re.compile(
 FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "py", "pt", "pth", "md", "csv", "txt", "png"}
 # KEY=VALUE overrides on a command line of train/run.py or `maskbank pretrain`.
 OVERRIDE = re.compile(r"(?<=\s)([a-z_][a-z0-9_.]*)=(?!=)")
+PREPARE_JSON = re.compile(r'"config"\s*:\s*\{([^{}]*)\}')  # a prepare flow's parameters
 DATACLASS_FIELD = re.compile(r"\b(PrepareConfig|ProposalConfig)\.([a-z_][a-z0-9_]*)\b")
 
 
@@ -166,13 +169,18 @@ def test_config_keys_exist() -> None:
             apply_overrides(defaults, [f"{key}=0"])
         except UnknownKeyError as exc:
             bad.append(f"{doc}:{line}: {exc}")
-    classes = {"PrepareConfig": PrepareConfig, "ProposalConfig": ProposalConfig}
+    fields = {
+        name: {f.name for f in dataclasses.fields(cls)}
+        for name, cls in (("PrepareConfig", PrepareConfig), ("ProposalConfig", ProposalConfig))
+    }
     for doc in DOCS:
         for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
-            for m in DATACLASS_FIELD.finditer(text):
-                names = {f.name for f in dataclasses.fields(classes[m.group(1)])}
-                if m.group(2) not in names:
-                    bad.append(f"{_rel(doc)}:{n}: {m.group(1)} has no field {m.group(2)!r}")
+            named = [(m.group(1), m.group(2)) for m in DATACLASS_FIELD.finditer(text)]
+            for m in PREPARE_JSON.finditer(text):
+                named += [("PrepareConfig", k) for k in re.findall(r'"(\w+)"\s*:', m.group(1))]
+            for cls, key in named:
+                if key not in fields[cls]:
+                    bad.append(f"{_rel(doc)}:{n}: {cls} has no field {key!r}")
     assert not bad, "config keys the docs name but the code lacks:\n" + "\n".join(bad)
 
 
