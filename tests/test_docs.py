@@ -187,37 +187,77 @@ def test_config_keys_exist() -> None:
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_doc_covers_every_command() -> None:
     """docs/cli.md has a section with a copyable example for every `maskbank` command."""
-    import argparse
-
     from maskbank.flows.cli import build_parser
 
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     text = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
     sections = dict(re.findall(r"^## `maskbank ([a-z-]+)`\n(.*?)(?=^## |\Z)", text, re.M | re.S))
-    for command in sub.choices:
+    for command in _subparsers(build_parser()):
         assert command in sections, f"docs/cli.md has no section '## `maskbank {command}`'"
         assert f"\nmaskbank {command} " in sections[command], (
             f"docs/cli.md, `maskbank {command}`: no example command line"
         )
-    # ... and no doc names a command (or an evaluation) that does not exist.
-    (evaluations,) = [
-        a for a in sub.choices["evaluate"]._actions if isinstance(a, argparse._SubParsersAction)
-    ]
-    # in code (a fenced line or `backticks`), not the project's name in prose
-    in_code = re.compile(r"(?:^\s*|&&\s*|;\s*|`)maskbank ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?")
-    bad = []
-    for doc in DOCS:
-        fenced = False
-        for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
-            if text.startswith("```"):
-                fenced = not fenced
+
+
+def _subparsers(parser):
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def _command_lines(doc: Path) -> list[tuple[int, str]]:
+    """(line, text) of each `maskbank ...` command in a doc's code: fenced lines (with their
+    continuation lines joined) and `backticked` commands in prose."""
+    found, fenced, pending = [], False, ""
+    for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+        if text.startswith("```"):
+            fenced, pending = not fenced, ""
+            continue
+        if fenced:
+            text = pending + text.split(" #")[0]
+            if text.rstrip().endswith("\\"):
+                pending = text.rstrip()[:-1] + " "
                 continue
-            for m in in_code.finditer(text):
-                if not fenced and not m.group(0).startswith("`"):
+            pending = ""
+            for part in re.split(r"&&|;|\|", text):
+                if re.match(r"\s*(?:\$ )?maskbank ", part):
+                    found.append((n, part.strip().removeprefix("$ ")))
+        else:
+            found += [(n, m) for m in re.findall(r"`(maskbank [^`]*)`", text)]
+    return found
+
+
+def test_doc_command_lines_exist() -> None:
+    """Every `maskbank` command line in the docs names a real command and real options."""
+    from maskbank.flows.cli import build_parser
+
+    commands = _subparsers(build_parser())
+    evaluations = _subparsers(commands["evaluate"])
+    bad, seen = [], 0
+    for doc in DOCS:
+        for n, line in _command_lines(doc):
+            words = line.split()
+            name = words[1] if len(words) > 1 else ""
+            parser = commands.get(name)
+            if parser is None:
+                if re.fullmatch(r"[a-z][a-z-]*", name):
+                    bad.append(f"{_rel(doc)}:{n}: no command 'maskbank {name}'")
+                continue
+            if name == "evaluate" and len(words) > 2 and not words[2].startswith("-"):
+                kinds = re.split(r"\\?\|", words[2])  # incontext|finetune: each must exist
+                bad += [
+                    f"{_rel(doc)}:{n}: no evaluation 'maskbank evaluate {kind}'"
+                    for kind in kinds
+                    if kind not in evaluations
+                ]
+                parser = evaluations.get(kinds[0])
+                if parser is None:
                     continue
-                command, second = m.groups()
-                if command not in sub.choices:
-                    bad.append(f"{_rel(doc)}:{n}: maskbank {command}")
-                elif command == "evaluate" and second and second not in evaluations.choices:
-                    bad.append(f"{_rel(doc)}:{n}: maskbank evaluate {second}")
-    assert not bad, "the docs name commands that do not exist:\n" + "\n".join(bad)
+            options = {o for a in parser._actions for o in a.option_strings}
+            for word in words[2:]:
+                option = word.split("=")[0].strip("`[]()|,.")
+                if option.startswith("--") and option not in options:
+                    bad.append(f"{_rel(doc)}:{n}: 'maskbank {name}' has no option {option}")
+            seen += 1
+    assert seen > 30, seen  # the search finds the docs' command lines
+    assert not bad, "command lines in the docs that maskbank refuses:\n" + "\n".join(bad)
