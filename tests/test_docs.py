@@ -206,8 +206,8 @@ def _subparsers(parser):
 
 
 def _command_lines(doc: Path) -> list[tuple[int, str]]:
-    """(line, text) of each `maskbank ...` command in a doc's code: fenced lines (with their
-    continuation lines joined) and `backticked` commands in prose."""
+    """(line, text) of each `maskbank ...` (or `train/run.py ...`) command in a doc's code:
+    fenced lines (with their continuation lines joined) and `backticked` commands in prose."""
     found, fenced, pending = [], False, ""
     for n, text in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
         if text.startswith("```"):
@@ -222,14 +222,18 @@ def _command_lines(doc: Path) -> list[tuple[int, str]]:
             for part in re.split(r"&&|;|\|", text):
                 if re.match(r"\s*(?:\$ )?maskbank ", part):
                     found.append((n, part.strip().removeprefix("$ ")))
+                elif "train/run.py" in part:
+                    found.append((n, "train/run.py " + part.split("train/run.py", 1)[1]))
         else:
             found += [(n, m) for m in re.findall(r"`(maskbank [^`]*)`", text)]
     return found
 
 
 def test_doc_command_lines_exist() -> None:
-    """Every `maskbank` command line in the docs names a real command and real options."""
+    """Every `maskbank` (and `train/run.py`) command line in the docs names a real command
+    and real options."""
     from maskbank.flows.cli import build_parser
+    from maskbank.train.run import parse_args
 
     commands = _subparsers(build_parser())
     evaluations = _subparsers(commands["evaluate"])
@@ -237,6 +241,12 @@ def test_doc_command_lines_exist() -> None:
     for doc in DOCS:
         for n, line in _command_lines(doc):
             words = line.split()
+            if words[0] == "train/run.py":
+                try:
+                    parse_args(words[1:])
+                except SystemExit:
+                    bad.append(f"{_rel(doc)}:{n}: train/run.py refuses {' '.join(words[1:])}")
+                continue
             name = words[1] if len(words) > 1 else ""
             parser = commands.get(name)
             if parser is None:
