@@ -75,6 +75,7 @@ def bank_provenance(enc: PretrainedEncoder, location: str | None) -> dict[str, A
     for sid in list(rows.get("scan_id", rows.index))[:1]:
         attrs = bank.scan(sid).proposal_set_attrs(name) or {}
         out["mask_source"] = {k: v for k, v in attrs.items() if k not in _STORAGE_ATTRS}
+        out["mask_scan"] = str(sid)
     out["imported_sets"] = sorted(
         n
         for n in out["proposal_sets"]
@@ -112,12 +113,15 @@ def results_summary(dirs: list[str]) -> list[dict[str, Any]]:
             res = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ExportError(f"--results {d}: cannot read {path}: {exc}") from exc
-        rows = res.get("networks") or res.get("summary") or []
+        rows: list = []
+        for key in ("summary", "networks"):  # one row per network (and fraction / shots)
+            if isinstance(res.get(key), list) and all(isinstance(r, dict) for r in res[key]):
+                rows = res[key]
+                break
         nets = []
-        for row in rows if isinstance(rows, list) else []:
-            if not isinstance(row, dict):
-                continue
+        for row in rows:
             keep = {k: v for k, v in row.items() if isinstance(v, (int, float, str, list))}
+            keep = {k: v for k, v in keep.items() if k != "headline" and k != "datasets"}
             nets.append({k: v for k, v in keep.items() if not isinstance(v, list) or len(v) <= 2})
         out.append(
             {
@@ -208,8 +212,10 @@ def model_card(
         lines.append(f"- proposal sets in the bank: `{json.dumps(p.get('proposal_sets'))}`")
         if engine:
             params = {k: v for k, v in engine.items() if k != "version"}
-            lines += ["", "Generator parameters (as the bank stores them):", "", "```json",
-                      json.dumps(params, indent=1, default=str), "```"]  # fmt: skip
+            where = f" with scan `{p['mask_scan']}`" if p.get("mask_scan") else ""
+            lines += ["", f"Generator parameters (as the bank stores them{where}):", "", "```"]
+            lines += [f"{k}: {json.dumps(v, default=str)}" for k, v in params.items()]
+            lines.append("```")
     else:
         why = p.get("error", "the checkpoint names no bank")
         lines.append(f"- generators and parameters: {NOT_RECORDED} (bank {p.get('location')} "
@@ -302,6 +308,12 @@ def training_record(enc: PretrainedEncoder) -> dict[str, Any]:
             except ValueError:
                 continue
         step_s = [float(r["step_s"]) for r in rows if isinstance(r.get("step_s"), (int, float))]
+        gpu = [
+            float(r["gpu_mem_gb"]) for r in rows if isinstance(r.get("gpu_mem_gb"), (int, float))
+        ]
+        if device is None and rows:  # the trainer logs GPU memory on CUDA devices only
+            device = f"GPU (peak {max(gpu):.1f} GiB allocated)" if gpu else "CPU"
+            out["hardware"] = f"{world or 1} rank(s) on {device}"
         if step_s and enc.step:
             mean = sum(step_s) / len(step_s)
             out["time"] = (
