@@ -17,15 +17,27 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from maskbank.bank import Bank
-from maskbank.bank.writing import resolve_location
+from maskbank.bank.errors import NotABankError, StaleScanError
+from maskbank.bank.writing import record_scan_attrs, resolve_location, scan_token_of
 from maskbank.flows.inputs import ScanInput, collect_inputs
 from maskbank.flows.per_scan import (
     Cluster,
     RunClock,
     ScanOutcome,
+    open_bank,
     per_scan_task,
+    run_report,
     run_scans,
     seconds_since,
+)
+from maskbank.flows.planning import (
+    CHANGED,
+    DONE,
+    NEW,
+    plan_prepare,
+    proposals_up_to_date,
+    propose_cost_s,
+    source_stat,
 )
 from maskbank.pipeline.config import PrepareConfig
 from maskbank.pipeline.errors import ScanError
@@ -84,15 +96,27 @@ def _why_redo(old: dict | None, new: dict, image: str, scan_id: str) -> str | No
 
 @per_scan_task("prepare")
 def prepare_one(
-    scan_id: str, item: dict, bank: str, config: dict, proposals: dict | None = None
+    scan_id: str,
+    item: dict,
+    bank: str,
+    config: dict,
+    proposals: dict | None = None,
+    stat: dict | None = None,
+    new: bool = False,
+    proposals_only: bool = False,
 ) -> ScanOutcome:
     """Prepare one scan and publish it; skip it when the bank already holds this exact result.
 
     With ``proposals`` (a ``ProposalConfig.to_dict()``) the same task then makes the
-    scan's mask proposals, which are skipped in turn when already up to date.
+    scan's mask proposals, which are skipped in turn when already up to date;
+    ``proposals_only``: the plan found the scan itself done, only its proposals are work.
     """
     t0 = time.perf_counter()
-    outcome = prepare_record(scan_id, item, bank, config)
+    if proposals_only:
+        scan = ScanInput.from_dict(item)
+        outcome = _outcome(scan, "skipped", t0, reason=SKIPPED)
+    else:
+        outcome = prepare_record(scan_id, item, bank, config, stat, new)
     if proposals is None or outcome.status == "failed":
         return outcome
     return replace(with_proposals(outcome, bank, proposals), seconds=seconds_since(t0))
@@ -104,8 +128,11 @@ def with_proposals(outcome: ScanOutcome, bank: str, proposals: dict) -> ScanOutc
     from maskbank.pipeline.proposals.engine import ProposalConfig
 
     cfg = ProposalConfig.from_dict(proposals)
+    store = open_bank(bank)
+    if outcome.scan_id not in store:
+        store.refresh()
     try:
-        made = propose_scan(Bank.open(bank, mode="a"), outcome.scan_id, cfg)
+        made = propose_scan(store, outcome.scan_id, cfg)
     except ValueError as exc:  # an unusable scan for proposals (e.g. no structure at all)
         return replace(outcome, status="failed", reason=f"proposals: {exc}")
     return outcome.with_details(
@@ -115,8 +142,24 @@ def with_proposals(outcome: ScanOutcome, bank: str, proposals: dict) -> ScanOutc
     )
 
 
-def prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> ScanOutcome:
-    """Prepare and publish one scan (a `ScanInput.to_dict()`) unless the bank holds it already."""
+SKIPPED = "already in the bank (same source, config)"
+
+
+def prepare_record(
+    scan_id: str,
+    item: dict,
+    bank: str,
+    config: dict,
+    stat: dict | None = None,
+    new: bool = False,
+) -> ScanOutcome:
+    """Prepare and publish one scan (a `ScanInput.to_dict()`) unless the bank holds it already.
+
+    ``stat`` (`planning.source_stat`, taken before the files are read) is recorded with
+    the scan. ``new``: the plan found no scan under this id, so the source is hashed as it
+    is read instead of before; otherwise it is hashed first and compared with the stored
+    scan (equal content and settings: skipped, the new size/mtime recorded).
+    """
     t0 = time.perf_counter()
     scan = ScanInput.from_dict(item)
     cfg = PrepareConfig.from_dict(config)
@@ -128,35 +171,37 @@ def prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> ScanOut
         for path, what in ((scan.image, "image"), (scan.label, "label"), (names, "label names")):
             if path and not os.path.exists(path):
                 raise ScanError(path, f"{what} file not found")
-        wanted = {
-            "source_sha256": sha256_of(scan.image),
-            "label_sha256": sha256_of(scan.label) if scan.label else None,
-            "label_names_sha256": sha256_of(names) if names else None,
-            "fingerprint": cfg.fingerprint(),
-            "dataset": dataset,
-            "metadata": scan.metadata or {},
-        }
-        store = Bank.open(bank, mode="a")
-        skipped = "already in the bank (same source, config)"
-        # Cheap check first (most re-runs skip); checked again under the scan's lock below.
-        why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
-        if why is None:
-            return _outcome(scan, "skipped", t0, reason=skipped)
+        if stat is None:
+            stat = source_stat(scan, keep_paths=cfg.id_from != "hash")
+        store = open_bank(bank)
+        wanted = None
+        if not new:
+            wanted = _wanted(scan, cfg, dataset, names, sha256_of(scan.image))
+            # Cheap check first (most re-runs skip); checked again under the scan's lock below.
+            old = _existing_attrs(store, scan_id)
+            if _why_redo(old, wanted, scan.image, scan_id) is None:
+                return _outcome(scan, "skipped", t0, reason=_kept(store, scan_id, old, stat))
         prepared = prepare_scan(
             scan.image,
             scan.label,
             config=cfg,
             dataset=dataset,
-            source_sha256=wanted["source_sha256"],
+            source_sha256=wanted["source_sha256"] if wanted else None,
             label_names=names,
             metadata=scan.metadata,
         )
+        prepared.attrs["source_stat"] = stat
+        if wanted is None:
+            wanted = _wanted(scan, cfg, dataset, names, prepared.attrs["source_sha256"])
+            wanted["label_sha256"] = prepared.attrs.get("label_sha256")
         with store.scan_lock(scan_id):
             # Another task or run may have written this id while we prepared (same file:
             # keep it and its proposals; another file: refuse, as above).
-            why = _why_redo(_existing_attrs(store, scan_id), wanted, scan.image, scan_id)
+            old = _existing_attrs(store, scan_id)
+            why = _why_redo(old, wanted, scan.image, scan_id)
             if why is None:
-                return _outcome(scan, "skipped", t0, reason=f"{skipped} (written concurrently)")
+                reason = f"{SKIPPED} (written concurrently)"
+                return _outcome(scan, "skipped", t0, reason=reason)
             store.write_scan(scan_id, prepared.arrays(), prepared.attrs)
         return _outcome(
             scan,
@@ -168,6 +213,36 @@ def prepare_record(scan_id: str, item: dict, bank: str, config: dict) -> ScanOut
         )
     except ScanError as exc:
         return _outcome(scan, "failed", t0, reason=exc.reason, file=exc.path)
+
+
+def _wanted(
+    scan: ScanInput, cfg: PrepareConfig, dataset: str, names: str | None, source_sha256: str
+) -> dict:
+    """What the stored scan must match to be kept."""
+    return {
+        "source_sha256": source_sha256,
+        "label_sha256": sha256_of(scan.label) if scan.label else None,
+        "label_names_sha256": sha256_of(names) if names else None,
+        "fingerprint": cfg.fingerprint(),
+        "dataset": dataset,
+        "metadata": scan.metadata or {},
+    }
+
+
+def _kept(store: Bank, scan_id: str, old: dict | None, stat: dict) -> str:
+    """The reason of a skip after hashing; records the inputs' size/mtime with the scan
+    where the bank can, so the next run skips it without reading the files."""
+    if (old or {}).get("source_stat") == stat:
+        return SKIPPED
+    try:
+        recorded = record_scan_attrs(
+            store, scan_id, {"source_stat": stat}, scan_token=scan_token_of(old or {})
+        )
+    except StaleScanError:  # rewritten meanwhile: the next run looks again
+        recorded = False
+    if not recorded:  # an object store: the next run hashes it again
+        return f"{SKIPPED}; content unchanged"
+    return f"{SKIPPED}; content unchanged, size/mtime recorded"
 
 
 # Fields that name files, folders or hosts (patient identifiers hide in paths).
@@ -235,31 +310,38 @@ def prepare_bank(
     progress: bool = True,
     proposals: dict | None = None,
     label_names: str | None = None,
+    batch: int | None = None,
+    rehash: bool = False,
+    dry_run: bool = False,
 ) -> dict:
     """Prepare every scan found in `inputs` into the bank at `bank`; return the run report.
 
     `config` is a `PrepareConfig.to_dict()` (defaults when None); `proposals` a
     `ProposalConfig.to_dict()` to make proposals in the same tasks; `label_names` a
-    names file for every labelled scan whose manifest row names none. The report is also
-    stored in the bank (reports/prepare-<time>.json); its path is `report["report_path"]`.
+    names file for every labelled scan whose manifest row names none. The run is
+    planned first (`flows.planning`): only new and changed scans become work, in
+    batches of `batch` scans (default: by estimated cost); `rehash` compares every
+    source's SHA-256, not only those whose size or mtime changed; `dry_run` returns the
+    plan (``report["plan"]``) without running anything. The report is also stored in
+    the bank (reports/prepare-<time>.json); its path is `report["report_path"]`.
     """
     logger = get_run_logger()
     clock = RunClock()
     cfg = PrepareConfig.from_dict(config or {})
     scans = collect_inputs(list(inputs), dataset, label_names, cfg.id_from)
-    store = Bank.create(bank)  # also finishes/undoes writes a killed run left behind
     bank_path = resolve_location(bank)  # a URL stays as it is
-    logger.info("preparing %d scans into %s", len(scans), bank_path)
-    params = {
-        s.scan_id: {
-            "scan_id": s.scan_id,
-            "item": s.to_dict(),
-            "bank": bank_path,
-            "config": cfg.to_dict(),
-            "proposals": proposals,
-        }
-        for s in scans
-    }
+    store = _open_for_plan(bank, dry_run)
+    rows = store.index_rows if store is not None else {}
+    plan = plan_prepare(
+        scans, rows, cfg.fingerprint(), rehash=rehash, keep_paths=cfg.id_from != "hash"
+    )
+    done_proposals: dict[str, int] = {}
+    if proposals is not None and store is not None and plan.of(DONE):
+        from maskbank.pipeline.proposals.engine import ProposalConfig
+
+        fingerprint = ProposalConfig.from_dict(proposals).fingerprint()
+        done = [i.scan.scan_id for i in plan.of(DONE)]
+        done_proposals = proposals_up_to_date(store, done, fingerprint)
     settings = {
         "config": cfg.to_dict(),
         "fingerprint": cfg.fingerprint(),
@@ -267,12 +349,42 @@ def prepare_bank(
         "workers": workers,
         "dask_address": dask_address,
         "label_names": label_names,
+        "plan": plan.counts(),
     }
+    if dry_run:
+        report = run_report("prepare", bank_path, clock, settings, [])
+        report["plan"] = plan.to_json()
+        report["plan"]["proposals_work"] = (
+            len(plan.work) + len(plan.of(DONE)) - len(done_proposals) if proposals else None
+        )
+        report["dry_run"] = True
+        return report
+    logger.info("preparing %d scans into %s: %s", len(scans), bank_path, _plan_words(plan.counts()))
+    params, costs, planned = {}, {}, []
+    for item in plan.items:
+        s = item.scan
+        if item.category == DONE and (proposals is None or s.scan_id in done_proposals):
+            details = {"n_proposals": done_proposals[s.scan_id]} if proposals else {}
+            if proposals:
+                details["proposals"] = "skipped"
+            planned.append(_planned_skip(s, **details))
+            continue
+        params[s.scan_id] = {
+            "scan_id": s.scan_id,
+            "item": s.to_dict(),
+            "bank": bank_path,
+            "config": cfg.to_dict(),
+            "proposals": proposals,
+            "stat": item.stat,
+            "new": item.category == NEW,
+            "proposals_only": item.category == DONE,
+        }
+        costs[s.scan_id] = item.cost_s + (propose_cost_s(rows.get(s.scan_id)) if proposals else 0.0)
     report = run_scans(
         "prepare",
         prepare_one,
         params,
-        store,
+        store or Bank.create(bank),
         bank_path=bank_path,
         cluster=Cluster(workers, dask_address, processes),
         settings=settings,
@@ -283,9 +395,15 @@ def prepare_bank(
         },
         # a shared report names no file or folder either
         redact=(lambda r: redact_names(r, scans)) if cfg.id_from == "hash" else None,
+        costs=costs,
+        batch=batch,
+        planned=planned,
+        order=[s.scan_id for s in scans],
     )
     logger.info("prepare done: %s; report %s", report["counts"], report["report_path"])
-    report["label_name_conflicts"] = label_name_conflicts(bank_path, {s.dataset for s in scans})
+    # datasets this run wrote labels to (a run that wrote none cannot add a disagreement)
+    written = {s.dataset for s in scans if s.scan_id in params and s.label}
+    report["label_name_conflicts"] = label_name_conflicts(bank_path, written) if written else []
     for message in report["label_name_conflicts"]:
         print(
             f"warning: label names disagree, {message}; evaluation will refuse this dataset "
@@ -296,3 +414,25 @@ def prepare_bank(
         if r["status"] == "failed":
             logger.info("failed %s (%s): %s", r["scan_id"], r.get("file"), r["reason"])
     return report
+
+
+def _open_for_plan(bank: str, dry_run: bool) -> Bank | None:
+    """The bank to plan against: created (and recovered) for a run; for a dry run only
+    opened, and None where there is none yet (every input is then new)."""
+    if not dry_run:
+        return Bank.create(bank)  # also finishes/undoes writes a killed run left behind
+    try:
+        return Bank.open(bank)
+    except NotABankError:
+        return None
+
+
+def _planned_skip(scan: ScanInput, **details) -> ScanOutcome:
+    """The report row of a scan the plan found done: no task ran, no file was read."""
+    reason = f"{SKIPPED}; size/mtime unchanged"
+    details = {"image": scan.image, "label": scan.label, **details}
+    return ScanOutcome(scan.scan_id, "skipped", reason, 0.0, details=details)
+
+
+def _plan_words(counts: dict[str, int]) -> str:
+    return ", ".join(f"{counts[k]} {k}" for k in (NEW, CHANGED, DONE))

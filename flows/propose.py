@@ -1,10 +1,11 @@
-"""The `propose_bank` Prefect flow: mask proposals for every scan of a bank, one Dask task each.
+"""The `propose_bank` Prefect flow: mask proposals for every scan of a bank, in batches on Dask.
 
-Each task reads one scan's image and body from the bank, runs
-`pipeline.proposals.engine.generate_proposals` and publishes the proposals part
-atomically.  A scan whose stored proposals were made with the same config
-fingerprint from the same scan version is skipped, so re-runs are cheap and a
-changed option redoes every scan.
+The run is planned first: a scan whose stored proposals were made with the same config
+fingerprint from the same scan version is done without a task, so re-runs are cheap
+and a changed option redoes every scan. Each remaining scan reads its image and body
+from the bank, runs `pipeline.proposals.engine.generate_proposals` and publishes the
+proposals part atomically; scans run in batches (`flows.per_scan`), each with its own
+outcome.
 """
 
 from __future__ import annotations
@@ -24,25 +25,21 @@ from maskbank.flows.per_scan import (
     Cluster,
     RunClock,
     ScanOutcome,
+    open_bank,
     per_scan_task,
+    run_report,
     run_scans,
     seconds_since,
 )
+from maskbank.flows.planning import proposals_up_to_date, propose_cost_s, scan_version
 from maskbank.pipeline.normalize import invert_normalization
 from maskbank.pipeline.proposals.budget import fit_byte_budget, longest_report
 from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
 
+__all__ = ["propose_bank", "propose_one", "propose_scan", "raw_image", "scan_version"]
+
 # A scan rewritten while its proposals were made: make them again from the new version.
 STALE_RETRIES = 2
-
-
-def scan_version(scan: Any) -> str:
-    """What the proposals derive from: source hash, prepare fingerprint, write time and token."""
-    a = scan.attrs
-    bits = [a.get("source_sha256"), a.get("fingerprint"), scan.info.get("written_at")]
-    if scan.info.get("token"):
-        bits.append(scan.info["token"])
-    return "|".join(str(x) for x in bits)
 
 
 def raw_image(scan: Any) -> np.ndarray:
@@ -86,10 +83,8 @@ def _propose_once(
         and old.get("fingerprint") == cfg.fingerprint()
         and old.get("scan_version") == version
     ):
-        reason = "proposals up to date (same config and scan)"
-        return ScanOutcome(
-            scan_id, "skipped", reason, details={"n_proposals": int(old.get("n_proposals", 0))}
-        )
+        n = int(old.get("n_proposals", 0))
+        return ScanOutcome(scan_id, "skipped", UP_TO_DATE, details={"n_proposals": n})
     body = np.asarray(scan.read("body"), dtype=bool) if scan.has("body") else None
     image = raw_image(scan)
     if body is None:
@@ -127,9 +122,14 @@ def _propose_once(
 def propose_one(
     scan_id: str, bank: str, config: dict, force: bool = False, name: str = "default"
 ) -> ScanOutcome:
-    """One Dask task: proposals for one scan."""
-    store = Bank.open(bank, mode="a")
+    """One scan's proposals (the scans of a batch share one open bank)."""
+    store = open_bank(bank)
+    if scan_id not in store:  # written after this batch's bank was opened
+        store.refresh()
     return propose_scan(store, scan_id, ProposalConfig.from_dict(config), force, name)
+
+
+UP_TO_DATE = "proposals up to date (same config and scan)"
 
 
 @flow(name="propose-bank", validate_parameters=True)
@@ -143,8 +143,16 @@ def propose_bank(
     force: bool = False,
     progress: bool = True,
     name: str = "default",
+    batch: int | None = None,
+    dry_run: bool = False,
 ) -> dict:
-    """Make proposals (set ``name``) for the scans of a bank; return (and store) the report."""
+    """Make proposals (set ``name``) for the scans of a bank; return (and store) the report.
+
+    Planned first: scans whose set was made with this config from the scan as stored
+    now are done without a task (`planning.proposals_up_to_date`); the rest run in
+    batches of ``batch`` scans (default: by estimated cost). ``dry_run`` returns the
+    plan (``report["plan"]``) and runs nothing.
+    """
     logger = get_run_logger()
     clock = RunClock()
     cfg = ProposalConfig.from_dict(config or {})
@@ -154,10 +162,31 @@ def propose_bank(
     if missing:
         raise ValueError(f"scans not in the bank: {missing}")
     bank_path = resolve_location(bank)  # a URL stays as it is
+    done = {} if force else proposals_up_to_date(store, ids, cfg.fingerprint(), name)
+    rows = store.index_rows
+    plan = {"counts": {"work": len(ids) - len(done), "done": len(done)}}
+    settings = {
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.fingerprint(),
+        "name": name,
+        "plan": plan["counts"],
+    }
+    if dry_run:
+        report = run_report("propose", bank_path, clock, settings, [])
+        plan["work"] = [s for s in ids if s not in done]
+        return {**report, "plan": plan, "dry_run": True}
+    logger.info(
+        "proposals for %d scans: %d to make, %d up to date", len(ids), *plan["counts"].values()
+    )
     params = {
         s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force, "name": name}
         for s in ids
+        if s not in done
     }
+    planned = [
+        ScanOutcome(s, "skipped", UP_TO_DATE, 0.0, details={"n_proposals": n})
+        for s, n in done.items()
+    ]
     report = run_scans(
         "propose",
         propose_one,
@@ -165,9 +194,13 @@ def propose_bank(
         store,
         bank_path=bank_path,
         cluster=Cluster(workers, dask_address, processes),
-        settings={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "name": name},
+        settings=settings,
         clock=clock,
         progress=progress,
+        costs={s: propose_cost_s(rows.get(s)) for s in params},
+        batch=batch,
+        planned=planned,
+        order=ids,
     )
     logger.info("propose done: %s", report["counts"])
     return report

@@ -169,3 +169,23 @@ def redacted_argv(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def add_planning_options(p: argparse.ArgumentParser, rehash: bool = True) -> None:
+    """``--batch N`` and (with ``rehash``) ``--rehash``: how a run plans and groups its work."""
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="scans per Dask task (default: by estimated cost, tens of seconds of work "
+        "each; every scan still gets its own outcome, retries and report row)",
+    )
+    if rehash:
+        p.add_argument(
+            "--rehash",
+            action="store_true",
+            help="compare the SHA-256 of every source with the bank's, not only of those "
+            "whose size or modification time changed (a content change that keeps both "
+            "is caught only this way; reads every file)",
+        )

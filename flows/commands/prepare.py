@@ -10,6 +10,7 @@ import sys
 from maskbank.flows.commands._prefect_env import apply_cli_defaults
 from maskbank.flows.commands.options import (
     add_cluster_options,
+    add_planning_options,
     add_run_output_options,
     add_storage_options,
     cluster_kwargs,
@@ -35,9 +36,14 @@ A folder holding several DICOM series is refused unless a manifest's dicom_serie
 column names one. Each scan's peak memory is estimated from its header and a scan
 over --max-scan-memory fails alone, with the estimate in its reason.
 
-Scans already in the bank with the same source SHA-256 and the same settings are
-skipped, so re-running after a crash or on a grown folder only does the new work;
-a changed setting (e.g. --spacing) redoes the scans it affects.
+The run is planned before any task starts: a scan already in the bank whose files
+have the size and modification time recorded with it, under the same path and with
+the same settings, is done without being read; one whose size or time changed is
+hashed (SHA-256) and redone only if its content changed. Re-running after a crash or
+on a grown folder therefore only does the new work; a changed setting (e.g.
+--spacing) redoes the scans it affects. --rehash hashes every file (a content change
+that keeps size and time is caught only then). Work runs in batches of scans per
+Dask task (--batch), each scan with its own outcome.
 """
 
 EPILOG = """\
@@ -112,10 +118,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "dataset name or a path stored in the bank",
     )
     add_cluster_options(p)
+    add_planning_options(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="list the scans found (id, image, label, dataset) and stop; nothing is written",
+        help="print the plan (which scans are new, changed or done, and why) and stop; "
+        "nothing is read but file sizes and times, nothing is written, no task starts",
     )
     add_run_output_options(p)
     p.add_argument(
@@ -150,15 +158,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskbank prepare: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from maskbank.flows.report import table
-
-        rows = [
-            [s.scan_id, s.image, s.label or "", s.dataset, s.modality or args.modality]
-            for s in scans
-        ]
-        print(table(["scan", "image", "label", "dataset", "modality"], rows))
-        print(f"\n{len(scans)} scans would be prepared into {args.bank} (dry run)")
-        return 0
+        return _dry_run(args, scans, spacing, budget)
     from maskbank.bank import Bank, BankError
 
     try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             proposals=proposals,
             label_names=label_names,
+            batch=args.batch,
+            rehash=args.rehash,
             **cluster_kwargs(args),
         )
     from maskbank.flows.report import format_prepare_report
@@ -197,3 +199,61 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_prepare_report(report))
     return 1 if report["counts"].get("failed") else 0
+
+
+#: Rows of work a dry run lists (the counts cover every scan).
+DRY_RUN_ROWS = 200
+
+
+def _dry_run(args: argparse.Namespace, scans: list, spacing, budget) -> int:
+    """Plan in plain code (no Prefect, no file read but its size and time) and print it."""
+    from maskbank.bank import Bank, BankError, NotABankError
+    from maskbank.flows.planning import plan_prepare
+    from maskbank.flows.report import table
+    from maskbank.pipeline.config import PrepareConfig
+
+    config = PrepareConfig(
+        spacing=spacing, modality=args.modality, max_scan_memory=budget, id_from=args.id_from
+    )
+    try:
+        rows = Bank.open(args.bank).index_rows
+    except NotABankError:
+        rows = {}  # no bank yet: everything is new
+    except BankError as exc:
+        print(f"maskbank prepare: error: --bank {args.bank}: {exc}", file=sys.stderr)
+        return 2
+    plan = plan_prepare(
+        scans,
+        rows,
+        config.fingerprint(),
+        rehash=args.rehash,
+        keep_paths=args.id_from != "hash",
+    )
+    work = plan.work
+    if args.json:
+        print(json.dumps({"dry_run": True, "bank": args.bank, "plan": plan.to_json()}, indent=1))
+        return 0
+    if work:
+        lines = [
+            [
+                i.scan.scan_id,
+                i.category,
+                i.reason or "",
+                i.scan.image,
+                i.scan.label or "",
+                i.scan.dataset or "",
+                i.scan.modality or args.modality,
+            ]
+            for i in work[:DRY_RUN_ROWS]
+        ]
+        print(table(["scan", "plan", "why", "image", "label", "dataset", "modality"], lines))
+        if len(work) > DRY_RUN_ROWS:
+            print(f"... and {len(work) - DRY_RUN_ROWS} more")
+    c = plan.counts()
+    print(
+        f"\nplan: {c['new']} new, {c['changed']} changed, {c['done']} done: "
+        f"{len(work)} scans would be prepared into {args.bank} (dry run)"
+    )
+    for reason, n in plan.reasons().items():
+        print(f"  changed: {n} x {reason}")
+    return 0

@@ -9,6 +9,7 @@ import sys
 from maskbank.flows.commands._prefect_env import apply_cli_defaults
 from maskbank.flows.commands.options import (
     add_cluster_options,
+    add_planning_options,
     add_run_output_options,
     add_scan_selection,
     add_storage_options,
@@ -132,6 +133,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="redo scans that are up to date (with --import: allow --name default)",
     )
+    add_planning_options(p, rehash=False)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print how many scans have up-to-date proposals and which would be made, "
+        "and stop (reads two small attribute files per scan; no task starts)",
+    )
     add_run_output_options(p)
     return p
 
@@ -161,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     opened = open_bank_scans("maskbank propose", args.bank, args.scans)
     if opened is None:
         return 2
-    _store, ids = opened
+    store, ids = opened
+    if args.dry_run and args.import_from is None:
+        return _dry_run(args, store, ids, cfg, name)
     apply_cli_defaults(args.verbose)
     from maskbank.flows.report import format_propose_report
 
@@ -176,10 +186,32 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
         name=name,
+        batch=args.batch,
         **cluster_kwargs(args),
     )
     print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
     return 1 if report["counts"].get("failed") else 0
+
+
+def _dry_run(args: argparse.Namespace, store, ids: list[str] | None, cfg, name: str) -> int:
+    """The proposals plan in plain code: which scans are up to date, which are work."""
+    from maskbank.flows.planning import proposals_up_to_date
+
+    ids = list(ids) if ids else store.scan_ids
+    done = {} if args.force else proposals_up_to_date(store, ids, cfg.fingerprint(), name)
+    work = [s for s in ids if s not in done]
+    if args.json:
+        plan = {"counts": {"work": len(work), "done": len(done)}, "work": work}
+        print(json.dumps({"dry_run": True, "bank": args.bank, "plan": plan}, indent=1))
+        return 0
+    shown = ", ".join(work[:20]) + (f", ... ({len(work) - 20} more)" if len(work) > 20 else "")
+    if work:
+        print(f"to make: {shown}")
+    print(
+        f"plan: {len(work)} scans need proposals set {name!r}, {len(done)} are up to date "
+        f"(dry run, bank {args.bank})"
+    )
+    return 0
 
 
 def _run_import(args: argparse.Namespace, ids: list[str] | None, name: str) -> int:

@@ -137,18 +137,22 @@ def test_bad_inputs_fail_alone(prefect_api: str, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_io_errors_are_retried_then_reported(prefect_api: str, tmp_path: Path) -> None:
-    """Reading /proc/self/mem raises a real EIO: retried by Prefect, then one failed record."""
+    """Reading /proc/self/mem raises a real EIO: retried within its batch, then one failed
+    record. The scan is in the bank already and its file changed (now the symlink), so the
+    run hashes it before anything else reads it."""
     from maskbank.flows.per_scan import RETRY_DELAYS_S, TASK_RETRIES
     from maskbank.flows.prepare import prepare_bank
 
     write_phantom(tmp_path / "in", "fine", seed=1)
-    (tmp_path / "in" / "flaky.nii.gz").symlink_to("/proc/self/mem")
+    write_phantom(tmp_path / "in", "flaky", seed=2)
     (tmp_path / "in" / "m.csv").write_text("image\nflaky.nii.gz\nfine.nii.gz\n")
-    report = prepare_bank(
-        [str(tmp_path / "in" / "m.csv")], str(tmp_path / "bank"), CONFIG, progress=False
-    )
+    args = ([str(tmp_path / "in" / "m.csv")], str(tmp_path / "bank"), CONFIG)
+    assert prepare_bank(*args, progress=False)["counts"]["ok"] == 2
+    (tmp_path / "in" / "flaky.nii.gz").unlink()
+    (tmp_path / "in" / "flaky.nii.gz").symlink_to("/proc/self/mem")
+    report = prepare_bank(*args, progress=False)
     by_id = {r["scan_id"]: r for r in report["scans"]}
-    assert by_id["fine"]["status"] == "ok"
+    assert by_id["fine"]["status"] == "skipped"
     flaky = by_id["flaky"]
     assert flaky["status"] == "failed"
     assert "Input/output error" in flaky["reason"]
