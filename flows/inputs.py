@@ -109,20 +109,21 @@ def discover_folder(folder: Path, dataset: str | None) -> list[dict]:
                 continue
             (labels if _is_label_name(path) else images).append(path)
     rows = []
+    by_stem: dict[tuple[Path, str], dict] = {}  # (folder, stem) -> row: no scan of all rows
     for img in images:
-        rows.append({"image": str(img), "label": None, "modality": None, "dataset": dataset})
+        row = {"image": str(img), "label": None, "modality": None, "dataset": dataset}
+        rows.append(row)
+        by_stem.setdefault((img.parent, image_stem(img)), row)
     for lab in labels:
         lab_stem = image_stem(lab)
-        candidates = [
-            r
-            for r in rows
-            if Path(r["image"]).parent == lab.parent
-            and lab_stem.startswith(image_stem(r["image"]) + "_")
-        ]
-        if candidates:
-            best = max(candidates, key=lambda r: len(image_stem(r["image"])))
-            if best["label"] is None:
-                best["label"] = str(lab)
+        # the scans whose stem + "_" starts the label's stem, longest first
+        cuts = [i for i, ch in enumerate(lab_stem) if ch == "_"]
+        for cut in reversed(cuts):
+            best = by_stem.get((lab.parent, lab_stem[:cut]))
+            if best is not None:
+                if best["label"] is None:
+                    best["label"] = str(lab)
+                break
     return rows
 
 
