@@ -94,6 +94,9 @@ class OpenScan(NamedTuple):
 class PairStream(IterableDataset):
     """IterableDataset of ready batches (dicts of tensors) from a bank.
 
+    ``cfg`` is the training config's ``data`` section (``DataConfig``, validated when built:
+    K <= 23 among others); the stream reads its sampler knobs and ignores the loader's.
+
     Each batch holds, for ``n = batch_size`` pairs and ``S = crop + 2 * margin``:
     ``ref_image``/``query_image`` float32 (n,1,S,S,S); ``ref_bits``/``query_bits``
     int32 (n,1,S,S,S) with bit k = proposal k (k < K) and bit K = the all-ones
