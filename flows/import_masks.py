@@ -22,6 +22,7 @@ from maskbank.flows.per_scan import (
     Cluster,
     RunClock,
     ScanOutcome,
+    open_bank,
     per_scan_task,
     run_scans,
     seconds_since,
@@ -114,7 +115,7 @@ def import_scan(store: Bank, scan_id: str, path: str | None, name: str) -> ScanO
 @per_scan_task("import")
 def import_one(scan_id: str, bank: str, path: str | None, name: str) -> ScanOutcome:
     """One Dask task: one scan's imported masks."""
-    return import_scan(Bank.open(bank, mode="a"), scan_id, path, name)
+    return import_scan(open_bank(bank), scan_id, path, name)  # one open per batch
 
 
 @flow(name="import-masks", validate_parameters=True)

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect_dask import DaskTaskRunner
 
 from maskbank.bank import Bank
 from maskbank.pipeline.errors import ScanError
@@ -149,7 +147,10 @@ class Cluster:
     def threads_per_task(self) -> int:
         return max(1, (os.cpu_count() or 1) // max(1, int(self.workers)))
 
-    def task_runner(self) -> DaskTaskRunner:
+    def task_runner(self) -> Any:
+        """A DaskTaskRunner (imported here: a run with no work never loads Dask)."""
+        from prefect_dask import DaskTaskRunner
+
         # The scheduler and workers of a local cluster log every connection at INFO.
         logging.getLogger("distributed").setLevel(logging.WARNING)
         if self.dask_address:
@@ -175,6 +176,8 @@ class Cluster:
         if self.dask_address or self.processes:  # other processes: OMP_NUM_THREADS, above
             yield
             return
+        import torch
+
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads_per_task)
         try:

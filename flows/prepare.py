@@ -42,7 +42,6 @@ from maskbank.flows.planning import (
 from maskbank.pipeline.config import PrepareConfig
 from maskbank.pipeline.errors import ScanError
 from maskbank.pipeline.label_names import name_conflicts
-from maskbank.pipeline.prepare import prepare_scan
 from maskbank.pipeline.reader import sha256_of
 
 
@@ -160,6 +159,8 @@ def prepare_record(
     is read instead of before; otherwise it is hashed first and compared with the stored
     scan (equal content and settings: skipped, the new size/mtime recorded).
     """
+    from maskbank.pipeline.prepare import prepare_scan  # here: a run with no work never loads it
+
     t0 = time.perf_counter()
     scan = ScanInput.from_dict(item)
     cfg = PrepareConfig.from_dict(config)
