@@ -105,6 +105,11 @@ class Backend:
     def delete(self, scan_id: str) -> None:
         raise NotImplementedError
 
+    def record_attrs(self, scan_id: str, attrs: dict, scan_token: str | None) -> bool:
+        """Merge a writer's records into a published scan's attributes, in place; False
+        where published versions are immutable (the caller rewrites the scan instead)."""
+        raise NotImplementedError
+
     def scan_lock(self, scan_id: str) -> contextlib.AbstractContextManager[None]:
         """One scan's write lock (re-entrant in a thread); a no-op where there are no locks."""
         return contextlib.nullcontext()

@@ -9,6 +9,7 @@ rows. Format and guarantees: docs/bank-format.md ("Writing", "Shared banks").
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from datetime import UTC, datetime
@@ -174,6 +175,18 @@ class LocalBackend(Backend):
                 os.rename(target, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             self.publish_row(scan_id, None)
+
+    def record_attrs(self, scan_id: str, attrs: dict, scan_token: str | None) -> bool:
+        """The scan group's zarr.json replaced atomically under the scan's lock."""
+        with self.scan_lock(scan_id):
+            path = self.root / part_path(scan_id, None) / "zarr.json"
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            current = scan_token_of(doc.get("attributes") or {})
+            check_scan_token(self.location, scan_id, "record", scan_token, current)
+            doc.setdefault("attributes", {}).update(attrs)
+            atomic_write_text(path, json.dumps(doc, indent=2))
+            self.publish_row(scan_id, self.row_for(scan_id))
+        return True
 
     def scan_lock(self, scan_id: str) -> contextlib.AbstractContextManager[None]:
         return file_lock(_publish.scan_lock_path(self.root, scan_id))

@@ -242,6 +242,9 @@ class ObjectStoreBackend(Backend):
         if legacy:  # a plain folder (copied from disk): unlisted now, so its objects can go
             _obj.remove(fs, root, part_path(scan_id, None))
 
+    def record_attrs(self, scan_id: str, attrs: dict, scan_token: str | None) -> bool:
+        return False  # a version's objects are never modified after it is written
+
     def recover(self, grace_s: float | None) -> list[str]:
         """Remove leftovers older than ``grace_s`` (default ``object_store.GRACE_S``) and
         replaced rows; refresh a lagging index.json."""
