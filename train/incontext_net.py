@@ -82,6 +82,7 @@ PRESETS: dict[str, NetSpec] = {
         enc_blocks=(1, 1, 2, 2, 2),
         token_levels=(2, 3, 4),
         readout="propagation",
+        readout_level=3,  # 12^3 positions at crop 96 (level 2: 24^3, a 14k x 14k affinity)
     ),
     # The published size: channels 32-512, ~120 M parameters.
     "base": NetSpec(
@@ -91,6 +92,7 @@ PRESETS: dict[str, NetSpec] = {
         token_levels=(2, 3, 4),
         n_query_tokens=10,
         readout="propagation",
+        readout_level=3,  # 16^3 positions at crop 128, a 4k x 4k affinity per sample
     ),
 }
 # nnU-Net's residual encoder under the same in-context network (task encoding, decoder,
