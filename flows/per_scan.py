@@ -190,8 +190,11 @@ class Cluster:
 #: Prefect's cost per task stays small next to it, and the Prefect database grows by one
 #: task run per batch); ``batch`` overrides it with a fixed number of scans.
 BATCH_TARGET_S = 20.0
-#: ... but a run has at least this many batches per worker, so the last ones balance.
+#: ... but a run has at least this many batches per worker, so the last ones balance ...
 BATCHES_PER_WORKER = 4
+#: ... and no batch is cut below this many seconds (a few scans of a grown folder are one
+#: task, not one task each: Prefect and Dask cost ~0.1 s per task).
+MIN_BATCH_S = 2.0
 #: Batches submitted and not yet finished, per worker: the driver's memory stays flat.
 IN_FLIGHT_PER_WORKER = 2
 
@@ -201,7 +204,7 @@ def make_batches(costs: Sequence[float], workers: int, batch: int | None = None)
 
     ``batch``: that many scans each. Else by estimated cost (seconds per scan): about
     `BATCH_TARGET_S` each, smaller where that would leave fewer than `BATCHES_PER_WORKER`
-    batches per worker.
+    batches per worker, never below `MIN_BATCH_S`.
     """
     n = len(costs)
     if n == 0:
@@ -210,6 +213,7 @@ def make_batches(costs: Sequence[float], workers: int, batch: int | None = None)
         return [list(range(i, min(n, i + batch))) for i in range(0, n, batch)]
     total = float(sum(costs))
     target = min(BATCH_TARGET_S, total / (BATCHES_PER_WORKER * max(1, workers)))
+    target = max(target, MIN_BATCH_S)
     out: list[list[int]] = [[]]
     spent = 0.0
     for i, cost in enumerate(costs):

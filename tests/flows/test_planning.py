@@ -52,8 +52,10 @@ def test_batches_by_cost_or_count() -> None:
     assert 2 * BATCHES_PER_WORKER <= len(tiny) <= 100
     big = make_batches([30.0] * 10, 2)  # scans of tens of seconds: one a task
     assert big == [[i] for i in range(10)]
-    few = make_batches([0.05] * 16, 2)  # enough batches for every worker
-    assert len(few) == 2 * BATCHES_PER_WORKER
+    some = make_batches([0.5] * 64, 2)  # enough batches for every worker
+    assert len(some) == 2 * BATCHES_PER_WORKER
+    few = make_batches([0.05] * 30, 2)  # a few small scans (a grown folder): one task
+    assert few == [list(range(30))]
 
 
 def test_plan_new_changed_done_and_rehash(prefect_api: str, tmp_path: Path) -> None:
