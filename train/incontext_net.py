@@ -334,7 +334,8 @@ class TaskEmbedding:
         mem_keys = mem_masks = None
         if self.mem_keys is not None:
             s, k, length = self.mem_masks.shape
-            if bool((self.mem_masks == 1).all()):
+            padding = self.mem_keys.abs().sum(-1) == 0  # (S, Km, L), Km 1 or K
+            if bool(((self.mem_masks == 1) | padding).all()):
                 mem_keys, mem_masks = self.mem_keys[:1], self.mem_masks[:1]
             else:
                 keys = self.mem_keys.transpose(0, 1)  # (Km, S, L, C)

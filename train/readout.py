@@ -57,13 +57,14 @@ class PropagationReadout(nn.Module):
         masks = mem_masks.float()
         pad = mem_keys.abs().sum(-1) == 0  # (N, Km, L)
         if mem_keys.shape[1] == 1:  # one reference for every task: one affinity
-            score = torch.einsum("nqc,nrc->nqr", q_keys, mem_keys[:, 0].float())
+            score = scale * torch.einsum("nqc,nrc->nqr", q_keys, mem_keys[:, 0].float())
+            # Mask after scaling: -inf * scale would make the scale's gradient NaN.
             score = score.masked_fill(pad[:, 0, None, :], float("-inf"))
-            attn = self._softmax(scale * score, scale)
+            attn = self._softmax(score, scale)
             return torch.einsum("nqr,nkr->nkq", attn[..., :-1], masks)
-        score = torch.einsum("nqc,nkrc->nkqr", q_keys, mem_keys.float())
+        score = scale * torch.einsum("nqc,nkrc->nkqr", q_keys, mem_keys.float())
         score = score.masked_fill(pad[:, :, None, :], float("-inf"))
-        attn = self._softmax(scale * score, scale)
+        attn = self._softmax(score, scale)
         return torch.einsum("nkqr,nkr->nkq", attn[..., :-1], masks)
 
     def _softmax(self, scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

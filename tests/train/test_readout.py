@@ -77,3 +77,34 @@ def test_refinement_option_trains():
     ref, masks, query = _inputs(n=2)
     net(ref, masks, query).mean().backward()
     assert net.refine.out.weight.grad is not None
+
+
+def test_joined_global_tasks_keep_one_memory():
+    """All-ones tasks from several references (the global task) keep one shot's memory,
+    padding included, instead of every reference's positions."""
+    torch.manual_seed(0)
+    net = build_model("tiny").eval()
+    ref_a, masks_a, _ = _inputs(seed=1)
+    ref_b, masks_b, _ = _inputs(seed=2)
+    masks_a[:, -1] = 1
+    masks_b[:, -1] = 1
+    with torch.no_grad():
+        a, b = net.encode_tasks(ref_a, masks_a), net.encode_tasks(ref_b, masks_b)
+        shots = TaskEmbedding.cat_batch([a, b]).mean()  # class + global of two shots
+        joined = TaskEmbedding.cat_batch([shots.select([2]), a.select([2])]).mean()
+    assert joined.mem_masks.shape == (1, 1, a.mem_masks.shape[-1] * 2)
+    assert joined.mem_keys.shape[0] == 1
+
+
+def test_padded_memory_keeps_gradients_finite():
+    torch.manual_seed(0)
+    readout = PropagationReadout(dim=8, key_dim=8)
+    feats = torch.randn(1, 8, 2, 2, 2), torch.randn(1, 8, 2, 2, 2)
+    for shared in (False, True):
+        readout.zero_grad()
+        q = readout.keys(feats[0])
+        mem = readout.keys(feats[1])[:, None].expand(1, 2, -1, -1)
+        keys = torch.cat([mem, torch.zeros(1, 2, 5, 8)], 2)
+        keys = keys[:, :1] if shared else keys
+        readout.propagate(q, keys, torch.rand(1, 2, 13)).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in readout.parameters() if p.grad is not None)

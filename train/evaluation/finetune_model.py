@@ -47,9 +47,16 @@ class FixedTaskNet(nn.Module):
             {str(lv): nn.Parameter(t.detach().clone()) for lv, t in tasks.tokens.items()}
         )
         self.fg0 = nn.Parameter(tasks.fg0.detach().clone())
+        # The propagation readout's memory (reference keys and mask occupancy) stays fixed.
+        self.mem_keys: torch.Tensor | None
+        self.mem_masks: torch.Tensor | None
+        for name in ("mem_keys", "mem_masks"):
+            t = getattr(tasks, name)
+            self.register_buffer(name, None if t is None else t.detach().clone())
 
     def tasks(self) -> TaskEmbedding:
-        return TaskEmbedding({int(lv): t for lv, t in self.tokens.items()}, self.fg0)
+        tokens = {int(lv): t for lv, t in self.tokens.items()}
+        return TaskEmbedding(tokens, self.fg0, self.mem_keys, self.mem_masks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, K + 1, *S); the last task is the global one."""
@@ -57,13 +64,8 @@ class FixedTaskNet(nn.Module):
 
 
 def _mean_embedding(parts: list[TaskEmbedding]) -> TaskEmbedding:
-    return TaskEmbedding(
-        {
-            lv: torch.cat([p.tokens[lv] for p in parts]).mean(0, keepdim=True)
-            for lv in parts[0].tokens
-        },
-        torch.cat([p.fg0 for p in parts]).mean(0, keepdim=True),
-    )
+    """Tokens averaged over the shots; the readout memory joins their positions."""
+    return TaskEmbedding.cat_batch(parts).mean()
 
 
 @torch.no_grad()
