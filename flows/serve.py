@@ -136,6 +136,9 @@ def guarded_prepare_bank(
     progress: bool = True,
     proposals: dict | None = None,
     label_names: str | None = None,
+    batch: int | None = None,
+    rehash: bool = False,
+    dry_run: bool = False,
 ) -> dict:
     """`prepare_bank` for runs that others trigger: the deployment's policy is checked
     (`RunPolicy.from_env`) before any file is read or written."""
