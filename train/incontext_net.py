@@ -26,8 +26,9 @@ K structures in the query, all in one forward pass:
 * optionally (``readout="propagation"``) a mask-propagation readout at ``readout_level``
   (``train.readout``): query voxels attend over the reference's voxels by learnt keys and
   read the reference masks through that attention; the propagated masks are added to the
-  logits. The task embedding then keeps the reference's keys and mask occupancy at that
-  level (its "memory"), so evaluation still encodes a reference once.
+  logits (``readout_context``: the keys also see the next coarser level). The task
+  embedding then keeps the reference's keys and mask occupancy at that level (its
+  "memory"), so evaluation still encodes a reference once.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class NetSpec:
     readout_level: int = 2  # encoder level the readout matches query and reference at
     readout_dim: int = 32  # width of its keys
     readout_refine: int = 0  # > 0: full-resolution per-task refinement of that width
+    readout_context: bool = False  # keys also see the next coarser level (upsampled)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -76,6 +78,7 @@ PRESETS: dict[str, NetSpec] = {
         token_levels=(2, 3),
         n_query_tokens=4,
         readout="propagation",
+        readout_context=True,
     ),
     "small": NetSpec(
         channels=(16, 32, 64, 128, 256),
@@ -83,6 +86,7 @@ PRESETS: dict[str, NetSpec] = {
         token_levels=(2, 3, 4),
         readout="propagation",
         readout_level=3,  # 12^3 positions at crop 96 (level 2: 24^3, a 14k x 14k affinity)
+        readout_context=True,
     ),
     # The published size: channels 32-512, ~120 M parameters.
     "base": NetSpec(
@@ -93,6 +97,7 @@ PRESETS: dict[str, NetSpec] = {
         n_query_tokens=10,
         readout="propagation",
         readout_level=3,  # 16^3 positions at crop 128, a 4k x 4k affinity per sample
+        readout_context=True,
     ),
 }
 # nnU-Net's residual encoder under the same in-context network (task encoding, decoder,
@@ -440,7 +445,11 @@ class InContextSegNet(nn.Module):
         if spec.readout == "propagation":
             if not 0 <= spec.readout_level < levels:
                 raise ValueError(f"readout_level {spec.readout_level} must lie in 0..{levels - 1}")
-            self.readout = PropagationReadout(ch[spec.readout_level], spec.readout_dim)
+            lv = spec.readout_level
+            if spec.readout_context and lv + 1 >= levels:
+                raise ValueError(f"readout_context needs a level above readout_level {lv}")
+            dim = ch[lv] + (ch[lv + 1] if spec.readout_context else 0)
+            self.readout = PropagationReadout(dim, spec.readout_dim)
         self.refine = None
         if self.readout is not None and spec.readout_refine > 0:
             self.refine = LocalRefine(spec.readout_refine)
@@ -477,7 +486,9 @@ class InContextSegNet(nn.Module):
         if self.readout is None:
             return TaskEmbedding(tokens, fg0)
         lv = self.spec.readout_level
-        mem_keys = self.readout.keys(ref_feats[lv])[:, None]  # (N, 1, L, C): shared by tasks
+        mem_keys = self.readout.keys(self._key_features(ref_feats))[
+            :, None
+        ]  # (N, 1, L, C): shared by tasks
         mem_masks = mask_occupancy(masks, lv).flatten(2).float()
         return TaskEmbedding(tokens, fg0, mem_keys, mem_masks)
 
@@ -539,9 +550,20 @@ class InContextSegNet(nn.Module):
     def _readout(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:
         """The reference masks propagated to the query, upsampled to it: (N, K, *S)."""
         feat = q_feats[self.spec.readout_level]
-        prop = self.readout.propagate(self.readout.keys(feat), tasks.mem_keys, tasks.mem_masks)
+        keys = self.readout.keys(self._key_features(q_feats))
+        prop = self.readout.propagate(keys, tasks.mem_keys, tasks.mem_masks)
         prop = prop.view(feat.shape[0], tasks.n_tasks, *feat.shape[-3:])
         return self.readout.upsample(prop, q_feats[0].shape[-3:])
+
+    def _key_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """What the readout's keys are computed from: the readout level's features, with
+        ``readout_context`` also the next coarser level's, upsampled (wider context)."""
+        lv = self.spec.readout_level
+        if not self.spec.readout_context:
+            return feats[lv]
+        size = feats[lv].shape[-3:]
+        up = F.interpolate(feats[lv + 1], size=size, mode="trilinear", align_corners=False)
+        return torch.cat([feats[lv], up], dim=1)
 
     def encode_tasks(self, ref_image: torch.Tensor, ref_masks: torch.Tensor) -> TaskEmbedding:
         """Task embeddings of K structures from a reference: (N,1,*S), (N,K,*S) -> (N, K tasks).

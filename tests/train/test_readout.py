@@ -108,3 +108,17 @@ def test_padded_memory_keeps_gradients_finite():
         keys = keys[:, :1] if shared else keys
         readout.propagate(q, keys, torch.rand(1, 2, 13)).sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in readout.parameters() if p.grad is not None)
+
+
+def test_context_keys_see_the_coarser_level():
+    from dataclasses import replace
+
+    assert PRESETS["tiny"].readout_context
+    torch.manual_seed(0)
+    net = build_model("tiny").eval()
+    assert net.readout.key.in_features == 32 + 32  # tiny's levels 2 and 3
+    plain = InContextSegNet(replace(PRESETS["tiny"], readout_context=False))
+    assert plain.readout.key.in_features == 32
+    ref, masks, query = _inputs()
+    with torch.no_grad():
+        assert net(ref, masks, query).shape == plain(ref, masks, query).shape
