@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from maskbank.train.pretext import PRETEXTS
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "train" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SKIP = re.compile(r"^\s*#\s*doctest:\s*skip\b(.*)$", re.M)
@@ -99,15 +101,22 @@ def test_python_blocks_run(doc: Path, workspace: Path, tmp_path, monkeypatch) ->
     monkeypatch.chdir(here)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict = {"__name__": "__doc_example__"}
-    for line, code in _runnable(doc):
-        try:
-            # Padded so that a traceback names the doc's own line numbers.
-            exec(compile("\n" * (line - 1) + code, _rel(doc), "exec"), namespace)
-        except Exception:
-            pytest.fail(
-                f"the ```python block at {_rel(doc)}:{line} failed:\n{traceback.format_exc()}",
-                pytrace=False,
-            )
+    # Blocks may extend a registry (docs/architecture.md adds a pretext): undone after the
+    # file, so that the tests that run later in this process see the library's own entries.
+    saved = dict(PRETEXTS)
+    try:
+        for line, code in _runnable(doc):
+            try:
+                # Padded so that a traceback names the doc's own line numbers.
+                exec(compile("\n" * (line - 1) + code, _rel(doc), "exec"), namespace)
+            except Exception:
+                pytest.fail(
+                    f"the ```python block at {_rel(doc)}:{line} failed:\n{traceback.format_exc()}",
+                    pytrace=False,
+                )
+    finally:
+        PRETEXTS.clear()
+        PRETEXTS.update(saved)
 
 
 def test_skipped_blocks_say_why() -> None:
