@@ -139,7 +139,7 @@ class PairStream(IterableDataset):
         # Validate eagerly in the parent (clear errors before workers fork), keep only
         # plain data; the Bank object itself is re-opened lazily per process.
         b = open_bank(self.location)
-        rows = eligible_rows(b, cfg)
+        rows = eligible_rows(b, cfg, report=self.rank == 0)  # skipped scans: one warning
         self.scan_ids = [r["scan_id"] for r in rows]
         self.probs = scan_weights(rows, cfg)
         self.fingerprint = bank_fingerprint(b, cfg.proposals)

@@ -185,6 +185,7 @@ class DataConfig(_Section):
 
     PATH: ClassVar[str] = "data"
     MAX_K: ClassVar[int] = 23  # proposals + the global task fit the sampler's bit field
+    SHORT_SCANS: ClassVar[tuple[str, ...]] = ("skip", "refuse")
 
     crop: int = 128  # edge of the cubic crop the network sees
     margin: int = 16  # extra voxels read per side so the affine warp has context
@@ -201,6 +202,10 @@ class DataConfig(_Section):
     worker_timeout: float = 600.0
     scans: tuple[str, ...] | None = None  # optional list of scan ids to restrict to
     proposals: str = "default"  # the proposal set pairs are drawn from (`maskbank propose --name`)
+    # Scans with fewer than k proposals (of data.proposals): "skip" leaves them out of the
+    # stream (counted in a start-up warning), "refuse" stops with their list; listing every
+    # other scan in data.scans is no option on a bank of 100k scans.
+    short_scans: str = "skip"
     # "Not here": inference shows the network mostly windows where a structure is absent, so
     # the pretext must practise empty targets. Share of pairs whose query crop does not
     # overlap the reference (adjacent to it), and share of the K tasks drawn, in the other
@@ -249,6 +254,10 @@ class DataConfig(_Section):
         ):
             _require(getattr(self, name) >= low, f"data.{name} must be >= {low}")
         _require(self.k <= self.MAX_K, f"data.k={self.k}: at most {self.MAX_K} proposals")
+        _require(
+            self.short_scans in self.SHORT_SCANS,
+            f"data.short_scans={self.short_scans!r}: choose one of {', '.join(self.SHORT_SCANS)}",
+        )
         _require(
             0 < self.min_overlap <= 1, f"data.min_overlap={self.min_overlap} must lie in (0, 1]"
         )

@@ -1,20 +1,24 @@
 """Which scans a pair stream draws from, and with what probability.
 
 ``eligible_rows`` keeps the bank's index rows that can serve the configured pairs (in
-``data.scans``, holding ``data.proposals``, with at least ``data.k`` proposals) and names
-the scans that cannot; ``scan_weights`` turns ``data.dataset_weights`` and
-``data.modality_weights`` into draw probabilities; ``bank_fingerprint`` hashes the rows
-that define the data, so a resumed run can tell a changed bank.
+``data.scans``, holding ``data.proposals``, with at least ``data.k`` proposals) and skips
+or refuses the scans short of K (``data.short_scans``); ``scan_weights`` turns
+``data.dataset_weights`` and ``data.modality_weights`` into draw probabilities;
+``bank_fingerprint`` hashes the rows that define the data, so a resumed run can tell a
+changed bank.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import numpy as np
 
 from maskbank.train.run_config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 class SamplerError(RuntimeError):
@@ -68,8 +72,10 @@ def scan_weights(rows: list[dict], cfg: DataConfig) -> np.ndarray:
     return w / w.sum()
 
 
-def eligible_rows(bank, cfg: DataConfig) -> list[dict]:
-    """Index rows the sampler may draw from; errors name the scans that cannot serve K."""
+def eligible_rows(bank, cfg: DataConfig, report: bool = True) -> list[dict]:
+    """Index rows the sampler may draw from. Scans short of K proposals are left out
+    (``data.short_scans=skip``; a warning counts them when ``report``) or refused; errors
+    name the scans that cannot serve K."""
     rows = bank.index
     if cfg.scans is not None:
         missing = sorted(set(cfg.scans) - {r["scan_id"] for r in rows})
@@ -88,13 +94,36 @@ def eligible_rows(bank, cfg: DataConfig) -> list[dict]:
                 f"BANK --name {cfg.proposals}` or `--import DIR --name {cfg.proposals}`"
             )
         rows = having
-    few = [(r["scan_id"], set_count(r, cfg.proposals) or 0) for r in rows]
-    few = [(s, n) for s, n in few if n < cfg.k]
-    if few:
-        listed = ", ".join(f"{s} ({n})" for s, n in few[:10])
+    counts = [set_count(r, cfg.proposals) or 0 for r in rows]
+    short = [(r["scan_id"], n) for r, n in zip(rows, counts, strict=True) if n < cfg.k]
+    if not short:
+        return rows
+    listed = _listed(short)
+    if cfg.short_scans == "refuse":
         raise SamplerError(
-            f"{len(few)} scan(s) in {bank.location!r} have fewer than k={cfg.k} proposals: "
-            f"{listed}{' ...' if len(few) > 10 else ''}. Generate proposals "
-            "(`maskbank propose`), lower data.k, or exclude them with data.scans"
+            f"{len(short)} scan(s) in {bank.location!r} have fewer than k={cfg.k} proposals: "
+            f"{listed}. Generate proposals (`maskbank propose`), lower data.k, exclude them "
+            "with data.scans, or leave them out with data.short_scans=skip"
         )
-    return rows
+    if len(short) == len(rows):
+        raise SamplerError(
+            f"every scan ({len(rows)}) in {bank.location!r} has fewer than k={cfg.k} "
+            f"proposals: {listed}. Generate proposals (`maskbank propose`) or lower data.k"
+        )
+    if report:
+        log.warning(
+            "skipping %d of %d scan(s) in %r with fewer than k=%d proposals "
+            "(data.short_scans=skip): %s",
+            len(short),
+            len(rows),
+            bank.location,
+            cfg.k,
+            listed,
+        )
+    return [r for r, n in zip(rows, counts, strict=True) if n >= cfg.k]
+
+
+def _listed(short: list[tuple[str, int]], most: int = 10) -> str:
+    """The first ``most`` short scans as ``id (count)``, an ellipsis for the rest."""
+    listed = ", ".join(f"{s} ({n})" for s, n in short[:most])
+    return listed + (" ..." if len(short) > most else "")
