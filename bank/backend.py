@@ -4,8 +4,9 @@
 the index is kept and what a crash leaves behind is its backend's:
 
 - `bank.local_backend.LocalBackend`: a folder on a local or shared file system;
-  scans published by directory renames under per-scan locks, index.json
-  rewritten row by row under the index lock (``bank.publish``, ``bank.locks``);
+  scans published by directory renames under per-scan locks, each scan's row
+  committed as a file of its own and folded into index.json by compaction
+  (``bank.publish``, ``bank.index_rows``, ``bank.locks``);
 - `bank.object_backend.ObjectStoreBackend`: S3 and the like (no renames, no
   locks); every scan version under its own prefix, committed by one row object,
   index.json a snapshot of the rows (``bank.object_store``).
@@ -13,9 +14,10 @@ the index is kept and what a crash leaves behind is its backend's:
 The in-memory index (``rows``) belongs to the backend too: `Backend.write` ends by
 publishing the scan's row to other processes and updating ``rows``, and
 `Backend.refresh` reads what other processes published. How a row is published
-is each backend's own business (index.json rewritten under the index lock by
-`LocalBackend.publish_row`; one row object per scan version on object stores),
-so it can change without `Bank` knowing. Format: docs/bank-format.md.
+is each backend's own business (one row file per scan, ``index-rows/<scan>.json``,
+on local banks; one row object per scan version on object stores; index.json a
+snapshot of the rows on both), so it can change without `Bank` knowing.
+Format: docs/bank-format.md.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class Backend:
     def rebuild_index(self) -> None:
         """Rewrite the index from the scan groups themselves."""
         raise NotImplementedError
+
+    def compact_index(self, blocking: bool = True) -> int:
+        """Fold the rows published since the last compaction into index.json; return how
+        many. Nothing to fold by default (object stores keep their snapshot current as
+        they write, and `recover` rewrites a lagging one)."""
+        return 0
 
     def scans_on_storage(self) -> list[str]:
         """Scan ids whose groups exist on storage (what the index is checked against)."""

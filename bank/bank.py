@@ -280,6 +280,16 @@ class Bank:
         self._backend.rebuild_index()
         return self.index
 
+    def compact_index(self) -> int:
+        """Fold the rows published since the last compaction into index.json; return how many.
+
+        Writers commit one small row file per scan (docs/bank-format.md, "index.json") and
+        fold them once they outnumber a bound; flows fold the rest when they finish
+        (`recover`), so a reader opening the bank reads index.json and few row files.
+        """
+        self._require_writable()
+        return self._backend.compact_index()
+
     def proposal_set_parts(self, scan_id: str, version: str | None = None) -> list[str]:
         """Proposal set parts stored in a scan's group (of ``version`` on object stores)."""
         return self._backend.proposal_set_parts(scan_id, version)
@@ -348,7 +358,8 @@ class Bank:
         return self._backend.nbytes(part_path(scan_id, part, version))
 
     def leftovers(self) -> list[str]:
-        """Names under .staging/ and .trash/: writes in flight or interrupted by a crash.
+        """Names under .staging/ and .trash/ and index-rows/ temps: writes in flight or
+        interrupted by a crash.
 
         ``recover()`` (on the writer side) finishes or undoes the interrupted ones.
         On an object store: scan prefixes and rows no live row names, past or within

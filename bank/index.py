@@ -6,11 +6,11 @@ index can always be rebuilt from the scan groups (`Bank.rebuild_index`).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def render_index(rows: dict[str, dict]) -> str:
     json.dumps(indent=...) falls back to the pure-Python encoder, 10x slower at 10,000 rows.
     """
     doc = index_document(rows)
-    lines = ",\n".join(json.dumps({"scan_id": row["scan_id"], **row}) for row in doc["scans"])
+    lines = ",\n".join(row_line(row) for row in doc["scans"])
     head = json.dumps({k: v for k, v in doc.items() if k != "scans"})[:-1]
     return f'{head}, "scans": [\n{lines}\n]}}\n'
 
@@ -173,15 +173,25 @@ def parse_index(text: str, where: str = INDEX_FILE) -> dict[str, dict]:
 _ROW_PREFIX = '{"scan_id": "'
 
 
-def update_index_text(text: str, scan_id: str, row: dict | None) -> str:
-    """index.json text with one row replaced, inserted (sorted) or removed (row=None).
+def row_line(row: dict) -> str:
+    """One row as index.json holds it: a line of JSON that starts with its scan id."""
+    return json.dumps({"scan_id": row["scan_id"], **row})
 
-    Works on the one-row-per-line text that render_index writes, so a write to a
-    10,000-scan bank does not parse and re-encode every row; anything else
-    (e.g. a hand-edited index) takes the slow path through the JSON parser.
+
+def update_index_text(text: str, scan_id: str, row: dict | None) -> str:
+    """index.json text with one row replaced, inserted (sorted) or removed (row=None)."""
+    return fold_rows(text, {scan_id: row})
+
+
+def fold_rows(text: str, changes: Mapping[str, dict | None]) -> str:
+    """index.json text with rows replaced, inserted (sorted) or removed (None), in one pass.
+
+    Works on the one-row-per-line text that render_index writes, so folding a thousand
+    rows into a 100,000-scan index does not parse and re-encode the others; anything
+    else (e.g. a hand-edited index) takes the slow path through the JSON parser.
     """
     lines = text.rstrip("\n").split("\n")
-    body = [line.rstrip(",") for line in lines[1:-1]]
+    body = [line.rstrip(",") for line in lines[1:-1] if line]
     if (
         len(lines) < 2
         or not lines[0].endswith('"scans": [')
@@ -189,23 +199,21 @@ def update_index_text(text: str, scan_id: str, row: dict | None) -> str:
         or not all(line.startswith(_ROW_PREFIX) for line in body)
     ):
         rows = parse_index(text)
-        if row is None:
-            rows.pop(scan_id, None)
-        else:
-            rows[scan_id] = row
+        for scan_id, row in changes.items():
+            if row is None:
+                rows.pop(scan_id, None)
+            else:
+                rows[scan_id] = row
         return render_index(rows)
-    ids = [line[len(_ROW_PREFIX) : line.index('"', len(_ROW_PREFIX))] for line in body]
-    pos = bisect.bisect_left(ids, scan_id)
-    present = pos < len(ids) and ids[pos] == scan_id
-    if row is None:
-        if present:
-            del body[pos]
-    elif present:
-        body[pos] = json.dumps(row)
-    else:
-        body.insert(pos, json.dumps(row))
+    start = len(_ROW_PREFIX)
+    by_id = {line[start : line.index('"', start)]: line for line in body}
+    for scan_id, row in changes.items():
+        if row is None:
+            by_id.pop(scan_id, None)
+        else:
+            by_id[scan_id] = row_line(row)
     head = json.dumps({"format_version": FORMAT_VERSION, "updated_at": utc_now()})[:-1]
-    rows_text = ",\n".join(body)
+    rows_text = ",\n".join(by_id[k] for k in sorted(by_id))
     return f'{head}, "scans": [\n{rows_text}\n]}}\n'
 
 

@@ -13,6 +13,9 @@ FORMAT_VERSION = 1
 FORMAT_NAME = "maskbank"
 
 INDEX_FILE = "index.json"
+# Local banks: rows published since index.json was last compacted, index-rows/<scan>.json
+# (temps .<scan>.json.<random>.tmp); bank/index_rows.py.
+INDEX_ROWS_DIR = "index-rows"
 SCANS_DIR = "scans"
 REPORTS_DIR = "reports"
 STAGING_DIR = ".staging"

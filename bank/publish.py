@@ -62,7 +62,7 @@ def publish(root: Path, staged: Path, scan_id: str, part: str | None) -> None:
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.rename(target, trash)
     os.rename(staged, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -76,10 +76,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make the rename durable where the platform allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
