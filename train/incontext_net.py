@@ -29,88 +29,32 @@ K structures in the query, all in one forward pass:
   logits (``readout_context``: the keys also see the next coarser level). The task
   embedding then keeps the reference's keys and mask occupancy at that level (its
   "memory"), so evaluation still encodes a reference once.
+
+The architecture's hyper-parameters and presets are ``train.net_spec``; what the network
+keeps of a reference is ``train.task_embedding``; both are re-exported here, so imports
+from this module keep working.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskbank.train.net_spec import PRESETS, NetSpec, resolve_spec
 from maskbank.train.readout import LocalRefine, PropagationReadout
+from maskbank.train.task_embedding import TaskEmbedding
 
-
-@dataclass(frozen=True)
-class NetSpec:
-    """Architecture hyper-parameters; one per preset in ``PRESETS``."""
-
-    channels: tuple[int, ...]  # encoder channels per level, level 0 = full resolution
-    enc_blocks: tuple[int, ...]  # residual blocks per encoder level
-    dec_blocks: int = 1  # residual blocks per decoder level
-    token_levels: tuple[int, ...] = (2, 3)  # levels with task tokens (deep = cheap)
-    n_query_tokens: int = 8
-    head_dim: int = 32  # attention head width
-    in_channels: int = 1
-    per_task: bool = False  # decode each task in its own pass (see the module docstring)
-    prior_levels: tuple[int, ...] = ()  # levels of the similarity prior (0 or token levels)
-    # "iris" (the published encoder) or "resenc": nnU-Net's residual encoder, so the
-    # pretrained weights load into nnU-Net and MONAI (train.resenc, train.export)
-    encoder: str = "iris"
-    readout: str = "none"  # "propagation": mask-propagation readout (train.readout)
-    readout_level: int = 2  # encoder level the readout matches query and reference at
-    readout_dim: int = 32  # width of its keys
-    readout_refine: int = 0  # > 0: full-resolution per-task refinement of that width
-    readout_context: bool = False  # keys also see the next coarser level (upsampled)
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PRESETS: dict[str, NetSpec] = {
-    # CPU tests: a step on a 32^3 crop takes well under a second.
-    "tiny": NetSpec(
-        channels=(8, 16, 32, 32),
-        enc_blocks=(0, 1, 1, 1),
-        dec_blocks=0,
-        token_levels=(2, 3),
-        n_query_tokens=4,
-        readout="propagation",
-        readout_context=True,
-    ),
-    "small": NetSpec(
-        channels=(16, 32, 64, 128, 256),
-        enc_blocks=(1, 1, 2, 2, 2),
-        token_levels=(2, 3, 4),
-        readout="propagation",
-        readout_level=3,  # 12^3 positions at crop 96 (level 2: 24^3, a 14k x 14k affinity)
-        readout_context=True,
-    ),
-    # The published size: channels 32-512, ~120 M parameters.
-    "base": NetSpec(
-        channels=(32, 64, 128, 256, 512),
-        enc_blocks=(1, 2, 2, 4, 6),
-        dec_blocks=1,
-        token_levels=(2, 3, 4),
-        n_query_tokens=10,
-        readout="propagation",
-        readout_level=3,  # 16^3 positions at crop 128, a 4k x 4k affinity per sample
-        readout_context=True,
-    ),
-}
-# nnU-Net's residual encoder under the same in-context network (task encoding, decoder,
-# readout) as the Iris preset it is named after, so the two differ by the encoder alone:
-# resenc-tiny has tiny's widths (CPU tests, the demo); resenc-l is nnU-Net's ResEnc-L
-# encoder (features 32-320, blocks 1, 3, 4, 6, 6, 6) under base's in-context parts.
-PRESETS["resenc-tiny"] = replace(PRESETS["tiny"], enc_blocks=(1, 1, 1, 1), encoder="resenc")
-PRESETS["resenc-l"] = replace(
-    PRESETS["base"],
-    channels=(32, 64, 128, 256, 320, 320),
-    enc_blocks=(1, 3, 4, 6, 6, 6),
-    encoder="resenc",
-)
+__all__ = [
+    "PRESETS",
+    "InContextSegNet",
+    "NetSpec",
+    "TaskEmbedding",
+    "build_encoder",
+    "build_model",
+    "count_parameters",
+    "resolve_spec",
+]
 
 
 def _norm(c: int) -> nn.Module:
@@ -261,154 +205,6 @@ class DecoderStage(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.merge(torch.cat([self.up(x), skip], dim=1)))
-
-
-def _pad_positions(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad memory positions (axis ``dim``) to ``length``; zero keys are never attended."""
-    extra = length - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-def _align_memory(
-    parts: list[TaskEmbedding],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """Keys (per task, padded) and masks (padded) of ``parts`` ready to concatenate."""
-    if any(p.mem_keys is None for p in parts):
-        if any(p.mem_keys is not None for p in parts):
-            raise ValueError("cannot join task embeddings with and without a readout memory")
-        return None
-    length = max(p.mem_masks.shape[-1] for p in parts)
-    shared = all(p.mem_keys is parts[0].mem_keys for p in parts) and (
-        parts[0].mem_keys.shape[1] == 1
-    )
-    keys = []
-    for p in parts:
-        k = p.mem_keys if shared else p.mem_keys.expand(-1, p.n_tasks, -1, -1)
-        keys.append(_pad_positions(k, length, 2))
-    masks = [_pad_positions(p.mem_masks, length, 2) for p in parts]
-    return keys, masks
-
-
-@dataclass
-class TaskEmbedding:
-    """What the network keeps of a reference: per task, tokens at each token level + fg0.
-
-    ``tokens[level]`` is (N, K, 1 + n_query_tokens, C_level) and ``fg0`` (N, K, C_0).
-    With the propagation readout also its memory: ``mem_keys`` (N, 1 or K, L, C_key), the
-    reference's unit keys at the readout level (1: shared by every task), and ``mem_masks``
-    (N, K, L), each task's reference mask occupancy there (``train.readout``).
-    """
-
-    tokens: dict[int, torch.Tensor]
-    fg0: torch.Tensor
-    mem_keys: torch.Tensor | None = None
-    mem_masks: torch.Tensor | None = None
-
-    @property
-    def n_tasks(self) -> int:
-        return self.fg0.shape[1]
-
-    def _memory(self, fn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.mem_keys is None:
-            return None, None
-        return fn(self.mem_keys), fn(self.mem_masks)
-
-    def expand(self, n: int) -> TaskEmbedding:
-        """Broadcast a batch-1 embedding to batch ``n`` (no copy)."""
-        if self.fg0.shape[0] == n:
-            return self
-        if self.fg0.shape[0] != 1:
-            raise ValueError(f"task batch {self.fg0.shape[0]} cannot serve a query batch of {n}")
-        return TaskEmbedding(
-            {lv: t.expand(n, *t.shape[1:]) for lv, t in self.tokens.items()},
-            self.fg0.expand(n, *self.fg0.shape[1:]),
-            *self._memory(lambda t: t.expand(n, *t.shape[1:])),
-        )
-
-    def mean(self) -> TaskEmbedding:
-        """Average over the batch (several reference shots of the same tasks) -> batch 1.
-
-        The readout memory is not averaged but joined: the positions of every shot, so a
-        query voxel can match any shot. Tasks whose masks are all ones (the global task)
-        keep the first shot's memory: they propagate ones wherever they match.
-        """
-        mem_keys = mem_masks = None
-        if self.mem_keys is not None:
-            s, k, length = self.mem_masks.shape
-            padding = self.mem_keys.abs().sum(-1) == 0  # (S, Km, L), Km 1 or K
-            if bool(((self.mem_masks == 1) | padding).all()):
-                mem_keys, mem_masks = self.mem_keys[:1], self.mem_masks[:1]
-            else:
-                keys = self.mem_keys.transpose(0, 1)  # (Km, S, L, C)
-                mem_keys = keys.reshape(keys.shape[0], s * length, -1)[None]
-                mem_masks = self.mem_masks.transpose(0, 1).reshape(k, s * length)[None]
-        return TaskEmbedding(
-            {lv: t.mean(0, keepdim=True) for lv, t in self.tokens.items()},
-            self.fg0.mean(0, keepdim=True),
-            mem_keys,
-            mem_masks,
-        )
-
-    def select(self, tasks: list[int]) -> TaskEmbedding:
-        """A subset of tasks, in the given order."""
-        idx = torch.as_tensor(tasks, device=self.fg0.device)
-        mem_keys = mem_masks = None
-        if self.mem_keys is not None:
-            shared = self.mem_keys.shape[1] == 1
-            mem_keys = self.mem_keys if shared else self.mem_keys.index_select(1, idx)
-            mem_masks = self.mem_masks.index_select(1, idx)
-        return TaskEmbedding(
-            {lv: t.index_select(1, idx) for lv, t in self.tokens.items()},
-            self.fg0.index_select(1, idx),
-            mem_keys,
-            mem_masks,
-        )
-
-    @staticmethod
-    def cat(parts: list[TaskEmbedding]) -> TaskEmbedding:
-        """Concatenate along the task axis (same batch size)."""
-        levels = parts[0].tokens
-        memory = _align_memory(parts)
-        mem_keys = mem_masks = None
-        if memory is not None:
-            keys, masks = memory
-            mem_keys = keys[0] if all(k is keys[0] for k in keys) else torch.cat(keys, 1)
-            mem_masks = torch.cat(masks, 1)
-        return TaskEmbedding(
-            {lv: torch.cat([p.tokens[lv] for p in parts], 1) for lv in levels},
-            torch.cat([p.fg0 for p in parts], 1),
-            mem_keys,
-            mem_masks,
-        )
-
-    @staticmethod
-    def cat_batch(parts: list[TaskEmbedding]) -> TaskEmbedding:
-        """Stack along the batch axis (e.g. several shots of the same tasks, for ``mean``)."""
-        levels = parts[0].tokens
-        memory = _align_memory(parts)
-        mem_keys = mem_masks = None
-        if memory is not None:
-            keys, masks = memory
-            if len({k.shape[1] for k in keys}) > 1:
-                keys = [k.expand(-1, parts[0].n_tasks, -1, -1) for k in keys]
-            mem_keys, mem_masks = torch.cat(keys, 0), torch.cat(masks, 0)
-        return TaskEmbedding(
-            {lv: torch.cat([p.tokens[lv] for p in parts], 0) for lv in levels},
-            torch.cat([p.fg0 for p in parts], 0),
-            mem_keys,
-            mem_masks,
-        )
-
-    def to(self, *args, **kwargs) -> TaskEmbedding:
-        return TaskEmbedding(
-            {lv: t.to(*args, **kwargs) for lv, t in self.tokens.items()},
-            self.fg0.to(*args, **kwargs),
-            *self._memory(lambda t: t.to(*args, **kwargs)),
-        )
 
 
 class InContextSegNet(nn.Module):
@@ -590,17 +386,6 @@ class InContextSegNet(nn.Module):
         feats = self.encoder(torch.cat([ref_image, query_image], dim=0))
         tasks = self._tasks([f[:n] for f in feats], ref_masks)
         return self._decode([f[n:] for f in feats], tasks, query_image)
-
-
-def resolve_spec(preset: str | NetSpec | dict) -> NetSpec:
-    """A preset name, a NetSpec, or a dict of NetSpec fields -> the NetSpec (the registry)."""
-    if isinstance(preset, NetSpec):
-        return preset
-    if isinstance(preset, dict):
-        return NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
-    if preset not in PRESETS:
-        raise KeyError(f"unknown model preset '{preset}' (have {sorted(PRESETS)})")
-    return PRESETS[preset]
 
 
 def build_model(preset: str | NetSpec | dict) -> InContextSegNet:

@@ -130,7 +130,8 @@ def test_run_config_imports_no_registry():
 
     code = (
         "import sys; import maskbank.train.run_config; "
-        "print(any(m.startswith(('maskbank.train.pretext', 'maskbank.train.incontext_net')) "
+        "print(any(m.startswith(('maskbank.train.pretext', 'maskbank.train.incontext_net', "
+        "'maskbank.train.net_spec')) "
         "for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
