@@ -308,10 +308,8 @@ def evaluations(
     bank: Any, run_dir: Path, ids: list[str], device: str, smoke: bool, ft_steps: int, out: Path
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """In-context, fine-tuning and probe results, pretrained vs untrained, on the phantoms."""
+    from maskbank.train.evaluation import finetune, incontext, probe
     from maskbank.train.evaluation.checkpoint import RANDOM, SCRATCH, load_network
-    from maskbank.train.evaluation.finetune import FinetuneOptions, evaluate_finetune
-    from maskbank.train.evaluation.incontext import InContextOptions, evaluate_incontext
-    from maskbank.train.evaluation.probe import ProbeSettings, run_probe
 
     def networks(baseline: str) -> tuple[Any, Any]:
         pre = load_network(str(run_dir))
@@ -323,37 +321,38 @@ def evaluations(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     pre, rnd = networks(RANDOM)
-    ic = evaluate_incontext(
-        bank, [pre, rnd], InContextOptions(shots=(1,), device=device), ids, progress=False
-    )
+    ic_options = incontext.InContextOptions(shots=(1,), device=device)
+    ic = incontext.run(bank, [pre, rnd], ic_options, scan_ids=ids)
     by_net = {s["network"]: s["mean_dice"] for s in ic["summary"] if s["shots"] == 1}
     result["incontext"] = {"pretrained": by_net[pre.label], "random": by_net[rnd.label]}
-    (out / "incontext.json").write_text(json.dumps(ic, default=str))
+    (out / "incontext.json").write_text(ic.json())
     seconds["incontext"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pre, scratch = networks(SCRATCH)
-    opts = FinetuneOptions(
+    ft_options = finetune.FinetuneOptions(
         fractions=FRACTIONS,
         steps=ft_steps,
         val_every=max(1, ft_steps // 3),
         device=device,
     )
-    ft = evaluate_finetune(bank, [("pretrained", pre), ("scratch", scratch)], opts, ids)
+    named = [("pretrained", pre), ("scratch", scratch)]
+    ft = finetune.run(bank, named, ft_options, scan_ids=ids)
     result["finetune"] = {
         str(f): {r["network"]: r["test"]["mean_dice"] for r in ft["runs"] if r["fraction"] == f}
         for f in FRACTIONS
     }
-    (out / "finetune.json").write_text(json.dumps(ft, default=str))
+    (out / "finetune.json").write_text(ft.json())
     seconds["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pre, rnd = networks(RANDOM)
-    settings = ProbeSettings(epochs=5 if smoke else 60)
-    pr = run_probe([pre, rnd], bank, ids, PROBE_TARGET, settings=settings, device=device)
+    settings = probe.ProbeSettings(epochs=5 if smoke else 60)
+    pr_options = probe.ProbeOptions(PROBE_TARGET, settings=settings, device=device)
+    pr = probe.run(bank, [pre, rnd], pr_options, scan_ids=ids)
     auroc = {n["network"]: n["auroc"] for n in pr["networks"]}
     result["probe"] = {"pretrained": auroc[pre.label], "random": auroc[rnd.label]}
-    (out / "probe.json").write_text(json.dumps(pr, default=str))
+    (out / "probe.json").write_text(pr.json())
     seconds["probe"] = time.perf_counter() - t
     return result, seconds
 

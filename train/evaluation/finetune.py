@@ -321,17 +321,3 @@ def run(
     result = summarise(planned, runs, options)
     record(result.data, command, bank, [net for _, net in planned.networks])
     return result
-
-
-def evaluate_finetune(
-    bank,
-    networks: Sequence[tuple[str, LoadedNetwork]],
-    options: FinetuneOptions,
-    scan_ids: list[str] | None = None,
-    on_run: OnRun | None = None,
-    save_model: str | None = None,
-) -> dict[str, Any]:
-    """The results dict of ``run`` (the former call shape; new code calls ``run``)."""
-    return run(
-        bank, networks, options, scan_ids=scan_ids, on_run=on_run, save_model=save_model
-    ).data

@@ -81,7 +81,6 @@ __all__ = [
     "QueryJob",
     "ReferencePlan",
     "Segmenter",
-    "evaluate_incontext",
     "load_runners",
     "plan",
     "pretraining_overlap",
@@ -304,21 +303,3 @@ def query_scan_ids(
     classes, _ = find_classes(scans, label_names=options.label_names)
     splits = plan_jobs(classes, [], scans, options).splits
     return sorted({q for sp in splits for q in sp.queries})
-
-
-def evaluate_incontext(
-    bank,
-    networks: Sequence[LoadedNetwork | Segmenter],
-    options: InContextOptions,
-    scan_ids: list[str] | None = None,
-    progress: bool = True,
-    figures_dir: str | Path | None = None,
-    on_prediction: OnPrediction | None = None,
-) -> dict[str, Any]:
-    """The results dict of ``run`` (the former call shape; new code calls ``run``)."""
-    result = run(
-        bank, networks, options, scan_ids=scan_ids, progress=progress, on_prediction=on_prediction
-    )
-    if figures_dir is not None:
-        result.figures(figures_dir)
-    return result.data

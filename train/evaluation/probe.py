@@ -50,7 +50,6 @@ __all__ = [
     "probe_text",
     "roc_points",
     "run",
-    "run_probe",
     "scan_tokens",
     "score",
     "stratified_folds",
@@ -251,19 +250,3 @@ def run(
     result = summarise(planned, score(planned, options, progress), options)
     record(result.data, command, bank, planned.networks)
     return result
-
-
-def run_probe(
-    networks: Sequence[LoadedNetwork],
-    bank,
-    scan_ids: Sequence[str] | None,
-    target: str,
-    folds: int = 5,
-    settings: ProbeSettings | None = None,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The results dict of ``run`` (the former call shape; new code calls ``run``)."""
-    options = ProbeOptions(target, folds, seed, str(device), settings or ProbeSettings())
-    return run(bank, networks, options, scan_ids=scan_ids, progress=progress).data
