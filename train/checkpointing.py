@@ -29,6 +29,7 @@ import torch
 from maskbank.train.run_config import TrainConfig
 
 LAST = "last.pt"
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints, LAST among them
 
 
 class CheckpointError(ValueError):
@@ -192,17 +193,46 @@ def save_checkpoint(
     return path
 
 
-def find_checkpoint(resume: str | Path, out_dir: str | Path) -> Path:
-    """``--resume`` given as a file, a directory, or ``auto`` (the run's last.pt)."""
-    if str(resume) in ("auto", "last", ""):
-        path = Path(out_dir) / "checkpoints" / LAST
-    else:
-        path = Path(resume)
-        if path.is_dir():
-            path = path / LAST if (path / LAST).exists() else path / "checkpoints" / LAST
+class NoCheckpoint(FileNotFoundError):
+    """Nothing to load at ``location``: a folder without ``last.pt`` (``folder``), or no file.
+
+    Each command words it for its users (what to give instead); the fact is the same.
+    """
+
+    def __init__(self, location: Path, folder: bool) -> None:
+        self.location, self.folder = location, folder
+        super().__init__(
+            f"no checkpoint in {location}: expected {LAST} or {CHECKPOINTS}/{LAST}"
+            if folder
+            else f"checkpoint {location} does not exist"
+        )
+
+
+def resolve_checkpoint(location: str | Path) -> Path:
+    """A checkpoint file, a run folder (its ``checkpoints/last.pt``) or that checkpoints
+    folder -> the checkpoint file; ``NoCheckpoint`` when there is none.
+
+    The one rule for "a run or a checkpoint", so that resuming, evaluation, segmentation
+    and export accept the same things.
+    """
+    path = Path(location).expanduser()
+    if path.is_dir():
+        for cand in (path / LAST, path / CHECKPOINTS / LAST):
+            if cand.exists():
+                return cand
+        raise NoCheckpoint(path, folder=True)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        raise NoCheckpoint(path, folder=False)
     return path
+
+
+def find_checkpoint(resume: str | Path, out_dir: str | Path) -> Path:
+    """``--resume`` given as a file, a run folder, or ``auto`` (this run's last.pt)."""
+    auto = str(resume) in ("auto", "last", "")
+    try:
+        return resolve_checkpoint(Path(out_dir) / CHECKPOINTS / LAST if auto else resume)
+    except NoCheckpoint as exc:
+        raise FileNotFoundError(f"no checkpoint to resume from at {exc.location}") from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

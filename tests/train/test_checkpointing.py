@@ -11,8 +11,11 @@ import torch
 
 from maskbank.train.checkpointing import (
     CheckpointError,
+    NoCheckpoint,
     check_resume,
+    find_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     resume_mismatches,
     rng_state,
     save_checkpoint,
@@ -76,6 +79,39 @@ def test_checkpoints_are_written_once_and_only_the_last_n_kept(tmp_path):
     for step in (5, 6):
         save_checkpoint(tmp_path, step, {"step": step}, keep_last=0)
     assert len(list(tmp_path.glob("step_*.pt"))) == 4
+
+
+def test_one_rule_finds_a_runs_checkpoint_and_each_command_words_a_miss(tmp_path):
+    """A file, a run folder or its checkpoints/ resolve alike for resuming, evaluation and
+    export; each says in its own words what is missing."""
+    from maskbank.train.evaluation.checkpoint import load_network
+    from maskbank.train.evaluation.errors import EvaluationError
+    from maskbank.train.export.source import ExportError, checkpoint_file
+
+    run = tmp_path / "run"
+    last = save_checkpoint(run / "checkpoints", 1, {"step": 1}, keep_last=0).parent / "last.pt"
+    for location in (run, run / "checkpoints", last, str(last)):
+        assert resolve_checkpoint(location) == last
+        assert checkpoint_file(location) == last
+        assert find_checkpoint(location, tmp_path / "elsewhere") == last
+    assert find_checkpoint("auto", run) == last
+
+    empty, missing = tmp_path / "empty", tmp_path / "no.pt"
+    empty.mkdir()
+    with pytest.raises(NoCheckpoint, match="no checkpoint in .*checkpoints/last.pt") as info:
+        resolve_checkpoint(empty)
+    assert info.value.folder and isinstance(info.value, FileNotFoundError)
+    with pytest.raises(NoCheckpoint, match="does not exist") as info:
+        resolve_checkpoint(missing)
+    assert not info.value.folder
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from at .*empty"):
+        find_checkpoint("auto", empty)
+    with pytest.raises(ExportError, match=r"no checkpoint in .*or give a \.pt file"):
+        checkpoint_file(empty)
+    with pytest.raises(ExportError, match="does not exist"):
+        checkpoint_file(missing)
+    with pytest.raises(EvaluationError, match="does not exist; .*'random' for the untrained"):
+        load_network(str(missing))
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

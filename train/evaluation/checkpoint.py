@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from maskbank.train.checkpointing import CheckpointError, load_checkpoint
+from maskbank.train.checkpointing import (
+    CheckpointError,
+    NoCheckpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from maskbank.train.incontext_net import PRESETS, InContextSegNet, build_model
 from maskbank.train.run_config import ConfigError, TrainConfig
 from maskbank.train.seeding import seeded_torch
@@ -91,22 +96,18 @@ def file_sha256(path: Path) -> str:
 
 
 def _checkpoint_file(location: str) -> Path:
-    """A checkpoint file, a run directory (OUT/checkpoints/last.pt) or its checkpoints/."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        for cand in (path / "last.pt", path / "checkpoints" / "last.pt"):
-            if cand.exists():
-                return cand
-        raise EvaluationError(
-            f"no checkpoint in {path}: expected last.pt or checkpoints/last.pt "
-            "(a run directory of `maskbank pretrain`), or give a .pt file"
+    """A checkpoint file, a run directory or its checkpoints/ (``resolve_checkpoint``); a
+    missing one is told what else evaluation takes ('random')."""
+    try:
+        return resolve_checkpoint(location)
+    except NoCheckpoint as exc:
+        hint = (
+            " (a run directory of `maskbank pretrain`), or give a .pt file"
+            if exc.folder
+            else "; give a file written by `maskbank pretrain` (OUT/checkpoints/last.pt), "
+            f"a run directory, or '{RANDOM}' for the untrained floor"
         )
-    if not path.exists():
-        raise EvaluationError(
-            f"checkpoint {path} does not exist; give a file written by `maskbank pretrain` "
-            f"(OUT/checkpoints/last.pt), a run directory, or '{RANDOM}' for the untrained floor"
-        )
-    return path
+        raise EvaluationError(f"{exc}{hint}") from exc
 
 
 def _preset_crop(preset: str) -> int:

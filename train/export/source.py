@@ -16,8 +16,13 @@ from typing import Any
 
 import torch
 
-from maskbank.train.checkpointing import CheckpointError, load_checkpoint
-from maskbank.train.incontext_net import PRESETS, NetSpec, resolve_spec
+from maskbank.train.checkpointing import (
+    CheckpointError,
+    NoCheckpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from maskbank.train.net_spec import PRESETS, NetSpec, resolve_spec
 
 ENCODER_PREFIX = "encoder."
 WEIGHTS = ("ema", "model")
@@ -55,19 +60,13 @@ class PretrainedEncoder:
 
 
 def checkpoint_file(location: str | Path) -> Path:
-    """A .pt file, or a run directory (RUN/checkpoints/last.pt) or its checkpoints/."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        for cand in (path / "last.pt", path / "checkpoints" / "last.pt"):
-            if cand.exists():
-                return cand
-        raise ExportError(
-            f"no checkpoint in {path}: expected last.pt or checkpoints/last.pt (a run "
-            "directory of `maskbank pretrain`), or give a .pt file"
-        )
-    if not path.exists():
-        raise ExportError(f"checkpoint {path} does not exist")
-    return path
+    """A .pt file, a run directory or its checkpoints/ (``resolve_checkpoint``), failing as an
+    ``ExportError``."""
+    try:
+        return resolve_checkpoint(location)
+    except NoCheckpoint as exc:
+        hint = " (a run directory of `maskbank pretrain`), or give a .pt file" if exc.folder else ""
+        raise ExportError(f"{exc}{hint}") from exc
 
 
 def _sha256(path: Path) -> str:
