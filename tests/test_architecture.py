@@ -249,3 +249,18 @@ def test_only_the_cli_imports_the_commands():
                 if is_cli and not module.startswith(allowed):
                     found.append(f"{rel}:{line}: imports {module}")
     assert not found, "only flows/cli.py imports flows.commands:\n" + "\n".join(found)
+
+
+#: A module is one concept; past this many lines it usually holds two.
+MAX_MODULE_LINES = 550
+
+
+def test_modules_stay_small():
+    """Library modules stay under the size at which they start to carry two concepts."""
+    big = [
+        f"{path.relative_to(ROOT).as_posix()}: {n} lines"
+        for package in PACKAGES
+        for path in _modules(package)
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert not big, f"split by concept (<= {MAX_MODULE_LINES} lines):\n" + "\n".join(big)
