@@ -20,66 +20,30 @@ import contextlib
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from maskbank.bank import Bank
+from maskbank.flows.outcomes import (  # noqa: F401 (re-exported: the flows import them here)
+    STATUSES,
+    RunClock,
+    ScanOutcome,
+    count_statuses,
+    run_report,
+    seconds_since,
+    this_worker,
+)
 from maskbank.pipeline.errors import ScanError
 
 TASK_RETRIES = 2
 RETRY_DELAYS_S = [1, 4]
-STATUSES = ("ok", "skipped", "failed")
-
-
-def this_worker() -> str:
-    """``host:pid`` of the process a task ran in, for cluster debugging."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def seconds_since(t0: float) -> float:
-    return round(time.perf_counter() - t0, 3)
-
-
-@dataclass(frozen=True)
-class ScanOutcome(Mapping):
-    """What one flow did with one scan: the row of the run report.
-
-    ``status`` is ok, skipped or failed; ``details`` holds the flow's own facts (the
-    source file, the proposal count, ...). It reads like its report row
-    (``outcome["n_proposals"]``), which `to_json` returns.
-    """
-
-    scan_id: str
-    status: str
-    reason: str | None = None
-    seconds: float | None = None
-    worker: str = field(default_factory=this_worker)  # made where the task runs
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        head = {"scan_id": self.scan_id, "status": self.status, "reason": self.reason}
-        return {**head, "seconds": self.seconds, "worker": self.worker, **self.details}
-
-    def with_details(self, **details: Any) -> ScanOutcome:
-        return replace(self, details={**self.details, **details})
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_json())
-
-    def __len__(self) -> int:
-        return len(self.to_json())
 
 
 def crashed(scan_id: str, exc: BaseException | None, **details: Any) -> ScanOutcome:
@@ -88,13 +52,6 @@ def crashed(scan_id: str, exc: BaseException | None, **details: Any) -> ScanOutc
     if is_transient_io(exc):
         reason += f" (gave up after {TASK_RETRIES} retries)"
     return ScanOutcome(scan_id, "failed", reason, seconds=None, details=details)
-
-
-def count_statuses(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUSES, 0)
-    for o in outcomes:
-        counts[o["status"]] = counts.get(o["status"], 0) + 1
-    return counts
 
 
 def is_transient_io(exc: BaseException | None) -> bool:
@@ -350,34 +307,6 @@ def run_per_scan(
             bar.set_postfix(count_statuses(outcomes.values()), refresh=False)
             bar.update(len(finished))
     return [outcomes[scan_id] for scan_id in ids]
-
-
-@dataclass(frozen=True)
-class RunClock:
-    """When a flow run started (wall clock for the report, monotonic for its duration)."""
-
-    started: datetime = field(default_factory=lambda: datetime.now(UTC))
-    t0: float = field(default_factory=time.perf_counter)
-
-
-def run_report(
-    flow: str,
-    bank: str,
-    clock: RunClock,
-    settings: Mapping[str, Any],
-    outcomes: Iterable[ScanOutcome],
-) -> dict[str, Any]:
-    """The report of one flow run: what ran with which settings, counts, one row a scan."""
-    rows = [o.to_json() for o in outcomes]
-    return {
-        "flow": flow,
-        "bank": bank,
-        "started_at": clock.started.isoformat(timespec="seconds"),
-        "seconds": seconds_since(clock.t0),
-        **settings,
-        "counts": count_statuses(rows),
-        "scans": rows,
-    }
 
 
 def run_scans(

@@ -14,15 +14,17 @@ is caught only there. Scans prepared before sizes and mtimes were recorded are h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maskbank.flows.inputs import ScanInput
+from maskbank.flows.outcomes import RunClock, ScanOutcome, run_report
 from maskbank.pipeline.reader import itk_data_file
 
 #: Plan categories, in the order the plan is printed.
@@ -238,6 +240,107 @@ def proposals_up_to_date(
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
         found = dict(pool.map(check, candidates))
     return {s: n for s, n in found.items() if n is not None}
+
+
+#: The reason of a scan whose proposals the plan found done.
+UP_TO_DATE = "proposals up to date (same config and scan)"
+
+
+@dataclass
+class ProposalPlan:
+    """Which scans of a bank need proposal set ``name`` made with the config
+    ``fingerprint`` (``work``) and which hold it already (``done``: id -> count)."""
+
+    bank: str
+    scan_ids: list[str]
+    fingerprint: str
+    name: str
+    force: bool
+    done: dict[str, int]
+
+    @property
+    def work(self) -> list[str]:
+        return [s for s in self.scan_ids if s not in self.done]
+
+    def counts(self) -> dict[str, int]:
+        return {"work": len(self.scan_ids) - len(self.done), "done": len(self.done)}
+
+    def settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The run report's settings (``config``: the proposal config's dict form)."""
+        return {
+            "config": dict(config),
+            "fingerprint": self.fingerprint,
+            "name": self.name,
+            "plan": self.counts(),
+        }
+
+    def settled(self) -> list[ScanOutcome]:
+        """The report rows of the scans found done: no task ran for them."""
+        return [
+            ScanOutcome(s, "skipped", UP_TO_DATE, 0.0, details={"n_proposals": n})
+            for s, n in self.done.items()
+        ]
+
+
+def plan_proposals(
+    store: Any,
+    bank: str,
+    scan_ids: Iterable[str],
+    fingerprint: str,
+    name: str = "default",
+    force: bool = False,
+) -> ProposalPlan:
+    """The proposals plan of ``scan_ids`` (``force``: every scan is work), in plain code:
+    no Prefect, no Dask, no proposal engine (`proposals_up_to_date` reads attributes only).
+    A plan `hand_over` left for this very run is taken instead of planning again."""
+    ids = list(scan_ids)
+    handed = _HANDED.pop("plan", None)
+    key = (bank, ids, fingerprint, name, force)
+    if (
+        handed is not None
+        and (
+            handed.bank,
+            handed.scan_ids,
+            handed.fingerprint,
+            handed.name,
+            handed.force,
+        )
+        == key
+    ):
+        return handed
+    done = {} if force else proposals_up_to_date(store, ids, fingerprint, name)
+    return ProposalPlan(bank, ids, fingerprint, name, force, done)
+
+
+#: A plan the CLI made before starting its flow in the same process (see `hand_over`).
+_HANDED: dict[str, ProposalPlan] = {}
+
+
+@contextlib.contextmanager
+def hand_over(plan: ProposalPlan) -> Iterator[None]:
+    """Within the block, the next `plan_proposals` of the same bank, scans, config, set
+    and ``force`` takes ``plan`` instead of reading two attribute documents per scan again
+    (a command plans first to exit early when there is no work; a large bank is then
+    planned once, not twice). Taken once; dropped at the block's end."""
+    _HANDED["plan"] = plan
+    try:
+        yield
+    finally:
+        _HANDED.pop("plan", None)
+
+
+def settled_report(
+    store: Any, plan: ProposalPlan, config: Mapping[str, Any], clock: RunClock
+) -> dict[str, Any]:
+    """The propose report of a plan with no work, stored in the bank like a flow run's:
+    every scan skipped as up to date, no task, no Prefect (``clock``: when the run began)."""
+    rows = plan.settled()
+    by_id = {o.scan_id: o for o in rows}
+    report = run_report(
+        "propose", plan.bank, clock, plan.settings(config), [by_id[s] for s in plan.scan_ids]
+    )
+    report["report_path"] = store.write_report("propose", report)
+    return report
 
 
 #: Rough cost model of one scan's proposals, for batching (seconds per voxel of the

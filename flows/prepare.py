@@ -338,7 +338,7 @@ def prepare_bank(
     )
     done_proposals: dict[str, int] = {}
     if proposals is not None and store is not None and plan.of(DONE):
-        from maskbank.pipeline.proposals.engine import ProposalConfig
+        from maskbank.pipeline.proposals.config import ProposalConfig
 
         fingerprint = ProposalConfig.from_dict(proposals).fingerprint()
         done = [i.scan.scan_id for i in plan.of(DONE)]

@@ -31,10 +31,8 @@ from maskbank.flows.per_scan import (
     run_scans,
     seconds_since,
 )
-from maskbank.flows.planning import proposals_up_to_date, propose_cost_s, scan_version
-from maskbank.pipeline.normalize import invert_normalization
-from maskbank.pipeline.proposals.budget import fit_byte_budget, longest_report
-from maskbank.pipeline.proposals.engine import ProposalConfig, generate_proposals
+from maskbank.flows.planning import UP_TO_DATE, plan_proposals, propose_cost_s, scan_version
+from maskbank.pipeline.proposals.config import ProposalConfig
 
 __all__ = ["propose_bank", "propose_one", "propose_scan", "raw_image", "scan_version"]
 
@@ -44,6 +42,8 @@ STALE_RETRIES = 2
 
 def raw_image(scan: Any) -> np.ndarray:
     """The scan's image in raw units (HU for CT) when the normalisation is recorded."""
+    from maskbank.pipeline.normalize import invert_normalization  # imports torch
+
     img = np.asarray(scan.read("image"), dtype=np.float32)
     norm = scan.attrs.get("normalization")
     return invert_normalization(img, norm) if norm else img
@@ -90,6 +90,10 @@ def _propose_once(
     if body is None:
         body = np.ones(image.shape, bool)
     modality = scan.modality or "mr"
+    # The engine (torch, torch_geometric: seconds to import) loads where work starts.
+    from maskbank.pipeline.proposals.budget import fit_byte_budget, longest_report
+    from maskbank.pipeline.proposals.engine import generate_proposals
+
     timings: dict = {}
     ps = generate_proposals(image, body, scan.spacing, modality, cfg, timings=timings)
     attrs = {
@@ -129,9 +133,6 @@ def propose_one(
     return propose_scan(store, scan_id, ProposalConfig.from_dict(config), force, name)
 
 
-UP_TO_DATE = "proposals up to date (same config and scan)"
-
-
 @flow(name="propose-bank", validate_parameters=True)
 def propose_bank(
     bank: str,
@@ -162,31 +163,19 @@ def propose_bank(
     if missing:
         raise ValueError(f"scans not in the bank: {missing}")
     bank_path = resolve_location(bank)  # a URL stays as it is
-    done = {} if force else proposals_up_to_date(store, ids, cfg.fingerprint(), name)
+    plan = plan_proposals(store, bank_path, ids, cfg.fingerprint(), name, force)
     rows = store.index_rows
-    plan = {"counts": {"work": len(ids) - len(done), "done": len(done)}}
-    settings = {
-        "config": cfg.to_dict(),
-        "fingerprint": cfg.fingerprint(),
-        "name": name,
-        "plan": plan["counts"],
-    }
+    settings = plan.settings(cfg.to_dict())
     if dry_run:
         report = run_report("propose", bank_path, clock, settings, [])
-        plan["work"] = [s for s in ids if s not in done]
-        return {**report, "plan": plan, "dry_run": True}
+        return {**report, "plan": {"counts": plan.counts(), "work": plan.work}, "dry_run": True}
     logger.info(
-        "proposals for %d scans: %d to make, %d up to date", len(ids), *plan["counts"].values()
+        "proposals for %d scans: %d to make, %d up to date", len(ids), *plan.counts().values()
     )
     params = {
         s: {"scan_id": s, "bank": bank_path, "config": cfg.to_dict(), "force": force, "name": name}
-        for s in ids
-        if s not in done
+        for s in plan.work
     }
-    planned = [
-        ScanOutcome(s, "skipped", UP_TO_DATE, 0.0, details={"n_proposals": n})
-        for s, n in done.items()
-    ]
     report = run_scans(
         "propose",
         propose_one,
@@ -199,7 +188,7 @@ def propose_bank(
         progress=progress,
         costs={s: propose_cost_s(rows.get(s)) for s in params},
         batch=batch,
-        planned=planned,
+        planned=plan.settled(),
         order=ids,
     )
     logger.info("propose done: %s", report["counts"])

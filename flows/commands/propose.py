@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from maskbank.flows.commands._prefect_env import apply_cli_defaults
 from maskbank.flows.commands.options import (
@@ -17,6 +18,11 @@ from maskbank.flows.commands.options import (
     open_bank_scans,
 )
 
+if TYPE_CHECKING:
+    from maskbank.flows.outcomes import RunClock
+    from maskbank.flows.planning import ProposalPlan
+    from maskbank.pipeline.proposals.config import ProposalConfig
+
 DESCRIPTION = """\
 Make class-agnostic 3D mask proposals for every scan of BANK (or --scans): supervoxels,
 their merge hierarchy over the region adjacency graph, and intensity-window connected
@@ -24,6 +30,9 @@ components, filtered by size / inside-body / not-whole-body / near-duplicates, a
 stored compactly in each scan's proposals part (see docs/bank-format.md).
 
 Scans whose proposals were made with the same options from the same scan are skipped.
+The run is planned first, from each scan's attributes: when every scan is up to date it
+prints and stores the report without starting Prefect, Dask or the
+proposal engine (so no flow run is recorded).
 
 A bank may hold several named proposal sets per scan: --name NAME stores them as set NAME
 (default: "default", the one training uses unless data.proposals says otherwise).
@@ -83,9 +92,9 @@ def add_proposal_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> ProposalConfig:
     """The engine's defaults (``ProposalConfig``) with the options that were given."""
-    from maskbank.pipeline.proposals.engine import ProposalConfig
+    from maskbank.pipeline.proposals.config import ProposalConfig
 
     kw: dict = {}
     if args.generators is not None:
@@ -160,63 +169,87 @@ def _set_name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan first, in plain code (the bank's attributes only; no Prefect, no Dask, no
+    proposal engine): a dry run, or a plan without work, prints and exits there;
+    otherwise the flow takes the plan over and runs the work."""
     try:
         cfg = config_from_args(args)
         name = _set_name(args)
     except ValueError as exc:
         print(f"maskbank propose: error: {exc}", file=sys.stderr)
         return 2
+    from maskbank.bank.writing import resolve_location
+    from maskbank.flows.outcomes import RunClock
+    from maskbank.flows.planning import hand_over, plan_proposals
+
+    clock = RunClock()  # the report's seconds: opening and planning on, as in the flow
     opened = open_bank_scans("maskbank propose", args.bank, args.scans)
     if opened is None:
         return 2
     store, ids = opened
-    if args.dry_run and args.import_from is None:
-        return _dry_run(args, store, ids, cfg, name)
-    apply_cli_defaults(args.verbose)
-    from maskbank.flows.report import format_propose_report
-
     if args.import_from is not None:
+        apply_cli_defaults(args.verbose)
         return _run_import(args, ids, name)
+    bank_path = resolve_location(args.bank)  # a URL stays as it is
+    plan = plan_proposals(
+        store, bank_path, ids or store.scan_ids, cfg.fingerprint(), name, args.force
+    )
+    if args.dry_run:
+        return _dry_run(args, plan)
+    if not plan.work:
+        return _report(args, _settled(args.bank, plan, cfg, clock))
+    apply_cli_defaults(args.verbose)
     from maskbank.flows.propose import propose_bank
 
-    report = propose_bank(
-        bank=args.bank,  # the flow resolves a local path
-        config=cfg.to_dict(),
-        scan_ids=ids,
-        force=args.force,
-        progress=not args.no_progress,
-        name=name,
-        batch=args.batch,
-        **cluster_kwargs(args),
-    )
+    with hand_over(plan):  # the flow plans these very scans: it takes this plan
+        report = propose_bank(
+            bank=args.bank,  # the flow resolves a local path
+            config=cfg.to_dict(),
+            scan_ids=ids,
+            force=args.force,
+            progress=not args.no_progress,
+            name=name,
+            batch=args.batch,
+            **cluster_kwargs(args),
+        )
+    return _report(args, report)
+
+
+def _settled(bank: str, plan: ProposalPlan, cfg: ProposalConfig, clock: RunClock) -> dict:
+    """The report of a plan with no work, stored in the bank like a flow run's."""
+    from maskbank.bank import Bank
+    from maskbank.flows.planning import settled_report
+
+    return settled_report(Bank.open(bank, mode="a"), plan, cfg.to_dict(), clock)
+
+
+def _report(args: argparse.Namespace, report: dict) -> int:
+    """Print a run's report (table or JSON); the exit status: 1 when any scan failed."""
+    from maskbank.flows.report import format_propose_report
+
     print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
     return 1 if report["counts"].get("failed") else 0
 
 
-def _dry_run(args: argparse.Namespace, store, ids: list[str] | None, cfg, name: str) -> int:
-    """The proposals plan in plain code: which scans are up to date, which are work."""
-    from maskbank.flows.planning import proposals_up_to_date
-
-    ids = list(ids) if ids else store.scan_ids
-    done = {} if args.force else proposals_up_to_date(store, ids, cfg.fingerprint(), name)
-    work = [s for s in ids if s not in done]
+def _dry_run(args: argparse.Namespace, plan: ProposalPlan) -> int:
+    """The proposals plan: which scans are up to date, which are work."""
+    work = plan.work
     if args.json:
-        plan = {"counts": {"work": len(work), "done": len(done)}, "work": work}
-        print(json.dumps({"dry_run": True, "bank": args.bank, "plan": plan}, indent=1))
+        plan_json = {"counts": plan.counts(), "work": work}
+        print(json.dumps({"dry_run": True, "bank": args.bank, "plan": plan_json}, indent=1))
         return 0
     shown = ", ".join(work[:20]) + (f", ... ({len(work) - 20} more)" if len(work) > 20 else "")
     if work:
         print(f"to make: {shown}")
     print(
-        f"plan: {len(work)} scans need proposals set {name!r}, {len(done)} are up to date "
-        f"(dry run, bank {args.bank})"
+        f"plan: {len(work)} scans need proposals set {plan.name!r}, {len(plan.done)} are up to "
+        f"date (dry run, bank {args.bank})"
     )
     return 0
 
 
 def _run_import(args: argparse.Namespace, ids: list[str] | None, name: str) -> int:
     from maskbank.flows.import_masks import import_masks, mask_sources
-    from maskbank.flows.report import format_propose_report
 
     try:
         mask_sources(args.import_from)  # a bad source is a usage error, before any task
@@ -231,5 +264,4 @@ def _run_import(args: argparse.Namespace, ids: list[str] | None, name: str) -> i
         progress=not args.no_progress,
         **cluster_kwargs(args),
     )
-    print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
-    return 1 if report["counts"].get("failed") else 0
+    return _report(args, report)
