@@ -125,6 +125,22 @@ class Cluster:
         kwargs.update(dashboard_address=None, silence_logs=logging.WARNING)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
+    def parallelism(self) -> int:
+        """Scans run at once: ``workers``, or on an existing cluster the threads its
+        workers have now if that is more (an adaptive cluster that has not grown yet
+        has fewer; ``workers`` then names its largest size)."""
+        workers = max(1, int(self.workers))
+        if not self.dask_address:
+            return workers
+        from distributed import Client
+
+        try:
+            with Client(self.dask_address, timeout="30s") as client:
+                threads = sum(client.nthreads().values())
+        except OSError as exc:
+            raise OSError(f"no Dask scheduler answers at {self.dask_address}: {exc}") from exc
+        return max(workers, threads)
+
     @contextlib.contextmanager
     def shared_torch_threads(self) -> Iterator[None]:
         """While scans run as threads of this process, give each scan's torch kernels
@@ -256,7 +272,7 @@ def run_per_scan(
 
     ids = list(params)
     per_scan = [(costs or {}).get(s, 1.0) for s in ids]
-    workers = max(1, int(cluster.workers))
+    workers = cluster.parallelism() if ids else 1
     pending = deque(
         [
             [{"params": params[ids[i]], "crash": (crash_details or {}).get(ids[i], {})} for i in b]

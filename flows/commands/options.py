@@ -30,7 +30,8 @@ def add_workers_option(p: argparse.ArgumentParser, default: int | None = None) -
         type=positive_int,
         default=min(4, os.cpu_count() or 1) if default is None else default,
         metavar="N",
-        help=f"scans in parallel on a local Dask cluster (default: {shown})",
+        help=f"scans in parallel on a local Dask cluster (default: {shown}); with "
+        "--dask-address, at least this many (the cluster's threads if it has more)",
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from maskbank.bank import Bank
+from maskbank.flows.per_scan import Cluster
 from maskbank.pipeline.phantom import make_phantom
 from tests.flows.cli_run import DECODE, ENV, MASKBANK, REPO
 
@@ -170,6 +171,8 @@ def test_prepare_and_propose_survive_a_killed_dask_worker(
     with Client(address, timeout=60) as client:
         client.wait_for_workers(2, timeout=120)
         pids = client.run(os.getpid)  # worker address -> pid (the nanny's child)
+        # the run sizes its batches by the cluster's threads, not by --workers alone
+        assert Cluster(workers=1, dask_address=address).parallelism() == 2
 
         # 10 scans in batches of 2: five Dask tasks for two single-threaded workers
         prepare = [str(inputs), "--bank", str(bank), "--spacing", "3", "--batch", "2"]
