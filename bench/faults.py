@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-from maskbank.bank import Bank  # noqa: E402
+from maskbank.bank import Bank, index_rows  # noqa: E402
 from maskbank.bank.layout import STAGING_DIR, TRASH_DIR  # noqa: E402
 from maskbank.pipeline.phantom import make_phantom  # noqa: E402
 from maskbank.pipeline.reader import sha256_of  # noqa: E402
@@ -71,6 +71,7 @@ FAULTS = (
     "disk-full",
     "corrupt-shard",
     "corrupt-index",
+    "corrupt-row",
     "corrupt-checkpoint",
     "hostile-files",
 )
@@ -548,6 +549,39 @@ def corrupt_index(s: Suite) -> Trial:
     return s.finish(s.check(bank), t_fault, *notes)
 
 
+def corrupt_row(s: Suite) -> Trial:
+    """Damage one scan's index row file and leave the temp row of a killed writer beside it;
+    `verify` must report both; `maskbank verify --repair` must mend them."""
+    bank = s.tmp("corrupt-row") / "bank"
+    shutil.copytree(s.prepared["bank"], bank)
+    ref = Bank.open(bank)
+    sid = s.rng.choice(ref.scan_ids)
+    path = index_rows.row_path(bank, sid)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(index_rows.row_text(sid, ref.row(sid)), encoding="utf-8")
+    what = _flip_or_truncate(s, path)
+    temp = path.parent / f".{sid}.json.{s.rng.getrandbits(32):08x}.tmp"
+    temp.write_text(index_rows.row_text(sid, ref.row(sid))[:40], encoding="utf-8")
+    t_fault = time.monotonic()
+    notes = []
+    found = Bank.open(bank, strict_index=False).verify()
+    if not any(temp.name in p and p.startswith("leftover") for p in found):
+        notes.append(f"verify did not report the leftover {temp.name}")
+    try:
+        same = Bank.open(bank).index == ref.index  # a flip that keeps the row: harmless
+    except Exception:
+        same = False
+    named = (f"corrupt index row {path.parent.name}/{sid}.json", f"{sid}: index row differs")
+    if not same and not any(p.startswith(named) for p in found):
+        notes.append(f"verify did not report the damaged row of {sid} after: {what}")
+    notes += s.must(s.run(s.maskbank("verify", "--repair", str(bank))), "verify --repair")
+    if [p.name for p in path.parent.iterdir()]:
+        notes.append(
+            f"row files left after verify --repair: {sorted(p.name for p in path.parent.iterdir())}"
+        )
+    return s.finish(s.check(bank), t_fault, *notes)
+
+
 def corrupt_checkpoint(s: Suite) -> Trial:
     """Damage the checkpoint a run would resume from: `--resume` must refuse it with exit 2
     and a message (no traceback); `--resume-from` an older one must still end exactly like
@@ -650,6 +684,7 @@ RUNNERS: dict[str, Callable[[Suite], Trial]] = {
     "disk-full": disk_full,
     "corrupt-shard": corrupt_shard,
     "corrupt-index": corrupt_index,
+    "corrupt-row": corrupt_row,
     "corrupt-checkpoint": corrupt_checkpoint,
     "hostile-files": hostile_files,
 }

@@ -103,12 +103,19 @@ def test_concurrent_publishers_and_a_compaction_lose_nothing(bank: Bank) -> None
     procs = [spawn(root, t, n) for t in tags] + [spawn(root, "z", 0, "compact")]
     reader = Bank.open(root)
     before: dict[str, int] = {}
-    while any(p.poll() is None for p in procs[:-1]):
-        now = seen(reader)  # while rows are published and folded: nothing ever vanishes
-        assert set(before) <= set(now), sorted(set(before) - set(now))
-        before = now
-    (root / "stop").touch()
-    assert [p.wait(timeout=60) for p in procs] == [0] * 4, [p.stderr.read() for p in procs]
+    try:
+        while any(p.poll() is None for p in procs[:-1]):
+            now = seen(reader)  # while rows are published and folded: nothing ever vanishes
+            assert set(before) <= set(now), sorted(set(before) - set(now))
+            before = now
+    finally:
+        (root / "stop").touch()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * 4, [p.stderr.read() for p in procs]
     assert seen(reader) == expected(tags, n)
     assert bank.compact_index() >= 0
     assert pending_files(root) == []
