@@ -70,6 +70,9 @@ from .segmenters import (
     refuse_untrained_incontext,
 )
 from .structures import LabelledScan, StructureClass, find_classes, labelled_scans, require_classes
+from .zoom import FIT as ZOOM_FIT
+from .zoom import MODES as ZOOM_MODES
+from .zoom import OFF as ZOOM_OFF
 
 __all__ = [
     "FIXED",
@@ -109,6 +112,9 @@ class InContextOptions:
     fp_min_voxels: int = FP_MIN_VOXELS  # a false-positive component of an absent class
     bootstrap: int = aggregate.BOOTSTRAP
     label_names: dict[int, str] | None = None  # value -> name, settles conflicting names
+    # Scale-normalised inference (zoom.py): fit | off, and the coarsest scale allowed.
+    reference_zoom: str = ZOOM_FIT
+    max_zoom: float = 4.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +130,13 @@ class InContextOptions:
             raise EvaluationError(f"--fp-min-voxels must be >= 1, got {self.fp_min_voxels}")
         if self.repeats < 1:
             raise EvaluationError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.reference_zoom not in ZOOM_MODES:
+            raise EvaluationError(
+                f"--reference-zoom must be one of {', '.join(ZOOM_MODES)}, "
+                f"got {self.reference_zoom!r}"
+            )
+        if not self.max_zoom >= 1:
+            raise EvaluationError(f"--max-zoom must be >= 1, got {self.max_zoom}")
 
     @property
     def max_shots(self) -> int:
@@ -221,6 +234,12 @@ def summarise(planned: InContextPlan, scored: Scored, options: InContextOptions)
         for r in runners
         if not isinstance(r, InContextEvaluator) and hasattr(r, "stats")
     }
+    if options.reference_zoom != ZOOM_OFF:  # the scale each class was evaluated at
+        results["reference_scales"] = {
+            r.label: dict(sorted(r.scales.items()))
+            for r in runners
+            if isinstance(r, InContextEvaluator)
+        }
     return InContextResult(results, scored.overlays)
 
 

@@ -146,7 +146,8 @@ def _query_row(
         "seconds": seconds,
         "passes": passes,
         "windows": (
-            window_count(query.image.shape, runner.crop, options.overlap) * passes
+            getattr(runner, "windows", None)  # a network counts its own (zoomed passes)
+            or window_count(query.image.shape, runner.crop, options.overlap) * passes
             if runner.crop
             else None
         ),

@@ -114,7 +114,7 @@ def _network_row(s: dict[str, Any], k0: int) -> dict[str, Any]:
 
 def options_record(options: InContextOptions, window: int | None) -> dict[str, Any]:
     """The options as ``results.json`` records them (what ``compare`` checks)."""
-    return {
+    record = {
         "shots": list(options.shots),
         "references": options.references,
         "repeats": options.repeats if options.references == RANDOM_REFS else 1,
@@ -131,6 +131,9 @@ def options_record(options: InContextOptions, window: int | None) -> dict[str, A
         ),
         "window": window,
     }
+    if options.reference_zoom != "off":  # recorded when on, so earlier runs still compare
+        record.update(reference_zoom=options.reference_zoom, max_zoom=options.max_zoom)
+    return record
 
 
 def summarise(

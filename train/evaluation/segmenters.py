@@ -19,8 +19,9 @@ from maskbank.train.incontext_net import TaskEmbedding
 
 from .checkpoint import LoadedNetwork
 from .errors import EvaluationError
-from .sliding import iter_sliding_probabilities, task_groups
-from .structures import LabelledScan, StructureClass, centred_crop, median_foreground
+from .sliding import iter_sliding_probabilities, task_groups, window_count
+from .structures import LabelledScan, StructureClass, median_foreground
+from .zoom import reduce, reference_crop, reference_scale, restore, zoomed_shape
 
 if TYPE_CHECKING:
     from .incontext import InContextOptions
@@ -41,7 +42,12 @@ class Segmenter(Protocol):
 
 
 class InContextEvaluator:
-    """A loaded network as a ``Segmenter``: task embeddings from references, then windows."""
+    """A loaded network as a ``Segmenter``: task embeddings from references, then windows.
+
+    With ``options.reference_zoom`` (``zoom.py``) each class is seen at the scale its
+    references choose: classes of one scale share the passes over the query averaged down
+    to that scale, and their probabilities come back on the query's grid.
+    """
 
     def __init__(self, net: LoadedNetwork, options: InContextOptions) -> None:
         self.net = net
@@ -51,18 +57,30 @@ class InContextEvaluator:
         self.device = torch.device(options.device)
         self.model = net.model.to(self.device).eval()
         self.max_group = net.task_group
-        self._tasks: dict[tuple[str, int], TaskEmbedding] = {}
+        self._tasks: dict[tuple[str, int, float], TaskEmbedding] = {}
+        self._scales: dict[tuple[str, int], float] = {}
+        self.scales: dict[str, float] = {}  # class key -> the scale it was evaluated at
+        self.windows = 0  # windows run over the last query (every pass, every scale)
+
+    def reference_scale(self, scan: LabelledScan, value: int) -> float:
+        """The scale one reference of a class asks for (1 without a reference zoom)."""
+        key = (scan.scan_id, value)
+        if key not in self._scales:
+            self._scales[key] = reference_scale(
+                scan.mask(value), self.net.crop, self.options.reference_zoom, self.options.max_zoom
+            )
+        return self._scales[key]
 
     @torch.no_grad()
-    def reference_tasks(self, scan: LabelledScan, value: int) -> TaskEmbedding:
+    def reference_tasks(self, scan: LabelledScan, value: int, scale: float = 1.0) -> TaskEmbedding:
         """(class, global) embedding of one reference: the crop centred on the class."""
-        key = (scan.scan_id, value)
+        key = (scan.scan_id, value, scale)
         if key not in self._tasks:
             size = self.net.crop
             mask = scan.mask(value)
             centre = median_foreground(mask)
-            image = centred_crop(scan.image, centre, size, float(scan.image.min()))
-            masks = np.stack([centred_crop(mask, centre, size, False), np.ones((size,) * 3, bool)])
+            image, crop_mask = reference_crop(scan.image, mask, centre, size, scale)
+            masks = np.stack([crop_mask, np.ones((size,) * 3, np.float32)])
             img_t = torch.from_numpy(image)[None, None].to(self.device)
             mask_t = torch.from_numpy(masks)[None].float().to(self.device)
             self._tasks[key] = self.model.encode_tasks(img_t, mask_t)
@@ -73,35 +91,57 @@ class InContextEvaluator:
     ) -> Iterator[tuple[list[int], np.ndarray]]:
         """Probabilities of the given classes, one fixed task group at a time.
 
-        The global task is the mean over every reference of every task given, so for one
-        task list it is the same whatever the query.
+        A class's scale is the largest its references ask for. Per scale, in increasing
+        order, its classes run in fixed groups over the query at that scale; the global
+        task is the mean over every reference of every task given, encoded at that scale,
+        so for one task list it is the same whatever the query.
         """
+        scales = [max(self.reference_scale(r, c.value) for r in refs) for c, refs in tasks]
+        for (cls, _), s in zip(tasks, scales, strict=True):
+            self.scales[cls.key] = s
+        self.windows = 0
+        for scale in sorted(set(scales)):
+            ids = [i for i, s in enumerate(scales) if s == scale]
+            yield from self._segment_at(query, tasks, ids, scale)
+
+    def _segment_at(
+        self,
+        query: LabelledScan,
+        tasks: list[tuple[StructureClass, list[LabelledScan]]],
+        ids: list[int],
+        scale: float,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Tasks ``ids`` (indices into ``tasks``) over the query seen at ``scale``."""
         per_class, globals_ = [], []
         with torch.no_grad():
-            for cls, refs in tasks:
-                embs = [self.reference_tasks(r, cls.value) for r in refs]
-                shots = TaskEmbedding.cat_batch(embs)
-                per_class.append(shots.select([0]).mean())
+            for i, (cls, refs) in enumerate(tasks):
+                shots = TaskEmbedding.cat_batch(
+                    [self.reference_tasks(r, cls.value, scale) for r in refs]
+                )
+                if i in ids:
+                    per_class.append(shots.select([0]).mean())
                 globals_.append(shots.select([1]))
             classes = TaskEmbedding.cat(per_class)
             global_task = TaskEmbedding.cat_batch(globals_).mean()
-        groups = task_groups(
-            len(tasks), query.image.size, self.max_group, self.options.max_output_bytes
-        )
+        full = query.image.shape
+        image = query.image if scale == 1 else reduce(query.image, zoomed_shape(full, scale))
+        groups = task_groups(len(ids), image.size, self.max_group, self.options.max_output_bytes)
+        self.windows += window_count(image.shape, self.net.crop, self.options.overlap) * len(groups)
 
-        def predict(x: torch.Tensor, ids: list[int]) -> torch.Tensor:
-            group = TaskEmbedding.cat([classes.select(ids), global_task])
-            return self.model.segment(x, group)[:, : len(ids)]
+        def predict(x: torch.Tensor, local: list[int]) -> torch.Tensor:
+            group = TaskEmbedding.cat([classes.select(local), global_task])
+            return self.model.segment(x, group)[:, : len(local)]
 
-        return iter_sliding_probabilities(
+        for local, probs in iter_sliding_probabilities(
             predict,
-            query.image,
+            image,
             groups,
             self.net.crop,
             overlap=self.options.overlap,
             window_batch=self.options.window_batch,
             device=self.device,
-        )
+        ):
+            yield [ids[j] for j in local], restore(probs, full)
 
 
 def refuse_untrained_incontext(net: LoadedNetwork) -> None:

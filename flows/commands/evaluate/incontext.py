@@ -30,7 +30,8 @@ Every query is segmented for every class of its dataset, whatever its own label 
 holds (a class's prediction never depends on the query's labels): a reference crop of
 the training crop size centred on the class (several references averaged) gives the
 task; the whole query is segmented by sliding windows (overlap 0.5, Gaussian blending,
-sigmoid, probability >= 0.5). Present classes are scored by Dice, HD95, ASD (mm) and
+sigmoid, probability >= 0.5). A class too large for the crop is evaluated on a coarser
+grid that frames it (--reference-zoom), its probabilities interpolated back. Present classes are scored by Dice, HD95, ASD (mm) and
 normalised surface Dice at --tolerance-mm; a miss takes a fixed 500 mm surface
 distance. Absent classes are scored by their false positives.
 
@@ -102,6 +103,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="bootstrap resamples of the confidence intervals (default 1000)",
     )
     p.add_argument(
+        "--reference-zoom",
+        choices=("off", "fit"),
+        default=None,
+        help="scale-normalised inference. fit: a class is evaluated on a grid coarse enough "
+        "that its reference crop shows it whole with context (its longest extent at most "
+        "half the crop), but fine enough to keep its thinnest extent >= 8 voxels; reference "
+        "and query are averaged down, the probabilities interpolated back. off: every class "
+        "on the full grid (default: fit)",
+    )
+    p.add_argument(
+        "--max-zoom",
+        type=float,
+        default=None,
+        metavar="S",
+        help="coarsest scale --reference-zoom fit may choose, of 1, 1.5, 2, 3, 4 (default 4)",
+    )
+    p.add_argument(
         "--label-names",
         default=None,
         metavar="FILE",
@@ -143,7 +161,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     bank, ids = opened
     try:
+        zoom = {
+            k: v
+            for k, v in (("reference_zoom", args.reference_zoom), ("max_zoom", args.max_zoom))
+            if v is not None
+        }
         options = incontext.InContextOptions(
+            **zoom,
             shots=parse_shots(args.shots),
             references=args.references,
             repeats=args.repeats,

@@ -1,0 +1,107 @@
+"""Scale-normalised in-context inference: a coarser grid for classes the crop cannot frame.
+
+The network sees a reference crop of its training size (32^3 voxels for ``tiny``) centred
+on the class. A large structure (a liver, a lung at 1.5 mm) fills that crop: its mask
+then carries no boundary, and every query voxel that looks like the inside matches. With
+a reference zoom, such a class is evaluated at a coarser scale ``s``: the reference crop
+covers ``s`` times the extent (``round(crop * s)`` voxels, averaged down to the crop), the
+query is averaged down by the same factor, the sliding windows run there, and the
+probabilities are interpolated back to the query's grid before the threshold.
+
+``s`` comes from the reference's mask alone (never from the query), from a fixed ladder
+(``STEPS``, capped at ``max_zoom``) so classes of one scale share their sliding passes.
+Two constraints set it (``fit``):
+
+* **frame**: the structure's longest bounding-box extent should span at most
+  ``FIT_SHARE`` (half) of the crop, so the reference mask shows the structure with
+  context around it: the smallest step ``s >= longest / (FIT_SHARE * crop)``;
+* **resolve**: its shortest extent should keep ``MIN_VOXELS`` voxels at that scale (two
+  cells of the 4-voxel grid where the ``tiny`` readout matches reference and query), so
+  thin or small structures are never averaged away: ``s <= shortest / MIN_VOXELS``.
+
+Where they conflict, resolve wins (the largest step it allows); a structure that already
+fits, a small one, or a thin one (an aorta) keeps scale 1. Images and masks are reduced
+by area averaging (anti-aliased; masks become occupancies in [0, 1]); probabilities come
+back trilinearly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .structures import centred_crop
+
+OFF, FIT = "off", "fit"
+MODES = (OFF, FIT)
+STEPS = (1.0, 1.5, 2.0, 3.0, 4.0)  # the scales a class may take (shared passes)
+FIT_SHARE = 0.5  # the longest extent spans at most this share of the crop ...
+MIN_VOXELS = 8  # ... unless the shortest would fall under this many voxels
+
+
+def steps(max_zoom: float) -> list[float]:
+    """The ladder up to ``max_zoom`` (always holding 1)."""
+    return [s for s in STEPS if s <= max_zoom] or [1.0]
+
+
+def reference_scale(mask: np.ndarray, crop: int, mode: str = FIT, max_zoom: float = 4.0) -> float:
+    """The scale at which a class with reference ``mask`` is seen (module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"reference zoom must be one of {MODES}, got {mode!r}")
+    if mode == OFF or not mask.any():
+        return 1.0
+    extents = [int(a.max() - a.min()) + 1 for a in np.nonzero(mask)]
+    frame = max(extents) / (FIT_SHARE * crop)
+    resolve = min(extents) / MIN_VOXELS
+    allowed = [s for s in steps(max_zoom) if s <= max(1.0, resolve)]
+    return next((s for s in allowed if s >= frame), allowed[-1])
+
+
+def side(crop: int, scale: float) -> int:
+    """Voxels of the full-resolution region a crop at ``scale`` covers."""
+    return max(crop, int(round(crop * scale)))
+
+
+def zoomed_shape(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
+    """The grid of a volume of ``shape`` seen at ``scale`` (at least 1 voxel per axis)."""
+    return tuple(max(1, int(round(n / scale))) for n in shape)
+
+
+def reduce(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Area average of a 3-D volume onto ``shape`` (float32)."""
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    if tuple(t.shape[-3:]) == tuple(shape):
+        return t[0, 0].numpy()
+    return F.interpolate(t, size=tuple(shape), mode="area")[0, 0].numpy()
+
+
+def reference_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    centre: tuple[int, ...],
+    crop: int,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (image, mask) crop of ``crop``^3 voxels around ``centre`` at ``scale``.
+
+    At scale 1 it is the plain centred crop (mask as 0/1); above, the region of
+    ``side(crop, scale)`` voxels averaged down to the crop. Outside the scan the image is
+    its minimum and the mask 0, as in pretraining.
+    """
+    fill = float(image.min())
+    n = side(crop, scale)
+    img = centred_crop(image, centre, n, fill)
+    msk = centred_crop(mask, centre, n, False).astype(np.float32)
+    if n == crop:
+        return img, msk
+    return reduce(img, (crop,) * 3), reduce(msk, (crop,) * 3)
+
+
+def restore(probs: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Probabilities (K, *zoomed) back onto the query grid ``shape``, trilinear."""
+    if tuple(probs.shape[1:]) == tuple(shape):
+        return probs
+    t = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+    out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0].clamp_(0.0, 1.0).numpy()
