@@ -473,6 +473,8 @@ class Bank:
     def recover(self, grace_s: float | None = None) -> list[str]:
         """Finish or undo writes interrupted by a crash; fix the index; return actions taken.
 
+        On a local bank it also folds the pending index rows into index.json
+        (`compact_index`; routine, so not an action), which is why every flow ends with it.
         On an object store: remove leftovers (objects no live row names) older than
         ``grace_s`` (default ``object_store.GRACE_S``) and refresh a lagging index.json.
         """
