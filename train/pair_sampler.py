@@ -40,6 +40,7 @@ crops lie (``train.crop_placement``), which K proposals it trains on
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections import OrderedDict
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from maskbank.bank import Bank
 from maskbank.bank.sampling import ChunkCache
 from maskbank.train.crop_masks import ProposalIndex, crop_pieces, pieces_min
 from maskbank.train.crop_placement import (
@@ -64,6 +66,7 @@ from maskbank.train.scan_choice import (
     SamplerError,
     bank_fingerprint,
     eligible_rows,
+    gc_paused,
     open_bank,
     scan_weights,
 )
@@ -137,16 +140,21 @@ class PairStream(IterableDataset):
         self.compact = bool(compact)
         self.chunks = ChunkCache(int(chunk_cache_mb * 2**20))
         # Validate eagerly in the parent (clear errors before workers fork), keep only
-        # plain data; the Bank object itself is re-opened lazily per process.
-        b = open_bank(self.location)
-        rows = eligible_rows(b, cfg, report=self.rank == 0)  # skipped scans: one warning
-        self.scan_ids = [r["scan_id"] for r in rows]
-        self.probs = scan_weights(rows, cfg)
-        self.fingerprint = bank_fingerprint(b, cfg.proposals)
-        # The image type of this stream's batches, set once here: float32, or (compact) the
-        # crops' type of the bank's first scan -- prepared banks store one type throughout;
-        # a pair from a scan of another type is restacked in ``batch``.
-        self.image_dtype = self._crop_image_dtype(stored_image_dtype(b.scan(self.scan_ids[0])))
+        # plain data; the Bank object itself is re-opened lazily per process. An open Bank
+        # given is read as it is (not opened again here: a second per 100,000 scans). The
+        # bank opened here is read and dropped with the collector off (``gc_paused``).
+        with gc_paused():
+            b = bank if isinstance(bank, Bank) else open_bank(self.location)
+            rows = eligible_rows(b, cfg, report=self.rank == 0)  # skipped scans: one warning
+            self.scan_ids = [r["scan_id"] for r in rows]
+            self.probs = scan_weights(rows, cfg)
+            self.fingerprint = bank_fingerprint(b, cfg.proposals)
+            # The image type of this stream's batches, set once here: float32, or (compact)
+            # the crops' type of the bank's first scan -- prepared banks store one type
+            # throughout; a pair from a scan of another type is restacked in ``batch``.
+            first = stored_image_dtype(b.scan(self.scan_ids[0]))
+            del b, rows
+        self.image_dtype = self._crop_image_dtype(first)
         self._bank = None
         self._scans: OrderedDict[str, OpenScan] = OrderedDict()
         self._pid = os.getpid()
@@ -173,7 +181,13 @@ class PairStream(IterableDataset):
             self._bank, self._scans, self._pid = None, OrderedDict(), os.getpid()
             self.chunks = ChunkCache(int(self.chunk_cache_mb * 2**20))
         if self._bank is None:
-            self._bank = open_bank(self.location)
+            with gc_paused():
+                self._bank = open_bank(self.location)
+                if get_worker_info() is not None:
+                    # A DataLoader worker keeps its bank (and what it inherited) for life:
+                    # frozen, the collector never walks them again, and never writes into
+                    # the parent's pages (which would copy them into this worker).
+                    gc.freeze()
         if scan_id in self._scans:
             self._scans.move_to_end(scan_id)
             return self._scans[scan_id]
