@@ -92,6 +92,7 @@ EVERY_DATA_KEY = {
     "val_fraction": 0.0,
     "max_anchor_tries": 7,
     "pairs_per_scan_visit": 3,
+    "short_scans": "refuse",
 }
 
 
