@@ -37,6 +37,7 @@ from torch import nn
 from maskbank.train.augment import PairAugmenter
 from maskbank.train.pair_sampler import PairStream, SamplerError, open_bank
 from maskbank.train.run_config import DataConfig, TrainConfig
+from maskbank.train.scan_choice import gc_paused
 from maskbank.train.seeding import torch_generator
 
 VAL_SEED = 0x7A11D  # the validation pairs do not depend on the run's seed
@@ -68,7 +69,7 @@ def split_scans(bank, data: DataConfig) -> tuple[tuple[str, ...] | None, list[st
     ``data.val_fraction`` of the training scans (at least one), the lowest id hashes.
     Training keeps every other scan; none left is an error.
     """
-    ids = [r["scan_id"] for r in bank.index]
+    ids = bank.scan_ids  # sorted, as the rows were; no copy of every row
     pool = list(data.scans) if data.scans is not None else ids
     if data.val_scans:
         missing = sorted(set(data.val_scans) - set(ids))
@@ -80,7 +81,8 @@ def split_scans(bank, data: DataConfig) -> tuple[tuple[str, ...] | None, list[st
         val = sorted(sorted(pool, key=_hash_key)[:n])
     else:
         return data.scans, []
-    train = tuple(s for s in pool if s not in set(val))
+    held_out = set(val)
+    train = tuple(s for s in pool if s not in held_out)
     if not train:
         raise SamplerError(
             f"no training scans left after holding out {len(val)} for validation "
@@ -256,5 +258,7 @@ def write_record(metrics_file, writer, step: int, numbers: dict[str, float]) -> 
 
 
 def resolve_validation(bank: str, data: DataConfig) -> tuple[tuple[str, ...] | None, list[str]]:
-    """``split_scans`` on the bank at ``bank`` (opened read-only)."""
-    return split_scans(open_bank(bank), data)
+    """``split_scans`` on the bank at ``bank`` (opened read-only, with the collector held
+    while its rows are read: see `gc_paused`)."""
+    with gc_paused():
+        return split_scans(open_bank(bank), data)
