@@ -115,6 +115,7 @@ class InContextOptions:
     # Scale-normalised inference (zoom.py): fit | off, and the coarsest scale allowed.
     reference_zoom: str = ZOOM_FIT
     max_zoom: float = 4.0
+    zoom_refine: bool = True  # zoomed classes again one step finer, inside their coarse gate
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -132,7 +132,11 @@ def options_record(options: InContextOptions, window: int | None) -> dict[str, A
         "window": window,
     }
     if options.reference_zoom != "off":  # recorded when on, so earlier runs still compare
-        record.update(reference_zoom=options.reference_zoom, max_zoom=options.max_zoom)
+        record.update(
+            reference_zoom=options.reference_zoom,
+            max_zoom=options.max_zoom,
+            zoom_refine=options.zoom_refine,
+        )
     return record
 
 

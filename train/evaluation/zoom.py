@@ -23,9 +23,16 @@ Where they conflict, resolve wins (the largest step it allows); a structure that
 fits, a small one, or a thin one (an aorta) keeps scale 1. Images and masks are reduced
 by area averaging (anti-aliased; masks become occupancies in [0, 1]); probabilities come
 back trilinearly.
+
+Coarse to fine (``zoom_refine``): a class seen at ``s > 1`` is segmented again at the
+next finer step of the ladder, but only inside its gate, the coarse prediction dilated
+by ``GATE_CELLS`` coarse voxels: the coarse scale finds the structure, the finer one
+draws its boundary.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -38,6 +45,7 @@ MODES = (OFF, FIT)
 STEPS = (1.0, 1.5, 2.0, 3.0, 4.0)  # the scales a class may take (shared passes)
 FIT_SHARE = 0.5  # the longest extent spans at most this share of the crop ...
 MIN_VOXELS = 8  # ... unless the shortest would fall under this many voxels
+GATE_CELLS = 2  # coarse-to-fine: the finer pass is kept this many coarse voxels around
 
 
 def steps(max_zoom: float) -> list[float]:
@@ -105,3 +113,26 @@ def restore(probs: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
     out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
     return out[0].clamp_(0.0, 1.0).numpy()
+
+
+def finer_step(scale: float) -> float:
+    """The ladder's step below ``scale`` (1 stays 1)."""
+    return max((s for s in STEPS if s < scale), default=1.0)
+
+
+def gate(probs: np.ndarray, scale: float) -> np.ndarray:
+    """The coarse prediction (``probs >= 0.5``) dilated by ``GATE_CELLS`` coarse voxels
+    (a cube of ``ceil(GATE_CELLS * scale)`` voxels each way on the query grid)."""
+    mask = torch.from_numpy(np.ascontiguousarray(probs >= 0.5, dtype=np.float32))[None, None]
+    r = int(math.ceil(GATE_CELLS * scale))
+    return F.max_pool3d(mask, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """The smallest box holding every voxel of a non-empty ``mask``, grown by ``margin``
+    voxels each way within the volume."""
+    idx = np.nonzero(mask)
+    return tuple(
+        slice(max(0, int(a.min()) - margin), min(n, int(a.max()) + 1 + margin))
+        for a, n in zip(idx, mask.shape, strict=True)
+    )

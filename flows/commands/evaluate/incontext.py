@@ -120,6 +120,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="coarsest scale --reference-zoom fit may choose, of 1, 1.5, 2, 3, 4 (default 4)",
     )
     p.add_argument(
+        "--no-zoom-refine",
+        action="store_true",
+        help="keep a zoomed class's coarse prediction; by default it is segmented again one "
+        "step finer, inside its coarse prediction dilated by two coarse voxels",
+    )
+    p.add_argument(
         "--label-names",
         default=None,
         metavar="FILE",
@@ -166,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
             for k, v in (("reference_zoom", args.reference_zoom), ("max_zoom", args.max_zoom))
             if v is not None
         }
+        if args.no_zoom_refine:
+            zoom["zoom_refine"] = False
         options = incontext.InContextOptions(
             **zoom,
             shots=parse_shots(args.shots),

@@ -14,6 +14,7 @@ from maskbank.train.evaluation.structures import median_foreground
 from maskbank.train.evaluation.zoom import (
     FIT,
     OFF,
+    gate,
     reduce,
     reference_crop,
     reference_scale,
@@ -81,24 +82,39 @@ def _boxes(seed: int, arrays: dict, attrs: dict) -> None:
 def test_zoomed_classes_come_back_at_the_query_shape(tmp_path):
     bank = Bank.open(write_labelled_phantoms(tmp_path / "bank", n=3, edit=_boxes))
     net = load_network("random", "tiny", seed=1)
-    seen: dict[tuple[str, str], tuple] = {}
 
-    def keep(label, job, cls, prob):
-        seen[(job.query.scan_id, cls.name)] = (prob.shape, job.query.image.shape)
+    def run(**zoom) -> tuple[dict, dict]:
+        seen: dict[tuple[str, str], np.ndarray] = {}
 
-    options = InContextOptions(bootstrap=20, max_figures=0)  # fit, the default
-    res = incontext.run(bank, [net], options, on_prediction=keep)
+        def keep(label, job, cls, prob):
+            assert prob.shape == job.query.image.shape
+            seen[(job.query.scan_id, cls.name)] = prob
+
+        options = InContextOptions(bootstrap=20, max_figures=0, **zoom)
+        return incontext.run(bank, [net], options, on_prediction=keep).data, seen
+
+    res, refined = run()  # fit with the coarse-to-fine pass: the defaults
     assert res["reference_scales"][net.label] == {"phantom-ct/big": 3.0, "phantom-ct/small": 1.0}
     assert res["options"]["reference_zoom"] == FIT and res["options"]["max_zoom"] == 4.0
-    assert len(seen) == 2 * 2  # two queries, both classes
-    assert all(shape == full for shape, full in seen.values())
-    off_options = InContextOptions(bootstrap=20, max_figures=0, reference_zoom=OFF)
-    off = incontext.run(bank, [net], off_options)
-    assert "reference_scales" not in off.data and "reference_zoom" not in off["options"]
+    assert res["options"]["zoom_refine"] is True
+    assert len(refined) == 2 * 2  # two queries, both classes
+    off, _ = run(reference_zoom=OFF)
+    assert "reference_scales" not in off and "reference_zoom" not in off["options"]
+    coarse_res, coarse = run(zoom_refine=False)
     # Off: 2 x 2 x 2 windows of 32 over 48 x 48 x 40. Zoomed: those for the small class,
     # and one window over the 16 x 16 x 13 grid at scale 3 for the big one.
     assert {q["windows"] for q in off["queries"]} == {8}
-    assert {q["windows"] for q in res["queries"]} == {8 + 1}
+    assert {q["windows"] for q in coarse_res["queries"]} == {8 + 1}
+    # Coarse to fine: the big class again at scale 2 (one window), kept inside its gate.
+    windows = {q["query"]: q["windows"] for q in res["queries"]}
+    live = 0
+    for query in ("ct-01", "ct-02"):
+        near = gate(coarse[(query, "big")], 3.0)
+        assert not refined[(query, "big")][~near].any()
+        assert windows[query] == 8 + 1 + int(near.any())
+        live += int(near.any())
+        assert np.array_equal(refined[(query, "small")], coarse[(query, "small")])
+    assert live  # the refinement ran at least once
 
 
 def test_bad_zoom_options_are_refused():
