@@ -93,3 +93,43 @@ def run_report(
         "counts": count_statuses(rows),
         "scans": rows,
     }
+
+
+# Fields of a report row that name files, folders or hosts (patient identifiers hide in paths).
+PATH_FIELDS = (
+    "image",
+    "label",
+    "file",
+    "label_names",
+    "label_names_path",
+    "source_path",
+    "worker",
+)
+
+
+def redact_names(report: dict[str, Any], scans: Iterable[Any]) -> dict[str, Any]:
+    """The report without file, folder or host names (``--id-from hash``): ids stand for them.
+
+    ``scans`` are the run's `ScanInput`s. Path and host fields are dropped; a path inside
+    a reason becomes the scan's id.
+    """
+    paths = {}
+    for s in scans:
+        for path in (s.image, s.label, s.label_names):
+            if path:
+                paths[str(path)] = s.scan_id
+                paths[os.path.abspath(path)] = s.scan_id
+    longest_first = sorted(paths, key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for path in longest_first:
+            text = text.replace(path, f"<{paths[path]}>")
+        return text
+
+    records = []
+    for rec in report["scans"]:
+        clean = {k: v for k, v in rec.items() if k not in PATH_FIELDS}
+        if isinstance(clean.get("reason"), str):
+            clean["reason"] = scrub(clean["reason"])
+        records.append(clean)
+    return {**report, "label_names": None, "dask_address": None, "scans": records}

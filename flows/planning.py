@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskbank.flows.inputs import ScanInput
-from maskbank.flows.outcomes import RunClock, ScanOutcome, run_report
+from maskbank.flows.inputs import ScanInput, collect_inputs
+from maskbank.flows.outcomes import RunClock, ScanOutcome, redact_names, run_report
 from maskbank.pipeline.reader import itk_data_file
 
 #: Plan categories, in the order the plan is printed.
@@ -192,6 +192,150 @@ def stat_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | Non
     return None
 
 
+#: The reason of a scan the bank already holds from the same source with the same settings.
+SKIPPED = "already in the bank (same source, config)"
+
+
+def planned_skip(scan: ScanInput, **details: Any) -> ScanOutcome:
+    """The report row of a scan the plan found done: no task ran, no file was read."""
+    reason = f"{SKIPPED}; size/mtime unchanged"
+    details = {"image": scan.image, "label": scan.label, **details}
+    return ScanOutcome(scan.scan_id, "skipped", reason, 0.0, details=details)
+
+
+@dataclass
+class PrepareRun:
+    """A prepare run, planned: its inputs collected (``scans``), the bank's index
+    ``rows`` it was planned against, the `Plan`, and with ``proposals`` (a
+    ``ProposalConfig.to_dict()``) the done scans whose proposals are up to date too
+    (``done_proposals``: id -> count). ``key`` names the run (`plan_prepare_run`)."""
+
+    key: str
+    bank: str
+    scans: list[ScanInput]
+    rows: Mapping[str, Mapping[str, Any]]
+    plan: Plan
+    proposals: dict[str, Any] | None = None
+    id_from: str = "name"
+    done_proposals: dict[str, int] = field(default_factory=dict)
+
+    def settles(self, item: PlanItem) -> bool:
+        """Whether the plan settles ``item`` without a task: done, and its proposals too."""
+        return item.category == DONE and (
+            self.proposals is None or item.scan.scan_id in self.done_proposals
+        )
+
+    @property
+    def work(self) -> list[PlanItem]:
+        """The inputs a task must see: new, changed, or done with proposals to make."""
+        return [i for i in self.plan.items if not self.settles(i)]
+
+    def settled(self) -> list[ScanOutcome]:
+        """The report rows of the inputs settled by the plan, in input order."""
+        rows = []
+        for item in self.plan.items:
+            if self.settles(item):
+                details: dict[str, Any] = {}
+                if self.proposals is not None:
+                    details = {
+                        "n_proposals": self.done_proposals[item.scan.scan_id],
+                        "proposals": "skipped",
+                    }
+                rows.append(planned_skip(item.scan, **details))
+        return rows
+
+    def settings(
+        self,
+        config: Mapping[str, Any],
+        fingerprint: str,
+        workers: int,
+        dask_address: str | None,
+        label_names: str | None,
+    ) -> dict[str, Any]:
+        """The run report's settings (``config``: the `PrepareConfig`'s dict form)."""
+        return {
+            "config": dict(config),
+            "fingerprint": fingerprint,
+            "proposals_config": self.proposals,
+            "workers": workers,
+            "dask_address": dask_address,
+            "label_names": label_names,
+            "plan": self.plan.counts(),
+        }
+
+    def redact(self, report: dict[str, Any]) -> dict[str, Any]:
+        """``report`` as stored and printed: without file and host names with hashed ids."""
+        return redact_names(report, self.scans) if self.id_from == "hash" else report
+
+
+def _run_key(**parts: Any) -> str:
+    # JSON: a flow's parameters may come back validated (lists for tuples) and still match
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def plan_prepare_run(
+    store: Any,
+    bank: str,
+    inputs: list[str],
+    config: Any,
+    dataset: str | None = None,
+    label_names: str | None = None,
+    *,
+    rehash: bool = False,
+    proposals: Mapping[str, Any] | None = None,
+    scans: list[ScanInput] | None = None,
+) -> PrepareRun:
+    """Plan a prepare run in plain code (no Prefect, no Dask, no file read but its size and
+    mtime): collect ``inputs`` (unless ``scans`` holds them collected already), sort them
+    against ``store``'s index (None: no bank yet, everything is new) with ``config`` (a
+    `PrepareConfig`), and with ``proposals`` check the done scans' proposals
+    (`proposals_up_to_date`). A run `hand_over` left for this very run is taken instead
+    of collecting and planning again."""
+    fingerprint = config.fingerprint()
+    key = _run_key(
+        bank=bank,
+        inputs=[os.fspath(i) for i in inputs],
+        dataset=dataset,
+        label_names=label_names,
+        fingerprint=fingerprint,
+        id_from=config.id_from,
+        rehash=rehash,
+        proposals=proposals,
+    )
+    handed = _HANDED.pop(PrepareRun.__name__, None)
+    if handed is not None and handed.key == key:
+        return handed
+    if scans is None:
+        scans = collect_inputs(list(inputs), dataset, label_names, config.id_from)
+    rows = store.index_rows if store is not None else {}
+    plan = plan_prepare(
+        scans, rows, fingerprint, rehash=rehash, keep_paths=config.id_from != "hash"
+    )
+    run = PrepareRun(key, bank, scans, rows, plan, _plain(proposals), config.id_from)
+    if proposals is not None and store is not None and plan.of(DONE):
+        from maskbank.pipeline.proposals.config import ProposalConfig  # import-light
+
+        done = [i.scan.scan_id for i in plan.of(DONE)]
+        proposal_fp = ProposalConfig.from_dict(dict(proposals)).fingerprint()
+        run.done_proposals = proposals_up_to_date(store, done, proposal_fp)
+    return run
+
+
+def _plain(proposals: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return dict(proposals) if proposals is not None else None
+
+
+def settled_prepare_report(
+    store: Any, run: PrepareRun, settings: Mapping[str, Any], clock: RunClock
+) -> dict[str, Any]:
+    """The prepare report of a run with no work, stored in the bank like a flow run's:
+    every input skipped as done, no task, no Prefect (``clock``: when the run began)."""
+    report = run.redact(run_report("prepare", run.bank, clock, settings, run.settled()))
+    report["report_path"] = store.write_report("prepare", report)
+    report["label_name_conflicts"] = []  # a run that wrote no label adds no disagreement
+    return report
+
+
 def scan_version(scan: Any) -> str:
     """What proposals derive from: source hash, prepare fingerprint, write time and token."""
     a = scan.attrs
@@ -294,7 +438,7 @@ def plan_proposals(
     no Prefect, no Dask, no proposal engine (`proposals_up_to_date` reads attributes only).
     A plan `hand_over` left for this very run is taken instead of planning again."""
     ids = list(scan_ids)
-    handed = _HANDED.pop("plan", None)
+    handed = _HANDED.pop(ProposalPlan.__name__, None)
     key = (bank, ids, fingerprint, name, force)
     if (
         handed is not None
@@ -312,21 +456,23 @@ def plan_proposals(
     return ProposalPlan(bank, ids, fingerprint, name, force, done)
 
 
-#: A plan the CLI made before starting its flow in the same process (see `hand_over`).
-_HANDED: dict[str, ProposalPlan] = {}
+#: Plans the CLI made before starting its flow in the same process, by plan type
+#: (see `hand_over`).
+_HANDED: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def hand_over(plan: ProposalPlan) -> Iterator[None]:
-    """Within the block, the next `plan_proposals` of the same bank, scans, config, set
-    and ``force`` takes ``plan`` instead of reading two attribute documents per scan again
-    (a command plans first to exit early when there is no work; a large bank is then
-    planned once, not twice). Taken once; dropped at the block's end."""
-    _HANDED["plan"] = plan
+def hand_over(plan: ProposalPlan | PrepareRun) -> Iterator[None]:
+    """Within the block, the next `plan_proposals` (`plan_prepare_run`) of the same run
+    takes ``plan`` instead of planning again (a command plans first to exit early when
+    there is no work; a large bank is then planned once, not twice). Taken once; dropped
+    at the block's end."""
+    kind = type(plan).__name__
+    _HANDED[kind] = plan
     try:
         yield
     finally:
-        _HANDED.pop("plan", None)
+        _HANDED.pop(kind, None)
 
 
 def settled_report(

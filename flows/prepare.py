@@ -19,7 +19,8 @@ from prefect import flow, get_run_logger
 from maskbank.bank import Bank
 from maskbank.bank.errors import NotABankError, StaleScanError
 from maskbank.bank.writing import record_scan_attrs, resolve_location, scan_token_of
-from maskbank.flows.inputs import ScanInput, collect_inputs
+from maskbank.flows.inputs import ScanInput
+from maskbank.flows.outcomes import PATH_FIELDS, redact_names  # noqa: F401 (re-exported)
 from maskbank.flows.per_scan import (
     Cluster,
     RunClock,
@@ -30,12 +31,13 @@ from maskbank.flows.per_scan import (
     run_scans,
     seconds_since,
 )
-from maskbank.flows.planning import (
+from maskbank.flows.planning import (  # noqa: F401 (SKIPPED, planned_skip: re-exported)
     CHANGED,
     DONE,
     NEW,
-    plan_prepare,
-    proposals_up_to_date,
+    SKIPPED,
+    plan_prepare_run,
+    planned_skip,
     propose_cost_s,
     source_stat,
 )
@@ -141,9 +143,6 @@ def with_proposals(outcome: ScanOutcome, bank: str, proposals: dict) -> ScanOutc
     )
 
 
-SKIPPED = "already in the bank (same source, config)"
-
-
 def prepare_record(
     scan_id: str,
     item: dict,
@@ -246,45 +245,6 @@ def _kept(store: Bank, scan_id: str, old: dict | None, stat: dict) -> str:
     return f"{SKIPPED}; content unchanged, size/mtime recorded"
 
 
-# Fields that name files, folders or hosts (patient identifiers hide in paths).
-PATH_FIELDS = (
-    "image",
-    "label",
-    "file",
-    "label_names",
-    "label_names_path",
-    "source_path",
-    "worker",
-)
-
-
-def redact_names(report: dict, scans: list[ScanInput]) -> dict:
-    """The report without file, folder or host names (``--id-from hash``): ids stand for them.
-
-    Path and host fields are dropped; a path inside a reason becomes the scan's id.
-    """
-    paths = {}
-    for s in scans:
-        for path in (s.image, s.label, s.label_names):
-            if path:
-                paths[str(path)] = s.scan_id
-                paths[os.path.abspath(path)] = s.scan_id
-    longest_first = sorted(paths, key=len, reverse=True)
-
-    def scrub(text: str) -> str:
-        for path in longest_first:
-            text = text.replace(path, f"<{paths[path]}>")
-        return text
-
-    records = []
-    for rec in report["scans"]:
-        clean = {k: v for k, v in rec.items() if k not in PATH_FIELDS}
-        if isinstance(clean.get("reason"), str):
-            clean["reason"] = scrub(clean["reason"])
-        records.append(clean)
-    return {**report, "label_names": None, "dask_address": None, "scans": records}
-
-
 def label_name_conflicts(bank_path: str, datasets: set[str | None]) -> list[str]:
     """Names that disagree within the datasets this run wrote to (old scans included)."""
     store = Bank.open(bank_path)
@@ -329,47 +289,33 @@ def prepare_bank(
     logger = get_run_logger()
     clock = RunClock()
     cfg = PrepareConfig.from_dict(config or {})
-    scans = collect_inputs(list(inputs), dataset, label_names, cfg.id_from)
     bank_path = resolve_location(bank)  # a URL stays as it is
     store = _open_for_plan(bank, dry_run)
-    rows = store.index_rows if store is not None else {}
-    plan = plan_prepare(
-        scans, rows, cfg.fingerprint(), rehash=rehash, keep_paths=cfg.id_from != "hash"
+    # plain code; a CLI that planned this very run first hands its plan over (`hand_over`)
+    run = plan_prepare_run(
+        store,
+        bank_path,
+        list(inputs),
+        cfg,
+        dataset,
+        label_names,
+        rehash=rehash,
+        proposals=proposals,
     )
-    done_proposals: dict[str, int] = {}
-    if proposals is not None and store is not None and plan.of(DONE):
-        from maskbank.pipeline.proposals.config import ProposalConfig
-
-        fingerprint = ProposalConfig.from_dict(proposals).fingerprint()
-        done = [i.scan.scan_id for i in plan.of(DONE)]
-        done_proposals = proposals_up_to_date(store, done, fingerprint)
-    settings = {
-        "config": cfg.to_dict(),
-        "fingerprint": cfg.fingerprint(),
-        "proposals_config": proposals,
-        "workers": workers,
-        "dask_address": dask_address,
-        "label_names": label_names,
-        "plan": plan.counts(),
-    }
+    scans, rows, plan = run.scans, run.rows, run.plan
+    settings = run.settings(cfg.to_dict(), cfg.fingerprint(), workers, dask_address, label_names)
     if dry_run:
         report = run_report("prepare", bank_path, clock, settings, [])
         report["plan"] = plan.to_json()
         report["plan"]["proposals_work"] = (
-            len(plan.work) + len(plan.of(DONE)) - len(done_proposals) if proposals else None
+            len(plan.work) + len(plan.of(DONE)) - len(run.done_proposals) if proposals else None
         )
         report["dry_run"] = True
         return report
     logger.info("preparing %d scans into %s: %s", len(scans), bank_path, _plan_words(plan.counts()))
-    params, costs, planned = {}, {}, []
-    for item in plan.items:
+    params, costs = {}, {}
+    for item in run.work:
         s = item.scan
-        if item.category == DONE and (proposals is None or s.scan_id in done_proposals):
-            details = {"n_proposals": done_proposals[s.scan_id]} if proposals else {}
-            if proposals:
-                details["proposals"] = "skipped"
-            planned.append(_planned_skip(s, **details))
-            continue
         params[s.scan_id] = {
             "scan_id": s.scan_id,
             "item": s.to_dict(),
@@ -395,10 +341,10 @@ def prepare_bank(
             s.scan_id: {"image": s.image, "label": s.label, "file": s.image} for s in scans
         },
         # a shared report names no file or folder either
-        redact=(lambda r: redact_names(r, scans)) if cfg.id_from == "hash" else None,
+        redact=run.redact,
         costs=costs,
         batch=batch,
-        planned=planned,
+        planned=run.settled(),
         order=[s.scan_id for s in scans],
     )
     logger.info("prepare done: %s; report %s", report["counts"], report["report_path"])
@@ -426,13 +372,6 @@ def _open_for_plan(bank: str, dry_run: bool) -> Bank | None:
         return Bank.open(bank)
     except NotABankError:
         return None
-
-
-def _planned_skip(scan: ScanInput, **details) -> ScanOutcome:
-    """The report row of a scan the plan found done: no task ran, no file was read."""
-    reason = f"{SKIPPED}; size/mtime unchanged"
-    details = {"image": scan.image, "label": scan.label, **details}
-    return ScanOutcome(scan.scan_id, "skipped", reason, 0.0, details=details)
 
 
 def _plan_words(counts: dict[str, int]) -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from maskbank.flows.commands._prefect_env import apply_cli_defaults
 from maskbank.flows.commands.options import (
@@ -17,6 +18,9 @@ from maskbank.flows.commands.options import (
     prefect_for_workers,
 )
 from maskbank.flows.commands.propose import add_proposal_options, config_from_args
+
+if TYPE_CHECKING:
+    from maskbank.pipeline.config import PrepareConfig
 
 DESCRIPTION = """\
 Prepare raw scans into a bank: read, reorient to RAS, resample to --spacing,
@@ -42,8 +46,9 @@ the same settings, is done without being read; one whose size or time changed is
 hashed (SHA-256) and redone only if its content changed. Re-running after a crash or
 on a grown folder therefore only does the new work; a changed setting (e.g.
 --spacing) redoes the scans it affects. --rehash hashes every file (a content change
-that keeps size and time is caught only then). Work runs in batches of scans per
-Dask task (--batch), each scan with its own outcome.
+that keeps size and time is caught only then). When every input is done, the report
+is printed and stored without starting Prefect or Dask (so no flow run is recorded).
+Work runs in batches of scans per Dask task (--batch), each scan with its own outcome.
 """
 
 EPILOG = """\
@@ -137,49 +142,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan first, in plain code (file sizes and times, the bank's index; no Prefect, no
+    Dask): a dry run, or a plan without work, prints and exits there; otherwise the flow
+    takes the plan over and runs the work."""
     from maskbank.flows.inputs import InputError, collect_inputs, parse_spacing
-    from maskbank.pipeline.config import default_scan_memory, parse_size
+    from maskbank.flows.outcomes import RunClock
+    from maskbank.pipeline.config import PrepareConfig, default_scan_memory, parse_size
     from maskbank.pipeline.errors import ScanError
     from maskbank.pipeline.label_names import read_label_names
 
+    clock = RunClock()  # the report's seconds: collecting and planning on, as in the flow
     try:
         spacing = parse_spacing(args.spacing)
         if args.max_scan_memory is not None:
             budget: int | None = parse_size(args.max_scan_memory)
         else:  # a remote cluster's workers size it from their own memory
             budget = None if args.dask_address else default_scan_memory(max(1, args.workers))
-        proposals = config_from_args(args).to_dict() if args.proposals else None
-        label_names = os.path.abspath(args.label_names) if args.label_names else None
-        if label_names:
-            read_label_names(label_names)  # a bad names file is a usage error
-        # fail fast, before Prefect starts
-        scans = collect_inputs(args.inputs, args.dataset, label_names, args.id_from)
-    except (InputError, ValueError, ScanError) as exc:
-        print(f"maskbank prepare: error: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        return _dry_run(args, scans, spacing, budget)
-    from maskbank.bank import Bank, BankError
-
-    try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
-        Bank.create(args.bank)
-    except (BankError, OSError) as exc:
-        print(f"maskbank prepare: error: --bank {args.bank}: {exc}", file=sys.stderr)
-        return 2
-    apply_cli_defaults(args.verbose)
-
-    with prefect_for_workers(args):
-        from maskbank.flows.prepare import prepare_bank
-        from maskbank.pipeline.config import PrepareConfig
-
         config = PrepareConfig(
             spacing=spacing,
             modality=args.modality,
             max_scan_memory=budget,
             id_from=args.id_from,
         )
+        proposals = config_from_args(args).to_dict() if args.proposals else None
+        label_names = os.path.abspath(args.label_names) if args.label_names else None
+        if label_names:
+            read_label_names(label_names)  # a bad names file is a usage error
+        # fail fast, before Prefect starts; absolute, as the flow collects them
         inputs = [os.path.abspath(i) for i in args.inputs]
-        print(f"{len(scans)} scans -> {args.bank}", file=sys.stderr)
+        scans = collect_inputs(inputs, args.dataset, label_names, args.id_from)
+    except (InputError, ValueError, ScanError) as exc:
+        print(f"maskbank prepare: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return _dry_run(args, scans, config)
+    from maskbank.bank import Bank, BankError
+    from maskbank.bank.writing import resolve_location
+    from maskbank.flows.planning import hand_over, plan_prepare_run
+
+    try:  # a bad --bank (URL, non-empty non-bank folder) is a usage error, before Prefect starts
+        store = Bank.create(args.bank)
+    except (BankError, OSError) as exc:
+        print(f"maskbank prepare: error: --bank {args.bank}: {exc}", file=sys.stderr)
+        return 2
+    run_plan = plan_prepare_run(
+        store,
+        resolve_location(args.bank),  # a URL stays as it is
+        inputs,
+        config,
+        args.dataset,
+        label_names,
+        rehash=args.rehash,
+        proposals=proposals,
+        scans=scans,
+    )
+    print(f"{len(scans)} scans -> {args.bank}", file=sys.stderr)
+    if not run_plan.work:
+        from maskbank.flows.planning import settled_prepare_report
+
+        kw = cluster_kwargs(args)
+        settings = run_plan.settings(
+            config.to_dict(), config.fingerprint(), kw["workers"], kw["dask_address"], label_names
+        )
+        return _report(args, settled_prepare_report(store, run_plan, settings, clock))
+    apply_cli_defaults(args.verbose)
+
+    with prefect_for_workers(args), hand_over(run_plan):  # the flow takes this plan
+        from maskbank.flows.prepare import prepare_bank
+
         report = prepare_bank(
             inputs=inputs,
             bank=args.bank,
@@ -192,12 +222,14 @@ def run(args: argparse.Namespace) -> int:
             rehash=args.rehash,
             **cluster_kwargs(args),
         )
+    return _report(args, report)
+
+
+def _report(args: argparse.Namespace, report: dict) -> int:
+    """Print a run's report (table or JSON); the exit status: 1 when any scan failed."""
     from maskbank.flows.report import format_prepare_report
 
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_prepare_report(report))
+    print(json.dumps(report, indent=1) if args.json else format_prepare_report(report))
     return 1 if report["counts"].get("failed") else 0
 
 
@@ -205,16 +237,12 @@ def run(args: argparse.Namespace) -> int:
 DRY_RUN_ROWS = 200
 
 
-def _dry_run(args: argparse.Namespace, scans: list, spacing, budget) -> int:
+def _dry_run(args: argparse.Namespace, scans: list, config: PrepareConfig) -> int:
     """Plan in plain code (no Prefect, no file read but its size and time) and print it."""
     from maskbank.bank import Bank, BankError, NotABankError
     from maskbank.flows.planning import plan_prepare
     from maskbank.flows.report import table
-    from maskbank.pipeline.config import PrepareConfig
 
-    config = PrepareConfig(
-        spacing=spacing, modality=args.modality, max_scan_memory=budget, id_from=args.id_from
-    )
     try:
         rows = Bank.open(args.bank).index_rows
     except NotABankError:
