@@ -20,7 +20,10 @@ series folders, folders (searched recursively; *_label/_seg/_mask files are not
 queries) or a .csv/.jsonl manifest (column image; modality, dicom_series). Each query is
 read, reoriented and resampled to the network's spacing and normalised as the
 pretraining bank's scans were, segmented by sliding windows (probability >= 0.5), and
-mapped back onto the query's own grid and affine:
+mapped back onto the query's own grid and affine. As in `maskbank evaluate incontext`,
+each structure is segmented at the scale that frames its reference mask
+(--reference-zoom fit, the default): a large organ on a coarser grid, then again one
+step finer inside that prediction; the label map always has the query's full grid:
 
   OUT/<id>_seg.nii.gz   label map with the references' label values
   OUT/<id>_seg.json     label names, voxels and volumes per label, provenance
@@ -98,6 +101,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="keep each label's largest connected component",
     )
     p.add_argument(
+        "--reference-zoom",
+        choices=("off", "fit"),
+        default="fit",
+        help="scale-normalised inference, as in `maskbank evaluate incontext`. fit: a label "
+        "is segmented on a grid coarse enough that its reference crop shows it whole with "
+        "context (its longest extent at most half the crop), but fine enough to keep its "
+        "thinnest extent >= 8 voxels; reference and query are averaged down, the "
+        "probabilities interpolated back. off: every label on the full grid (default: fit)",
+    )
+    p.add_argument(
+        "--max-zoom",
+        type=float,
+        default=4.0,
+        metavar="S",
+        help="coarsest scale --reference-zoom fit may choose, of 1, 1.5, 2, 3, 4 (default 4)",
+    )
+    p.add_argument(
+        "--no-zoom-refine",
+        action="store_true",
+        help="keep a zoomed label's coarse prediction; by default it is segmented again one "
+        "step finer, inside its coarse prediction dilated by two coarse voxels",
+    )
+    p.add_argument(
         "--spacing",
         default=None,
         metavar="MM",
@@ -158,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
             save_probabilities=args.save_probabilities,
             largest_component=args.largest_component,
             max_scan_memory=budget,
+            reference_zoom=args.reference_zoom,
+            max_zoom=args.max_zoom,
+            zoom_refine=not args.no_zoom_refine,
         )
         started = time.perf_counter()
         seg_run = SegmentRun(
@@ -175,6 +204,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     tasks = seg_run.tasks
+    zoomed = {n: s for n, s in zip(tasks.names, tasks.class_scales, strict=True) if s != 1}
+    if zoomed:
+        print(
+            "reference zoom: " + ", ".join(f"{n} at scale {s:g}" for n, s in zoomed.items()),
+            file=sys.stderr,
+        )
     print(
         f"{len(seg_run.queries)} queries, {tasks.n_tasks} labels "
         f"({', '.join(f'{v}: {n}' for v, n in zip(tasks.values, tasks.names, strict=True))}) "

@@ -40,6 +40,7 @@ def _loaded(
             Segmenter(
                 net.model, tasks, net.crop, net.max_group, options["device"],
                 options["window_batch"], options["overlap"],
+                zoom_refine=options.get("zoom_refine", True),
             ),
             net.sha256,
         )  # fmt: skip

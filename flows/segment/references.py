@@ -101,8 +101,11 @@ def tasks_from_references(
     modality: str = "auto",
     budget: int | None = None,
     device: str = "cpu",
+    reference_zoom: str = "fit",
+    max_zoom: float = 4.0,
 ) -> TaskSet:
-    """Embed the references once: the task set every query of the run uses."""
+    """Embed the references once: the task set every query of the run uses (at the
+    scales ``reference_zoom`` chooses, `encode_references`)."""
     refs, ref_modality = read_references(pairs, spacing, modality, budget)
     values, names = choose_labels(labels, refs, label_names)
     try:
@@ -114,6 +117,8 @@ def tasks_from_references(
             names,
             device,
             network_sha256=net.sha256,
+            reference_zoom=reference_zoom,
+            max_zoom=max_zoom,
             spacing=spacing,
             modality=ref_modality,
         )

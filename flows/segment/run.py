@@ -6,14 +6,17 @@ that cannot be segmented fails alone with its reason; a query whose outputs were
 already written by the same network and tasks is skipped.
 
 Per query: prepared like the pretraining bank's scans (`query.prepare_query`),
-segmented by sliding windows one task group at a time (``p >= 0.5``; where two classes
-pass, the more probable wins), mapped back onto the query's own grid and affine
+segmented by sliding windows one task group at a time, each class at the scale its
+references ask for and refined one step finer (the in-context evaluation's
+``--reference-zoom``, ``--max-zoom`` and ``--no-zoom-refine``, with its defaults),
+thresholded (``p >= 0.5``; where two classes pass, the more probable wins), mapped back onto the query's own grid and affine
 (`geometry.GridMap`) and written atomically (`outputs`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +27,8 @@ import numpy as np
 
 from maskbank.flows.inputs import InputError, ScanInput, collect_inputs
 from maskbank.pipeline.errors import ScanError
+from maskbank.train.evaluation.zoom import MODES as ZOOM_MODES
+from maskbank.train.evaluation.zoom import OFF as ZOOM_OFF
 from maskbank.train.postprocess import largest_component
 from maskbank.train.segment.inference import Segmenter
 from maskbank.train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
@@ -51,6 +56,19 @@ class SegmentOptions:
     largest_component: bool = False
     max_scan_memory: int | None = None  # None: `default_scan_memory` of the worker
     threads: int | None = None  # torch threads per worker process
+    # Scale-normalised inference, as the in-context evaluation's (train/evaluation/zoom.py)
+    reference_zoom: str = "fit"  # fit | off
+    max_zoom: float = 4.0  # the coarsest scale a class may take
+    zoom_refine: bool = True  # zoomed classes again one step finer, inside their coarse gate
+
+    def __post_init__(self) -> None:
+        if self.reference_zoom not in ZOOM_MODES:
+            raise SegmentError(
+                f"--reference-zoom must be one of {', '.join(ZOOM_MODES)}, "
+                f"got {self.reference_zoom!r}"
+            )
+        if not self.max_zoom >= 1:
+            raise SegmentError(f"--max-zoom must be >= 1, got {self.max_zoom}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +100,9 @@ def segment_query(
     names = dict(zip(tasks.values, tasks.names, strict=True))
     prob = options.save_probabilities
     done = completed(out, query.scan_id, network_sha256, task_sha256, prob)
+    zoomed = any(s != 1 for s in tasks.class_scales)
+    if done is not None and zoomed and done.get("zoom_refine") != segmenter.zoom_refine:
+        done = None  # made with the other coarse-to-fine setting: redo
     if done is not None:
         return SegmentResult(
             query.scan_id,
@@ -184,6 +205,7 @@ def _segment_query(
         "probability_channels": [str(v) for v in values] if probs_out is not None else None,
         "threshold": THRESHOLD,
         "largest_component": options.largest_component,
+        **zoom_record(tasks, segmenter.zoom_refine),
         "voxels": {str(v): n for v, n in voxels.items()},
         "volume_ml": {str(v): x for v, x in volume.items()},
         "modality": pq.modality,
@@ -208,6 +230,42 @@ def _segment_query(
         voxels,
         volume,
     )
+
+
+def zoom_record(tasks: TaskSet, refine: bool) -> dict[str, Any]:
+    """The reference zoom a query was segmented with, and each label's scale."""
+    zoom = tasks.zoom or {}
+    return {
+        "reference_zoom": zoom.get("reference_zoom", ZOOM_OFF),
+        "max_zoom": zoom.get("max_zoom"),
+        "zoom_refine": refine,
+        "scales": {str(v): s for v, s in zip(tasks.values, tasks.class_scales, strict=True)},
+    }
+
+
+def _task_zoom(tasks: TaskSet, options: SegmentOptions, task_file: str) -> TaskSet:
+    """A task file's classes at the scales the options ask for.
+
+    Its scales were chosen from reference masks it does not hold: ``off`` drops them (the
+    scale-1 embeddings are always there); another ``--max-zoom`` cannot be honoured.
+    """
+    if options.reference_zoom == ZOOM_OFF:
+        return tasks.unzoomed()
+    if tasks.zoom is None:
+        print(
+            f"warning: {task_file} was made without a reference zoom: its classes are "
+            "segmented at scale 1; make it again from --reference to zoom them",
+            file=sys.stderr,
+        )
+        return tasks
+    made = (tasks.zoom.get("reference_zoom"), float(tasks.zoom.get("max_zoom", 0)))
+    if made != (options.reference_zoom, float(options.max_zoom)):
+        raise SegmentError(
+            f"{task_file} was made with --reference-zoom {made[0]} --max-zoom {made[1]:g}, "
+            f"not {options.reference_zoom} / {options.max_zoom:g}: pass those, "
+            "--reference-zoom off, or make the task again from references"
+        )
+    return tasks
 
 
 class SegmentRun:
@@ -260,6 +318,7 @@ class SegmentRun:
                 tasks = load_tasks(task, net.sha256)
             except TaskFileError as exc:
                 raise SegmentError(str(exc)) from exc
+            tasks = _task_zoom(tasks, self.options, task)
         elif references:
             tasks = None
         else:
@@ -286,6 +345,8 @@ class SegmentRun:
                 modality=self.options.modality,
                 budget=self.options.max_scan_memory,
                 device=self.options.device,
+                reference_zoom=self.options.reference_zoom,
+                max_zoom=self.options.max_zoom,
             )
         elif labels:
             tasks = _select(tasks, labels)
@@ -305,6 +366,7 @@ class SegmentRun:
                 self.options.device,
                 self.options.window_batch,
                 self.options.overlap,
+                zoom_refine=self.options.zoom_refine,
             )
         return self._segmenter
 
@@ -351,17 +413,7 @@ def _select(tasks: TaskSet, labels: str) -> TaskSet:
                 f"--labels {item!r}: the task holds {dict(zip(tasks.values, tasks.names, strict=True))}"
             )
         idx.append(hits[0])
-    return TaskSet(
-        tasks.classes.select(idx),
-        tasks.global_task,
-        [tasks.values[i] for i in idx],
-        [tasks.names[i] for i in idx],
-        tasks.network_sha256,
-        tasks.spacing,
-        tasks.modality,
-        tasks.references,
-        tasks.together,
-    )
+    return tasks.select(idx)
 
 
 def segment(
@@ -382,7 +434,8 @@ def segment(
 
     ``references``: (image, mask) pairs, or ``task``: a task file, or neither for a
     fine-tuned network. ``options`` are `SegmentOptions` fields (spacing, modality, device,
-    save_probabilities, largest_component, ...). Usage errors raise `SegmentError` at once.
+    save_probabilities, largest_component, reference_zoom, max_zoom, zoom_refine, ...).
+    Usage errors raise `SegmentError` at once.
     """
     run = SegmentRun(
         checkpoint,

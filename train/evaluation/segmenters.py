@@ -21,16 +21,7 @@ from .checkpoint import LoadedNetwork
 from .errors import EvaluationError
 from .sliding import iter_sliding_probabilities, task_groups, window_count
 from .structures import LabelledScan, StructureClass, median_foreground
-from .zoom import (
-    bounding_box,
-    finer_step,
-    gate,
-    reduce,
-    reference_crop,
-    reference_scale,
-    restore,
-    zoomed_shape,
-)
+from .zoom import reference_crop, reference_scale, zoomed_probabilities
 
 if TYPE_CHECKING:
     from .incontext import InContextOptions
@@ -109,58 +100,22 @@ class InContextEvaluator:
         for (cls, _), s in zip(tasks, scales, strict=True):
             self.scales[cls.key] = s
         self.windows = 0
-        for scale in sorted(set(scales)):
-            ids = [i for i, s in enumerate(scales) if s == scale]
-            coarse = self._segment_at(query, tasks, ids, scale)
-            if scale == 1 or not self.options.zoom_refine:
-                yield from coarse
-                continue
-            for group, probs in coarse:
-                yield from self._refine(query, tasks, group, probs, scale)
 
-    def _refine(
+        def run(image: np.ndarray, ids: list[int], scale: float):
+            return self._pass(image, tasks, ids, scale)
+
+        yield from zoomed_probabilities(
+            query.image, scales, run, self.net.crop, self.options.zoom_refine
+        )
+
+    def _pass(
         self,
-        query: LabelledScan,
-        tasks: list[tuple[StructureClass, list[LabelledScan]]],
-        ids: list[int],
-        coarse: np.ndarray,
-        scale: float,
-    ) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Coarse-to-fine: tasks ``ids`` again one step finer, inside their coarse gates.
-
-        The coarse scale says where the structure is; the next finer step of the ladder
-        delineates it there. Its probabilities are kept within each class's gate (its
-        coarse prediction dilated by ``GATE_CELLS`` coarse voxels) and zero outside; the
-        finer pass covers only the box around the gates, with half a window of context. A class predicted empty at the
-        coarse scale stays empty.
-        """
-        gates = [gate(p, scale) for p in coarse]
-        live = [j for j, g in enumerate(gates) if g.any()]
-        if len(live) < len(ids):
-            dead = [j for j in range(len(ids)) if j not in live]
-            yield [ids[j] for j in dead], coarse[dead]
-        if not live:
-            return
-        finer = finer_step(scale)
-        # Half a window of context around the gates: no window sees a padded edge near them.
-        margin = int(round(self.net.crop * finer / 2))
-        box = bounding_box(np.logical_or.reduce([gates[j] for j in live]), margin)
-        for group, probs in self._segment_at(query, tasks, [ids[j] for j in live], finer, box):
-            keep = np.stack([gates[ids.index(i)] for i in group])
-            yield group, probs * keep
-
-    def _segment_at(
-        self,
-        query: LabelledScan,
+        image: np.ndarray,
         tasks: list[tuple[StructureClass, list[LabelledScan]]],
         ids: list[int],
         scale: float,
-        box: tuple[slice, ...] | None = None,
     ) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Tasks ``ids`` (indices into ``tasks``) over the query seen at ``scale``.
-
-        With ``box`` only that part of the query is segmented; the maps are zero outside.
-        """
+        """Tasks ``ids`` (indices into ``tasks``) over ``image``, the query seen at ``scale``."""
         per_class, globals_ = [], []
         with torch.no_grad():
             for i, (cls, refs) in enumerate(tasks):
@@ -172,10 +127,6 @@ class InContextEvaluator:
                 globals_.append(shots.select([1]))
             classes = TaskEmbedding.cat(per_class)
             global_task = TaskEmbedding.cat_batch(globals_).mean()
-        full = query.image.shape
-        region = query.image if box is None else query.image[box]
-        part = region.shape
-        image = region if scale == 1 else reduce(region, zoomed_shape(part, scale))
         groups = task_groups(len(ids), image.size, self.max_group, self.options.max_output_bytes)
         self.windows += window_count(image.shape, self.net.crop, self.options.overlap) * len(groups)
 
@@ -183,7 +134,7 @@ class InContextEvaluator:
             group = TaskEmbedding.cat([classes.select(local), global_task])
             return self.model.segment(x, group)[:, : len(local)]
 
-        for local, probs in iter_sliding_probabilities(
+        return iter_sliding_probabilities(
             predict,
             image,
             groups,
@@ -191,13 +142,7 @@ class InContextEvaluator:
             overlap=self.options.overlap,
             window_batch=self.options.window_batch,
             device=self.device,
-        ):
-            probs = restore(probs, part)
-            if box is not None:
-                whole = np.zeros((len(local), *full), np.float32)
-                whole[(slice(None), *box)] = probs
-                probs = whole
-            yield [ids[j] for j in local], probs
+        )
 
 
 def refuse_untrained_incontext(net: LoadedNetwork) -> None:

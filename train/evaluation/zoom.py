@@ -33,6 +33,7 @@ draws its boundary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -136,3 +137,78 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
         slice(max(0, int(a.min()) - margin), min(n, int(a.max()) + 1 + margin))
         for a, n in zip(idx, mask.shape, strict=True)
     )
+
+
+# One sliding pass: (the volume seen at ``scale``, task indices, scale) -> (positions in
+# those indices, probabilities on that volume's grid), one task group at a time.
+Pass = Callable[[np.ndarray, list[int], float], Iterable[tuple[list[int], np.ndarray]]]
+
+
+def zoomed_probabilities(
+    image: np.ndarray, scales: Sequence[float], run: Pass, crop: int, refine: bool = True
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """``(task indices, probabilities on the grid of image)`` with each task at its scale.
+
+    Tasks of one scale share their passes (in increasing order of scale); with ``refine``
+    a zoomed class is segmented again one step finer inside its coarse gate
+    (`refine_inside_gates`). Shared by the evaluation and ``maskbank segment``, which
+    differ only in where their task embeddings come from (``run``).
+    """
+    for scale in sorted(set(scales)):
+        ids = [i for i, s in enumerate(scales) if s == scale]
+        coarse = passes_at(image, ids, scale, run)
+        if scale == 1 or not refine:
+            yield from coarse
+            continue
+        for group, probs in coarse:
+            yield from refine_inside_gates(image, group, probs, scale, run, crop)
+
+
+def passes_at(
+    image: np.ndarray,
+    ids: list[int],
+    scale: float,
+    run: Pass,
+    box: tuple[slice, ...] | None = None,
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Tasks ``ids`` over ``image`` averaged down to ``scale``, restored to its grid.
+
+    With ``box`` only that part of the image is segmented; the maps are zero outside.
+    """
+    full = image.shape
+    region = image if box is None else image[box]
+    part = region.shape
+    seen = region if scale == 1 else reduce(region, zoomed_shape(part, scale))
+    for local, probs in run(seen, ids, scale):
+        probs = restore(probs, part)
+        if box is not None:
+            whole = np.zeros((len(local), *full), np.float32)
+            whole[(slice(None), *box)] = probs
+            probs = whole
+        yield [ids[j] for j in local], probs
+
+
+def refine_inside_gates(
+    image: np.ndarray, ids: list[int], coarse: np.ndarray, scale: float, run: Pass, crop: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Coarse-to-fine: tasks ``ids`` again one step finer, inside their coarse gates.
+
+    The coarse scale says where the structure is; the next finer step of the ladder
+    delineates it there. Its probabilities are kept within each class's gate and zero
+    outside; the finer pass covers only the box around the gates, with half a window of
+    context. A class predicted empty at the coarse scale stays empty.
+    """
+    gates = [gate(p, scale) for p in coarse]
+    live = [j for j, g in enumerate(gates) if g.any()]
+    if len(live) < len(ids):
+        dead = [j for j in range(len(ids)) if j not in live]
+        yield [ids[j] for j in dead], coarse[dead]
+    if not live:
+        return
+    finer = finer_step(scale)
+    # Half a window of context around the gates: no window sees a padded edge near them.
+    margin = int(round(crop * finer / 2))
+    box = bounding_box(np.logical_or.reduce([gates[j] for j in live]), margin)
+    for group, probs in passes_at(image, [ids[j] for j in live], finer, run, box):
+        keep = np.stack([gates[ids.index(i)] for i in group])
+        yield group, probs * keep

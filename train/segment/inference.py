@@ -5,6 +5,11 @@ classes run in the fixed groups the network was pretrained with (at most K per p
 each with the global task), or all together for a fine-tuned network, which was trained
 so. One group's probability maps exist at a time: memory follows the window batch and
 the group, not the number of classes.
+
+Each class runs at the scale its task set gives it (a reference zoom), coarse to fine
+with ``zoom_refine``: the evaluation's own sequence of passes
+(``train.evaluation.zoom.zoomed_probabilities``), so a segmentation is made the way
+the in-context evaluation scores it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 
 from maskbank.train.evaluation.sliding import iter_sliding_probabilities, task_groups
+from maskbank.train.evaluation.zoom import zoomed_probabilities
 from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding
 
 from .tasks import TaskSet
@@ -39,6 +45,7 @@ class Segmenter:
         window_batch: int | None = None,
         overlap: float = 0.5,
         max_output_bytes: int = 1 << 30,
+        zoom_refine: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -48,26 +55,37 @@ class Segmenter:
         self.window_batch = int(window_batch or auto_window_batch(crop))
         self.overlap = float(overlap)
         self.max_output_bytes = int(max_output_bytes)
+        self.zoom_refine = bool(zoom_refine)
 
-    def groups(self, n_voxels: int) -> list[list[int]]:
+    def groups(self, n_voxels: int, n_tasks: int | None = None) -> list[list[int]]:
+        n = self.tasks.n_tasks if n_tasks is None else n_tasks
         if self.tasks.together:
-            return [list(range(self.tasks.n_tasks))]
-        return task_groups(self.tasks.n_tasks, n_voxels, self.max_group, self.max_output_bytes)
+            return [list(range(n))]
+        return task_groups(n, n_voxels, self.max_group, self.max_output_bytes)
 
     def probabilities(self, image: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
         """``(task indices, probabilities (len, *image.shape) float32)`` one group at a time."""
-        classes, global_task = self.tasks.classes, self.tasks.global_task
+        return zoomed_probabilities(
+            image, self.tasks.class_scales, self._pass, self.crop, self.zoom_refine
+        )
 
-        def predict(x: torch.Tensor, ids: list[int]) -> torch.Tensor:
-            parts = [classes.select(ids)]
+    def _pass(
+        self, image: np.ndarray, ids: list[int], scale: float
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Tasks ``ids`` over ``image`` (the volume seen at ``scale``); positions in ``ids``."""
+        classes, global_task = self.tasks.at(scale)
+        classes = classes.select(ids)
+
+        def predict(x: torch.Tensor, local: list[int]) -> torch.Tensor:
+            parts = [classes.select(local)]
             if global_task is not None:
                 parts.append(global_task)
-            return self.model.segment(x, TaskEmbedding.cat(parts))[:, : len(ids)]
+            return self.model.segment(x, TaskEmbedding.cat(parts))[:, : len(local)]
 
         return iter_sliding_probabilities(
             predict,
             image,
-            self.groups(image.size),
+            self.groups(image.size, len(ids)),
             self.crop,
             overlap=self.overlap,
             window_batch=self.window_batch,

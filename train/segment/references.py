@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maskbank.train.evaluation.structures import centred_crop, median_foreground
+from maskbank.train.evaluation.structures import median_foreground
+from maskbank.train.evaluation.zoom import FIT, OFF, finer_step, reference_crop, reference_scale
 from maskbank.train.incontext_net import InContextSegNet, TaskEmbedding
 
 from .tasks import TaskSet
@@ -38,6 +39,8 @@ def encode_references(
     names: list[str],
     device: torch.device | str = "cpu",
     network_sha256: str | None = None,
+    reference_zoom: str = FIT,
+    max_zoom: float = 4.0,
     **meta,
 ) -> TaskSet:
     """The task set of ``values`` (one class each) from ``references``.
@@ -47,6 +50,52 @@ def encode_references(
     """
     device = torch.device(device)
     model = model.to(device).eval()
+    for value in values:
+        if not any((ref.label == value).any() for ref in references):
+            held = sorted({int(v) for r in references for v in np.unique(r.label) if v})
+            raise ValueError(
+                f"label value {value} is in none of the reference masks (after resampling to "
+                f"the network's grid); they hold {held or 'nothing'}"
+            )
+    scales = [
+        max(
+            reference_scale(ref.label == value, crop, reference_zoom, max_zoom)
+            for ref in references
+            if (ref.label == value).any()
+        )
+        for value in values
+    ]
+    classes, global_task, used = _encode_at(model, crop, references, values, 1.0, device)
+    needed = {s for s in scales if s != 1} | {finer_step(s) for s in scales if s != 1}
+    zoomed = {}
+    for scale in sorted(needed - {1.0}):
+        c, g, _ = _encode_at(model, crop, references, values, scale, device)
+        zoomed[scale] = (c, g)
+    refs = [{"id": r.ref_id, "source_sha256": r.source_sha256} for r in references]
+    off = reference_zoom == OFF
+    return TaskSet(
+        classes,
+        global_task,
+        [int(v) for v in values],
+        list(names),
+        network_sha256,
+        references=[*refs, *[{"shot": u} for u in used]],
+        scales=None if off else scales,
+        zoomed=zoomed,
+        zoom=None if off else {"reference_zoom": reference_zoom, "max_zoom": float(max_zoom)},
+        **meta,
+    )
+
+
+def _encode_at(
+    model: InContextSegNet,
+    crop: int,
+    references: list[Reference],
+    values: list[int],
+    scale: float,
+    device: torch.device,
+) -> tuple[TaskEmbedding, TaskEmbedding, list[dict]]:
+    """(classes, global task, shots used) with every reference crop taken at ``scale``."""
     per_class, globals_ = [], []
     used: list[dict] = []
     for value in values:
@@ -56,30 +105,15 @@ def encode_references(
             if not mask.any():
                 continue
             centre = median_foreground(mask)
-            image = centred_crop(ref.image, centre, crop, float(ref.image.min()))
-            masks = np.stack([centred_crop(mask, centre, crop, False), np.ones((crop,) * 3, bool)])
+            image, crop_mask = reference_crop(ref.image, mask, centre, crop, scale)
+            masks = np.stack([crop_mask, np.ones((crop,) * 3, np.float32)])
             img_t = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
             mask_t = torch.from_numpy(masks)[None].float()
             shots.append(model.encode_tasks(img_t.to(device), mask_t.to(device)))
             used.append({"value": int(value), "reference": ref.ref_id, "voxels": int(mask.sum())})
-        if not shots:
-            held = sorted({int(v) for r in references for v in np.unique(r.label) if v})
-            raise ValueError(
-                f"label value {value} is in none of the reference masks (after resampling to "
-                f"the network's grid); they hold {held or 'nothing'}"
-            )
         batch = TaskEmbedding.cat_batch(shots)
         per_class.append(batch.select([0]).mean())
         globals_.append(batch.select([1]))
     classes = TaskEmbedding.cat(per_class).to("cpu")
     global_task = TaskEmbedding.cat_batch(globals_).mean().to("cpu")
-    refs = [{"id": r.ref_id, "source_sha256": r.source_sha256} for r in references]
-    return TaskSet(
-        classes,
-        global_task,
-        [int(v) for v in values],
-        list(names),
-        network_sha256,
-        references=[*refs, *[{"shot": u} for u in used]],
-        **meta,
-    )
+    return classes, global_task, used

@@ -6,6 +6,11 @@ names, the spacing and modality of the references, the references' ids, and the 
 of the network that computed them. Embeddings only mean something to the network that
 made them, so a task file is refused for any other network.
 
+With a reference zoom (``train.evaluation.zoom``) a class is segmented at the scale its
+references ask for: the set then also holds every class and the global task encoded at
+each other scale a run may need (a zoomed class's scale and the finer step it is refined
+at), because the evaluation encodes the global task at the scale of the pass.
+
 The file is safetensors: tensors plus a string header, read without unpickling.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,7 @@ import torch
 from maskbank.train.incontext_net import TaskEmbedding
 
 FORMAT = "maskbank-task"
-VERSION = 1
+VERSION = 2  # 2: per-class scales and embeddings at those scales (written only then)
 _META_KEY = "maskbank"
 
 
@@ -37,6 +42,9 @@ class TaskSet:
 
     ``together``: every pass runs all K classes (a fine-tuned network was trained so);
     otherwise classes run in groups of at most the K the network was pretrained with.
+    ``scales``: the scale each class is segmented at (None: all 1); ``zoomed``: per scale
+    other than 1, (every class, global task) encoded there; ``zoom``: the reference zoom
+    and max zoom the scales were chosen with (None: made without one).
     """
 
     classes: TaskEmbedding
@@ -48,6 +56,9 @@ class TaskSet:
     modality: str | None = None
     references: list[dict[str, Any]] = field(default_factory=list)
     together: bool = False
+    scales: list[float] | None = None
+    zoomed: dict[float, tuple[TaskEmbedding, TaskEmbedding | None]] = field(default_factory=dict)
+    zoom: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.values) != self.classes.n_tasks or len(self.names) != len(self.values):
@@ -55,6 +66,36 @@ class TaskSet:
                 f"{self.classes.n_tasks} class embeddings for {len(self.values)} values and "
                 f"{len(self.names)} names"
             )
+        if self.scales is not None and len(self.scales) != len(self.values):
+            raise ValueError(f"{len(self.scales)} scales for {len(self.values)} values")
+
+    @property
+    def class_scales(self) -> list[float]:
+        return list(self.scales) if self.scales is not None else [1.0] * self.n_tasks
+
+    def at(self, scale: float) -> tuple[TaskEmbedding, TaskEmbedding | None]:
+        """(every class, global task) encoded at ``scale``."""
+        if scale == 1:
+            return self.classes, self.global_task
+        if scale not in self.zoomed:
+            raise ValueError(f"the task set holds no embeddings at scale {scale}")
+        return self.zoomed[scale]
+
+    def select(self, idx: list[int]) -> TaskSet:
+        """The classes at positions ``idx`` (the global tasks are kept)."""
+        scales = self.class_scales
+        return replace(
+            self,
+            classes=self.classes.select(idx),
+            values=[self.values[i] for i in idx],
+            names=[self.names[i] for i in idx],
+            scales=[scales[i] for i in idx] if self.scales is not None else None,
+            zoomed={s: (c.select(idx), g) for s, (c, g) in self.zoomed.items()},
+        )
+
+    def unzoomed(self) -> TaskSet:
+        """Every class at scale 1 (a reference zoom turned off)."""
+        return replace(self, scales=None, zoomed={}, zoom=None)
 
     @property
     def n_tasks(self) -> int:
@@ -66,13 +107,17 @@ class TaskSet:
         for name, tensor in sorted(_tensors(self).items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-        h.update(json.dumps([self.values, self.names, self.together]).encode())
+        meta: list[Any] = [self.values, self.names, self.together]
+        if self.scales is not None:  # a set without a zoom keeps its earlier digest
+            meta.append(self.scales)
+        h.update(json.dumps(meta).encode())
         return h.hexdigest()
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        zoomed = self.scales is not None or bool(self.zoomed)
+        out = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if zoomed else 1,
             "values": [int(v) for v in self.values],
             "names": list(self.names),
             "network_sha256": self.network_sha256,
@@ -81,18 +126,19 @@ class TaskSet:
             "references": self.references,
             "together": self.together,
         }
+        if zoomed:
+            out.update(scales=self.scales, zoomed=sorted(self.zoomed), zoom=self.zoom)
+        return out
 
     def to(self, device: torch.device | str) -> TaskSet:
-        return TaskSet(
-            self.classes.to(device),
-            self.global_task.to(device) if self.global_task is not None else None,
-            self.values,
-            self.names,
-            self.network_sha256,
-            self.spacing,
-            self.modality,
-            self.references,
-            self.together,
+        return replace(
+            self,
+            classes=self.classes.to(device),
+            global_task=self.global_task.to(device) if self.global_task is not None else None,
+            zoomed={
+                s: (c.to(device), g.to(device) if g is not None else None)
+                for s, (c, g) in self.zoomed.items()
+            },
         )
 
 
@@ -109,7 +155,15 @@ def _tensors(tasks: TaskSet) -> dict[str, torch.Tensor]:
     out = _flatten("classes", tasks.classes)
     if tasks.global_task is not None:
         out.update(_flatten("global", tasks.global_task))
+    for scale, (classes, global_task) in tasks.zoomed.items():
+        out.update(_flatten(f"{_zoom_prefix(scale)}.classes", classes))
+        if global_task is not None:
+            out.update(_flatten(f"{_zoom_prefix(scale)}.global", global_task))
     return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}
+
+
+def _zoom_prefix(scale: float) -> str:
+    return f"zoom{float(scale):g}"
 
 
 def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> TaskEmbedding | None:
@@ -174,6 +228,13 @@ def load_tasks(path: str | Path, network_sha256: str | None = None) -> TaskSet:
     if classes is None:
         raise TaskFileError(f"{path} holds no class embeddings")
     spacing = meta.get("spacing")
+    zoomed = {}
+    for scale in meta.get("zoomed") or []:
+        found = _unflatten(f"{_zoom_prefix(scale)}.classes", tensors)
+        if found is None:
+            raise TaskFileError(f"{path} lists embeddings at scale {scale} but holds none")
+        zoomed[float(scale)] = (found, _unflatten(f"{_zoom_prefix(scale)}.global", tensors))
+    scales = meta.get("scales")
     return TaskSet(
         classes,
         _unflatten("global", tensors),
@@ -184,4 +245,7 @@ def load_tasks(path: str | Path, network_sha256: str | None = None) -> TaskSet:
         meta.get("modality"),
         list(meta.get("references") or []),
         bool(meta.get("together", False)),
+        [float(x) for x in scales] if scales is not None else None,
+        zoomed,
+        meta.get("zoom"),
     )
