@@ -178,7 +178,9 @@ def test_snapshot_lag_is_corrected_by_the_row_listing(s3: S3) -> None:
     assert len(fs.ls(f"{s3.bucket}/bank/{ROWS_DIR}")) == 3
     reader = Bank.open(s3.url(), storage_options=s3.options)
     assert reader.scan_ids == ["s-0", "s-1", "s-2"]
-    one = obj.list_rows(bank._backend.fs, bank._backend.fs_root, "s-1")  # a writer lists by key prefix
+    one = obj.list_rows(
+        bank._backend.fs, bank._backend.fs_root, "s-1"
+    )  # a writer lists by key prefix
     assert one.live == {"s-1": reader.version_of("s-1")} and not one.superseded
     bank.rebuild_index()
     snapshot = json.loads(fs.cat_file(f"{s3.bucket}/bank/index.json"))
