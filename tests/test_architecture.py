@@ -261,6 +261,6 @@ def test_modules_stay_small():
         f"{path.relative_to(ROOT).as_posix()}: {n} lines"
         for package in PACKAGES
         for path in _modules(package)
-        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
     ]
     assert not big, f"split by concept (<= {MAX_MODULE_LINES} lines):\n" + "\n".join(big)
