@@ -4,15 +4,13 @@ without the flow (no Prefect, no Dask, no pipeline), and a run with work is plan
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from maskbank.flows import planning
 from maskbank.flows.cli import main
-from tests.flows.cli_run import ENV, REPO
+from tests.flows.cli_run import comparable_report, run_and_list_modules
 from tests.flows.scans import write_phantom
 
 OPTS = ["--spacing", "3", "--workers", "1", "--no-progress"]
@@ -28,14 +26,6 @@ HEAVY = (
     "maskbank.pipeline.prepare",
     "maskbank.pipeline.proposals.engine",
 )
-# What differs between two runs of the same plan: when and where they ran.
-RUN_KEYS = ("started_at", "seconds", "report_path")
-
-
-def _comparable(report: dict) -> dict:
-    report = json.loads(json.dumps(report))  # as printed and stored
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "worker")} for r in report["scans"]]
-    return {**{k: v for k, v in report.items() if k not in RUN_KEYS}, "scans": rows}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +78,9 @@ def test_work_is_planned_once_and_no_work_needs_no_flow(
     monkeypatch.setattr(prepare, "prepare_bank", lambda **kw: pytest.fail("the flow ran"))
     settled = _prepare(capsys, src, bank, *extra)
     assert settled["counts"] == {"ok": 0, "skipped": 2, "failed": 0}
-    assert _comparable(settled) == _comparable(flow_report)
+    assert comparable_report(settled) == comparable_report(flow_report)
     stored = json.loads(Path(settled["report_path"]).read_text())
-    assert _comparable({**stored, "label_name_conflicts": []}) == _comparable(settled)
+    assert comparable_report({**stored, "label_name_conflicts": []}) == comparable_report(settled)
     if "hash" in extra:  # a shared report names no file or folder either
         assert "image" not in settled["scans"][0] and str(src) not in json.dumps(stored)
     if extra == tuple(PROPOSALS):
@@ -115,16 +105,9 @@ def test_a_run_with_no_work_loads_no_prefect_dask_or_pipeline(
     bank = tmp_path / "bank"
     args = ["prepare", str(src), "--bank", str(bank), *OPTS, "--json"]
     assert main(args) == 0
-    code = (
-        "import sys; from maskbank.flows.cli import main; "
-        f"rc = main({args!r}); "
-        f"print(rc, [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
-    )
-    assert out.stderr.strip().splitlines()[-1] == "0 []", out.stderr
-    assert json.loads(out.stdout)["counts"]["skipped"] == 2
+    stdout, stderr = run_and_list_modules(args, HEAVY)
+    assert stderr.strip().splitlines()[-1] == "0 []", stderr
+    assert json.loads(stdout)["counts"]["skipped"] == 2
 
 
 def test_help_says_a_run_with_nothing_to_do_records_no_flow_run(capsys) -> None:

@@ -4,27 +4,17 @@ flow (no Prefect, no Dask, no proposal engine), and a run with work is planned o
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from maskbank.flows import planning
 from maskbank.flows.cli import main
-from tests.flows.cli_run import ENV, REPO
+from tests.flows.cli_run import comparable_report, run_and_list_modules
 from tests.flows.scans import phantom_bank
 
 OPTS = ["--generators", "supervoxels", "--scales", "40", "--max-proposals", "30", "--no-progress"]
 HEAVY = ("prefect", "distributed", "torch", "torch_geometric", "maskbank.pipeline.proposals.engine")
-# What differs between two runs of the same plan: when and where they ran.
-RUN_KEYS = ("started_at", "seconds", "report_path")
-
-
-def _comparable(report: dict) -> dict:
-    report = json.loads(json.dumps(report))  # as printed and stored
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "worker")} for r in report["scans"]]
-    return {**{k: v for k, v in report.items() if k not in RUN_KEYS}, "scans": rows}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def test_work_is_planned_once_and_no_work_needs_no_flow(
     assert main(["propose", str(bank), *OPTS, "--json"]) == 0
     settled = json.loads(capsys.readouterr().out)
     assert settled["counts"] == {"ok": 0, "skipped": 2, "failed": 0}
-    assert _comparable(settled) == _comparable(flow_report)
+    assert comparable_report(settled) == comparable_report(flow_report)
     assert Path(settled["report_path"]).exists()
     assert json.loads(Path(settled["report_path"]).read_text())["counts"] == settled["counts"]
     # The table, as a flow run prints it.
@@ -72,13 +62,7 @@ def test_a_run_with_no_work_loads_no_prefect_dask_torch_or_engine(
     prefect_api: str, bank: Path
 ) -> None:
     main(["propose", str(bank), *OPTS, "--json"])  # done, whichever test ran first
-    code = (
-        "import sys; from maskbank.flows.cli import main; "
-        f"rc = main(['propose', {str(bank)!r}, *{OPTS!r}, '--json']); "
-        f"print(rc, [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
-    )
-    assert out.stderr.strip().splitlines()[-1] == "0 []", out.stderr
-    assert json.loads(out.stdout)["counts"]["skipped"] == 2
+    args = ["propose", str(bank), *OPTS, "--json"]
+    stdout, stderr = run_and_list_modules(args, HEAVY)
+    assert stderr.strip().splitlines()[-1] == "0 []", stderr
+    assert json.loads(stdout)["counts"]["skipped"] == 2
