@@ -27,8 +27,8 @@ import numpy as np
 
 from maskbank.flows.inputs import InputError, ScanInput, collect_inputs
 from maskbank.pipeline.errors import ScanError
-from maskbank.train.evaluation.zoom import MODES as ZOOM_MODES
 from maskbank.train.evaluation.zoom import OFF as ZOOM_OFF
+from maskbank.train.evaluation.zoom import zoom_option_problem
 from maskbank.train.postprocess import largest_component
 from maskbank.train.segment.inference import Segmenter
 from maskbank.train.segment.tasks import TaskFileError, TaskSet, load_tasks, save_tasks
@@ -62,13 +62,8 @@ class SegmentOptions:
     zoom_refine: bool = True  # zoomed classes again one step finer, inside their coarse gate
 
     def __post_init__(self) -> None:
-        if self.reference_zoom not in ZOOM_MODES:
-            raise SegmentError(
-                f"--reference-zoom must be one of {', '.join(ZOOM_MODES)}, "
-                f"got {self.reference_zoom!r}"
-            )
-        if not self.max_zoom >= 1:
-            raise SegmentError(f"--max-zoom must be >= 1, got {self.max_zoom}")
+        if problem := zoom_option_problem(self.reference_zoom, self.max_zoom):
+            raise SegmentError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

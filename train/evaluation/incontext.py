@@ -71,8 +71,8 @@ from .segmenters import (
 )
 from .structures import LabelledScan, StructureClass, find_classes, labelled_scans, require_classes
 from .zoom import FIT as ZOOM_FIT
-from .zoom import MODES as ZOOM_MODES
 from .zoom import OFF as ZOOM_OFF
+from .zoom import zoom_option_problem
 
 __all__ = [
     "FIXED",
@@ -131,13 +131,8 @@ class InContextOptions:
             raise EvaluationError(f"--fp-min-voxels must be >= 1, got {self.fp_min_voxels}")
         if self.repeats < 1:
             raise EvaluationError(f"--repeats must be >= 1, got {self.repeats}")
-        if self.reference_zoom not in ZOOM_MODES:
-            raise EvaluationError(
-                f"--reference-zoom must be one of {', '.join(ZOOM_MODES)}, "
-                f"got {self.reference_zoom!r}"
-            )
-        if not self.max_zoom >= 1:
-            raise EvaluationError(f"--max-zoom must be >= 1, got {self.max_zoom}")
+        if problem := zoom_option_problem(self.reference_zoom, self.max_zoom):
+            raise EvaluationError(problem)
 
     @property
     def max_shots(self) -> int:

@@ -49,6 +49,17 @@ MIN_VOXELS = 8  # ... unless the shortest would fall under this many voxels
 GATE_CELLS = 2  # coarse-to-fine: the finer pass is kept this many coarse voxels around
 
 
+def zoom_option_problem(reference_zoom: str, max_zoom: float) -> str | None:
+    """What is wrong with these zoom options, as a CLI user would fix it (None: nothing).
+    The evaluation and ``maskbank segment`` take the same options and raise their own
+    error types with this text."""
+    if reference_zoom not in MODES:
+        return f"--reference-zoom must be one of {', '.join(MODES)}, got {reference_zoom!r}"
+    if not max_zoom >= 1:
+        return f"--max-zoom must be >= 1, got {max_zoom}"
+    return None
+
+
 def steps(max_zoom: float) -> list[float]:
     """The ladder up to ``max_zoom`` (always holding 1)."""
     return [s for s in STEPS if s <= max_zoom] or [1.0]
