@@ -302,7 +302,7 @@ def plan_prepare_run(
         rehash=rehash,
         proposals=proposals,
     )
-    handed = _HANDED.pop(PrepareRun.__name__, None)
+    handed = _take_handed(PrepareRun)
     if handed is not None and handed.key == key:
         return handed
     if scans is None:
@@ -438,7 +438,7 @@ def plan_proposals(
     no Prefect, no Dask, no proposal engine (`proposals_up_to_date` reads attributes only).
     A plan `hand_over` left for this very run is taken instead of planning again."""
     ids = list(scan_ids)
-    handed = _HANDED.pop(ProposalPlan.__name__, None)
+    handed = _take_handed(ProposalPlan)
     key = (bank, ids, fingerprint, name, force)
     if (
         handed is not None
@@ -456,23 +456,39 @@ def plan_proposals(
     return ProposalPlan(bank, ids, fingerprint, name, force, done)
 
 
-#: Plans the CLI made before starting its flow in the same process, by plan type
-#: (see `hand_over`).
-_HANDED: dict[str, Any] = {}
+#: Plans the CLI made before starting its flow in the same process, by plan type, each
+#: with the bank it was planned against (see `hand_over`).
+_HANDED: dict[str, tuple[Any, Any]] = {}
 
 
 @contextlib.contextmanager
-def hand_over(plan: ProposalPlan | PrepareRun) -> Iterator[None]:
+def hand_over(plan: ProposalPlan | PrepareRun, store: Any = None) -> Iterator[None]:
     """Within the block, the next `plan_proposals` (`plan_prepare_run`) of the same run
     takes ``plan`` instead of planning again (a command plans first to exit early when
-    there is no work; a large bank is then planned once, not twice). Taken once; dropped
+    there is no work; a large bank is then planned once, not twice), and `handed_bank`
+    gives the flow ``store``, the bank the command opened (and recovered) to plan, so
+    that the flow does not open and parse the index a second time. Taken once; dropped
     at the block's end."""
     kind = type(plan).__name__
-    _HANDED[kind] = plan
+    _HANDED[kind] = (plan, store)
     try:
         yield
     finally:
         _HANDED.pop(kind, None)
+
+
+def handed_bank(kind: type, bank: str) -> Any:
+    """The bank handed over with a plan of type ``kind`` for the bank at ``bank``
+    (resolved location), or None: the flow then opens the bank itself."""
+    plan, store = _HANDED.get(kind.__name__, (None, None))
+    if plan is None or plan.bank != bank or not getattr(store, "writable", False):
+        return None
+    return store
+
+
+def _take_handed(kind: type) -> Any:
+    plan, _store = _HANDED.pop(kind.__name__, (None, None))
+    return plan
 
 
 def settled_report(

@@ -36,6 +36,8 @@ from maskbank.flows.planning import (  # noqa: F401 (SKIPPED, planned_skip: re-e
     DONE,
     NEW,
     SKIPPED,
+    PrepareRun,
+    handed_bank,
     plan_prepare_run,
     planned_skip,
     propose_cost_s,
@@ -290,7 +292,7 @@ def prepare_bank(
     clock = RunClock()
     cfg = PrepareConfig.from_dict(config or {})
     bank_path = resolve_location(bank)  # a URL stays as it is
-    store = _open_for_plan(bank, dry_run)
+    store = handed_bank(PrepareRun, bank_path) or _open_for_plan(bank, dry_run)
     # plain code; a CLI that planned this very run first hands its plan over (`hand_over`)
     run = plan_prepare_run(
         store,

@@ -31,7 +31,14 @@ from maskbank.flows.per_scan import (
     run_scans,
     seconds_since,
 )
-from maskbank.flows.planning import UP_TO_DATE, plan_proposals, propose_cost_s, scan_version
+from maskbank.flows.planning import (
+    UP_TO_DATE,
+    ProposalPlan,
+    handed_bank,
+    plan_proposals,
+    propose_cost_s,
+    scan_version,
+)
 from maskbank.pipeline.proposals.config import ProposalConfig
 
 __all__ = ["propose_bank", "propose_one", "propose_scan", "raw_image", "scan_version"]
@@ -157,12 +164,12 @@ def propose_bank(
     logger = get_run_logger()
     clock = RunClock()
     cfg = ProposalConfig.from_dict(config or {})
-    store = Bank.open(bank, mode="a")
+    bank_path = resolve_location(bank)  # a URL stays as it is
+    store = handed_bank(ProposalPlan, bank_path) or Bank.open(bank, mode="a")
     ids = list(scan_ids) if scan_ids else store.scan_ids
     missing = [s for s in ids if s not in store]
     if missing:
         raise ValueError(f"scans not in the bank: {missing}")
-    bank_path = resolve_location(bank)  # a URL stays as it is
     plan = plan_proposals(store, bank_path, ids, cfg.fingerprint(), name, force)
     rows = store.index_rows
     settings = plan.settings(cfg.to_dict())

@@ -98,13 +98,14 @@ def add_scan_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scans", default=None, help="comma list of scan ids (default: all)")
 
 
-def open_bank_scans(prog: str, bank: str, scans: str | None = None):
-    """``(Bank, scan ids or None for all)``; on a usage error print why and return None (exit 2)."""
+def open_bank_scans(prog: str, bank: str, scans: str | None = None, mode: str = "r"):
+    """``(Bank, scan ids or None for all)``, the bank opened in ``mode`` ("a": to write);
+    on a usage error print why and return None (exit 2)."""
     from maskbank.bank import Bank
     from maskbank.bank.errors import BankError
 
     try:
-        store = Bank.open(bank)
+        store = Bank.open(bank, mode=mode)
     except (BankError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return None

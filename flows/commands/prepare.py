@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         return _report(args, settled_prepare_report(store, run_plan, settings, clock))
     apply_cli_defaults(args.verbose)
 
-    with prefect_for_workers(args), hand_over(run_plan):  # the flow takes this plan
+    with prefect_for_workers(args), hand_over(run_plan, store):  # the flow takes this plan
         from maskbank.flows.prepare import prepare_bank
 
         report = prepare_bank(

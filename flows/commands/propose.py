@@ -19,7 +19,6 @@ from maskbank.flows.commands.options import (
 )
 
 if TYPE_CHECKING:
-    from maskbank.flows.outcomes import RunClock
     from maskbank.flows.planning import ProposalPlan
     from maskbank.pipeline.proposals.config import ProposalConfig
 
@@ -180,10 +179,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from maskbank.bank.writing import resolve_location
     from maskbank.flows.outcomes import RunClock
-    from maskbank.flows.planning import hand_over, plan_proposals
+    from maskbank.flows.planning import hand_over, plan_proposals, settled_report
 
     clock = RunClock()  # the report's seconds: opening and planning on, as in the flow
-    opened = open_bank_scans("maskbank propose", args.bank, args.scans)
+    # a run writes: open for writing once, and the flow takes this very bank (`hand_over`)
+    mode = "r" if args.dry_run or args.import_from is not None else "a"
+    opened = open_bank_scans("maskbank propose", args.bank, args.scans, mode)
     if opened is None:
         return 2
     store, ids = opened
@@ -197,11 +198,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, plan)
     if not plan.work:
-        return _report(args, _settled(args.bank, plan, cfg, clock))
+        return _report(args, settled_report(store, plan, cfg.to_dict(), clock))
     apply_cli_defaults(args.verbose)
     from maskbank.flows.propose import propose_bank
 
-    with hand_over(plan):  # the flow plans these very scans: it takes this plan
+    with hand_over(plan, store):  # the flow plans these very scans: it takes this plan
         report = propose_bank(
             bank=args.bank,  # the flow resolves a local path
             config=cfg.to_dict(),
@@ -213,14 +214,6 @@ def run(args: argparse.Namespace) -> int:
             **cluster_kwargs(args),
         )
     return _report(args, report)
-
-
-def _settled(bank: str, plan: ProposalPlan, cfg: ProposalConfig, clock: RunClock) -> dict:
-    """The report of a plan with no work, stored in the bank like a flow run's."""
-    from maskbank.bank import Bank
-    from maskbank.flows.planning import settled_report
-
-    return settled_report(Bank.open(bank, mode="a"), plan, cfg.to_dict(), clock)
 
 
 def _report(args: argparse.Namespace, report: dict) -> int:

@@ -225,3 +225,22 @@ def test_scans_from_before_stat_records_are_hashed_once(prefect_api: str, tmp_pa
     assert {s: after.scan(s).token for s in after.scan_ids} == tokens
     assert _plan([str(tmp_path / "inputs")], bank).counts()[DONE] == 3
     assert after.verify() == []
+
+
+def test_a_handed_plan_brings_the_bank_it_was_planned_on(tmp_path: Path) -> None:
+    """The flow of a command that planned first takes the command's open bank (one index
+    parse, not two) -- only a writable one, of the same bank, within the block."""
+    from maskbank.bank.writing import resolve_location
+    from maskbank.flows.planning import ProposalPlan, hand_over, handed_bank, plan_proposals
+
+    store = Bank.create(tmp_path / "b")
+    where = resolve_location(str(tmp_path / "b"))
+    plan = ProposalPlan(where, [], "fp", "default", False, {})
+    with hand_over(plan, store):
+        assert handed_bank(ProposalPlan, where) is store
+        assert handed_bank(ProposalPlan, str(tmp_path / "other")) is None
+        assert plan_proposals(store, where, [], "fp") is plan  # the plan is taken once ...
+        assert handed_bank(ProposalPlan, where) is None  # ... and its bank with it
+    with hand_over(plan, Bank.open(tmp_path / "b")):  # read-only: the flow opens its own
+        assert handed_bank(ProposalPlan, where) is None
+    assert handed_bank(ProposalPlan, where) is None
