@@ -19,8 +19,11 @@ QUERY is what `maskbank prepare` takes: scan files (.nii/.nii.gz/.nrrd/.mha/.mhd
 series folders, folders (searched recursively; *_label/_seg/_mask files are not
 queries) or a .csv/.jsonl manifest (column image; modality, dicom_series). Each query is
 read, reoriented and resampled to the network's spacing and normalised as the
-pretraining bank's scans were, segmented by sliding windows (probability >= 0.5), and
-mapped back onto the query's own grid and affine. As in `maskbank evaluate incontext`,
+pretraining bank's scans were, segmented by sliding windows, thresholded per label at the
+step of 0.5 ... 0.95 that best fits its references' own masks when the references are
+segmented like queries (--threshold reference, the default with --reference; a task file
+holds no masks, so its labels keep 0.5), and mapped back onto the query's own grid and
+affine. As in `maskbank evaluate incontext`,
 each structure is segmented at the scale that frames its reference mask
 (--reference-zoom fit, the default): a large organ on a coarser grid, then again one
 step finer inside that prediction; the label map always has the query's full grid:
@@ -124,6 +127,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "step finer, inside its coarse prediction dilated by two coarse voxels",
     )
     p.add_argument(
+        "--threshold",
+        choices=("reference", "fixed"),
+        default="reference",
+        help="reference: each label's threshold is the step of 0.5, 0.6, 0.7, 0.8, 0.9, 0.95 "
+        "that best fits its references' masks when the references are segmented like queries "
+        "(once per run, with --reference pairs only), as in `maskbank evaluate incontext`; "
+        "fixed: >= 0.5 (default: reference)",
+    )
+    p.add_argument(
+        "--threshold-by",
+        choices=("volume", "dice"),
+        default="volume",
+        help="what --threshold reference fits: the volume closest to the reference mask's, "
+        "or the best Dice (default: volume)",
+    )
+    p.add_argument(
+        "--calibration-copy",
+        choices=("augmented", "plain"),
+        default="augmented",
+        help="what --threshold reference segments: a gamma-warped, noised copy of each "
+        "reference, or the reference as it is (default: augmented)",
+    )
+    p.add_argument(
         "--spacing",
         default=None,
         metavar="MM",
@@ -187,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
             reference_zoom=args.reference_zoom,
             max_zoom=args.max_zoom,
             zoom_refine=not args.no_zoom_refine,
+            threshold=args.threshold,
+            threshold_by=args.threshold_by,
+            calibration_copy=args.calibration_copy,
         )
         started = time.perf_counter()
         seg_run = SegmentRun(
@@ -208,6 +237,14 @@ def run(args: argparse.Namespace) -> int:
     if zoomed:
         print(
             "reference zoom: " + ", ".join(f"{n} at scale {s:g}" for n, s in zoomed.items()),
+            file=sys.stderr,
+        )
+    if seg_run.thresholds is not None:
+        cuts = zip(tasks.names, seg_run.thresholds, strict=True)
+        print(
+            "thresholds calibrated on the references: "
+            + ", ".join(f"{n} {t:g}" for n, t in cuts)
+            + f" ({seg_run.calibration_seconds:.1f} s)",
             file=sys.stderr,
         )
     print(

@@ -56,6 +56,7 @@ def segment_remote(
     out: str,
     task_sha256: str,
     provenance: dict[str, Any],
+    thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
     """One query on a worker (plain arguments in and out)."""
     from maskbank.flows.inputs import ScanInput
@@ -70,7 +71,7 @@ def segment_remote(
         return SegmentResult(query["scan_id"], query["image"], "failed", f"worker: {exc}").to_dict()
     result = segment_query(
         ScanInput.from_dict(query), segmenter, tuple(spacing), opts, out, sha, task_sha256,
-        provenance,
+        provenance, thresholds,
     )  # fmt: skip
     return result.to_dict()
 
@@ -104,6 +105,7 @@ def segment_on_dask(
                 os.path.abspath(run.out),
                 run.task_sha256,
                 run.provenance(),
+                run.thresholds,
                 key=f"segment-{q.scan_id}",
                 pure=False,
             )

@@ -103,13 +103,14 @@ def tasks_from_references(
     device: str = "cpu",
     reference_zoom: str = "fit",
     max_zoom: float = 4.0,
-) -> TaskSet:
+) -> tuple[TaskSet, list[Reference]]:
     """Embed the references once: the task set every query of the run uses (at the
-    scales ``reference_zoom`` chooses, `encode_references`)."""
+    scales ``reference_zoom`` chooses, `encode_references`), and the prepared references
+    (what the thresholds are calibrated on)."""
     refs, ref_modality = read_references(pairs, spacing, modality, budget)
     values, names = choose_labels(labels, refs, label_names)
     try:
-        return encode_references(
+        tasks = encode_references(
             net.model,
             net.crop,
             refs,
@@ -124,3 +125,4 @@ def tasks_from_references(
         )
     except ValueError as exc:
         raise SegmentError(str(exc)) from exc
+    return tasks, refs

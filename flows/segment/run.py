@@ -9,8 +9,14 @@ Per query: prepared like the pretraining bank's scans (`query.prepare_query`),
 segmented by sliding windows one task group at a time, each class at the scale its
 references ask for and refined one step finer (the in-context evaluation's
 ``--reference-zoom``, ``--max-zoom`` and ``--no-zoom-refine``, with its defaults),
-thresholded (``p >= 0.5``; where two classes pass, the more probable wins), mapped back onto the query's own grid and affine
-(`geometry.GridMap`) and written atomically (`outputs`).
+thresholded (each label at the threshold its references calibrate, as the in-context
+evaluation's ``--threshold reference``, else ``p >= 0.5``; where two classes pass, the more
+probable wins), mapped back onto the query's own grid and affine (`geometry.GridMap`) and
+written atomically (`outputs`).
+
+Calibration (``train.evaluation.calibration``) needs the reference images and masks: with
+``--reference`` pairs each label's threshold is picked once per run, from the references
+segmented as queries; a task file holds embeddings only, so its labels keep 0.5.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ import numpy as np
 
 from maskbank.flows.inputs import InputError, ScanInput, collect_inputs
 from maskbank.pipeline.errors import ScanError
+from maskbank.train.evaluation.calibration import (
+    FIXED,
+    REFERENCE,
+    calibrate_images,
+    describe,
+    threshold_option_problem,
+)
 from maskbank.train.evaluation.zoom import OFF as ZOOM_OFF
 from maskbank.train.evaluation.zoom import zoom_option_problem
 from maskbank.train.postprocess import largest_component
@@ -60,9 +73,17 @@ class SegmentOptions:
     reference_zoom: str = "fit"  # fit | off
     max_zoom: float = 4.0  # the coarsest scale a class may take
     zoom_refine: bool = True  # zoomed classes again one step finer, inside their coarse gate
+    # Per-label thresholds calibrated on the references, as the in-context evaluation's
+    threshold: str = REFERENCE  # reference | fixed
+    threshold_by: str = "volume"  # volume | dice
+    calibration_copy: str = "augmented"  # augmented | plain
 
     def __post_init__(self) -> None:
         if problem := zoom_option_problem(self.reference_zoom, self.max_zoom):
+            raise SegmentError(problem)
+        if problem := threshold_option_problem(
+            self.threshold, self.threshold_by, self.calibration_copy
+        ):
             raise SegmentError(problem)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,10 +108,15 @@ def segment_query(
     network_sha256: str | None,
     task_sha256: str,
     provenance: dict[str, Any] | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> SegmentResult:
-    """Segment one query and write its outputs; never raises for a bad query."""
+    """Segment one query and write its outputs; never raises for a bad query.
+
+    ``thresholds``: one per label of the task set (None: ``THRESHOLD`` for every label).
+    """
     t0 = time.perf_counter()
     tasks = segmenter.tasks
+    cuts = [float(t) for t in thresholds] if thresholds else [THRESHOLD] * len(tasks.values)
     paths = output_paths(out, query.scan_id)
     names = dict(zip(tasks.values, tasks.names, strict=True))
     prob = options.save_probabilities
@@ -98,6 +124,8 @@ def segment_query(
     zoomed = any(s != 1 for s in tasks.class_scales)
     if done is not None and zoomed and done.get("zoom_refine") != segmenter.zoom_refine:
         done = None  # made with the other coarse-to-fine setting: redo
+    if done is not None and _thresholds_record(tasks, cuts) != done.get("thresholds", {}):
+        done = None  # thresholded otherwise (another calibration, or none): redo
     if done is not None:
         return SegmentResult(
             query.scan_id,
@@ -115,7 +143,7 @@ def segment_query(
     try:
         return _segment_query(
             query, segmenter, spacing, options, paths, names, network_sha256, task_sha256,
-            provenance or {}, t0,
+            provenance or {}, t0, thresholds,
         )  # fmt: skip
     except ScanError as exc:
         reason = exc.reason
@@ -140,9 +168,11 @@ def _segment_query(
     task_sha256: str,
     provenance: dict[str, Any],
     t0: float,
+    thresholds: Sequence[float] | None,
 ) -> SegmentResult:
     tasks = segmenter.tasks
     values = tasks.values
+    cuts = [float(t) for t in thresholds] if thresholds else [THRESHOLD] * len(values)
     modality = query.modality or options.modality
     group = max(len(g) for g in segmenter.groups(1))
     series = (query.metadata or {}).get("dicom_series")
@@ -172,7 +202,7 @@ def _segment_query(
     for ids, probs in segmenter.probabilities(pq.image):
         for j, i in enumerate(ids):
             p = probs[j]
-            take = (p >= THRESHOLD) & (p > best)
+            take = (p >= cuts[i]) & (p > best)
             label[take] = values[i]
             best[take] = p[take]
             if probs_out is not None:
@@ -198,7 +228,12 @@ def _segment_query(
         "segmentation": paths["seg"].name,
         "probabilities": paths["prob"].name if probs_out is not None else None,
         "probability_channels": [str(v) for v in values] if probs_out is not None else None,
-        "threshold": THRESHOLD,
+        "threshold": describe(
+            options.threshold if thresholds else FIXED,
+            options.threshold_by,
+            options.calibration_copy,
+        ),
+        "thresholds": _thresholds_record(tasks, cuts),
         "largest_component": options.largest_component,
         **zoom_record(tasks, segmenter.zoom_refine),
         "voxels": {str(v): n for v, n in voxels.items()},
@@ -225,6 +260,11 @@ def _segment_query(
         voxels,
         volume,
     )
+
+
+def _thresholds_record(tasks: TaskSet, cuts: list[float]) -> dict[str, float]:
+    """Each label value's threshold, as a query's JSON records it."""
+    return {str(v): t for v, t in zip(tasks.values, cuts, strict=True)}
 
 
 def zoom_record(tasks: TaskSet, refine: bool) -> dict[str, Any]:
@@ -330,8 +370,9 @@ class SegmentRun:
                 "--spacing, or make the task again from references at the new spacing"
             )
         self.spacing, self.spacing_source = networks.resolve_spacing(given_spacing, net, tasks)
+        refs = None
         if tasks is None:
-            tasks = tasks_from_references(
+            tasks, refs = tasks_from_references(
                 net,
                 [(str(i), str(m)) for i, m in references or []],
                 self.spacing,
@@ -349,6 +390,19 @@ class SegmentRun:
         self.task_file = str(save_tasks(tasks, save_task)) if save_task else task
         self.task_sha256 = tasks.digest()
         self._segmenter: Segmenter | None = None
+        # None: every label at THRESHOLD (fixed, or a task file: no reference masks)
+        self.thresholds: list[float] | None = None
+        self.calibration_seconds = 0.0
+        if refs is not None and self.options.threshold == REFERENCE:
+            started = time.perf_counter()
+            self.thresholds = calibrate_images(
+                self.segmenter.probabilities,
+                [(r.image, r.label) for r in refs],
+                tasks.values,
+                self.options.threshold_by,
+                self.options.calibration_copy,
+            )
+            self.calibration_seconds = time.perf_counter() - started
 
     @property
     def segmenter(self) -> Segmenter:
@@ -380,7 +434,7 @@ class SegmentRun:
             for query in self.queries:
                 yield segment_query(
                     query, self.segmenter, self.spacing, self.options, self.out,
-                    self.network.sha256, self.task_sha256, self.provenance(),
+                    self.network.sha256, self.task_sha256, self.provenance(), self.thresholds,
                 )  # fmt: skip
             return
         from .cluster import segment_on_dask

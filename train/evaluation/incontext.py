@@ -20,8 +20,10 @@ class (``structures.median_foreground``) with the class's mask; several referenc
 are averaged. As in pretraining, an all-ones "global" task rides along with each
 group, averaged over the references of all classes of the dataset (so it too is the
 same for every query). The query is the whole scan, segmented by sliding windows
-(``sliding.py``); probabilities ``>= 0.5`` are foreground; Dice, HD95, ASD and NSD at
-the bank's spacing (``metrics.py``).
+(``sliding.py``). Each class's threshold is calibrated on its references
+(``calibration.py``: the reference scan segmented as a query, the step of a ladder from 0.5
+whose volume best matches the reference's own label; ``threshold="fixed"``: ``>= 0.5``);
+Dice, HD95, ASD and NSD at the bank's spacing (``metrics.py``).
 
 Means follow the published aggregation (``aggregate.py``): per class over its
 queries, per dataset over classes, the headline over datasets, with bootstrap
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from . import aggregate
+from .calibration import AUGMENTED, REFERENCE, VOLUME, threshold_option_problem
 from .checkpoint import RANDOM, SCRATCH, LoadedNetwork, load_network
 from .errors import EvaluationError
 from .incontext_report import InContextResult
@@ -116,6 +119,10 @@ class InContextOptions:
     reference_zoom: str = ZOOM_FIT
     max_zoom: float = 4.0
     zoom_refine: bool = True  # zoomed classes again one step finer, inside their coarse gate
+    # Thresholds (calibration.py): fixed 0.5, or per class from the reference's own label.
+    threshold: str = REFERENCE
+    threshold_by: str = VOLUME  # volume | dice
+    calibration_copy: str = AUGMENTED  # augmented | plain
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +139,10 @@ class InContextOptions:
         if self.repeats < 1:
             raise EvaluationError(f"--repeats must be >= 1, got {self.repeats}")
         if problem := zoom_option_problem(self.reference_zoom, self.max_zoom):
+            raise EvaluationError(problem)
+        if problem := threshold_option_problem(
+            self.threshold, self.threshold_by, self.calibration_copy
+        ):
             raise EvaluationError(problem)
 
     @property
@@ -225,6 +236,7 @@ def summarise(planned: InContextPlan, scored: Scored, options: InContextOptions)
     overlap, detail = pretraining_overlap(planned.networks, [by_id[q] for q in queried])
     results["pretraining_overlap"] = overlap
     results["pretraining_overlap_by_network"] = detail
+    results["thresholds"] = scored.thresholds
     results["baselines"] = {
         r.label: r.stats()
         for r in runners

@@ -183,6 +183,7 @@ CLASS_COLUMNS = [
     "hd95_median",
     "asd",
     "nsd",
+    "volume_ratio",
     "misses",
     "FP rate",
     "fp_ml_mean",
@@ -223,6 +224,7 @@ def markdown(results: dict) -> str:
                 f"{stats.get('seconds_per_registration') or 0:.2f} s each, "
                 f"{stats.get('fallbacks')} fallback(s)"
             )
+    md += _markdown_thresholds(results)
     md += ["", "## References and queries", ""]
     for sp in results.get("references", []):
         refs = "; ".join(f"{n}: {', '.join(c['references'])}" for n, c in sp["classes"].items())
@@ -237,6 +239,20 @@ def markdown(results: dict) -> str:
     if results.get("run"):
         md += ["", "## Provenance", "", provenance_markdown(results["run"])]
     return "\n".join(md)
+
+
+def _markdown_thresholds(results: dict) -> list[str]:
+    """The reference-calibrated threshold of every (network, class, references)."""
+    chosen = results.get("thresholds") or []
+    if not chosen:
+        return []
+    md = ["", "## Thresholds", "", f"Rule: {results['options'].get('threshold')}.", ""]
+    rows = [
+        {**t, "references": ", ".join(t["references"]), "threshold": f"{t['threshold']:g}"}
+        for t in chosen
+    ]
+    cols = ["network", "class", "references", "threshold"]
+    return [*md, markdown_table(rows, cols)]
 
 
 def _markdown_head(results: dict) -> list[str]:
@@ -274,6 +290,12 @@ def _markdown_summary(s: dict) -> list[str]:
         for c in s["classes"]
     ]
     md += ["", "Per class:", "", markdown_table(rows, CLASS_COLUMNS)]
+    if s.get("classes_volume_in_range") is not None:
+        md += [
+            "",
+            f"Classes whose median predicted / true volume (volume_ratio) is within "
+            f"[0.5, 2]: {s['classes_volume_in_range']} of {len(s['classes'])}.",
+        ]
     if s.get("dropped"):
         md += ["", "Left out of these means: " + ", ".join(s["dropped"])]
     return md

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
-from .metrics import binarise, is_miss, score
+from .calibration import REFERENCE, ReferenceCalibration
+from .metrics import THRESHOLD, binarise, is_miss, score
 from .references import QueryJob
 from .segmenters import Segmenter
 from .sliding import window_count
@@ -55,6 +56,7 @@ class Scored:
     structures: list[dict[str, Any]] = field(default_factory=list)
     queries: list[dict[str, Any]] = field(default_factory=list)
     overlays: dict[tuple[str, str], Overlay] = field(default_factory=dict)
+    thresholds: list[dict[str, Any]] = field(default_factory=list)  # reference-calibrated
 
 
 def score_jobs(
@@ -73,22 +75,37 @@ def score_jobs(
         bar = tqdm(total=len(jobs) * len(runners), desc="evaluate incontext", unit="query")
     out = Scored()
     crop = next((r.crop for r in runners if r.crop), DEFAULT_FIGURE_CROP)
+    calibration = (
+        ReferenceCalibration(options.threshold_by, options.calibration_copy)
+        if options.threshold == REFERENCE
+        else None
+    )
     for runner in runners:
         for job in jobs:
             t0 = time.perf_counter()
             refs = [(c, [by_id[r] for r in ids]) for c, ids in job.tasks]
+            # Before the query's passes: a runner counts the windows of its last segment call.
+            thresholds, calibrating = (
+                calibration.thresholds(runner, refs)
+                if calibration is not None
+                else ([THRESHOLD] * len(refs), 0.0)
+            )
             passes = 0
             for group, probs in runner.segment(job.query, refs):
                 passes += 1
                 for j, prob in zip(group, probs, strict=True):
                     if on_prediction is not None:
                         on_prediction(runner.label, job, job.tasks[j][0], prob)
-                    _score_task(runner.label, job, j, binarise(prob), by_id, options, out, crop)
-            out.queries.append(_query_row(runner, job, passes, time.perf_counter() - t0, options))
+                    pred = binarise(prob, thresholds[j])
+                    _score_task(runner.label, job, j, pred, by_id, options, out, crop)
+            row = _query_row(runner, job, passes, time.perf_counter() - t0, options)
+            out.queries.append({**row, "calibration_seconds": calibrating})
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if calibration is not None:
+        out.thresholds = calibration.chosen
     return out
 
 
@@ -142,7 +159,8 @@ def _query_row(
         "repeat": job.repeat,
         "classes": len(job.tasks),
         "shape": list(query.image.shape),
-        # inference and scoring of the whole query, all its dataset's classes
+        # inference and scoring of the whole query, all its dataset's classes (and the
+        # calibration of its task list's thresholds when this query was the first to ask)
         "seconds": seconds,
         "passes": passes,
         "windows": (

@@ -3,7 +3,9 @@
 Per class the mean over its queries, per dataset over its classes, the headline over
 datasets (``aggregate.py``), with bootstrap intervals and, for every network after the
 first, paired tests against the first. Per k only the classes scorable at every
-requested k are summarised (those dropped are listed).
+requested k are summarised (those dropped are listed). Beside the Dice, each class's
+median predicted / true volume, and per network how many classes keep it within
+``VOLUME_RANGE``: a network that over-predicts shows it there before the Dice does.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import aggregate
+from .calibration import describe
 from .references import RANDOM_REFS
 
 if TYPE_CHECKING:
     from .incontext import InContextOptions
+
+VOLUME_RANGE = (0.5, 2.0)  # a class's median predicted / true volume counted as in range
 
 
 def class_table(rows: list[dict]) -> list[dict[str, Any]]:
@@ -34,6 +39,12 @@ def class_table(rows: list[dict]) -> list[dict[str, Any]]:
         for m in aggregate.METRICS:
             entry[m] = float(np.mean([r[m] for r in present])) if present else None
         entry["hd95_median"] = float(np.median([r["hd95"] for r in present])) if present else None
+        # Median predicted / true volume: how far a class is over- or under-segmented.
+        entry["volume_ratio"] = (
+            float(np.median([r["pred_voxels"] / r["gt_voxels"] for r in present]))
+            if present
+            else None
+        )
         entry["misses"] = sum(bool(r["miss"]) for r in present)
         entry["absent_queries"] = len(absent)
         entry["fp_queries"] = sum(bool(r["false_positive"]) for r in absent)
@@ -62,7 +73,9 @@ def summary_entry(
     """One network at k shots: headline with interval, per dataset and per class."""
     present = [r for r in rows if r["present"]]
     stats = aggregate.summary(present, options.bootstrap, options.seed)
-    secs = [q["seconds"] for q in queries if q["network"] == label and q["shots"] == k]
+    mine = [q for q in queries if q["network"] == label and q["shots"] == k]
+    secs = [q["seconds"] for q in mine]
+    calib = [q["calibration_seconds"] for q in mine if "calibration_seconds" in q]
     classes = class_table(rows)
     per_dataset = defaultdict(list)
     for c in classes:
@@ -78,6 +91,12 @@ def summary_entry(
         "absent_rows": len(rows) - len(present),
         "false_positives": sum(bool(r.get("false_positive")) for r in rows),
         "seconds_per_query": float(np.mean(secs)) if secs else None,
+        "calibration_seconds_per_query": float(np.mean(calib)) if calib else None,
+        "classes_volume_in_range": sum(
+            VOLUME_RANGE[0] <= c["volume_ratio"] <= VOLUME_RANGE[1]
+            for c in classes
+            if c["volume_ratio"] is not None
+        ),
         "datasets": [
             {"dataset": d, "mean_dice": (stats.get("datasets") or {}).get(d), "classes": len(cs)}
             for d, cs in sorted(per_dataset.items())
@@ -120,7 +139,7 @@ def options_record(options: InContextOptions, window: int | None) -> dict[str, A
         "repeats": options.repeats if options.references == RANDOM_REFS else 1,
         "seed": options.seed,
         "overlap": options.overlap,
-        "threshold": ">= 0.5",
+        "threshold": describe(options.threshold, options.threshold_by, options.calibration_copy),
         "tolerance_mm": options.tolerance_mm,
         "fp_min_voxels": options.fp_min_voxels,
         "bootstrap": options.bootstrap,

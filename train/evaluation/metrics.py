@@ -31,7 +31,9 @@ Empty masks, where MONAI gives nan/inf, are defined here so that means stay fini
   dataset. Every finite distance is clipped at the same 500 mm, so a miss never scores
   better than a hit. ``is_miss`` tells callers to count misses beside the means.
 
-Predictions are probabilities thresholded at ``>= THRESHOLD`` (0.5) everywhere.
+Predictions are probabilities thresholded at ``>= THRESHOLD`` (0.5) unless a caller
+gives its own threshold (the in-context evaluation's reference-calibrated ones,
+``calibration.py``).
 
 Speed: the distance computations run on the bounding box of ``pred | gt`` padded by
 ``ceil(tolerance / spacing) + 2`` voxels per axis (clipped to the volume). Everything
@@ -108,9 +110,9 @@ def is_miss(pred: np.ndarray, gt: np.ndarray) -> bool:
     return bool(np.any(pred)) != bool(np.any(gt))
 
 
-def binarise(prob: np.ndarray) -> np.ndarray:
-    """Foreground where the probability is ``>= THRESHOLD``."""
-    return np.asarray(prob) >= THRESHOLD
+def binarise(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Foreground where the probability is ``>= threshold``."""
+    return np.asarray(prob) >= threshold
 
 
 def _distance_metrics(

@@ -30,7 +30,8 @@ Every query is segmented for every class of its dataset, whatever its own label 
 holds (a class's prediction never depends on the query's labels): a reference crop of
 the training crop size centred on the class (several references averaged) gives the
 task; the whole query is segmented by sliding windows (overlap 0.5, Gaussian blending,
-sigmoid, probability >= 0.5). A class too large for the crop is evaluated on a coarser
+sigmoid). Each class's threshold is calibrated on its references, never on the query
+(--threshold). A class too large for the crop is evaluated on a coarser
 grid that frames it (--reference-zoom), its probabilities interpolated back. Present classes are scored by Dice, HD95, ASD (mm) and
 normalised surface Dice at --tolerance-mm; a miss takes a fixed 500 mm surface
 distance. Absent classes are scored by their false positives.
@@ -126,6 +127,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "step finer, inside its coarse prediction dilated by two coarse voxels",
     )
     p.add_argument(
+        "--threshold",
+        choices=("reference", "fixed"),
+        default="reference",
+        help="reference: each class's threshold is the step of 0.5, 0.6, 0.7, 0.8, 0.9, 0.95 "
+        "that best fits the reference's own label when the reference scan is segmented like "
+        "a query (one extra pass per reference scan and runner, cached); fixed: >= 0.5 "
+        "(default: reference)",
+    )
+    p.add_argument(
+        "--threshold-by",
+        choices=("volume", "dice"),
+        default="volume",
+        help="what --threshold reference fits: the predicted volume closest to the true one, "
+        "or the best Dice (default: volume)",
+    )
+    p.add_argument(
+        "--calibration-copy",
+        choices=("augmented", "plain"),
+        default="augmented",
+        help="what --threshold reference segments: a copy of the reference with its "
+        "intensities gamma-warped and noised, so no window matches the task crop voxel for "
+        "voxel, or the reference as it is (default: augmented)",
+    )
+    p.add_argument(
         "--label-names",
         default=None,
         metavar="FILE",
@@ -184,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
             tolerance_mm=args.tolerance_mm,
             fp_min_voxels=args.fp_min_voxels,
             bootstrap=args.bootstrap,
+            threshold=args.threshold,
+            threshold_by=args.threshold_by,
+            calibration_copy=args.calibration_copy,
             label_names=_label_names(args.label_names),
             device=str(device_of(args.device)),
         )

@@ -77,7 +77,10 @@ def test_off_is_the_full_grid_and_a_zoomed_task_file_can_be_turned_off(
     tmp_path, tiny_run, phantoms, big_reference, capsys
 ):
     query = phantoms["q0"][0]
-    off = _run(tmp_path, tiny_run, big_reference, query, "off", reference_zoom="off")
+    # a task file holds no reference masks, so it thresholds at 0.5: compare with that
+    off = _run(
+        tmp_path, tiny_run, big_reference, query, "off", reference_zoom="off", threshold="fixed"
+    )
     record = json.loads(Path(off.json_path).read_text())
     assert record["reference_zoom"] == "off" and record["scales"] == {"1": 1.0, "2": 1.0}
     task = tmp_path / "fit.st"

@@ -202,6 +202,43 @@ def test_the_query_labels_never_steer_a_prediction(tmp_path):
     )
     assert row["false_positive"] == (row["fp_largest_component"] >= 10)
     assert res_before["references"] == res_after["references"]
+    # the thresholds come from the references alone: a query's label cannot move them
+    assert res_before["thresholds"] == res_after["thresholds"] != []
+
+
+def test_reference_thresholds_are_applied_and_recorded(labelled_bank):
+    """Every row is its probability map at the threshold its class was calibrated to; the
+    fixed rule is >= 0.5 and records no thresholds."""
+    from maskbank.train.evaluation.calibration import LADDER
+
+    net = load_network("random", "tiny", seed=2)
+    bank = Bank.open(labelled_bank)
+    maps = {}
+
+    def keep(label, job, cls, prob):
+        maps[(job.query.scan_id, cls.key)] = prob.copy()
+
+    res = incontext.run(bank, [net], InContextOptions(bootstrap=20), on_prediction=keep)
+    chosen = {t["class"]: t["threshold"] for t in res["thresholds"]}
+    assert len(res["thresholds"]) == 9 and set(chosen.values()) <= set(LADDER)
+    for r in res["structures"]:
+        prob = maps[(r["query"], f"{r['dataset']}/{r['class']}")]
+        assert r["pred_voxels"] == int((prob >= chosen[f"{r['dataset']}/{r['class']}"]).sum())
+    assert res["options"]["threshold"].startswith("reference: volume on the augmented")
+    first, second = (q for q in res["queries"])
+    assert first["calibration_seconds"] > 0 and second["calibration_seconds"] == 0.0
+    assert res["summary"][0]["classes_volume_in_range"] == sum(
+        0.5 <= c["volume_ratio"] <= 2 for c in res["summary"][0]["classes"]
+    )
+    fixed = incontext.run(bank, [net], InContextOptions(bootstrap=20, threshold="fixed"))
+    assert fixed["options"]["threshold"] == ">= 0.5" and fixed["thresholds"] == []
+    for r in fixed["structures"]:
+        prob = maps[(r["query"], f"{r['dataset']}/{r['class']}")]
+        assert r["pred_voxels"] == int((prob >= 0.5).sum())
+    with pytest.raises(EvaluationError, match="--threshold must be one of fixed, reference"):
+        InContextOptions(threshold="auto")
+    with pytest.raises(EvaluationError, match="--threshold-by"):
+        InContextOptions(threshold_by="area")
 
 
 def test_protocol_on_a_labelled_bank(labelled_bank, tiny_checkpoint, tmp_path):
@@ -410,7 +447,9 @@ def test_registration_baseline_runs_in_the_same_loop(labelled_bank, tmp_path, ca
     assert [n["name"] for n in res["networks"]] == ["registration"]
     assert {r["network"] for r in res["structures"]} == {"registration"}
     assert res["networks"][0]["seconds_per_query"] > 0
-    assert res["baselines"]["registration"]["registrations"] == 4  # 2 queries x 2 references
+    # 2 queries x 2 references, and the calibration: the 2 reference scans' copies
+    # segmented as queries are, with both references
+    assert res["baselines"]["registration"]["registrations"] == 8
     assert res["pretraining_overlap"] == [] and res["pretraining_overlap_by_network"] == {}
     assert res["mean_dice"] > 0.3  # the phantoms differ little: registration finds the organs
     assert res["run"]["networks"][0]["label"] == "registration"
