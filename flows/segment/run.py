@@ -16,7 +16,8 @@ written atomically (`outputs`).
 
 Calibration (``train.evaluation.calibration``) needs the reference images and masks: with
 ``--reference`` pairs each label's threshold is picked once per run, from the references
-segmented as queries; a task file holds embeddings only, so its labels keep 0.5.
+segmented as queries, and ``--save-task`` keeps the thresholds in the task file; a run
+from a task file takes them from there (a file made without calibration: 0.5).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -387,13 +388,14 @@ class SegmentRun:
         elif labels:
             tasks = _select(tasks, labels)
         self.tasks = tasks
-        self.task_file = str(save_tasks(tasks, save_task)) if save_task else task
         self.task_sha256 = tasks.digest()
         self._segmenter: Segmenter | None = None
-        # None: every label at THRESHOLD (fixed, or a task file: no reference masks)
+        # None: every label at THRESHOLD (fixed, or a task file made without calibration)
         self.thresholds: list[float] | None = None
         self.calibration_seconds = 0.0
-        if refs is not None and self.options.threshold == REFERENCE:
+        if self.options.threshold == REFERENCE and refs is None:
+            self.thresholds = tasks.thresholds  # as the task file's references calibrated them
+        elif self.options.threshold == REFERENCE:
             started = time.perf_counter()
             self.thresholds = calibrate_images(
                 self.segmenter.probabilities,
@@ -403,6 +405,8 @@ class SegmentRun:
                 self.options.calibration_copy,
             )
             self.calibration_seconds = time.perf_counter() - started
+            self.tasks = replace(tasks, thresholds=self.thresholds)  # a --save-task keeps them
+        self.task_file = str(save_tasks(self.tasks, save_task)) if save_task else task
 
     @property
     def segmenter(self) -> Segmenter:

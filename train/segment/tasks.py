@@ -11,6 +11,10 @@ references ask for: the set then also holds every class and the global task enco
 each other scale a run may need (a zoomed class's scale and the finer step it is refined
 at), because the evaluation encodes the global task at the scale of the pass.
 
+A set made from references under a reference-calibrated threshold also keeps each class's
+threshold (``thresholds``): the file holds no reference masks to calibrate on again, and a
+run from it should cut where a run from the references would.
+
 The file is safetensors: tensors plus a string header, read without unpickling.
 """
 
@@ -28,7 +32,8 @@ import torch
 from maskbank.train.incontext_net import TaskEmbedding
 
 FORMAT = "maskbank-task"
-VERSION = 2  # 2: per-class scales and embeddings at those scales (written only then)
+VERSION = 3  # 2: per-class scales and their embeddings; 3: per-class thresholds (each
+# written only when the set has them, so that older readers still read the rest)
 _META_KEY = "maskbank"
 
 
@@ -44,7 +49,8 @@ class TaskSet:
     otherwise classes run in groups of at most the K the network was pretrained with.
     ``scales``: the scale each class is segmented at (None: all 1); ``zoomed``: per scale
     other than 1, (every class, global task) encoded there; ``zoom``: the reference zoom
-    and max zoom the scales were chosen with (None: made without one).
+    and max zoom the scales were chosen with (None: made without one). ``thresholds``:
+    each class's threshold as its references calibrated it (None: not calibrated).
     """
 
     classes: TaskEmbedding
@@ -59,6 +65,7 @@ class TaskSet:
     scales: list[float] | None = None
     zoomed: dict[float, tuple[TaskEmbedding, TaskEmbedding | None]] = field(default_factory=dict)
     zoom: dict[str, Any] | None = None
+    thresholds: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.values) != self.classes.n_tasks or len(self.names) != len(self.values):
@@ -68,6 +75,8 @@ class TaskSet:
             )
         if self.scales is not None and len(self.scales) != len(self.values):
             raise ValueError(f"{len(self.scales)} scales for {len(self.values)} values")
+        if self.thresholds is not None and len(self.thresholds) != len(self.values):
+            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.values)} values")
 
     @property
     def class_scales(self) -> list[float]:
@@ -91,6 +100,7 @@ class TaskSet:
             names=[self.names[i] for i in idx],
             scales=[scales[i] for i in idx] if self.scales is not None else None,
             zoomed={s: (c.select(idx), g) for s, (c, g) in self.zoomed.items()},
+            thresholds=[self.thresholds[i] for i in idx] if self.thresholds else None,
         )
 
     def unzoomed(self) -> TaskSet:
@@ -117,7 +127,7 @@ class TaskSet:
         zoomed = self.scales is not None or bool(self.zoomed)
         out = {
             "format": FORMAT,
-            "version": VERSION if zoomed else 1,
+            "version": 3 if self.thresholds is not None else 2 if zoomed else 1,
             "values": [int(v) for v in self.values],
             "names": list(self.names),
             "network_sha256": self.network_sha256,
@@ -128,6 +138,8 @@ class TaskSet:
         }
         if zoomed:
             out.update(scales=self.scales, zoomed=sorted(self.zoomed), zoom=self.zoom)
+        if self.thresholds is not None:
+            out["thresholds"] = [float(t) for t in self.thresholds]
         return out
 
     def to(self, device: torch.device | str) -> TaskSet:
@@ -235,6 +247,7 @@ def load_tasks(path: str | Path, network_sha256: str | None = None) -> TaskSet:
             raise TaskFileError(f"{path} lists embeddings at scale {scale} but holds none")
         zoomed[float(scale)] = (found, _unflatten(f"{_zoom_prefix(scale)}.global", tensors))
     scales = meta.get("scales")
+    thresholds = meta.get("thresholds")
     return TaskSet(
         classes,
         _unflatten("global", tensors),
@@ -248,4 +261,5 @@ def load_tasks(path: str | Path, network_sha256: str | None = None) -> TaskSet:
         [float(x) for x in scales] if scales is not None else None,
         zoomed,
         meta.get("zoom"),
+        [float(t) for t in thresholds] if thresholds is not None else None,
     )

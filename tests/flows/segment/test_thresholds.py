@@ -48,10 +48,31 @@ def test_fixed_and_task_files_keep_half_and_a_change_redoes_the_query(tmp_path, 
     [again] = _one(tiny_run, phantoms, out)
     cuts = json.loads(Path(again.json_path).read_text())["thresholds"]
     assert again.status == ("skipped" if set(cuts.values()) == {0.5} else "ok")
-    # a task file holds no reference masks: its labels keep 0.5
+    # a task file saved without calibration: its labels keep 0.5
     run = SegmentRun(str(tiny_run), [str(phantoms["q0"][0])], task=str(tmp_path / "t.st"),
                      out=tmp_path / "task", options=SegmentOptions())  # fmt: skip
     assert run.thresholds is None
+
+
+def test_a_saved_task_keeps_its_calibrated_thresholds(tmp_path, tiny_run, phantoms):
+    """A run from a task file cuts where the calibrated run that saved it did."""
+    from maskbank.train.segment.tasks import load_tasks
+
+    ref = tuple(str(p) for p in phantoms["ref0"])
+    query, task = [str(phantoms["q0"][0])], str(tmp_path / "t.st")
+    made = SegmentRun(str(tiny_run), query, references=[ref], labels="3,4", out=tmp_path / "a",
+                      save_task=task, options=SegmentOptions(spacing=(2.0,) * 3))  # fmt: skip
+    assert made.thresholds is not None
+    assert load_tasks(task).thresholds == made.thresholds
+    again = SegmentRun(str(tiny_run), query, task=task, out=tmp_path / "b",
+                       options=SegmentOptions())  # fmt: skip
+    assert again.thresholds == made.thresholds
+    one = SegmentRun(str(tiny_run), query, task=task, labels="4", out=tmp_path / "c",
+                     options=SegmentOptions())  # fmt: skip
+    assert one.thresholds == made.thresholds[1:]  # a label subset keeps its own threshold
+    fixed = SegmentRun(str(tiny_run), query, task=task, out=tmp_path / "d",
+                       options=SegmentOptions(threshold="fixed"))  # fmt: skip
+    assert fixed.thresholds is None
 
 
 def test_calibrate_images_uses_the_references_holding_each_value():
