@@ -286,6 +286,8 @@ class InContextSegNet(nn.Module):
             :, None
         ]  # (N, 1, L, C): shared by tasks
         mem_masks = mask_occupancy(masks, lv).flatten(2).float()
+        if self.spec.readout_gain != 1.0:
+            mem_masks = (mem_masks * self.spec.readout_gain).clamp(max=1.0)
         return TaskEmbedding(tokens, fg0, mem_keys, mem_masks)
 
     def _prior(self, q_feats: list[torch.Tensor], tasks: TaskEmbedding) -> torch.Tensor:

@@ -31,6 +31,9 @@ class NetSpec:
     readout_dim: int = 32  # width of its keys
     readout_refine: int = 0  # > 0: full-resolution per-task refinement of that width
     readout_context: bool = False  # keys also see the next coarser level (upsampled)
+    # the memory's mask values: min(1, gain * occupancy); > 1 makes a cell a small structure
+    # only partly covers read as present (1: plain occupancy)
+    readout_gain: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

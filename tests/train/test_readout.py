@@ -122,3 +122,21 @@ def test_context_keys_see_the_coarser_level():
     ref, masks, query = _inputs()
     with torch.no_grad():
         assert net(ref, masks, query).shape == plain(ref, masks, query).shape
+
+
+def test_readout_gain_reads_a_partly_covered_cell_as_more_present():
+    """``readout_gain`` g: the memory holds min(1, g * occupancy); 1 is plain occupancy."""
+    from dataclasses import replace
+
+    from maskbank.train.incontext_net import mask_occupancy
+
+    ref, masks, _ = _inputs()
+    lv = PRESETS["tiny"].readout_level
+    occupancy = mask_occupancy(masks, lv).flatten(2)
+    plain = build_model("tiny").eval()
+    gained = build_model(replace(PRESETS["tiny"], readout_gain=4.0)).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.encode_tasks(ref, masks).mem_masks, occupancy)
+        mem = gained.encode_tasks(ref, masks).mem_masks
+    assert torch.allclose(mem, (4 * occupancy).clamp(max=1))
+    assert (mem > occupancy).any() and mem.max() <= 1
