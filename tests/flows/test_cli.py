@@ -185,3 +185,19 @@ def test_pretrain_overrides_may_follow_the_options() -> None:
         with pytest.raises(SystemExit) as exc:
             cli.parse(parser, argv)
         assert exc.value.code == 2
+
+
+def test_the_console_script_exits_with_mains_code_and_a_frozen_heap(monkeypatch) -> None:
+    """``maskbank`` (`entry`) exits with `main`'s status, the heap frozen so the interpreter's
+    last collection skips it; `main` itself (called in-process) leaves the heap alone."""
+    import gc
+
+    from maskbank.flows import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.entry()
+        assert exit_.value.code == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
