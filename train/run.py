@@ -55,7 +55,7 @@ from maskbank.train.loader_watchdog import (
 )
 from maskbank.train.memory_policy import retain_freed_memory
 from maskbank.train.optimizer_setup import build_optimizer, build_scheduler
-from maskbank.train.pair_sampler import PairStream, SamplerError, make_loader
+from maskbank.train.pair_sampler import PairStream, SamplerError, make_loader, open_bank
 from maskbank.train.pretext import PretextError, create_pretext
 from maskbank.train.ranks import (
     Placement,
@@ -167,10 +167,11 @@ class Trainer:
         self.last_loss: torch.Tensor | None = None  # of the last step taken
         self.last_validation: dict[str, float] | None = None
         self.nan_steps = cfg.train.debug_nan.applies_to(place.rank)
-        # Validation scans are held out of the stream (data.val_scans / data.val_fraction).
-        self.train_scans, self.val_scans = resolve_validation(self.bank, cfg.data)
-        # The bank first: a missing bank, proposal set or scan fails before the model is built.
-        self.stream = self._open_stream()
+        # The bank first, opened once for the split (validation scans held out of the stream),
+        # the stream and the validator: a missing bank or scan fails before the model exists.
+        opened = open_bank(self.bank)
+        self.train_scans, self.val_scans = resolve_validation(opened, cfg.data)
+        self.stream = self._open_stream(opened)
         self.model = self._build_model()
         self.loader = make_loader(
             self.stream,
@@ -195,7 +196,7 @@ class Trainer:
         self.use_bf16 = cfg.train.bf16 and place.device.type == "cuda"
         self.validator = None
         if self.val_scans and place.is_main:
-            self.validator = PairValidator(self.bank, cfg, self.val_scans, place.device)
+            self.validator = PairValidator(opened, cfg, self.val_scans, place.device)
             self.val_model = self.pretext.build_model(cfg.model.preset).to(place.device)
 
     # ------------------------------------------------------------------ building
@@ -211,12 +212,12 @@ class Trainer:
             )
         return model
 
-    def _open_stream(self) -> PairStream:
+    def _open_stream(self, bank: Any) -> PairStream:
         data = self.cfg.data
         if self.val_scans:
             data = replace(data, scans=self.train_scans)
         stream = PairStream(
-            self.bank,
+            bank,
             data,
             seed=self.cfg.seed,
             rank=self.place.rank,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -257,8 +258,8 @@ def write_record(metrics_file, writer, step: int, numbers: dict[str, float]) -> 
                 writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
 
 
-def resolve_validation(bank: str, data: DataConfig) -> tuple[tuple[str, ...] | None, list[str]]:
-    """``split_scans`` on the bank at ``bank`` (opened read-only, with the collector held
-    while its rows are read: see `gc_paused`)."""
+def resolve_validation(bank: Any, data: DataConfig) -> tuple[tuple[str, ...] | None, list[str]]:
+    """``split_scans`` on ``bank``, an open bank or its location (then opened read-only),
+    with the collector held while its rows are read (see `gc_paused`)."""
     with gc_paused():
-        return split_scans(open_bank(bank), data)
+        return split_scans(open_bank(bank) if isinstance(bank, (str, os.PathLike)) else bank, data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -57,6 +58,7 @@ def test_weights_without_tables_are_uniform_and_with_them_as_before(phantom_bank
 
 def test_an_open_bank_is_read_as_it_is(phantom_bank, monkeypatch):
     by_path = PairStream(phantom_bank, CFG, seed=1)
+    expected = by_path.batch(0)
     bank = Bank.open(phantom_bank)
 
     def no_second_open(location):
@@ -66,7 +68,10 @@ def test_an_open_bank_is_read_as_it_is(phantom_bank, monkeypatch):
     given = PairStream(bank, CFG, seed=1)
     assert given.location == by_path.location and given.scan_ids == by_path.scan_ids
     assert given.fingerprint == by_path.fingerprint and (given.probs == by_path.probs).all()
-    assert given._bank is None  # workers still open their own
+    assert given._bank is bank  # it serves this process: a batch opens nothing
+    assert torch.equal(given.batch(0)["ref_image"], expected["ref_image"])
+    spawned = pickle.loads(pickle.dumps(given))  # a spawned worker opens its own
+    assert spawned._bank is None and not spawned._scans
 
 
 def test_start_up_leaves_the_collector_as_it_found_it(phantom_bank):
