@@ -292,7 +292,9 @@ def prepare_bank(
     clock = RunClock()
     cfg = PrepareConfig.from_dict(config or {})
     bank_path = resolve_location(bank)  # a URL stays as it is
-    store = handed_bank(PrepareRun, bank_path) or _open_for_plan(bank, dry_run)
+    store = handed_bank(PrepareRun, bank_path)  # (an empty Bank is falsy: `is None`)
+    if store is None:
+        store = _open_for_plan(bank, dry_run)
     # plain code; a CLI that planned this very run first hands its plan over (`hand_over`)
     run = plan_prepare_run(
         store,
@@ -333,7 +335,7 @@ def prepare_bank(
         "prepare",
         prepare_one,
         params,
-        store or Bank.create(bank),
+        store if store is not None else Bank.create(bank),
         bank_path=bank_path,
         cluster=Cluster(workers, dask_address, processes),
         settings=settings,

@@ -165,7 +165,9 @@ def propose_bank(
     clock = RunClock()
     cfg = ProposalConfig.from_dict(config or {})
     bank_path = resolve_location(bank)  # a URL stays as it is
-    store = handed_bank(ProposalPlan, bank_path) or Bank.open(bank, mode="a")
+    store = handed_bank(ProposalPlan, bank_path)  # (an empty Bank is falsy: `is None`)
+    if store is None:
+        store = Bank.open(bank, mode="a")
     ids = list(scan_ids) if scan_ids else store.scan_ids
     missing = [s for s in ids if s not in store]
     if missing:

@@ -244,3 +244,21 @@ def test_a_handed_plan_brings_the_bank_it_was_planned_on(tmp_path: Path) -> None
     with hand_over(plan, Bank.open(tmp_path / "b")):  # read-only: the flow opens its own
         assert handed_bank(ProposalPlan, where) is None
     assert handed_bank(ProposalPlan, where) is None
+
+
+def test_a_command_into_a_new_bank_creates_it_once(
+    prefect_api: str, tmp_path: Path, monkeypatch
+) -> None:
+    """The command creates (and recovers) the bank it plans against and its flow takes that
+    one, also while it is empty (an empty `Bank` is falsy: the flow checks `is None`)."""
+    from maskbank.flows.cli import main
+
+    src, bank = tmp_path / "in", tmp_path / "bank"
+    write_phantom(src, "a", seed=0)
+    created = []
+    real_create = Bank.create.__func__
+    monkeypatch.setattr(Bank, "create", classmethod(lambda cls, *a, **k: created.append(a) or
+                                                      real_create(cls, *a, **k)))  # fmt: skip
+    argv = ["prepare", str(src), "--bank", str(bank), "--spacing", "3", "--no-progress"]
+    assert main([*argv, "--workers", "1"]) == 0
+    assert len(created) == 1 and "a" in Bank.open(bank)
