@@ -17,6 +17,9 @@ cluster; each command would otherwise start its own temporary server):
 * propose re-run      the same command again, all up to date
 * verify              ``maskbank verify BANK`` (a deep check: every chunk decoded)
 * open + list         ``Bank.open(BANK).scans`` in this process
+* sampler first batch the `tiny` config's pair stream on BANK, from its start to its first
+                      batch, in this process (scans without proposals are left out, as
+                      pretraining leaves them out)
 
 and prints one table per N: wall seconds (command start to exit, Python start-up
 included) and the flow's own seconds (from its report), ms per scan, the driver's peak
@@ -151,6 +154,7 @@ def bench_size(
     t = time.perf_counter()
     listed = len(Bank.open(bank).scans)
     open_list_s = time.perf_counter() - t
+    first_batch_s, sampled = first_batch(bank)
     return {
         "n": n,
         "scans": n + grow,
@@ -158,11 +162,26 @@ def bench_size(
         "steps": steps,
         "grown_prepared_exactly_the_new": exactly_new,
         "open_list_s": open_list_s,
+        "first_batch_s": first_batch_s,
+        "sampled_scans": sampled,
         "listed": listed,
         "files_per_scan": files_in(bank / "scans") / max(1, listed),
         "workers": workers,
         "proposed": n_propose,
     }
+
+
+def first_batch(bank: Path) -> tuple[float, int]:
+    """Seconds from opening the `tiny` config's pair stream on ``bank`` to its first batch,
+    and how many scans it samples from (those with enough proposals)."""
+    from maskbank.train.pair_sampler import PairStream
+    from maskbank.train.run_config import TrainConfig
+
+    cfg = TrainConfig.load("tiny").data
+    t = time.perf_counter()
+    stream = PairStream(str(bank), cfg, seed=0, compact=True)
+    stream.batch(0)
+    return time.perf_counter() - t, len(stream.scan_ids)
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -189,6 +208,10 @@ def print_table(res: dict) -> None:
             f"{r['peak_rss_mb']:.0f} | {r['task_runs']} | {r['db_growth_kb']:.0f} |"
         )
     print(f"| open + list ({res['listed']} scans) | {res['open_list_s']:.2f} | | | | | | |")
+    print(
+        f"| sampler's first batch ({res['sampled_scans']} scans with proposals) | "
+        f"{res['first_batch_s']:.2f} | | | | | | |"
+    )
     first, names = s["first prepare"], list(s)
     grown = s[names[2]]
     print(
