@@ -154,7 +154,7 @@ def bench_size(
     t = time.perf_counter()
     listed = len(Bank.open(bank).scans)
     open_list_s = time.perf_counter() - t
-    first_batch_s, sampled = first_batch(bank)
+    first_batch_s, sampled = first_batch(bank, env)
     return {
         "n": n,
         "scans": n + grow,
@@ -171,17 +171,27 @@ def bench_size(
     }
 
 
-def first_batch(bank: Path) -> tuple[float, int]:
-    """Seconds from opening the `tiny` config's pair stream on ``bank`` to its first batch,
-    and how many scans it samples from (those with enough proposals)."""
-    from maskbank.train.pair_sampler import PairStream
-    from maskbank.train.run_config import TrainConfig
+FIRST_BATCH = """
+import json, sys, time
+from maskbank.train.pair_sampler import PairStream
+from maskbank.train.run_config import TrainConfig
+cfg = TrainConfig.load("tiny").data
+t = time.perf_counter()
+stream = PairStream(sys.argv[1], cfg, seed=0, compact=True)
+stream.batch(0)
+print(json.dumps([time.perf_counter() - t, len(stream.scan_ids)]))
+"""
 
-    cfg = TrainConfig.load("tiny").data
-    t = time.perf_counter()
-    stream = PairStream(str(bank), cfg, seed=0, compact=True)
-    stream.batch(0)
-    return time.perf_counter() - t, len(stream.scan_ids)
+
+def first_batch(bank: Path, env: dict) -> tuple[float, int]:
+    """Seconds from opening the `tiny` config's pair stream on ``bank`` to its first batch,
+    and how many scans it samples from (those with enough proposals). In a process of its
+    own: torch loaded here would count in the peak RSS of every later command (a child
+    reports the high-water mark of its pages from before it exec'd)."""
+    cmd = [sys.executable, "-c", FIRST_BATCH, str(bank)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    seconds, scans = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(seconds), int(scans)
 
 
 def ratio(a: float | None, b: float | None) -> str:
