@@ -21,9 +21,9 @@ queries) or a .csv/.jsonl manifest (column image; modality, dicom_series). Each 
 read, reoriented and resampled to the network's spacing and normalised as the
 pretraining bank's scans were, segmented by sliding windows, thresholded per label at the
 step of 0.5 ... 0.95 that best fits its references' own masks when the references are
-segmented like queries (--threshold reference, the default with --reference; a task file
-holds no masks, so its labels keep 0.5), and mapped back onto the query's own grid and
-affine. As in `maskbank evaluate incontext`,
+segmented like queries (--threshold reference, the default; a task file saved by such a
+run keeps the thresholds, one made without them cuts at 0.5), and mapped back onto the
+query's own grid and affine. As in `maskbank evaluate incontext`,
 each structure is segmented at the scale that frames its reference mask
 (--reference-zoom fit, the default): a large organ on a coarser grid, then again one
 step finer inside that prediction; the label map always has the query's full grid:
@@ -132,8 +132,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="reference",
         help="reference: each label's threshold is the step of 0.5, 0.6, 0.7, 0.8, 0.9, 0.95 "
         "that best fits its references' masks when the references are segmented like queries "
-        "(once per run, with --reference pairs only), as in `maskbank evaluate incontext`; "
-        "fixed: >= 0.5 (default: reference)",
+        "(once per run from --reference pairs; a --task file keeps those it was saved with), "
+        "as in `maskbank evaluate incontext`; fixed: >= 0.5 (default: reference)",
     )
     p.add_argument(
         "--threshold-by",
