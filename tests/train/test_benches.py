@@ -93,3 +93,34 @@ def test_sampler_bench_on_a_missing_bank_says_what_to_do(tmp_path):
     assert proc.returncode == 2
     assert "error: cannot open bank" in proc.stderr and "maskbank prepare" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pair_ceiling_bench_scores_a_run_beside_the_perfect_readout(phantom_bank, tmp_path):
+    from maskbank.train import pretrain
+    from maskbank.train.run_config import TrainConfig
+
+    held_out = "phantom-pet-002"
+    over = ["train.progress=false", "train.tensorboard=false", "train.ckpt_every=2",
+            "max_steps=2", f"data.val_scans=[{held_out}]", "train.val_pairs=2"]  # fmt: skip
+    pretrain(TrainConfig.load("tiny", over), phantom_bank, tmp_path / "run")
+    cmd = [sys.executable, str(REPO / "bench" / "pair_ceiling.py"), "--bank", phantom_bank,
+           "--checkpoint", str(tmp_path / "run"), "--pairs", "4", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["val_scans"] == [held_out] and result["readout_level"] == 2
+    overall, *bins = result["bins"]
+    assert overall["bin"] == "all" and overall["tasks"] == sum(b["tasks"] for b in bins) > 0
+    # Overall a finer readout reaches further (per task it need not).
+    assert 1 >= overall["ceiling L1"] > overall["ceiling L2"] > overall["ceiling L3"] >= 0
+    for row in result["bins"]:
+        assert row["best threshold"] >= row["network"]  # 0.5 is one of the grid's thresholds
+        assert 0 <= row["untrained"] <= 1
+    assert result["network_vs_ceiling"] == pytest.approx(overall["network"] / overall["ceiling L2"])
+
+
+def test_pair_ceiling_bench_without_validation_scans_says_how_to_name_them(phantom_bank):
+    cmd = [sys.executable, str(REPO / "bench" / "pair_ceiling.py"), "--bank", phantom_bank,
+           "--config", "tiny", "--pairs", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0 and "data.val_scans" in proc.stderr
