@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -128,16 +128,29 @@ def calibrate_images(
     """Per label value, its threshold from (image, label map) ``references`` segmented by
     ``probabilities(image) -> (task indices, maps)`` (``maskbank segment``'s passes): a
     value is calibrated on the references whose label holds it."""
-    curves: list[list[np.ndarray]] = [[] for _ in values]
-    truths: list[list[int]] = [[] for _ in values]
-    for image, label in references:
-        seen = augment(image) if copy == AUGMENTED else image
-        for ids, probs in probabilities(seen):
-            for i, prob in zip(ids, probs, strict=True):
-                truth = label == values[i]
-                if truth.any():
-                    curves[i].append(curve(prob, truth))
-                    truths[i].append(int(truth.sum()))
+
+    def scored() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for image, label in references:
+            seen = augment(image) if copy == AUGMENTED else image
+            for ids, probs in probabilities(seen):
+                for i, prob in zip(ids, probs, strict=True):
+                    truth = label == values[i]
+                    if truth.any():
+                        yield i, prob, truth
+
+    return picked(scored(), len(values), criterion)
+
+
+def picked(
+    scored: Iterable[tuple[int, np.ndarray, np.ndarray]], n_tasks: int, criterion: str
+) -> list[float]:
+    """Each task's threshold (``pick``) from (task index, probability map, reference mask)
+    triples: the one loop behind both ``calibrate_images`` and ``ReferenceCalibration``."""
+    curves: list[list[np.ndarray]] = [[] for _ in range(n_tasks)]
+    truths: list[list[int]] = [[] for _ in range(n_tasks)]
+    for j, prob, truth in scored:
+        curves[j].append(curve(prob, truth))
+        truths[j].append(int(truth.sum()))
     return [pick(c, n, criterion) for c, n in zip(curves, truths, strict=True)]
 
 
@@ -188,19 +201,18 @@ class ReferenceCalibration:
         if key in self._cache:
             return self._cache[key], 0.0
         t0 = time.perf_counter()
-        curves: list[list[np.ndarray]] = [[] for _ in tasks]
-        truths: list[list[int]] = [[] for _ in tasks]
         scans = {r.scan_id: r for _, refs in tasks for r in refs}
-        for scan_id, scan in sorted(scans.items()):
-            seen = AugmentedCopy(scan) if self.copy == AUGMENTED else scan
-            for group, probs in runner.segment(seen, tasks):
-                for j, prob in zip(group, probs, strict=True):
-                    cls, refs = tasks[j]
-                    if any(r.scan_id == scan_id for r in refs):
-                        truth = seen.mask(cls.value)
-                        curves[j].append(curve(prob, truth))
-                        truths[j].append(int(truth.sum()))
-        chosen = [pick(c, n, self.criterion) for c, n in zip(curves, truths, strict=True)]
+
+        def scored() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+            for scan_id, scan in sorted(scans.items()):
+                seen = AugmentedCopy(scan) if self.copy == AUGMENTED else scan
+                for group, probs in runner.segment(seen, tasks):
+                    for j, prob in zip(group, probs, strict=True):
+                        cls, refs = tasks[j]
+                        if any(r.scan_id == scan_id for r in refs):
+                            yield j, prob, seen.mask(cls.value)
+
+        chosen = picked(scored(), len(tasks), self.criterion)
         self._cache[key] = chosen
         self.chosen += [
             {
