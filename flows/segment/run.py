@@ -16,8 +16,8 @@ written atomically (`outputs`).
 
 Calibration (``train.evaluation.calibration``) needs the reference images and masks: with
 ``--reference`` pairs each label's threshold is picked once per run, from the references
-segmented as queries, and ``--save-task`` keeps the thresholds in the task file; a run
-from a task file takes them from there (a file made without calibration: 0.5).
+segmented as queries, and ``--save-task`` keeps the thresholds and their rule in the task
+file; a run from a task file takes both from there (a file made without calibration: 0.5).
 """
 
 from __future__ import annotations
@@ -229,11 +229,7 @@ def _segment_query(
         "segmentation": paths["seg"].name,
         "probabilities": paths["prob"].name if probs_out is not None else None,
         "probability_channels": [str(v) for v in values] if probs_out is not None else None,
-        "threshold": describe(
-            options.threshold if thresholds else FIXED,
-            options.threshold_by,
-            options.calibration_copy,
-        ),
+        "threshold": _rule(tasks, options, thresholds),
         "thresholds": _thresholds_record(tasks, cuts),
         "largest_component": options.largest_component,
         **zoom_record(tasks, segmenter.zoom_refine),
@@ -261,6 +257,15 @@ def _segment_query(
         voxels,
         volume,
     )
+
+
+def _rule(tasks: TaskSet, options: SegmentOptions, thresholds: Sequence[float] | None) -> str:
+    """The threshold rule as results record it: the one that calibrated a task file's
+    thresholds where it says so, else the one this run's options name."""
+    if thresholds and tasks.threshold_rule:
+        return tasks.threshold_rule
+    mode = options.threshold if thresholds else FIXED
+    return describe(mode, options.threshold_by, options.calibration_copy)
 
 
 def _thresholds_record(tasks: TaskSet, cuts: list[float]) -> dict[str, float]:
@@ -405,7 +410,10 @@ class SegmentRun:
                 self.options.calibration_copy,
             )
             self.calibration_seconds = time.perf_counter() - started
-            self.tasks = replace(tasks, thresholds=self.thresholds)  # a --save-task keeps them
+            rule = describe(REFERENCE, self.options.threshold_by, self.options.calibration_copy)
+            # a --save-task keeps them and their rule; the segmenter records the rule
+            self.tasks = replace(tasks, thresholds=self.thresholds, threshold_rule=rule)
+            self.segmenter.tasks = self.tasks.to(self.segmenter.device)
         self.task_file = str(save_tasks(self.tasks, save_task)) if save_task else task
 
     @property

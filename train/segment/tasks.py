@@ -12,7 +12,8 @@ each other scale a run may need (a zoomed class's scale and the finer step it is
 at), because the evaluation encodes the global task at the scale of the pass.
 
 A set made from references under a reference-calibrated threshold also keeps each class's
-threshold (``thresholds``): the file holds no reference masks to calibrate on again, and a
+threshold (``thresholds``) and the rule that picked them (``threshold_rule``, what a run
+from the file records): the file holds no reference masks to calibrate on again, and a
 run from it should cut where a run from the references would.
 
 The file is safetensors: tensors plus a string header, read without unpickling.
@@ -50,7 +51,8 @@ class TaskSet:
     ``scales``: the scale each class is segmented at (None: all 1); ``zoomed``: per scale
     other than 1, (every class, global task) encoded there; ``zoom``: the reference zoom
     and max zoom the scales were chosen with (None: made without one). ``thresholds``:
-    each class's threshold as its references calibrated it (None: not calibrated).
+    each class's threshold as its references calibrated it (None: not calibrated), and
+    ``threshold_rule`` the rule that picked them, as results record it (None: unknown).
     """
 
     classes: TaskEmbedding
@@ -66,6 +68,7 @@ class TaskSet:
     zoomed: dict[float, tuple[TaskEmbedding, TaskEmbedding | None]] = field(default_factory=dict)
     zoom: dict[str, Any] | None = None
     thresholds: list[float] | None = None
+    threshold_rule: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.values) != self.classes.n_tasks or len(self.names) != len(self.values):
@@ -140,6 +143,7 @@ class TaskSet:
             out.update(scales=self.scales, zoomed=sorted(self.zoomed), zoom=self.zoom)
         if self.thresholds is not None:
             out["thresholds"] = [float(t) for t in self.thresholds]
+            out["threshold_rule"] = self.threshold_rule
         return out
 
     def to(self, device: torch.device | str) -> TaskSet:
@@ -262,4 +266,5 @@ def load_tasks(path: str | Path, network_sha256: str | None = None) -> TaskSet:
         zoomed,
         meta.get("zoom"),
         [float(t) for t in thresholds] if thresholds is not None else None,
+        meta.get("threshold_rule") if thresholds is not None else None,
     )

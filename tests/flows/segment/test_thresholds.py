@@ -64,6 +64,7 @@ def test_a_saved_task_keeps_its_calibrated_thresholds(tmp_path, tiny_run, phanto
                       save_task=task, options=SegmentOptions(spacing=(2.0,) * 3))  # fmt: skip
     assert made.thresholds is not None
     assert load_tasks(task).thresholds == made.thresholds
+    # this run's options are the defaults: volume on the augmented copy
     again = SegmentRun(str(tiny_run), query, task=task, out=tmp_path / "b",
                        options=SegmentOptions())  # fmt: skip
     assert again.thresholds == made.thresholds
@@ -91,3 +92,33 @@ def test_calibrate_images_uses_the_references_holding_each_value():
     refs = [(label.astype(np.float32), label), (other.astype(np.float32) / 2, other)]
     assert calibrate_images(probabilities, refs, [1, 2], copy="plain") == [0.9, 0.5]
     assert calibrate_images(probabilities, refs, [1, 2], "dice", "plain") == [0.9, 0.5]
+
+
+def test_a_task_file_run_records_the_rule_that_calibrated_its_thresholds(
+    tmp_path, tiny_run, phantoms
+):
+    """The rule in a result's JSON is the one that picked the thresholds it cut with: a task
+    file's, not this run's options, which did not calibrate anything."""
+    from maskbank.train.evaluation.calibration import DICE, PLAIN, REFERENCE, describe
+    from maskbank.train.segment.tasks import load_tasks
+
+    ref = tuple(str(p) for p in phantoms["ref0"])
+    query, task = [str(phantoms["q0"][0])], str(tmp_path / "t.st")
+    options = SegmentOptions(spacing=(2.0,) * 3, threshold_by=DICE, calibration_copy=PLAIN)
+    made = SegmentRun(str(tiny_run), query, references=[ref], labels="3,4", out=tmp_path / "a",
+                      save_task=task, options=options)  # fmt: skip
+    rule = describe(REFERENCE, DICE, PLAIN)
+    assert load_tasks(task).threshold_rule == rule
+    [first] = list(made.results())
+    assert json.loads(Path(first.json_path).read_text())["threshold"] == rule
+    # this run's options are the defaults: volume on the augmented copy
+    again = SegmentRun(str(tiny_run), query, task=task, out=tmp_path / "b",
+                       options=SegmentOptions())  # fmt: skip
+    [second] = list(again.results())
+    record = json.loads(Path(second.json_path).read_text())
+    assert record["threshold"] == rule != describe(REFERENCE, "volume", "augmented")
+    assert record["thresholds"] == {"3": made.thresholds[0], "4": made.thresholds[1]}
+    fixed = SegmentRun(str(tiny_run), query, task=task, out=tmp_path / "c",
+                       options=SegmentOptions(threshold="fixed"))  # fmt: skip
+    [third] = list(fixed.results())
+    assert json.loads(Path(third.json_path).read_text())["threshold"] == ">= 0.5"
