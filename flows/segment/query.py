@@ -31,6 +31,16 @@ from .geometry import GridMap
 # the thresholded copy; per prepared voxel: the label map and the best probability.
 _GROUP_BYTES = 12
 _LABEL_BYTES = 8
+# Coarse to fine (a zoomed class refined): its coarse map (float32) and gate (bool) stay
+# while the finer pass runs, per prepared voxel and task of the group.
+_REFINE_BYTES = 5
+
+
+def segment_bytes_on_grid(n_voxels: int, group: int, refine: bool = False) -> int:
+    """Peak bytes of segmenting a prepared volume of ``n_voxels`` in groups of ``group``
+    tasks (``refine``: some class is zoomed and refined coarse to fine)."""
+    per_task = _GROUP_BYTES + (_REFINE_BYTES if refine else 0)
+    return n_voxels * (4 + group * per_task + _LABEL_BYTES)
 
 
 class _HeaderRead(Exception):
@@ -38,13 +48,18 @@ class _HeaderRead(Exception):
 
 
 def estimate_segment_bytes(
-    header: ScanHeader, spacing: tuple[float, float, float], group: int, n_labels: int, prob: bool
+    header: ScanHeader,
+    spacing: tuple[float, float, float],
+    group: int,
+    n_labels: int,
+    prob: bool,
+    refine: bool = False,
 ) -> int:
     """Peak memory of segmenting one scan, from its header: preparing it, or the outputs."""
     prepare = estimate_peak_bytes(header, spacing)
     n_in = math.prod(header.shape)
     n_out = math.prod(output_shape(header.shape, header.spacing, spacing))
-    on_grid = n_out * (4 + group * _GROUP_BYTES + _LABEL_BYTES)
+    on_grid = segment_bytes_on_grid(n_out, group, refine)
     outputs = n_in * (2 + (2 * n_labels if prob else 0))
     return max(prepare["input"] + prepare["resampled"], on_grid + outputs)
 
@@ -68,11 +83,12 @@ def check_memory(
     n_labels: int,
     prob: bool,
     series: str | None = None,
+    refine: bool = False,
 ) -> None:
     """Refuse (`ScanError`) a query whose estimate exceeds ``budget``, reading its header only."""
 
     def check(header: ScanHeader) -> None:
-        need = estimate_segment_bytes(header, spacing, group, n_labels, prob)
+        need = estimate_segment_bytes(header, spacing, group, n_labels, prob, refine)
         if need > budget:
             raise ScanError(
                 path,
@@ -97,10 +113,11 @@ def prepare_query(
     n_labels: int = 1,
     prob: bool = False,
     series: str | None = None,
+    refine: bool = False,
 ) -> PreparedQuery:
     """Read and prepare ``path`` as the pretraining bank's scans were; `ScanError` if unusable."""
     budget = budget or default_scan_memory()
-    check_memory(path, spacing, budget, group, n_labels, prob, series)
+    check_memory(path, spacing, budget, group, n_labels, prob, series, refine)
     config = PrepareConfig(
         spacing=spacing, modality=modality, max_scan_memory=budget, image_dtype="float32"
     )

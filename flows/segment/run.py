@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from maskbank.flows.inputs import InputError, ScanInput, collect_inputs
+from maskbank.pipeline.config import default_scan_memory
 from maskbank.pipeline.errors import ScanError
 from maskbank.train.evaluation.calibration import (
     FIXED,
@@ -50,7 +51,7 @@ from maskbank.train.segment.tasks import TaskFileError, TaskSet, load_tasks, sav
 from . import network as networks
 from .errors import SegmentError
 from .outputs import PROB_SCALE, completed, output_paths, quantise, write_json, write_nifti
-from .query import prepare_query
+from .query import prepare_query, segment_bytes_on_grid
 from .references import tasks_from_references
 from .result import SegmentResult
 
@@ -186,6 +187,7 @@ def _segment_query(
         n_labels=len(values),
         prob=options.save_probabilities,
         series=series,
+        refine=segmenter.refines,
     )
     if modality == "auto" and tasks.modality and pq.modality != tasks.modality:
         raise ScanError(
@@ -401,6 +403,7 @@ class SegmentRun:
         if self.options.threshold == REFERENCE and refs is None:
             self.thresholds = tasks.thresholds  # as the task file's references calibrated them
         elif self.options.threshold == REFERENCE:
+            self._check_calibration_memory(refs)
             started = time.perf_counter()
             self.thresholds = calibrate_images(
                 self.segmenter.probabilities,
@@ -415,6 +418,22 @@ class SegmentRun:
             self.tasks = replace(tasks, thresholds=self.thresholds, threshold_rule=rule)
             self.segmenter.tasks = self.tasks.to(self.segmenter.device)
         self.task_file = str(save_tasks(self.tasks, save_task)) if save_task else task
+
+    def _check_calibration_memory(self, refs) -> None:
+        """Calibration segments each reference as a query (and an augmented copy of it):
+        refuse up front, as a query would be, when that needs more than the budget."""
+        budget = self.options.max_scan_memory or default_scan_memory()
+        group = max(len(g) for g in self.segmenter.groups(1))
+        for ref in refs:
+            need = segment_bytes_on_grid(ref.image.size, group, self.segmenter.refines)
+            need += ref.image.nbytes  # the augmented copy
+            if need > budget:
+                raise SegmentError(
+                    f"calibrating the thresholds on reference {ref.ref_id} needs about "
+                    f"{need / 2**30:.2f} GiB ({ref.image.shape} voxels on the network's grid), "
+                    f"above the per-scan budget of {budget / 2**30:.2f} GiB; raise "
+                    "--max-scan-memory, or pass --threshold fixed to skip the calibration"
+                )
 
     @property
     def segmenter(self) -> Segmenter:

@@ -57,6 +57,11 @@ class Segmenter:
         self.max_output_bytes = int(max_output_bytes)
         self.zoom_refine = bool(zoom_refine)
 
+    @property
+    def refines(self) -> bool:
+        """Whether some class is zoomed and refined coarse to fine (more memory per pass)."""
+        return self.zoom_refine and any(s != 1 for s in self.tasks.class_scales)
+
     def groups(self, n_voxels: int, n_tasks: int | None = None) -> list[list[int]]:
         n = self.tasks.n_tasks if n_tasks is None else n_tasks
         if self.tasks.together:
