@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,18 @@ def format_propose_report(report: dict) -> str:
         lines.append(f"not in the bank, ignored: {shown}")
     lines.append(f"{counts_line(report)}; report: {report['report_path']}")
     return "\n".join(lines)
+
+
+def print_run_report(report: dict, as_json: bool = False) -> int:
+    """Print a prepare or propose run's report (its table, or JSON); the exit status of the
+    command that ran it: 1 when any scan failed."""
+    if as_json:
+        print(json.dumps(report, indent=1))
+    elif report.get("flow") == "prepare":
+        print(format_prepare_report(report))
+    else:  # proposals made or imported: the same table
+        print(format_propose_report(report))
+    return 1 if report["counts"].get("failed") else 0
 
 
 def counts_line(report: dict) -> str:

@@ -218,10 +218,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, report: dict) -> int:
     """Print a run's report (table or JSON); the exit status: 1 when any scan failed."""
-    from maskbank.flows.report import format_propose_report
+    from maskbank.flows.report import print_run_report
 
-    print(json.dumps(report, indent=1) if args.json else format_propose_report(report))
-    return 1 if report["counts"].get("failed") else 0
+    return print_run_report(report, args.json)
 
 
 def _dry_run(args: argparse.Namespace, plan: ProposalPlan) -> int:

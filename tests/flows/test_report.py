@@ -105,3 +105,19 @@ def test_report_renders_in_headless_chromium(report_bank, tmp_path):
     assert errors == []
     assert len(images) == 3 and all(done and width > 100 for done, width in images), images
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_run_report_prints_its_flows_table_and_gives_the_exit_status(capsys):
+    from maskbank.flows.report import print_run_report
+
+    row = {"scan_id": "a", "status": "ok", "seconds": 1.0, "n_proposals": 5}
+    failed = {"scan_id": "b", "status": "failed", "seconds": None, "reason": "4-D image"}
+    base = {"bank": "/b", "report_path": "/b/r.json", "counts": {"ok": 1}, "seconds": 2.0}
+    assert print_run_report({**base, "flow": "prepare", "scans": [row]}) == 0
+    assert "reason" in capsys.readouterr().out.splitlines()[0]  # the prepare table
+    for flow in ("propose", "import"):  # made or imported proposals: the same table
+        assert print_run_report({**base, "flow": flow, "scans": [row]}) == 0
+        assert "B/prop" in capsys.readouterr().out.splitlines()[0]
+    bad = {**base, "flow": "prepare", "scans": [row, failed], "counts": {"ok": 1, "failed": 1}}
+    assert print_run_report(bad, as_json=True) == 1
+    assert '"failed": 1' in capsys.readouterr().out
