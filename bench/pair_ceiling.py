@@ -41,17 +41,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from maskbank.train.evaluation.checkpoint import load_network  # noqa: E402
+from maskbank.train.evaluation.metrics import dice  # noqa: E402
 from maskbank.train.run_config import TrainConfig, apply_overrides  # noqa: E402
 from maskbank.train.validation import PairValidator, resolve_validation  # noqa: E402
 
 BINS = ((1, 64), (64, 256), (256, 1024), (1024, 4096), (4096, None))
 GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 LEVELS = (1, 2, 3)
-
-
-def _dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    total = int(pred.sum()) + int(target.sum())
-    return 2 * int((pred & target).sum()) / total if total else 1.0
 
 
 def ceiling_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
@@ -70,7 +66,9 @@ def ceiling_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float
                 if not t.any():
                     continue
                 row = {"voxels": int(t.sum())}
-                row.update({f"ceiling L{lv}": _dice(ups[lv][i, k], t) for lv in LEVELS})
+                row.update(
+                    {f"ceiling L{lv}": dice(ups[lv][i, k].numpy(), t.numpy()) for lv in LEVELS}
+                )
                 rows.append(row)
     return rows
 
@@ -91,9 +89,9 @@ def network_dice(model: torch.nn.Module, batches, best: bool) -> list[dict[str, 
                 t = target[i, k]
                 if not t.any():
                     continue
-                row = {"dice": _dice(prob[i, k] > 0.5, t)}
+                row = {"dice": dice((prob[i, k] > 0.5).numpy(), t.numpy())}
                 if best:
-                    row["best"] = max(_dice(prob[i, k] > g, t) for g in GRID)
+                    row["best"] = max(dice((prob[i, k] > g).numpy(), t.numpy()) for g in GRID)
                 rows.append(row)
     return rows
 
