@@ -176,7 +176,7 @@ def _segment_query(
     values = tasks.values
     cuts = [float(t) for t in thresholds] if thresholds else [THRESHOLD] * len(values)
     modality = query.modality or options.modality
-    group = max(len(g) for g in segmenter.groups(1))
+    group = segmenter.largest_group
     series = (query.metadata or {}).get("dicom_series")
     pq = prepare_query(
         query.image,
@@ -423,7 +423,7 @@ class SegmentRun:
         """Calibration segments each reference as a query (and an augmented copy of it):
         refuse up front, as a query would be, when that needs more than the budget."""
         budget = self.options.max_scan_memory or default_scan_memory()
-        group = max(len(g) for g in self.segmenter.groups(1))
+        group = self.segmenter.largest_group
         for ref in refs:
             need = segment_bytes_on_grid(ref.image.size, group, self.segmenter.refines)
             need += ref.image.nbytes  # the augmented copy

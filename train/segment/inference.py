@@ -58,6 +58,11 @@ class Segmenter:
         self.zoom_refine = bool(zoom_refine)
 
     @property
+    def largest_group(self) -> int:
+        """Classes in the largest pass: what one pass's probability maps hold (memory)."""
+        return max(len(g) for g in self.groups(1))
+
+    @property
     def refines(self) -> bool:
         """Whether some class is zoomed and refined coarse to fine (more memory per pass)."""
         return self.zoom_refine and any(s != 1 for s in self.tasks.class_scales)
