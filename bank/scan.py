@@ -13,6 +13,7 @@ from .layout import PROPOSALS_PART, check_array_name, proposals_part, set_of_par
 if TYPE_CHECKING:
     from .bank import Bank
     from .lazy_array import LazyArray
+    from .scan_opener import ScanOpener
 
 Roi = tuple[slice, ...] | None
 
@@ -20,7 +21,7 @@ Roi = tuple[slice, ...] | None
 class ScanView:
     """One scan. Opening it reads one small zarr.json; arrays are opened on first use."""
 
-    def __init__(self, bank: Bank, scan_id: str, group: zarr.Group) -> None:
+    def __init__(self, bank: Bank | ScanOpener, scan_id: str, group: zarr.Group) -> None:
         self.bank = bank
         self.scan_id = scan_id
         self._group = group
@@ -257,5 +258,5 @@ class ScanView:
         return scan_html(self)
 
 
-def _reopen_scan(bank: Bank, scan_id: str) -> ScanView:
+def _reopen_scan(bank: Bank | ScanOpener, scan_id: str) -> ScanView:
     return bank.scan(scan_id)

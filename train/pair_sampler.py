@@ -27,8 +27,10 @@ Design choices (why):
   and proposals), which turns most reads into cache hits on large banks too, at
   the price of less scan diversity within a batch. P = 1 (default) is the
   original stream, pair for pair.
-* **Lazy, per-process store handles.** The bank is opened on first use inside
-  each worker, never pickled across a fork.
+* **Lazy, per-process store handles, no index in the workers.** Scans are opened
+  through ``Bank.opener`` (their paths fixed in the parent): each process opens its
+  own store on first use, never a handle inherited over a fork, and no worker parses
+  the bank's index.
 * **One config.** The stream takes the training config's ``data`` section
   (``run_config.DataConfig``) as it is: every sampler knob is a ``data.<key>``.
 * This module imports numpy, torch and ``bank`` only: no Prefect, no Dask.
@@ -140,10 +142,10 @@ class PairStream(IterableDataset):
         self.compact = bool(compact)
         self.chunks = ChunkCache(int(chunk_cache_mb * 2**20))
         # Validate eagerly in the parent (clear errors before workers fork), keep only
-        # plain data; other processes (DataLoader workers) open the bank lazily, each its
-        # own. An open Bank given is read as it is and serves this process (no second
-        # parse of the index: ~0.7 s at 100,000 scans); a bank opened here is read and
-        # dropped with the collector off (``gc_paused``).
+        # plain data; other processes (DataLoader workers) open scans lazily through an
+        # opener, each its own store. An open Bank given is read as it is and serves this
+        # process (no second parse of the index: ~0.7 s at 100,000 scans); a bank opened
+        # here is read and dropped with the collector off (``gc_paused``).
         with gc_paused():
             b = bank if isinstance(bank, Bank) else open_bank(self.location)
             rows = eligible_rows(b, cfg, report=self.rank == 0)  # skipped scans: one warning
@@ -154,6 +156,8 @@ class PairStream(IterableDataset):
             # the crops' type of the bank's first scan -- prepared banks store one type
             # throughout; a pair from a scan of another type is restacked in ``batch``.
             first = stored_image_dtype(b.scan(self.scan_ids[0]))
+            # What other processes open scans with: no index to parse (~300 MiB at 100k).
+            self._opener = b.opener(self.scan_ids)
             del b, rows
         self.image_dtype = self._crop_image_dtype(first)
         # An open Bank given serves this process too; another process opens its own.
@@ -184,13 +188,12 @@ class PairStream(IterableDataset):
             self._bank, self._scans, self._pid = None, OrderedDict(), os.getpid()
             self.chunks = ChunkCache(int(self.chunk_cache_mb * 2**20))
         if self._bank is None:
-            with gc_paused():
-                self._bank = open_bank(self.location)
-                if get_worker_info() is not None:
-                    # A DataLoader worker keeps its bank (and what it inherited) for life:
-                    # frozen, the collector never walks them again, and never writes into
-                    # the parent's pages (which would copy them into this worker).
-                    gc.freeze()
+            self._bank = self._opener  # opens its own store in this process
+            if get_worker_info() is not None:
+                # A DataLoader worker keeps what it inherited for life: frozen, the
+                # collector never walks it again, and never writes into the parent's pages
+                # (which would copy them into this worker).
+                gc.freeze()
         if scan_id in self._scans:
             self._scans.move_to_end(scan_id)
             return self._scans[scan_id]

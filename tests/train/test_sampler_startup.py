@@ -107,3 +107,19 @@ def test_a_worker_freezes_its_bank_and_keeps_collecting(phantom_bank):
     again = PairStream(phantom_bank, CFG, seed=0).batch(1)
     assert torch.equal(batches[1]["ref_image"], again["ref_image"])
     assert torch.equal(batches[1]["proposal_ids"], again["proposal_ids"])
+
+
+def test_workers_open_scans_without_the_index(phantom_bank, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bank"
+    shutil.copytree(phantom_bank, copy)
+    stream = PairStream(copy, CFG, seed=0, max_batches=2)
+    expected = PairStream(copy, CFG, seed=0).batch(1)
+    (copy / "index.json").write_text("{ not json")  # a worker that parsed it would fail
+    with pytest.raises(Exception, match="index"):
+        Bank.open(copy)
+    batches = list(make_loader(stream, num_workers=1, prefetch_factor=1))
+    assert len(batches) == 2
+    assert torch.equal(batches[1]["ref_image"], expected["ref_image"])
+    assert torch.equal(batches[1]["query_bits"], expected["query_bits"])
