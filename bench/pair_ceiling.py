@@ -10,10 +10,14 @@ The pairs are the fixed held-out validation pairs of a training config
 checkpoint's unless ``--config`` names one). Per size bin of the query target (voxels in
 the 32^3-style crop), over tasks present in the query:
 
-* ``ceiling L1`` / ``L2`` / ``L3``: the query target averaged over 2^L-voxel cells and
+* ``reference view``: the target cut to the query voxels the reference crop shows
+  (``train.reference_view``), scored against the whole target -- an exact copy of what
+  the reference shows, with nothing guessed beyond it (``val_dice_seen``);
+* ``ceiling L1`` / ``L2`` / ``L3``: that cut target averaged over 2^L-voxel cells and
   upsampled trilinearly, thresholded at 0.5 -- the masks a readout at encoder level L
-  returns when it matches every query cell to the right reference cell, before the
-  decoder corrects anything. It bounds what the readout alone can give at that level;
+  returns when it matches every query cell to the right reference cell (and cells the
+  reference does not show to none), before the decoder corrects anything. It bounds what
+  the readout alone can give at that level;
 * ``untrained``: the same architecture at its initial weights (the baseline, built in this
   process), Dice at threshold 0.5;
 * ``network`` (with ``--checkpoint``): its EMA weights' Dice at threshold 0.5, and
@@ -55,10 +59,11 @@ def ceiling_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float
     rows = []
     for batch in batches:
         target = batch["query_masks"][:, :-1].float()  # the global all-ones task aside
+        seen = target * batch["ref_view"][:, None]
         ups = {}
         for lv in LEVELS:
             f = 2**lv
-            occ = F.avg_pool3d(target, f, f)
+            occ = F.avg_pool3d(seen, f, f)
             ups[lv] = F.interpolate(occ, size=target.shape[-3:], mode="trilinear") >= 0.5
         for i in range(target.shape[0]):
             for k in range(target.shape[1]):
@@ -66,6 +71,7 @@ def ceiling_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float
                 if not t.any():
                     continue
                 row = {"voxels": int(t.sum())}
+                row["reference view"] = dice(seen[i, k].bool().numpy(), t.numpy())
                 row.update(
                     {f"ceiling L{lv}": dice(ups[lv][i, k].numpy(), t.numpy()) for lv in LEVELS}
                 )
@@ -130,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     validator = PairValidator(args.bank, cfg, val_ids, torch.device("cpu"))
     ceil = ceiling_rows(validator.batches)
     sizes = np.array([r["voxels"] for r in ceil])
-    columns = {f"ceiling L{lv}": [r[f"ceiling L{lv}"] for r in ceil] for lv in LEVELS}
+    names = ["reference view"] + [f"ceiling L{lv}" for lv in LEVELS]
+    columns = {c: [r[c] for r in ceil] for c in names}
     floor = load_network("random", cfg.model.preset, seed=cfg.seed)
     columns["untrained"] = [r["dice"] for r in network_dice(floor.model, validator.batches, False)]
     readout_level = floor.model.spec.readout_level

@@ -67,7 +67,7 @@ from maskbank.train.ranks import (
 from maskbank.train.run_config import ConfigError, TrainConfig, dump_config
 from maskbank.train.run_log import RunLog, StepOutcome
 from maskbank.train.seeding import seeded_torch, torch_generator
-from maskbank.train.validation import PairValidator, resolve_validation, write_record
+from maskbank.train.validation import PairValidator, headline, resolve_validation, write_record
 from maskbank.train.weight_ema import WeightEMA
 
 
@@ -406,10 +406,7 @@ class Trainer:
         write_record(log.metrics, log.writer, step, numbers)
         self.validator.figure(self.val_model, self.out / "val" / f"step_{step:08d}.png")
         if log.bar is not None:
-            log.bar.write(
-                f"step {step}: held-out pair Dice {numbers['val_dice']:.3f}, volume ratio "
-                f"{numbers['val_vol_ratio']:.2f}, absent clean {numbers['val_absent_clean']:.2f}"
-            )
+            log.bar.write(f"step {step}: {headline(numbers)}")
 
     def _loop(self, watchdog: LoaderWatchdog, log: RunLog | None) -> bool:
         p, tcfg = self.progress, self.cfg.train

@@ -12,6 +12,13 @@ evaluation loads -- on them every ``train.val_every`` steps:
   ``val_vol_in_range`` the share of them within [0.5, 2];
 * ``val_absent_clean``: share of tasks absent from the query with no voxel predicted, and
   ``val_absent_fp``: mean fraction of the crop predicted on them;
+* ``val_seen_share``: mean share of a present target's voxels that the reference crop
+  shows (``train.reference_view``; the rest lies outside it, all of it on the pairs whose
+  query lies beside the reference); ``val_dice_view``: Dice with prediction and target
+  cut to that view (tasks with a target there), what matching the reference can recover;
+  ``val_dice_seen``: the Dice of an exact copy of that view (target cut to it, against the
+  whole target) -- about the most ``val_dice`` reaches without guessing a structure beyond
+  what the reference showed;
 * ``val_absent_share``: share of absent tasks in the set (``VAL_DISJOINT`` of its pairs
   have a query beside the reference, ``VAL_ABSENT`` of the other pairs' tasks miss it), so
   runs with different training absence settings are scored on the same kind of pairs.
@@ -37,6 +44,7 @@ from torch import nn
 
 from maskbank.train.augment import PairAugmenter
 from maskbank.train.pair_sampler import PairStream, SamplerError, open_bank
+from maskbank.train.reference_view import reference_view
 from maskbank.train.run_config import DataConfig, TrainConfig
 from maskbank.train.scan_choice import gc_paused
 from maskbank.train.seeding import torch_generator
@@ -121,16 +129,21 @@ class PairValidator:
         stream = PairStream(bank, scfg, seed=VAL_SEED, compact=True)
         self.scan_ids = list(scan_ids)
         self.n_tasks = scfg.n_tasks
-        augmenter = PairAugmenter(scfg.crop)
+        augmenter = PairAugmenter(scfg.crop, geometry=True)
         if not augment:
             from maskbank.train.augment import NONE
 
-            augmenter = PairAugmenter(scfg.crop, NONE, NONE)
+            augmenter = PairAugmenter(scfg.crop, NONE, NONE, geometry=True)
         self.batches: list[dict[str, torch.Tensor]] = []
         n = cfg.train.val_pairs
         for b in range(math.ceil(n / scfg.batch_size)):
             gen = torch_generator(VAL_SEED, "validation", b)
-            aug = augmenter(stream.batch(b), scfg.n_tasks, gen)
+            raw = stream.batch(b)
+            aug = augmenter(raw, scfg.n_tasks, gen)
+            aug["ref_view"] = reference_view(
+                raw["ref_start"], raw["query_start"], scfg.read_size,
+                aug.pop("ref_affine"), aug.pop("query_affine"), scfg.crop,
+            )  # fmt: skip
             keep = min(scfg.batch_size, n - b * scfg.batch_size)
             self.batches.append({k: v[:keep] for k, v in aug.items()})
         if isinstance(bank, str):
@@ -167,6 +180,11 @@ class PairValidator:
             true_v = tgt.flatten(2).sum(-1)
             pred_v = pr.flatten(2).sum(-1)
             fill = fills_crop(batch["ref_masks"][:, :-1])
+            view = batch["ref_view"][:, None]
+            seen = tgt & view  # the target where the reference crop shows the query
+            seen_v = seen.flatten(2).sum(-1)
+            dice_view = _dice(pr & view, seen)
+            dice_seen = _dice(seen, tgt)
             for i in range(tgt.shape[0]):
                 for k in range(tgt.shape[1]):
                     rows.append(
@@ -177,6 +195,9 @@ class PairValidator:
                             "pred_voxels": int(pred_v[i, k]),
                             "dice": float(dice[i, k]),
                             "ref_fills": bool(fill[i, k]),
+                            "seen_voxels": int(seen_v[i, k]),
+                            "dice_view": float(dice_view[i, k]),
+                            "dice_seen": float(dice_seen[i, k]),
                         }
                     )
         return summarise(rows, int(np.prod(self.batches[0]["ref_image"].shape[-3:]))), rows
@@ -225,25 +246,43 @@ class PairValidator:
         plt.close(fig)
 
 
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
 def summarise(rows: list[dict[str, Any]], crop_voxels: int) -> dict[str, float]:
     """The ``val_*`` numbers of a set of (pair, task) rows (see the module docstring)."""
     present = [r for r in rows if r["true_voxels"] > 0]
     absent = [r for r in rows if r["true_voxels"] == 0]
     ratios = [r["pred_voxels"] / r["true_voxels"] for r in present]
     out: dict[str, float] = {
-        "val_dice": float(np.mean([r["dice"] for r in present])) if present else math.nan,
+        "val_dice": _mean([r["dice"] for r in present]),
         "val_vol_ratio": float(np.median(ratios)) if ratios else math.nan,
-        "val_vol_in_range": float(np.mean([0.5 <= x <= 2 for x in ratios])) if ratios else math.nan,
+        "val_vol_in_range": _mean([0.5 <= x <= 2 for x in ratios]),
         "val_absent_share": len(absent) / max(len(rows), 1),
-        "val_absent_clean": (
-            float(np.mean([r["pred_voxels"] == 0 for r in absent])) if absent else math.nan
-        ),
-        "val_absent_fp": (
-            float(np.mean([r["pred_voxels"] / crop_voxels for r in absent])) if absent else math.nan
-        ),
-        "val_ref_fill": float(np.mean([r["ref_fills"] for r in rows])) if rows else math.nan,
+        "val_absent_clean": _mean([r["pred_voxels"] == 0 for r in absent]),
+        "val_absent_fp": _mean([r["pred_voxels"] / crop_voxels for r in absent]),
+        "val_ref_fill": _mean([r["ref_fills"] for r in rows]),
     }
+    if rows and "seen_voxels" in rows[0]:  # pairs with their geometry (``PairValidator``)
+        out["val_seen_share"] = _mean([r["seen_voxels"] / r["true_voxels"] for r in present])
+        out["val_dice_view"] = _mean([r["dice_view"] for r in present if r["seen_voxels"]])
+        out["val_dice_seen"] = _mean([r["dice_seen"] for r in present])
     return out
+
+
+def headline(numbers: dict[str, float]) -> str:
+    """The validation numbers a progress line shows."""
+    line = f"held-out pair Dice {numbers['val_dice']:.3f}"
+    if "val_dice_view" in numbers:
+        line += (
+            f" ({numbers['val_dice_view']:.3f} inside the reference's view; an exact copy of"
+            f" that view scores {numbers['val_dice_seen']:.3f})"
+        )
+    return (
+        f"{line}, volume ratio {numbers['val_vol_ratio']:.2f}, "
+        f"absent clean {numbers['val_absent_clean']:.2f}"
+    )
 
 
 def write_record(metrics_file, writer, step: int, numbers: dict[str, float]) -> None:

@@ -175,6 +175,14 @@ def stage_pretrain(args: argparse.Namespace, ctx: dict) -> int:
     if val:
         curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in val)
         print(f"held-out pair Dice (scans left out of pretraining) by step: {curve}")
+        keys = ("val_seen_share", "val_dice_seen", "val_dice_view")
+        last = next((r for r in reversed(rows) if all(r.get(k) is not None for k in keys)), None)
+        if last is not None:
+            print(
+                f"  the reference crop shows {last['val_seen_share']:.0%} of a query target on "
+                f"average: an exact copy of what it shows would score {last['val_dice_seen']:.3f}; "
+                f"the network scores {last['val_dice_view']:.3f} inside that view"
+            )
     if losses:
         print(f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tb'})")
     return 0

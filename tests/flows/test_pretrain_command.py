@@ -49,6 +49,7 @@ def test_demo_pretrain_stage_builds_a_typed_config(bank, tmp_path, capsys, monke
     printed = capsys.readouterr().out
     assert "pretraining loss over 2 steps" in printed
     assert "held-out pair Dice (scans left out of pretraining) by step: 2: " in printed
+    assert "an exact copy of what it shows would score" in printed
     import yaml
 
     config = yaml.safe_load((tmp_path / "pretrain" / "config.yaml").read_text())

@@ -113,6 +113,8 @@ def test_pair_ceiling_bench_scores_a_run_beside_the_perfect_readout(phantom_bank
     assert overall["bin"] == "all" and overall["tasks"] == sum(b["tasks"] for b in bins) > 0
     # Overall a finer readout reaches further (per task it need not).
     assert 1 >= overall["ceiling L1"] > overall["ceiling L2"] > overall["ceiling L3"] >= 0
+    # an exact copy of what the reference shows, the most matching alone can give
+    assert 1 >= overall["reference view"] >= overall["ceiling L2"]
     for row in result["bins"]:
         assert row["best threshold"] >= row["network"]  # 0.5 is one of the grid's thresholds
         assert 0 <= row["untrained"] <= 1

@@ -67,6 +67,8 @@ def test_validator_scores_a_perfect_and_a_blind_network(phantom_bank, tmp_path):
     assert numbers["val_dice"] == 1.0 and numbers["val_vol_ratio"] == 1.0
     assert numbers["val_absent_clean"] == 1.0 and numbers["val_absent_fp"] == 0.0
     assert 0 < numbers["val_absent_share"] < 1  # the fixed set holds absent tasks
+    assert numbers["val_dice_view"] == 1.0 and 0 < numbers["val_seen_share"] <= 1
+    assert numbers["val_dice_seen"] <= 1 and all(r["seen_voxels"] <= r["true_voxels"] for r in rows)
     again = PairValidator(phantom_bank, cfg, ids[:2], torch.device("cpu"))
     assert torch.equal(again.batches[1]["query_masks"], val.batches[1]["query_masks"])
     torch.manual_seed(0)
@@ -90,6 +92,22 @@ def test_summarise_volume_ratio_and_absent_false_alarms():
     assert got["val_absent_share"] == 0.5 and got["val_absent_clean"] == 0.5
     assert got["val_absent_fp"] == pytest.approx(0.25) and got["val_ref_fill"] == 0.25
     assert math.isnan(summarise([], 16)["val_dice"])
+    assert "val_dice_view" not in got  # rows without the pairs' geometry
+
+
+def test_summarise_scores_the_reference_view_apart():
+    rows = [  # a target half outside the reference crop, and one wholly outside it
+        {"true_voxels": 10, "pred_voxels": 5, "dice": 0.6, "ref_fills": False,
+         "seen_voxels": 5, "dice_view": 1.0, "dice_seen": 2 * 5 / 15},
+        {"true_voxels": 8, "pred_voxels": 0, "dice": 0.0, "ref_fills": False,
+         "seen_voxels": 0, "dice_view": 1.0, "dice_seen": 0.0},
+        {"true_voxels": 0, "pred_voxels": 0, "dice": 1.0, "ref_fills": False,
+         "seen_voxels": 0, "dice_view": 1.0, "dice_seen": 1.0},
+    ]  # fmt: skip
+    got = summarise(rows, crop_voxels=16)
+    assert got["val_seen_share"] == pytest.approx(0.25)
+    assert got["val_dice_view"] == 1.0  # only tasks with a target in the view
+    assert got["val_dice_seen"] == pytest.approx((2 / 3) / 2)  # present tasks only
 
 
 def test_run_writes_validation_records_and_figures(phantom_bank, tmp_path):
