@@ -203,8 +203,9 @@ class PairValidator:
         return summarise(rows, int(np.prod(self.batches[0]["ref_image"].shape[-3:]))), rows
 
     def figure(self, model: nn.Module, path: Path, n: int = 4) -> None:
-        """PNG of the first ``n`` pairs: reference + mask, query + target (green) and
-        prediction (red), mid-slice of the first task present in the query."""
+        """PNG of the first ``n`` pairs: reference + mask, query + target (green),
+        prediction (red) and the reference's view (cyan, dashed), mid-slice of the first
+        task present in the query."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -231,12 +232,16 @@ class PairValidator:
             row[1].imshow(
                 batch["query_image"][i, 0, :, :, zq].T.numpy(), cmap="gray", origin="lower"
             )
+            view = batch["ref_view"][i, :, :, zq]
+            if view.any() and not view.all():  # where the reference crop looked
+                row[1].contour(view.T.float().numpy(), [0.5], colors="c", linestyles="dashed")
             for mask, colour in ((tgt[k], "g"), (pred[i, k], "r")):
                 if mask[:, :, zq].any():
                     row[1].contour(mask[:, :, zq].T.float().numpy(), [0.5], colors=colour)
             row[0].set_title(f"ref task {k}", fontsize=7)
             row[1].set_title(
-                "query: target g, pred r" + ("" if len(present) else " (absent)"), fontsize=7
+                "query: target g, pred r, ref. view c" + ("" if len(present) else " (absent)"),
+                fontsize=7,
             )
             for ax in row:
                 ax.axis("off")
