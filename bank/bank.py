@@ -44,7 +44,7 @@ from .layout import (
 )
 from .local_backend import LocalBackend
 from .object_backend import ObjectStoreBackend
-from .scan import ScanView
+from .scan import ScanView, open_view
 from .scan_opener import ScanOpener
 
 __all__ = ["Bank", "resolve_location", "scan_token_of"]
@@ -309,14 +309,11 @@ class Bank:
     def scan(self, scan_id: str) -> ScanView:
         """A read-only view of one scan (one zarr.json read)."""
         self._require(scan_id)
-        try:
-            group = zarr.open_group(self.store, path=self.scan_path(scan_id), mode="r")
-        except (FileNotFoundError, KeyError) as exc:
-            raise BankError(
-                f"scan {scan_id!r} is in the index of {self.location} but its group is missing "
-                f"({exc}); run `bank.recover()` / `bank.rebuild_index()` on the writer side"
-            ) from None
-        return ScanView(self, scan_id, group)
+        return open_view(
+            self, scan_id, self.store, self.scan_path(scan_id),
+            "in the index but its group is missing; run `bank.recover()` / "
+            "`bank.rebuild_index()` on the writer side",
+        )  # fmt: skip
 
     def opener(self, scan_ids: Iterable[str]) -> ScanOpener:
         """A small picklable reader of these scans that never reads the index (``ScanOpener``).

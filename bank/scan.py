@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from .errors import BankError
 from .layout import PROPOSALS_PART, check_array_name, proposals_part, set_of_part
 
 if TYPE_CHECKING:
@@ -256,6 +257,16 @@ class ScanView:
         from .browse import scan_html
 
         return scan_html(self)
+
+
+def open_view(owner: Bank | ScanOpener, scan_id: str, store, path: str, missing: str) -> ScanView:
+    """The view of the scan group at ``path``; a missing group raises BankError with
+    ``missing`` (what happened, what to do) after the scan and location."""
+    try:
+        group = zarr.open_group(store, path=path, mode="r")
+    except (FileNotFoundError, KeyError) as exc:
+        raise BankError(f"scan {scan_id!r} of {owner.location}: {missing} ({exc})") from None
+    return ScanView(owner, scan_id, group)
 
 
 def _reopen_scan(bank: Bank | ScanOpener, scan_id: str) -> ScanView:

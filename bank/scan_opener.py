@@ -16,8 +16,8 @@ from typing import Any
 import zarr
 
 from . import storage_options as _opts
-from .errors import BankError, UnknownScanError
-from .scan import ScanView
+from .errors import UnknownScanError
+from .scan import ScanView, open_view
 
 
 class ScanOpener:
@@ -62,14 +62,11 @@ class ScanOpener:
         """A read-only view of one scan (one zarr.json read; no index)."""
         if scan_id not in self._paths:
             raise UnknownScanError(scan_id, len(self._paths), self.location)
-        try:
-            group = zarr.open_group(self.store, path=self._paths[scan_id], mode="r")
-        except (FileNotFoundError, KeyError) as exc:
-            raise BankError(
-                f"scan {scan_id!r} of {self.location} is gone from storage ({exc}): it was "
-                "replaced or deleted after this reader started; start it again"
-            ) from None
-        return ScanView(self, scan_id, group)  # type: ignore[arg-type]
+        return open_view(
+            self, scan_id, self.store, self._paths[scan_id],
+            "gone from storage: it was replaced or deleted after this reader started; "
+            "start it again",
+        )  # fmt: skip
 
 
 def _reopen_opener(location: str, options: Mapping[str, Any] | None, paths: Mapping[str, str]):
