@@ -414,9 +414,8 @@ class SegmentRun:
             )
             self.calibration_seconds = time.perf_counter() - started
             rule = describe(REFERENCE, self.options.threshold_by, self.options.calibration_copy)
-            # a --save-task keeps them and their rule; the segmenter records the rule
+            # a --save-task keeps them and their rule (queries record the same rule: ``_rule``)
             self.tasks = replace(tasks, thresholds=self.thresholds, threshold_rule=rule)
-            self.segmenter.tasks = self.tasks.to(self.segmenter.device)
         self.task_file = str(save_tasks(self.tasks, save_task)) if save_task else task
 
     def _check_calibration_memory(self, refs) -> None:
